@@ -1,0 +1,10 @@
+//! Turning requests into batches: sequences, sampling, stop conditions and model steps.
+
+pub mod batch;
+pub mod sampler;
+pub mod sequence;
+pub mod stop;
+
+pub use batch::{generate_all, step};
+pub use sampler::{SamplingParams, Sampler};
+pub use sequence::{FinishReason, Sequence, TokenEvent};

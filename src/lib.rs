@@ -1,0 +1,5 @@
+//! esft: an inference runtime for DeepSeek-V2 Mixture-of-Experts models that serves
+//! per-task ESFT expert adapters.
+
+pub mod engine;
+pub mod model;

@@ -1,0 +1,284 @@
+//! Multi-head Latent Attention (MLA) over a ragged batch, with a per-sequence cache that
+//! stores only the latent: the normalised `c_kv` and the rotated shared `k_pe`
+//! (`kv_lora_rank + qk_rope_head_dim` values per token and layer).
+//!
+//! Keys and values are never expanded. The up-projection `kv_b_proj` is split into its key
+//! part `W_uk` and value part `W_uv` and absorbed into the query and the output:
+//! `q_nope . (W_uk c) = (W_uk^T q_nope) . c` and `o = W_uv (sum_j a_j c_j)`, so attention
+//! runs directly against the cached latent.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+use super::config::Config;
+use super::load::WeightStore;
+use super::ops::{tensor_like, Ops};
+
+/// The weights of one attention layer.
+pub struct Attention {
+    q: QueryProj,
+    kv_a: Tensor,
+    kv_a_norm: Tensor,
+    kv_b: Tensor,
+    /// `[heads, nope, kv_lora_rank]` slice of `kv_b` (derived).
+    w_uk: Tensor,
+    /// `[heads, kv_lora_rank, v_head_dim]`: `W_uv` transposed per head (derived).
+    w_uv_t: Tensor,
+    o: Tensor,
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v_dim: usize,
+    kv_rank: usize,
+    scale: f64,
+}
+
+enum QueryProj {
+    Full(Tensor),
+    LoRA { a: Tensor, norm: Tensor, b: Tensor },
+}
+
+/// The two MLA sub-layer norms use eps 1e-6 whatever `rms_norm_eps` says (both the original
+/// code and transformers hard-code it).
+const LATENT_NORM_EPS: f64 = 1e-6;
+
+impl Attention {
+    pub fn load(
+        cfg: &Config,
+        w: &WeightStore,
+        prefix: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> super::error::Result<Self> {
+        let h = cfg.hidden_size;
+        let nh = cfg.num_attention_heads;
+        let qk = cfg.qk_head_dim();
+        let get = |name: &str, shape: &[usize]| w.get(&format!("{prefix}{name}"), shape, dtype, dev);
+        let q = match cfg.q_lora_rank {
+            None => QueryProj::Full(get("q_proj.weight", &[nh * qk, h])?),
+            Some(r) => QueryProj::LoRA {
+                a: get("q_a_proj.weight", &[r, h])?,
+                norm: get("q_a_layernorm.weight", &[r])?,
+                b: get("q_b_proj.weight", &[nh * qk, r])?,
+            },
+        };
+        let kvr = cfg.kv_lora_rank;
+        let kv_b = get(
+            "kv_b_proj.weight",
+            &[nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvr],
+        )?;
+        let (w_uk, w_uv_t) = absorb(&kv_b, nh, cfg.qk_nope_head_dim, cfg.v_head_dim)?;
+        Ok(Self {
+            q,
+            kv_a: get("kv_a_proj_with_mqa.weight", &[kvr + cfg.qk_rope_head_dim, h])?,
+            kv_a_norm: get("kv_a_layernorm.weight", &[kvr])?,
+            kv_b,
+            w_uk,
+            w_uv_t,
+            o: get("o_proj.weight", &[h, nh * cfg.v_head_dim])?,
+            heads: nh,
+            nope: cfg.qk_nope_head_dim,
+            rope: cfg.qk_rope_head_dim,
+            v_dim: cfg.v_head_dim,
+            kv_rank: kvr,
+            scale: cfg.softmax_scale(),
+        })
+    }
+
+    /// Every weight tensor of this layer under its checkpoint name suffix.
+    pub fn named_weights(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = match &self.q {
+            QueryProj::Full(q) => vec![("q_proj.weight", q)],
+            QueryProj::LoRA { a, norm, b } => vec![
+                ("q_a_proj.weight", a),
+                ("q_a_layernorm.weight", norm),
+                ("q_b_proj.weight", b),
+            ],
+        };
+        v.extend([
+            ("kv_a_proj_with_mqa.weight", &self.kv_a),
+            ("kv_a_layernorm.weight", &self.kv_a_norm),
+            ("kv_b_proj.weight", &self.kv_b),
+            ("o_proj.weight", &self.o),
+        ]);
+        v
+    }
+
+    /// Replaces one weight (by checkpoint name suffix), re-deriving the absorbed factors.
+    pub fn set_weight(&mut self, suffix: &str, t: Tensor) -> Result<bool> {
+        let slot = match (suffix, &mut self.q) {
+            ("q_proj.weight", QueryProj::Full(q)) => q,
+            ("q_a_proj.weight", QueryProj::LoRA { a, .. }) => a,
+            ("q_a_layernorm.weight", QueryProj::LoRA { norm, .. }) => norm,
+            ("q_b_proj.weight", QueryProj::LoRA { b, .. }) => b,
+            ("kv_a_proj_with_mqa.weight", _) => &mut self.kv_a,
+            ("kv_a_layernorm.weight", _) => &mut self.kv_a_norm,
+            ("kv_b_proj.weight", _) => &mut self.kv_b,
+            ("o_proj.weight", _) => &mut self.o,
+            _ => return Ok(false),
+        };
+        if slot.shape() != t.shape() {
+            candle_core::bail!("{suffix}: shape {:?}, expected {:?}", t.shape(), slot.shape());
+        }
+        *slot = t;
+        let (uk, uv) = absorb(&self.kv_b, self.heads, self.nope, self.v_dim)?;
+        self.w_uk = uk;
+        self.w_uv_t = uv;
+        Ok(true)
+    }
+
+    /// Attention for all tokens of a ragged batch. `x`: `[n, hidden]` (normalised input),
+    /// `cos`/`sin`: `[n, rope/2]` for each token's position, `seqs`: each sequence's rows of
+    /// `x` (consecutive, in order) and its cache for this layer, which gains those tokens.
+    pub fn forward(
+        &self,
+        ops: &Ops,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [(usize, usize, &mut LatentCache)],
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (nh, nope, rope, kvr) = (self.heads, self.nope, self.rope, self.kv_rank);
+        let q = match &self.q {
+            QueryProj::Full(w) => x.matmul(&w.t()?)?,
+            QueryProj::LoRA { a, norm, b } => {
+                let qa = ops.rms_norm(&x.matmul(&a.t()?)?, norm, LATENT_NORM_EPS)?;
+                qa.matmul(&b.t()?)?
+            }
+        }
+        .reshape((n, nh, nope + rope))?;
+        let q_nope = q.narrow(D::Minus1, 0, nope)?;
+        let q_pe = ops.rope_interleaved(&q.narrow(D::Minus1, nope, rope)?, cos, sin)?;
+        // Absorb W_uk into the query: [nh, n, nope] x [nh, nope, kvr] -> [nh, n, kvr].
+        let q_lat = q_nope
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&self.w_uk)?
+            .transpose(0, 1)?;
+        let q_full = Tensor::cat(&[&q_lat, &q_pe], D::Minus1)?; // [n, nh, kvr + rope]
+
+        let ckv = x.matmul(&self.kv_a.t()?)?; // [n, kvr + rope]
+        let c_kv = ops.rms_norm(&ckv.narrow(1, 0, kvr)?, &self.kv_a_norm, LATENT_NORM_EPS)?;
+        let k_pe = ops
+            .rope_interleaved(&ckv.narrow(1, kvr, rope)?.reshape((n, 1, rope))?, cos, sin)?
+            .reshape((n, rope))?;
+        let latent = Tensor::cat(&[&c_kv, &k_pe], 1)?; // [n, kvr + rope]
+
+        let mut outs = Vec::with_capacity(seqs.len());
+        for (start, len, cache) in seqs.iter_mut() {
+            let past = cache.len();
+            cache.append(&latent.narrow(0, *start, *len)?, ops.differentiable)?;
+            let kv = cache.view()?; // [past + len, kvr + rope]
+            let total = past + *len;
+            let qs = q_full.narrow(0, *start, *len)?.reshape((*len * nh, kvr + rope))?;
+            let mut scores = (qs.matmul(&kv.t()?)? * self.scale)?;
+            if *len > 1 {
+                let mask = causal_mask(*len, past, &scores)?;
+                scores = scores
+                    .reshape((*len, nh, total))?
+                    .broadcast_add(&mask)?
+                    .reshape((*len * nh, total))?;
+            }
+            let probs = ops.softmax_last_dim(&scores)?;
+            outs.push(probs.matmul(&kv.narrow(1, 0, kvr)?)?); // [len * nh, kvr]
+        }
+        let o_lat = Tensor::cat(&outs, 0)?.reshape((n, nh, kvr))?;
+        // Absorb W_uv into the output: [nh, n, kvr] x [nh, kvr, v] -> [nh, n, v].
+        let o = o_lat
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(&self.w_uv_t)?
+            .transpose(0, 1)?
+            .reshape((n, nh * self.v_dim))?;
+        o.matmul(&self.o.t()?)
+    }
+}
+
+/// Splits `kv_b_proj` `[nh * (nope + v), kvr]` into `W_uk` `[nh, nope, kvr]` and `W_uv^T`
+/// `[nh, kvr, v]`, both contiguous.
+fn absorb(kv_b: &Tensor, nh: usize, nope: usize, v: usize) -> Result<(Tensor, Tensor)> {
+    let kvr = kv_b.dim(1)?;
+    let per_head = kv_b.reshape((nh, nope + v, kvr))?;
+    let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
+    let w_uv_t = per_head.narrow(1, nope, v)?.transpose(1, 2)?.contiguous()?;
+    Ok((w_uk, w_uv_t))
+}
+
+/// Additive mask `[len, 1, past + len]`: query `i` (position `past + i`) sees keys `<= past + i`.
+fn causal_mask(len: usize, past: usize, like: &Tensor) -> Result<Tensor> {
+    let total = past + len;
+    let mut m = vec![0f32; len * total];
+    for i in 0..len {
+        for v in &mut m[i * total + past + i + 1..(i + 1) * total] {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    tensor_like(m, &[len, 1, total], like)
+}
+
+/// One layer's latent cache of one sequence: rows `[c_kv | k_pe]`, grown in place with
+/// amortised doubling (or by concatenation when gradients must flow through it).
+#[derive(Default)]
+pub struct LatentCache {
+    buf: Option<Tensor>,
+    len: usize,
+}
+
+impl LatentCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by this cache (its capacity, not just the used rows).
+    pub fn capacity_bytes(&self) -> usize {
+        self.buf
+            .as_ref()
+            .map(|b| b.elem_count() * b.dtype().size_in_bytes())
+            .unwrap_or(0)
+    }
+
+    fn append(&mut self, rows: &Tensor, differentiable: bool) -> Result<()> {
+        let (add, width) = rows.dims2()?;
+        if differentiable {
+            // In-place writes are invisible to autograd: build the cache by concatenation.
+            self.buf = Some(if self.len > 0 {
+                Tensor::cat(&[&self.view()?, rows], 0)?
+            } else {
+                rows.clone()
+            });
+            self.len += add;
+            return Ok(());
+        }
+        let needed = self.len + add;
+        let capacity = self.buf.as_ref().map(|b| b.dim(0)).transpose()?.unwrap_or(0);
+        if needed > capacity {
+            let new_cap = needed.max(capacity * 2).max(16);
+            let fresh = Tensor::zeros((new_cap, width), rows.dtype(), rows.device())?;
+            if let Some(old) = &self.buf {
+                fresh.slice_set(&old.narrow(0, 0, self.len)?, 0, 0)?;
+            }
+            self.buf = Some(fresh);
+        }
+        if let Some(b) = &self.buf {
+            b.slice_set(&rows.contiguous()?, 0, self.len)?;
+        }
+        self.len = needed;
+        Ok(())
+    }
+
+    fn view(&self) -> Result<Tensor> {
+        match &self.buf {
+            Some(b) => b.narrow(0, 0, self.len),
+            None => candle_core::bail!("empty latent cache"),
+        }
+    }
+
+    /// Forgets the last `n` tokens (used to roll back speculative or cancelled work).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+}

@@ -1,0 +1,313 @@
+//! The DeepSeek-V2 decoder: embeddings, layers (MLA + dense MLP or MoE), final norm and
+//! LM head, run over a ragged batch of sequences that each bring their own latent cache.
+
+use candle_core::{DType, Device, Result, Tensor};
+use std::ops::Range;
+use std::path::Path;
+
+use super::attention::{Attention, LatentCache};
+use super::config::Config;
+use super::error::ModelError;
+use super::load::WeightStore;
+use super::moe::{ExpertMap, MapSpan, Mlp, Moe, RoutingRecord};
+use super::ops::Ops;
+use super::rope::Rope;
+
+/// How a model is loaded: where it computes and in which dtype.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype; weights stored in any float dtype are converted to it once at load.
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+pub struct Layer {
+    pub input_norm: Tensor,
+    pub attn: Attention,
+    pub post_attn_norm: Tensor,
+    pub ffn: FeedForward,
+}
+
+/// All per-layer latent caches of one sequence.
+pub struct SeqCache {
+    layers: Vec<LatentCache>,
+}
+
+impl SeqCache {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            layers: (0..cfg.num_hidden_layers).map(|_| LatentCache::default()).collect(),
+        }
+    }
+
+    /// Tokens already processed (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, LatentCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity_bytes(&self) -> usize {
+        self.layers.iter().map(LatentCache::capacity_bytes).sum()
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        for l in &mut self.layers {
+            l.truncate(len);
+        }
+    }
+}
+
+/// Which logits a sequence wants back from a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// None (an intermediate prefill chunk).
+    None,
+    /// The last new token's (generation).
+    Last,
+    /// Every new token's (scoring, training, tests).
+    All,
+}
+
+/// One sequence's part of a batched forward.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+    /// Expert id -> slot per MoE layer; `None` is the base model.
+    pub experts: Option<&'a ExpertMap>,
+    pub logits: LogitsWanted,
+}
+
+/// Logits of a batched forward: `[rows, vocab]` f32, and each sequence's row range.
+pub struct ForwardOutput {
+    pub logits: Option<Tensor>,
+    pub rows: Vec<Range<usize>>,
+}
+
+pub struct DeepSeekV2 {
+    cfg: Config,
+    embed: Tensor,
+    pub layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+    base_map: ExpertMap,
+    ops: Ops,
+    dtype: DType,
+    device: Device,
+}
+
+impl DeepSeekV2 {
+    /// Loads `config.json` and the weights of a Hugging Face model directory.
+    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> super::error::Result<Self> {
+        let cfg = Config::from_dir(dir)?;
+        let weights = WeightStore::open_dir(dir)?;
+        Self::load(cfg, &weights, opts)
+    }
+
+    pub fn load(cfg: Config, w: &WeightStore, opts: &LoadOptions) -> super::error::Result<Self> {
+        let (dt, dev) = (opts.dtype, &opts.device);
+        if dev.is_cpu() && dt == DType::BF16 {
+            return Err(ModelError::Invalid(
+                "bf16 compute is not supported on CPU (candle's CPU matmul has no bf16 kernel); \
+                 use f32 compute, bf16 weights are converted at load"
+                    .into(),
+            ));
+        }
+        let h = cfg.hidden_size;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}.");
+                let ffn = if cfg.is_moe_layer(i) {
+                    FeedForward::Moe(Moe::load(&cfg, w, &format!("{p}mlp."), dt, dev)?)
+                } else {
+                    FeedForward::Dense(Mlp::load(
+                        w,
+                        &format!("{p}mlp."),
+                        h,
+                        cfg.intermediate_size,
+                        dt,
+                        dev,
+                    )?)
+                };
+                Ok(Layer {
+                    input_norm: w.get(&format!("{p}input_layernorm.weight"), &[h], dt, dev)?,
+                    attn: Attention::load(&cfg, w, &format!("{p}self_attn."), dt, dev)?,
+                    post_attn_norm: w.get(
+                        &format!("{p}post_attention_layernorm.weight"),
+                        &[h],
+                        dt,
+                        dev,
+                    )?,
+                    ffn,
+                })
+            })
+            .collect::<super::error::Result<Vec<_>>>()?;
+        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h], dt, dev)?;
+        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            w.get("lm_head.weight", &[cfg.vocab_size, h], dt, dev)?
+        };
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            base_map: ExpertMap::identity(&cfg),
+            embed,
+            layers,
+            norm: w.get("model.norm.weight", &[h], dt, dev)?,
+            lm_head,
+            ops: Ops::default(),
+            dtype: dt,
+            device: dev.clone(),
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Switches between fused inference kernels and autograd-friendly ops.
+    pub fn set_differentiable(&mut self, on: bool) {
+        self.ops.differentiable = on;
+    }
+
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(&self.cfg)
+    }
+
+    pub fn moe(&self, layer: usize) -> Option<&Moe> {
+        match &self.layers.get(layer)?.ffn {
+            FeedForward::Moe(m) => Some(m),
+            FeedForward::Dense(_) => None,
+        }
+    }
+
+    pub fn moe_mut(&mut self, layer: usize) -> Option<&mut Moe> {
+        match &mut self.layers.get_mut(layer)?.ffn {
+            FeedForward::Moe(m) => Some(m),
+            FeedForward::Dense(_) => None,
+        }
+    }
+
+    /// The non-layer weights under their checkpoint names.
+    pub fn named_globals(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("model.embed_tokens.weight", &self.embed),
+            ("model.norm.weight", &self.norm),
+            ("lm_head.weight", &self.lm_head),
+        ]
+    }
+
+    /// One forward over a ragged batch. Each sequence's new tokens are appended to its
+    /// cache. With `record`, every MoE layer's routing decisions are appended to it.
+    pub fn forward(
+        &self,
+        batch: &mut [SeqInput<'_>],
+        mut record: Option<&mut RoutingRecord>,
+    ) -> Result<ForwardOutput> {
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(batch.len());
+        for s in batch.iter() {
+            if s.tokens.is_empty() {
+                candle_core::bail!("a sequence in the batch has no new tokens");
+            }
+            let past = s.cache.len();
+            spans.push((tokens.len(), s.tokens.len()));
+            tokens.extend_from_slice(s.tokens);
+            positions.extend(past..past + s.tokens.len());
+        }
+        let n = tokens.len();
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            candle_core::bail!("token id {bad} is out of range (vocab size {})", self.cfg.vocab_size);
+        }
+        let dev = &self.device;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        self.rope.tables_into(&positions, &mut cos, &mut sin);
+        let half = self.cfg.qk_rope_head_dim / 2;
+        let cos = Tensor::from_vec(cos, (n, half), dev)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (n, half), dev)?.to_dtype(self.dtype)?;
+        let map_spans: Vec<MapSpan<'_>> = batch
+            .iter()
+            .zip(&spans)
+            .map(|(s, &(start, len))| (start, len, s.experts.unwrap_or(&self.base_map)))
+            .collect();
+
+        let mut x = self
+            .embed
+            .index_select(&Tensor::from_slice(&tokens, n, dev)?, 0)?;
+        let eps = self.cfg.rms_norm_eps;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = self.ops.rms_norm(&x, &layer.input_norm, eps)?;
+            let mut seqs: Vec<(usize, usize, &mut LatentCache)> = batch
+                .iter_mut()
+                .zip(&spans)
+                .map(|(s, &(start, len))| (start, len, &mut s.cache.layers[li]))
+                .collect();
+            x = (x + layer.attn.forward(&self.ops, &h, &cos, &sin, &mut seqs)?)?;
+            let h = self.ops.rms_norm(&x, &layer.post_attn_norm, eps)?;
+            let y = match &layer.ffn {
+                FeedForward::Dense(mlp) => mlp.forward(&h)?,
+                FeedForward::Moe(moe) => {
+                    let moe_index = li - self.cfg.first_k_dense_replace;
+                    let (y, mut routing) = moe.forward(&self.ops, &h, moe_index, &map_spans)?;
+                    if let Some(r) = record.as_deref_mut() {
+                        routing.layer = li;
+                        r.layers.push(routing);
+                    }
+                    y
+                }
+            };
+            x = (x + y)?;
+        }
+
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut pick: Vec<u32> = Vec::new();
+        for (s, &(start, len)) in batch.iter().zip(&spans) {
+            let first = pick.len();
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last => pick.push((start + len - 1) as u32),
+                LogitsWanted::All => pick.extend(start as u32..(start + len) as u32),
+            }
+            rows.push(first..pick.len());
+        }
+        let logits = if pick.is_empty() {
+            None
+        } else {
+            let picked = if pick.len() == n {
+                x
+            } else {
+                x.index_select(&Tensor::from_vec(pick.clone(), pick.len(), dev)?, 0)?
+            };
+            let h = self.ops.rms_norm(&picked, &self.norm, eps)?;
+            Some(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        };
+        Ok(ForwardOutput { logits, rows })
+    }
+}

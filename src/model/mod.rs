@@ -1,0 +1,17 @@
+//! The math of DeepSeek-V2: configuration, weight loading, MLA attention, DeepSeekMoE and
+//! the batched decoder, plus the tokenizer and chat template. No I/O beyond loading.
+
+pub mod attention;
+pub mod config;
+pub mod deepseek_v2;
+pub mod error;
+pub mod load;
+pub mod moe;
+pub mod ops;
+pub mod rope;
+pub mod tokenizer;
+
+pub use config::Config;
+pub use deepseek_v2::{DeepSeekV2, ForwardOutput, LoadOptions, LogitsWanted, SeqCache, SeqInput};
+pub use error::{ModelError, Result};
+pub use moe::{ExpertMap, LayerRouting, RoutingRecord};

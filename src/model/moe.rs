@@ -1,0 +1,433 @@
+//! DeepSeekMoE: the router (greedy or group-limited top-k over a softmax gate), routed
+//! experts held in *slots*, and the always-on shared experts.
+//!
+//! Slots 0..n_routed hold the base experts; further slots hold adapter copies. Every token
+//! carries an [`ExpertMap`] row (expert id -> slot), so one forward serves a batch that mixes
+//! the base and any number of adapters. Tokens are grouped per slot: each slot's rows run
+//! through its expert in one matmul, with no padding and no per-token loop.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::config::{Config, TopkMethod};
+use super::load::WeightStore;
+use super::ops::{swiglu, Ops};
+
+/// A SwiGLU feed-forward block: `down(silu(gate x) * up x)`, with gate and up fused.
+#[derive(Clone)]
+pub struct Mlp {
+    /// `[2 * inter, hidden]`: gate rows then up rows.
+    pub gate_up: Tensor,
+    /// `[hidden, inter]`
+    pub down: Tensor,
+}
+
+impl Mlp {
+    pub fn load(
+        w: &WeightStore,
+        prefix: &str,
+        hidden: usize,
+        inter: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> super::error::Result<Self> {
+        let get = |n: &str, s: &[usize]| w.get(&format!("{prefix}{n}"), s, dtype, dev);
+        let gate = get("gate_proj.weight", &[inter, hidden])?;
+        let up = get("up_proj.weight", &[inter, hidden])?;
+        let down = get("down_proj.weight", &[hidden, inter])?;
+        Ok(Self::from_parts(&gate, &up, down)?)
+    }
+
+    pub fn from_parts(gate: &Tensor, up: &Tensor, down: Tensor) -> Result<Self> {
+        Ok(Self {
+            gate_up: Tensor::cat(&[gate, up], 0)?,
+            down,
+        })
+    }
+
+    pub fn inter(&self) -> usize {
+        self.down.dims()[1]
+    }
+
+    /// `(gate_proj, up_proj, down_proj)` weights as the checkpoint names them.
+    pub fn parts(&self) -> Result<[(&'static str, Tensor); 3]> {
+        let i = self.inter();
+        Ok([
+            ("gate_proj.weight", self.gate_up.narrow(0, 0, i)?),
+            ("up_proj.weight", self.gate_up.narrow(0, i, i)?),
+            ("down_proj.weight", self.down.clone()),
+        ])
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        (self.gate_up.elem_count() + self.down.elem_count()) * self.down.dtype().size_in_bytes()
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        swiglu(&x.matmul(&self.gate_up.t()?)?)?.matmul(&self.down.t()?)
+    }
+}
+
+/// Per MoE layer, the slot serving each routed expert id. Shared by every token of the
+/// sequences that use it (identity for the base model).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertMap {
+    /// `tables[moe_layer_index][expert_id] = slot`
+    tables: Vec<Vec<u32>>,
+}
+
+impl ExpertMap {
+    pub fn identity(cfg: &Config) -> Self {
+        let row: Vec<u32> = (0..cfg.n_routed_experts as u32).collect();
+        Self {
+            tables: cfg.moe_layers().map(|_| row.clone()).collect(),
+        }
+    }
+
+    /// Points `expert` of MoE layer `layer` (a model layer index) at `slot`.
+    pub fn set(&mut self, cfg: &Config, layer: usize, expert: usize, slot: u32) {
+        self.tables[layer - cfg.first_k_dense_replace][expert] = slot;
+    }
+
+    pub fn table(&self, moe_index: usize) -> &[u32] {
+        &self.tables[moe_index]
+    }
+
+    pub fn is_identity(&self) -> bool {
+        self.tables
+            .iter()
+            .all(|t| t.iter().enumerate().all(|(i, &s)| s as usize == i))
+    }
+}
+
+/// What the router decided for the tokens of one MoE layer, token-major (`k` per token,
+/// sorted by descending weight, ties to the lower id).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerRouting {
+    /// Model layer index.
+    pub layer: usize,
+    pub top_k: usize,
+    pub ids: Vec<u32>,
+    /// Softmax gate probability of each chosen expert (ESFT's gate score input).
+    pub probs: Vec<f32>,
+    /// The multiplier applied to each expert's output (after normalisation or scaling).
+    pub weights: Vec<f32>,
+}
+
+impl LayerRouting {
+    pub fn tokens(&self) -> usize {
+        self.ids.len() / self.top_k.max(1)
+    }
+}
+
+/// Router decisions of every MoE layer of one forward, in the forward's token order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RoutingRecord {
+    pub layers: Vec<LayerRouting>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Router {
+    n_experts: usize,
+    top_k: usize,
+    method: TopkMethod,
+    scaling: f32,
+    normalise: bool,
+}
+
+impl Router {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            n_experts: cfg.n_routed_experts,
+            top_k: cfg.num_experts_per_tok,
+            method: cfg.topk_method,
+            scaling: cfg.routed_scaling_factor as f32,
+            normalise: cfg.norm_topk_prob && cfg.num_experts_per_tok > 1,
+        }
+    }
+
+    /// Routes every row of `logits` (`[n, E]`, host f32). Returns ids, probabilities and
+    /// output multipliers, `k` per token.
+    pub fn route(&self, logits: &[f32]) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
+        let (e, k) = (self.n_experts, self.top_k);
+        let n = logits.len() / e;
+        let mut ids = Vec::with_capacity(n * k);
+        let mut probs = Vec::with_capacity(n * k);
+        let mut weights = Vec::with_capacity(n * k);
+        let mut p = vec![0f32; e];
+        let mut order: Vec<u32> = Vec::with_capacity(e);
+        for row in logits.chunks_exact(e) {
+            softmax_into(row, &mut p);
+            order.clear();
+            match self.method {
+                TopkMethod::Greedy => order.extend(0..e as u32),
+                TopkMethod::GroupLimitedGreedy {
+                    n_group,
+                    topk_group,
+                } => {
+                    let size = e / n_group;
+                    let group_max: Vec<f32> = p
+                        .chunks_exact(size)
+                        .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                        .collect();
+                    let groups = top_indices(&group_max, topk_group);
+                    for g in groups {
+                        order.extend((g * size) as u32..((g + 1) * size) as u32);
+                    }
+                }
+            }
+            sort_desc_by_score(&mut order, &p);
+            let chosen = &order[..k];
+            let sum: f32 = chosen.iter().map(|&i| p[i as usize]).sum();
+            for &i in chosen {
+                let prob = p[i as usize];
+                ids.push(i);
+                probs.push(prob);
+                weights.push(if self.normalise {
+                    prob / (sum + 1e-20)
+                } else {
+                    prob * self.scaling
+                });
+            }
+        }
+        (ids, probs, weights)
+    }
+
+    /// Output multipliers as a differentiable tensor `[n, k]`: gathered from the softmax of
+    /// `logits` at the chosen `ids`, then normalised or scaled like [`Router::route`].
+    fn weights_tensor(&self, ops: &Ops, logits: &Tensor, ids: &[u32]) -> Result<Tensor> {
+        let n = logits.dim(0)?;
+        let probs = ops.softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+        let idx = Tensor::from_slice(ids, (n, self.top_k), logits.device())?;
+        let w = probs.gather(&idx, 1)?;
+        if self.normalise {
+            w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)
+        } else {
+            w * self.scaling as f64
+        }
+    }
+}
+
+/// Softmax in f64 accumulation, rounded to f32.
+fn softmax_into(row: &[f32], out: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+    for (o, &x) in out.iter_mut().zip(row) {
+        *o = ((x as f64 - max).exp() / sum) as f32;
+    }
+}
+
+/// Orders candidate ids by descending score, ties to the lower id.
+fn sort_desc_by_score(ids: &mut [u32], score: &[f32]) {
+    ids.sort_by(|&a, &b| {
+        score[b as usize]
+            .total_cmp(&score[a as usize])
+            .then(a.cmp(&b))
+    });
+}
+
+/// Indices of the `k` largest values (ties to the lower index).
+fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    sort_desc_by_score(&mut idx, values);
+    idx[..k].iter().map(|&i| i as usize).collect()
+}
+
+/// One MoE layer.
+pub struct Moe {
+    pub gate: Tensor,
+    /// Slot-indexed experts: base experts first, adapter copies after.
+    pub slots: Vec<Mlp>,
+    pub shared: Option<Mlp>,
+    router: Router,
+}
+
+/// The rows of the batch that use one expert map: `(first_row, rows, map)`.
+pub type MapSpan<'a> = (usize, usize, &'a ExpertMap);
+
+impl Moe {
+    pub fn load(
+        cfg: &Config,
+        w: &WeightStore,
+        prefix: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> super::error::Result<Self> {
+        let h = cfg.hidden_size;
+        let gate = w.get(
+            &format!("{prefix}gate.weight"),
+            &[cfg.n_routed_experts, h],
+            dtype,
+            dev,
+        )?;
+        let slots = (0..cfg.n_routed_experts)
+            .map(|e| {
+                let p = format!("{prefix}experts.{e}.");
+                Mlp::load(w, &p, h, cfg.moe_intermediate_size, dtype, dev)
+            })
+            .collect::<super::error::Result<Vec<_>>>()?;
+        let shared = match cfg.n_shared_experts {
+            0 => None,
+            s => Some(Mlp::load(
+                w,
+                &format!("{prefix}shared_experts."),
+                h,
+                cfg.moe_intermediate_size * s,
+                dtype,
+                dev,
+            )?),
+        };
+        Ok(Self {
+            gate,
+            slots,
+            shared,
+            router: Router::new(cfg),
+        })
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// `x`: `[n, hidden]`; `spans` cover all rows in order, each with its expert map row set
+    /// for this layer (`moe_index`). Returns the layer output and the routing decisions.
+    pub fn forward(
+        &self,
+        ops: &Ops,
+        x: &Tensor,
+        moe_index: usize,
+        spans: &[MapSpan<'_>],
+    ) -> Result<(Tensor, LayerRouting)> {
+        let (n, hidden) = x.dims2()?;
+        let k = self.router.top_k;
+        let logits = x.matmul(&self.gate.t()?)?;
+        let host_logits = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (ids, probs, weights) = self.router.route(&host_logits);
+
+        // Slot of every (token, choice) pair, then a counting sort of the pairs by slot.
+        let mut pair_slot = Vec::with_capacity(n * k);
+        for &(start, len, map) in spans {
+            let table = map.table(moe_index);
+            for t in start..start + len {
+                pair_slot.extend(ids[t * k..(t + 1) * k].iter().map(|&e| table[e as usize]));
+            }
+        }
+        if pair_slot.len() != n * k {
+            candle_core::bail!("expert map spans cover {} of {n} rows", pair_slot.len() / k);
+        }
+        let mut counts = vec![0usize; self.slots.len()];
+        for &s in &pair_slot {
+            match counts.get_mut(s as usize) {
+                Some(c) => *c += 1,
+                None => candle_core::bail!("expert map points at slot {s}, only {} exist", self.slots.len()),
+            }
+        }
+        let mut next: Vec<usize> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let start = *acc;
+                *acc += c;
+                Some(start)
+            })
+            .collect();
+        let mut pair_order = vec![0u32; n * k];
+        for (pair, &s) in pair_slot.iter().enumerate() {
+            pair_order[next[s as usize]] = pair as u32;
+            next[s as usize] += 1;
+        }
+        let token_order: Vec<u32> = pair_order.iter().map(|&p| p / k as u32).collect();
+
+        let dev = x.device();
+        let token_idx = Tensor::from_slice(&token_order, n * k, dev)?;
+        let xs = x.index_select(&token_idx, 0)?;
+        let w_sorted = if ops.differentiable {
+            let w = self.router.weights_tensor(ops, &logits, &ids)?.flatten_all()?;
+            w.index_select(&Tensor::from_slice(&pair_order, n * k, dev)?, 0)?
+        } else {
+            let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
+            Tensor::from_vec(w, n * k, dev)?
+        }
+        .to_dtype(x.dtype())?
+        .reshape((n * k, 1))?;
+
+        let mut gate_up = Vec::new();
+        let mut offset = 0;
+        let mut used = Vec::new();
+        for (slot, &count) in counts.iter().enumerate() {
+            if count == 0 {
+                continue;
+            }
+            let expert = &self.slots[slot];
+            gate_up.push(xs.narrow(0, offset, count)?.matmul(&expert.gate_up.t()?)?);
+            used.push((slot, offset, count));
+            offset += count;
+        }
+        let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
+        let mut down = Vec::with_capacity(used.len());
+        for &(slot, offset, count) in &used {
+            down.push(act.narrow(0, offset, count)?.matmul(&self.slots[slot].down.t()?)?);
+        }
+        let ys = Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?;
+        let mut out = Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&token_idx, &ys, 0)?;
+        if let Some(shared) = &self.shared {
+            out = (out + shared.forward(x)?)?;
+        }
+        let routing = LayerRouting {
+            layer: 0,
+            top_k: k,
+            ids,
+            probs,
+            weights,
+        };
+        Ok((out, routing))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router(method: TopkMethod, k: usize, scaling: f32, normalise: bool) -> Router {
+        Router {
+            n_experts: 4,
+            top_k: k,
+            method,
+            scaling,
+            normalise,
+        }
+    }
+
+    #[test]
+    fn greedy_picks_top_k_sorted_with_scaling() {
+        // logits ln([1, 4, 2, 3]) -> probs [0.1, 0.4, 0.2, 0.3]
+        let logits: Vec<f32> = [1f32, 4., 2., 3.].iter().map(|v| v.ln()).collect();
+        let (ids, probs, w) = router(TopkMethod::Greedy, 2, 2.0, false).route(&logits);
+        assert_eq!(ids, vec![1, 3]);
+        assert!((probs[0] - 0.4).abs() < 1e-6 && (probs[1] - 0.3).abs() < 1e-6);
+        assert!((w[0] - 0.8).abs() < 1e-6 && (w[1] - 0.6).abs() < 1e-6);
+        let (_, _, w) = router(TopkMethod::Greedy, 2, 2.0, true).route(&logits);
+        assert!((w[0] - 4. / 7.).abs() < 1e-6 && (w[1] - 3. / 7.).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ties_go_to_lower_id() {
+        let (ids, _, _) = router(TopkMethod::Greedy, 2, 1.0, false).route(&[0., 1., 1., 1.]);
+        assert_eq!(ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn group_limited_keeps_best_groups_only() {
+        // Groups {0,1} and {2,3}; group max decides: group 0 has 0.35, group 1 has 0.3.
+        // Greedy would pick 0 and 3 (0.35, 0.3); limited to one group it picks 0 and 1.
+        let probs = [0.35f32, 0.05, 0.3, 0.3];
+        let logits: Vec<f32> = probs.iter().map(|v| v.ln()).collect();
+        let m = TopkMethod::GroupLimitedGreedy {
+            n_group: 2,
+            topk_group: 1,
+        };
+        let (ids, p, _) = router(m, 2, 1.0, false).route(&logits);
+        assert_eq!(ids, vec![0, 1]);
+        assert!((p[1] - 0.05).abs() < 1e-6, "probabilities are not renormalised");
+        let (ids, _, _) = router(TopkMethod::Greedy, 2, 1.0, false).route(&logits);
+        assert_eq!(ids, vec![0, 2]);
+    }
+}

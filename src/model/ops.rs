@@ -1,0 +1,139 @@
+//! Numeric building blocks with two implementations each: the fused candle kernels used for
+//! inference, and compositions of basic ops that autograd differentiates (the fused ones
+//! silently produce no gradient). [`Ops::differentiable`] picks one for the whole model, so
+//! the trainer and the server run the same model code.
+
+use candle_core::{DType, Result, Tensor, D};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ops {
+    pub differentiable: bool,
+}
+
+impl Ops {
+    /// `w * x / sqrt(mean(x^2) + eps)` over the last dimension.
+    pub fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        if self.differentiable {
+            candle_nn::ops::rms_norm_slow(x, w, eps as f32)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+        }
+    }
+
+    pub fn softmax_last_dim(&self, x: &Tensor) -> Result<Tensor> {
+        if self.differentiable {
+            candle_nn::ops::softmax(x, D::Minus1)
+        } else {
+            candle_nn::ops::softmax_last_dim(x)
+        }
+    }
+
+    /// Rotates adjacent pairs `(x[2i], x[2i+1])` of the last dimension by the angles whose
+    /// (pre-scaled) cosines and sines are given. `x`: `[n, h, d]` with one position per row
+    /// `n`; `cos`, `sin`: `[n, d/2]`.
+    pub fn rope_interleaved(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (n, h, d) = x.dims3()?;
+        if self.differentiable {
+            let pairs = x.reshape((n, h, d / 2, 2))?;
+            let x0 = pairs.narrow(3, 0, 1)?;
+            let x1 = pairs.narrow(3, 1, 1)?;
+            let c = cos.reshape((n, 1, d / 2, 1))?;
+            let s = sin.reshape((n, 1, d / 2, 1))?;
+            let r0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&s)?)?;
+            let r1 = (x0.broadcast_mul(&s)? + x1.broadcast_mul(&c)?)?;
+            Tensor::cat(&[r0, r1], 3)?.reshape((n, h, d))
+        } else {
+            // candle's kernel takes [b, h, t, d] with per-batch tables [b, t, d/2]: one token
+            // per batch row lets every token carry its own position.
+            let x4 = x.contiguous()?.reshape((n, h, 1, d))?;
+            let c = cos.reshape((n, 1, d / 2))?;
+            let s = sin.reshape((n, 1, d / 2))?;
+            candle_nn::rotary_emb::rope_i(&x4, &c, &s)?.reshape((n, h, d))
+        }
+    }
+}
+
+/// `silu(gate) * up` where `gate_up` holds both halves side by side: `[n, 2i]` -> `[n, i]`.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    let i = gate_up.dim(D::Minus1)? / 2;
+    let gate = gate_up.narrow(D::Minus1, 0, i)?;
+    let up = gate_up.narrow(D::Minus1, i, i)?;
+    candle_nn::ops::silu(&gate)? * up
+}
+
+/// A tensor from host `f32`s in the dtype and device of `like`.
+pub fn tensor_like(values: Vec<f32>, shape: &[usize], like: &Tensor) -> Result<Tensor> {
+    let t = Tensor::from_vec(values, shape, like.device())?;
+    if like.dtype() == DType::F32 {
+        Ok(t)
+    } else {
+        t.to_dtype(like.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol, "max abs diff {d}");
+    }
+
+    #[test]
+    fn rope_paths_agree_with_hand_rotation() {
+        let dev = Device::Cpu;
+        // One token, one head, d = 4: pairs (1,2) and (3,4) rotated by 90 and 180 degrees.
+        let x = Tensor::new(&[[[1f32, 2., 3., 4.]]], &dev).unwrap();
+        let cos = Tensor::new(&[[0f32, -1.]], &dev).unwrap();
+        let sin = Tensor::new(&[[1f32, 0.]], &dev).unwrap();
+        let want = Tensor::new(&[[[-2f32, 1., -3., -4.]]], &dev).unwrap();
+        for differentiable in [false, true] {
+            let got = Ops { differentiable }.rope_interleaved(&x, &cos, &sin).unwrap();
+            close(&got, &want, 1e-6);
+        }
+        // Random sizes: both paths equal.
+        let x = Tensor::randn(0f32, 1., (5, 3, 8), &dev).unwrap();
+        let cos = Tensor::randn(0f32, 1., (5, 4), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1., (5, 4), &dev).unwrap();
+        let a = Ops { differentiable: false }.rope_interleaved(&x, &cos, &sin).unwrap();
+        let b = Ops { differentiable: true }.rope_interleaved(&x, &cos, &sin).unwrap();
+        close(&a, &b, 1e-6);
+    }
+
+    #[test]
+    fn norm_and_softmax_paths_agree() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (4, 16), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1., 16, &dev).unwrap();
+        let fast = Ops { differentiable: false };
+        let slow = Ops { differentiable: true };
+        close(&fast.rms_norm(&x, &w, 1e-6).unwrap(), &slow.rms_norm(&x, &w, 1e-6).unwrap(), 1e-5);
+        close(&fast.softmax_last_dim(&x).unwrap(), &slow.softmax_last_dim(&x).unwrap(), 1e-6);
+        // Hand case: rms of [3, 4] is sqrt(12.5).
+        let x = Tensor::new(&[[3f32, 4.]], &dev).unwrap();
+        let w = Tensor::new(&[1f32, 2.], &dev).unwrap();
+        let r = 12.5f32.sqrt();
+        let want = Tensor::new(&[[3. / r, 8. / r]], &dev).unwrap();
+        close(&fast.rms_norm(&x, &w, 0.).unwrap(), &want, 1e-6);
+    }
+
+    #[test]
+    fn swiglu_hand_case() {
+        let dev = Device::Cpu;
+        let gu = Tensor::new(&[[0f32, 1., 2., 3.]], &dev).unwrap();
+        let silu = |v: f32| v / (1. + (-v).exp());
+        let want = Tensor::new(&[[silu(0.) * 2., silu(1.) * 3.]], &dev).unwrap();
+        close(&swiglu(&gu).unwrap(), &want, 1e-6);
+    }
+}
