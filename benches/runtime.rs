@@ -1,1 +1,435 @@
-fn main(){}
+//! Runtime benchmark on CPU, f32: our batched DeepSeek-V2 against candle-transformers'
+//! `deepseek2` on the same random weights (a model of the DeepSeek-V2 architecture, hidden 512,
+//! 8 layers, 64 routed experts top-6 + 2 shared, vocab 32000, written once per run with
+//! `write_random_checkpoint`).
+//!
+//! Measured:
+//! - ours at batch 1, 8, 32: prefill (B prompts of 128 tokens in one `forward`, last-position
+//!   logits) and decode (N steps, each one batched `forward` of one token per sequence);
+//! - candle-transformers at batch 1: prefill `forward([1, 128], 0)`, then N decode steps
+//!   `forward([1, 1], offset)`. Its `forward` returns last-position logits only (`[b, vocab]`),
+//!   so both sides compute the LM head for one row per sequence.
+//!
+//! Every decode step feeds each sequence the argmax of its previous logits (host-side, like a
+//! greedy sampler). Each measurement is warmed up once, then the median of the repetitions is
+//! reported. Prints a table, the ratios, and one JSON line at the end.
+//!
+//! Environment knobs (for a quick smoke run): `ESFT_BENCH_STEPS` (decode steps, 32),
+//! `ESFT_BENCH_REPS` (timed repetitions, 3), `ESFT_BENCH_PROMPT` (prompt tokens, 128),
+//! `ESFT_BENCH_BATCHES` (comma-separated, "1,8,32"), `ESFT_BENCH_LAYERS` (8),
+//! `ESFT_BENCH_REFERENCE` (0 skips candle-transformers).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::deepseek2;
+use esft::model::init::write_random_checkpoint;
+use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, SeqCache, SeqInput};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+type AnyResult<T> = anyhow::Result<T>;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+/// The benchmark model's `config.json`, with every key candle-transformers' `deepseek2`
+/// requires (it has no defaults for `attention_bias`, `n_group`, `topk_group`, `rope_scaling`).
+fn bench_config(layers: usize) -> serde_json::Value {
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).expect("valid JSON");
+    config["num_hidden_layers"] = layers.into();
+    config
+}
+
+const CONFIG: &str = r#"{
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "attention_bias": false,
+    "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "ep_size": 1,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 512,
+    "initializer_range": 0.02,
+    "intermediate_size": 1408,
+    "kv_lora_rank": 128,
+    "max_position_embeddings": 4096,
+    "moe_intermediate_size": 256,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": false,
+    "num_attention_heads": 8,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 8,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "q_lora_rank": null,
+    "qk_nope_head_dim": 64,
+    "qk_rope_head_dim": 32,
+    "rms_norm_eps": 1e-6,
+    "rope_scaling": null,
+    "rope_theta": 10000.0,
+    "routed_scaling_factor": 1.0,
+    "scoring_func": "softmax",
+    "seq_aux": true,
+    "tie_word_embeddings": false,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "torch_dtype": "float32",
+    "use_cache": true,
+    "v_head_dim": 64,
+    "vocab_size": 32000
+}"#;
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One timed pass: prefill time, decode time, and the first sequence's prefill logits.
+struct Pass {
+    prefill: Duration,
+    decode: Duration,
+    first_logits: Vec<f32>,
+}
+
+fn ours_pass(model: &DeepSeekV2, prompts: &[Vec<u32>], steps: usize) -> AnyResult<Pass> {
+    let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
+    let t = Instant::now();
+    let mut batch: Vec<SeqInput<'_>> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(p, cache)| SeqInput {
+            tokens: p,
+            cache,
+            experts: None,
+            logits: LogitsWanted::Last,
+        })
+        .collect();
+    let out = model.forward(&mut batch, None)?;
+    drop(batch);
+    let logits: Vec<Vec<f32>> = out.logits.expect("logits were asked for").to_vec2()?;
+    let prefill = t.elapsed();
+    let first_logits = logits[0].clone();
+    let mut next: Vec<[u32; 1]> = logits.iter().map(|r| [argmax(r)]).collect();
+
+    let t = Instant::now();
+    for _ in 0..steps {
+        let mut batch: Vec<SeqInput<'_>> = next
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(tok, cache)| SeqInput {
+                tokens: tok,
+                cache,
+                experts: None,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let out = model.forward(&mut batch, None)?;
+        drop(batch);
+        let logits: Vec<Vec<f32>> = out.logits.expect("logits were asked for").to_vec2()?;
+        next = logits.iter().map(|r| [argmax(r)]).collect();
+    }
+    Ok(Pass {
+        prefill,
+        decode: t.elapsed(),
+        first_logits,
+    })
+}
+
+fn reference_pass(
+    model: &mut deepseek2::DeepSeekV2,
+    prompt: &[u32],
+    steps: usize,
+) -> AnyResult<Pass> {
+    let dev = Device::Cpu;
+    model.clear_kv_cache();
+    let t = Instant::now();
+    let input = Tensor::new(prompt, &dev)?.unsqueeze(0)?;
+    // `[1, vocab]`: candle-transformers' forward keeps the last position only.
+    let first_logits: Vec<f32> = model.forward(&input, 0)?.squeeze(0)?.to_vec1()?;
+    let prefill = t.elapsed();
+    let mut next = argmax(&first_logits);
+
+    let t = Instant::now();
+    for i in 0..steps {
+        let input = Tensor::new(&[[next]], &dev)?;
+        let logits: Vec<f32> = model.forward(&input, prompt.len() + i)?.squeeze(0)?.to_vec1()?;
+        next = argmax(&logits);
+    }
+    Ok(Pass {
+        prefill,
+        decode: t.elapsed(),
+        first_logits,
+    })
+}
+
+/// Warm-up plus `reps` timed passes; medians of prefill and decode tokens/s.
+struct Measured {
+    batch: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+    prefill_ms: f64,
+    decode_step_ms: f64,
+    first_logits: Vec<f32>,
+}
+
+fn measure(
+    batch: usize,
+    prompt_len: usize,
+    steps: usize,
+    reps: usize,
+    mut pass: impl FnMut() -> AnyResult<Pass>,
+) -> AnyResult<Measured> {
+    let warm = pass()?;
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let p = pass()?;
+        pre.push(p.prefill.as_secs_f64());
+        dec.push(p.decode.as_secs_f64());
+    }
+    let (pre, dec) = (median(pre), median(dec));
+    Ok(Measured {
+        batch,
+        prefill_tok_s: (batch * prompt_len) as f64 / pre,
+        decode_tok_s: (batch * steps) as f64 / dec,
+        prefill_ms: pre * 1e3,
+        decode_step_ms: dec * 1e3 / steps as f64,
+        first_logits: warm.first_logits,
+    })
+}
+
+fn load_reference(dir: &Path, config: &serde_json::Value) -> AnyResult<deepseek2::DeepSeekV2> {
+    let cfg: deepseek2::DeepSeekV2Config = serde_json::from_value(config.clone())?;
+    // SAFETY: the checkpoint was just written to a private temporary directory and is not
+    // modified while mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )?
+    };
+    Ok(deepseek2::DeepSeekV2::new(&cfg, vb)?)
+}
+
+fn row_json(m: &Measured) -> serde_json::Value {
+    json!({
+        "batch": m.batch,
+        "prefill_tok_s": m.prefill_tok_s,
+        "decode_tok_s": m.decode_tok_s,
+        "prefill_ms": m.prefill_ms,
+        "decode_step_ms": m.decode_step_ms,
+    })
+}
+
+fn main() -> AnyResult<()> {
+    let steps = env_usize("ESFT_BENCH_STEPS", 32).max(1);
+    let reps = env_usize("ESFT_BENCH_REPS", 3).max(1);
+    let prompt_len = env_usize("ESFT_BENCH_PROMPT", 128).max(1);
+    let layers = env_usize("ESFT_BENCH_LAYERS", 8).max(2);
+    let with_reference = env_usize("ESFT_BENCH_REFERENCE", 1) != 0;
+    let batches: Vec<usize> = std::env::var("ESFT_BENCH_BATCHES")
+        .unwrap_or_else(|_| "1,8,32".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("ESFT_BENCH_BATCHES: comma-separated sizes"))
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let config = bench_config(layers);
+    let dir = tempfile::tempdir()?;
+    let t = Instant::now();
+    write_random_checkpoint(&config, 0, dir.path())?;
+    let file_mb = std::fs::metadata(dir.path().join("model.safetensors"))?.len() as f64 / 1e6;
+    eprintln!(
+        "checkpoint: {file_mb:.0} MB written in {:.1}s ({layers} layers, {threads} threads)",
+        t.elapsed().as_secs_f64()
+    );
+
+    let t = Instant::now();
+    let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default())?;
+    eprintln!("ours: loaded in {:.1}s", t.elapsed().as_secs_f64());
+    let vocab = model.config().vocab_size as u32;
+    let max_batch = batches.iter().copied().max().unwrap_or(1);
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let prompts: Vec<Vec<u32>> = (0..max_batch)
+        .map(|_| (0..prompt_len).map(|_| rng.random_range(0..vocab)).collect())
+        .collect();
+
+    let mut ours = Vec::new();
+    for &b in &batches {
+        let t = Instant::now();
+        let m = measure(b, prompt_len, steps, reps, || {
+            ours_pass(&model, &prompts[..b], steps)
+        })?;
+        eprintln!(
+            "ours batch {b}: prefill {:.0} tok/s, decode {:.1} tok/s ({:.1}s)",
+            m.prefill_tok_s,
+            m.decode_tok_s,
+            t.elapsed().as_secs_f64()
+        );
+        ours.push(m);
+    }
+    drop(model);
+
+    let reference: Result<Measured, String> = if !with_reference {
+        Err("skipped (ESFT_BENCH_REFERENCE=0)".into())
+    } else {
+        let t = Instant::now();
+        match load_reference(dir.path(), &config) {
+            Err(e) => Err(format!("candle-transformers deepseek2 failed to load: {e}")),
+            Ok(mut rm) => {
+                eprintln!("candle-transformers: loaded in {:.1}s", t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                let r = measure(1, prompt_len, steps, reps, || {
+                    reference_pass(&mut rm, &prompts[0], steps)
+                })
+                .map_err(|e| format!("candle-transformers deepseek2 failed to run: {e}"));
+                if let Ok(m) = &r {
+                    eprintln!(
+                        "candle-transformers batch 1: prefill {:.0} tok/s, decode {:.1} tok/s \
+                         ({:.1}s)",
+                        m.prefill_tok_s,
+                        m.decode_tok_s,
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+                r
+            }
+        }
+    };
+
+    println!();
+    println!(
+        "DeepSeek-V2 random model: hidden 512, {layers} layers, 64 experts top-6 + 2 shared, \
+         vocab 32000, f32 CPU, {threads} threads; prompt {prompt_len}, {steps} decode steps, \
+         median of {reps}"
+    );
+    println!(
+        "{:<22} {:>5} {:>14} {:>12} {:>14} {:>15}",
+        "implementation", "batch", "prefill tok/s", "prefill ms", "decode tok/s", "decode ms/step"
+    );
+    let print_row = |name: &str, m: &Measured| {
+        println!(
+            "{:<22} {:>5} {:>14.1} {:>12.1} {:>14.1} {:>15.2}",
+            name, m.batch, m.prefill_tok_s, m.prefill_ms, m.decode_tok_s, m.decode_step_ms
+        );
+    };
+    for m in &ours {
+        print_row("esft", m);
+    }
+    match &reference {
+        Ok(m) => print_row("candle-transformers", m),
+        Err(why) => println!("{:<22} {why}", "candle-transformers"),
+    }
+
+    let at = |b: usize| ours.iter().find(|m| m.batch == b);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let ours1 = at(1);
+    let reference_ok = reference.as_ref().ok();
+    let batch_scaling = ratio(at(32).map(|m| m.decode_tok_s), ours1.map(|m| m.decode_tok_s));
+    let decode_vs_ref = ratio(
+        ours1.map(|m| m.decode_tok_s),
+        reference_ok.map(|m| m.decode_tok_s),
+    );
+    let prefill_vs_ref = ratio(
+        ours1.map(|m| m.prefill_tok_s),
+        reference_ok.map(|m| m.prefill_tok_s),
+    );
+    // Same weights, same prompt: the last-position prefill logits should agree.
+    let parity = match (ours1, reference_ok) {
+        (Some(a), Some(b)) => {
+            let diff = a
+                .first_logits
+                .iter()
+                .zip(&b.first_logits)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            let scale = a.first_logits.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            Some((
+                diff,
+                scale,
+                argmax(&a.first_logits) == argmax(&b.first_logits),
+            ))
+        }
+        _ => None,
+    };
+
+    let show = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.2}"));
+    println!();
+    println!(
+        "ratio decode batch 32 / batch 1 (ours):            {} (goal >= 10)",
+        show(batch_scaling)
+    );
+    println!(
+        "ratio decode batch 1 ours / candle-transformers:   {} (goal >= 1.5)",
+        show(decode_vs_ref)
+    );
+    println!(
+        "ratio prefill batch 1 ours / candle-transformers:  {}",
+        show(prefill_vs_ref)
+    );
+    if let Some((diff, scale, same)) = parity {
+        println!(
+            "parity: prefill last logits max |diff| {diff:.2e} (max |logit| {scale:.2e}), \
+             same argmax: {same}"
+        );
+    }
+
+    let summary = json!({
+        "bench": "runtime",
+        "device": "cpu",
+        "dtype": "f32",
+        "threads": threads,
+        "layers": layers,
+        "prompt_tokens": prompt_len,
+        "decode_steps": steps,
+        "reps": reps,
+        "ours": ours.iter().map(row_json).collect::<Vec<_>>(),
+        "candle_transformers": match &reference {
+            Ok(m) => row_json(m),
+            Err(why) => json!({ "error": why }),
+        },
+        "ratios": {
+            "ours_decode_b32_over_b1": batch_scaling,
+            "decode_b1_ours_over_candle_transformers": decode_vs_ref,
+            "prefill_b1_ours_over_candle_transformers": prefill_vs_ref,
+        },
+        "parity_max_abs_diff": parity.map(|p| p.0),
+        "parity_same_argmax": parity.map(|p| p.2),
+    });
+    println!("{summary}");
+    Ok(())
+}

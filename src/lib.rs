@@ -1,5 +1,6 @@
 //! esft: an inference runtime for DeepSeek-V2 Mixture-of-Experts models that serves
 //! per-task ESFT expert adapters.
 
+pub mod cli;
 pub mod engine;
 pub mod model;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("{what} not found: {path}: {source}")]
+    #[error("{what} not found: {path}")]
     MissingFile {
         path: PathBuf,
         what: &'static str,

@@ -2,15 +2,18 @@
 //! the batched decoder, plus the tokenizer and chat template. No I/O beyond loading.
 
 pub mod attention;
+pub mod bundle;
 pub mod config;
 pub mod deepseek_v2;
 pub mod error;
+pub mod init;
 pub mod load;
 pub mod moe;
 pub mod ops;
 pub mod rope;
 pub mod tokenizer;
 
+pub use bundle::LoadedModel;
 pub use config::Config;
 pub use deepseek_v2::{DeepSeekV2, ForwardOutput, LoadOptions, LogitsWanted, SeqCache, SeqInput};
 pub use error::{ModelError, Result};

@@ -1,0 +1,178 @@
+//! `esft-serve` command line: argument types and the `generate` command.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+use crate::engine::{generate_all, SamplingParams, Sequence};
+use crate::model::tokenizer::ChatMessage;
+use crate::model::{LoadOptions, LoadedModel};
+
+#[derive(Parser, Debug)]
+#[command(name = "esft-serve", version, about = "Serve DeepSeek-V2 MoE models with per-request ESFT expert adapters")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate a completion for one prompt and print it.
+    Generate(GenerateArgs),
+}
+
+/// Where the model runs and in which dtype.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Compute device: `cpu` or `cuda[:N]` (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: f32, f16 or bf16 (weights are converted at load).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+impl DeviceArgs {
+    pub fn load_options(&self) -> Result<LoadOptions> {
+        let dtype = match self.dtype.as_str() {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            other => bail!("--dtype {other}: expected f32, f16 or bf16"),
+        };
+        let device = match self.device.as_str() {
+            "cpu" => Device::Cpu,
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = d.strip_prefix("cuda:").unwrap_or("0").parse().context("--device cuda:N")?;
+                Device::new_cuda(ordinal).context("opening the CUDA device (built without the `cuda` feature?)")?
+            }
+            other => bail!("--device {other}: expected cpu or cuda[:N]"),
+        };
+        Ok(LoadOptions { device, dtype })
+    }
+}
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "chat"]))]
+pub struct GenerateArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt text, tokenized as the tokenizer says (BOS added).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Comma-separated token ids, used verbatim (no BOS added).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// An optional system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Stop token id (repeatable).
+    #[arg(long)]
+    pub stop_token_id: Vec<u32>,
+    /// Keep generating after EOS.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON line: {"prompt_ids", "new_ids", "text"}.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl GenerateArgs {
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+            max_tokens: self.max_tokens,
+            stop_token_ids: self.stop_token_id.clone(),
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    let params = args.sampling();
+    if let Err((name, msg)) = params.validate() {
+        bail!("--{}: {msg}", name.replace('_', "-"));
+    }
+    let loaded = LoadedModel::load(&args.model, &args.device.load_options()?)?;
+    let tok = &loaded.tokenizer;
+    let prompt_ids = if let Some(ids) = &args.prompt_ids {
+        ids.clone()
+    } else if let Some(text) = &args.prompt {
+        tok.encode(text, true)?
+    } else if let Some(user) = &args.chat {
+        let mut messages = Vec::new();
+        if let Some(sys) = &args.system {
+            messages.push(ChatMessage::new("system", sys));
+        }
+        messages.push(ChatMessage::new("user", user));
+        tok.encode_chat(&messages, true)?
+    } else {
+        bail!("one of --prompt, --prompt-ids or --chat is required");
+    };
+    if prompt_ids.is_empty() {
+        bail!("the prompt is empty");
+    }
+    let vocab = loaded.model.config().vocab_size;
+    if let Some(bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+        bail!("--prompt-ids: token id {bad} is out of range (vocab size {vocab})");
+    }
+    let max_len = loaded.max_context();
+    if prompt_ids.len() >= max_len {
+        bail!("the prompt has {} tokens; the model's context is {max_len}", prompt_ids.len());
+    }
+    let mut seqs = [Sequence::new(
+        prompt_ids.clone(),
+        params,
+        loaded.model.new_cache(),
+        loaded.eos_ids(),
+        max_len,
+    )];
+    generate_all(&loaded.model, Some(tok), &mut seqs, 512)?;
+    let seq = &seqs[0];
+    if args.json {
+        let line = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "new_ids": seq.generated(),
+            "text": seq.text(),
+        });
+        println!("{line}");
+    } else {
+        println!("{}", seq.text());
+    }
+    Ok(())
+}

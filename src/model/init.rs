@@ -1,0 +1,312 @@
+//! Random DeepSeek-V2 checkpoints in Hugging Face layout: `config.json` plus one
+//! `model.safetensors` holding every tensor the loader expects, under the hub names.
+//!
+//! Used by the benchmark and by the trainer's `init` command. Weights are f32 and fully
+//! determined by the seed: linear weights and embeddings are normal with std 0.02 (the
+//! DeepSeek `initializer_range`), norm weights are 1. Each tensor draws from its own ChaCha8
+//! stream, chosen by a stable hash of its name, so a tensor's values depend only on the seed,
+//! its name and its shape. Tensors are generated one at a time while the file is written.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use safetensors::tensor::{Dtype, View};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use super::config::Config;
+use super::error::{ModelError, Result};
+
+/// Standard deviation of linear and embedding weights.
+const INIT_STD: f32 = 0.02;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fill {
+    /// Normal with this standard deviation.
+    Normal(f32),
+    /// Every element this value.
+    Const(f32),
+}
+
+/// A tensor whose bytes are generated only when the writer asks for them.
+struct LazyTensor {
+    shape: Vec<usize>,
+    fill: Fill,
+    seed: u64,
+    stream: u64,
+}
+
+impl LazyTensor {
+    fn elems(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl View for LazyTensor {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let n = self.elems();
+        let mut bytes = Vec::with_capacity(n * 4);
+        match self.fill {
+            Fill::Const(v) => {
+                for _ in 0..n {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Fill::Normal(std) => {
+                let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+                rng.set_stream(self.stream);
+                let mut written = 0;
+                while written < n {
+                    let (a, b) = box_muller(&mut rng);
+                    for z in [a, b].into_iter().take(n - written) {
+                        bytes.extend_from_slice(&(z * std).to_le_bytes());
+                        written += 1;
+                    }
+                }
+            }
+        }
+        Cow::Owned(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.elems() * 4
+    }
+}
+
+/// Two independent standard normal samples from two uniforms (Box-Muller).
+fn box_muller(rng: &mut ChaCha8Rng) -> (f32, f32) {
+    // u1 in (0, 1] so that ln(u1) is finite.
+    let u1 = 1.0 - rng.random::<f64>();
+    let u2 = rng.random::<f64>();
+    let r = (-2.0 * u1.ln()).sqrt();
+    let theta = 2.0 * std::f64::consts::PI * u2;
+    ((r * theta.cos()) as f32, (r * theta.sin()) as f32)
+}
+
+/// FNV-1a: a hash that, unlike `DefaultHasher`, is stable across Rust releases.
+fn stable_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Every tensor name, shape and fill of a DeepSeek-V2 checkpoint with this config, in the
+/// names and shapes [`super::DeepSeekV2::load`] expects.
+fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)> {
+    let h = cfg.hidden_size;
+    let nh = cfg.num_attention_heads;
+    let qk = cfg.qk_head_dim();
+    let kvr = cfg.kv_lora_rank;
+    let lin = Fill::Normal(INIT_STD);
+    let norm = Fill::Const(1.0);
+    let mut t: Vec<(String, Vec<usize>, Fill)> = Vec::new();
+    let mut push = |name: String, shape: &[usize], fill: Fill| t.push((name, shape.to_vec(), fill));
+    let mlp = |push: &mut dyn FnMut(String, &[usize], Fill), p: &str, inter: usize| {
+        push(format!("{p}gate_proj.weight"), &[inter, h], lin);
+        push(format!("{p}up_proj.weight"), &[inter, h], lin);
+        push(format!("{p}down_proj.weight"), &[h, inter], lin);
+    };
+
+    push("model.embed_tokens.weight".into(), &[cfg.vocab_size, h], lin);
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}.");
+        push(format!("{p}input_layernorm.weight"), &[h], norm);
+        push(format!("{p}post_attention_layernorm.weight"), &[h], norm);
+        let a = format!("{p}self_attn.");
+        match cfg.q_lora_rank {
+            None => push(format!("{a}q_proj.weight"), &[nh * qk, h], lin),
+            Some(r) => {
+                push(format!("{a}q_a_proj.weight"), &[r, h], lin);
+                push(format!("{a}q_a_layernorm.weight"), &[r], norm);
+                push(format!("{a}q_b_proj.weight"), &[nh * qk, r], lin);
+            }
+        }
+        push(
+            format!("{a}kv_a_proj_with_mqa.weight"),
+            &[kvr + cfg.qk_rope_head_dim, h],
+            lin,
+        );
+        push(format!("{a}kv_a_layernorm.weight"), &[kvr], norm);
+        push(
+            format!("{a}kv_b_proj.weight"),
+            &[nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvr],
+            lin,
+        );
+        push(format!("{a}o_proj.weight"), &[h, nh * cfg.v_head_dim], lin);
+        let m = format!("{p}mlp.");
+        if cfg.is_moe_layer(i) {
+            push(format!("{m}gate.weight"), &[cfg.n_routed_experts, h], lin);
+            for e in 0..cfg.n_routed_experts {
+                mlp(&mut push, &format!("{m}experts.{e}."), cfg.moe_intermediate_size);
+            }
+            if cfg.n_shared_experts > 0 {
+                mlp(
+                    &mut push,
+                    &format!("{m}shared_experts."),
+                    cfg.moe_intermediate_size * cfg.n_shared_experts,
+                );
+            }
+        } else {
+            mlp(&mut push, &m, cfg.intermediate_size);
+        }
+    }
+    push("model.norm.weight".into(), &[h], norm);
+    if !cfg.tie_word_embeddings {
+        push("lm_head.weight".into(), &[cfg.vocab_size, h], lin);
+    }
+    t
+}
+
+/// A sibling of `path` to write before renaming over it.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let res = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(res?)
+}
+
+/// Writes `out_dir/config.json` (the given config, pretty-printed) and
+/// `out_dir/model.safetensors` with random f32 weights determined by `seed`. The config is
+/// validated first; an unsupported one is refused and nothing is written. Both files are
+/// replaced atomically (written to a temporary file in `out_dir`, then renamed).
+pub fn write_random_checkpoint(
+    config_json: &serde_json::Value,
+    seed: u64,
+    out_dir: &Path,
+) -> Result<()> {
+    let cfg = Config::from_json(&config_json.to_string())?;
+    std::fs::create_dir_all(out_dir)?;
+
+    let tensors = checkpoint_tensors(&cfg).into_iter().map(|(name, shape, fill)| {
+        let stream = stable_hash(&name);
+        (
+            name,
+            LazyTensor {
+                shape,
+                fill,
+                seed,
+                stream,
+            },
+        )
+    });
+    let path = out_dir.join("model.safetensors");
+    let tmp = temp_path(&path);
+    let res = safetensors::serialize_to_file(tensors, None, &tmp)
+        .map_err(|e| ModelError::BadSafetensors {
+            path: path.clone(),
+            message: format!("writing: {e}"),
+        })
+        .and_then(|()| Ok(std::fs::rename(&tmp, &path)?));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res?;
+
+    let mut text = serde_json::to_string_pretty(config_json)
+        .map_err(|e| ModelError::Invalid(format!("config.json: {e}")))?;
+    text.push('\n');
+    write_atomic(&out_dir.join("config.json"), text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DeepSeekV2, LoadOptions, LogitsWanted, SeqInput};
+
+    fn lite_json() -> serde_json::Value {
+        serde_json::from_str(include_str!("../../tests/fixtures/lite/config.json")).unwrap()
+    }
+
+    #[test]
+    fn random_checkpoint_loads_and_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        write_random_checkpoint(&lite_json(), 7, dir.path()).unwrap();
+        let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+        let mut cache = model.new_cache();
+        let tokens = [1u32, 5, 9, 200, 511];
+        let mut batch = [SeqInput {
+            tokens: &tokens,
+            cache: &mut cache,
+            experts: None,
+            logits: LogitsWanted::All,
+        }];
+        let out = model.forward(&mut batch, None).unwrap();
+        let logits: Vec<Vec<f32>> = out.logits.unwrap().to_vec2().unwrap();
+        assert_eq!(logits.len(), tokens.len());
+        assert_eq!(logits[0].len(), 512);
+        assert!(logits.iter().flatten().all(|v| v.is_finite()));
+        assert!(logits.iter().flatten().any(|&v| v != 0.0));
+    }
+
+    #[test]
+    fn same_seed_same_bytes_other_seed_differs() {
+        let read = |seed: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            write_random_checkpoint(&lite_json(), seed, dir.path()).unwrap();
+            let files: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(files.len(), 2, "no temporary files left behind: {files:?}");
+            (
+                std::fs::read(dir.path().join("model.safetensors")).unwrap(),
+                std::fs::read(dir.path().join("config.json")).unwrap(),
+            )
+        };
+        let (a, ca) = read(1);
+        let (b, cb) = read(1);
+        let (c, cc) = read(2);
+        assert!(a == b, "same seed must write identical weights");
+        assert_eq!(ca, cb);
+        assert!(a != c, "another seed must write other weights");
+        assert_eq!(a.len(), c.len());
+        assert_eq!(ca, cc);
+        let back: serde_json::Value = serde_json::from_slice(&ca).unwrap();
+        assert_eq!(back, lite_json());
+    }
+
+    #[test]
+    fn weights_have_the_requested_statistics() {
+        let t = LazyTensor {
+            shape: vec![256, 256],
+            fill: Fill::Normal(INIT_STD),
+            seed: 3,
+            stream: stable_hash("x"),
+        };
+        let bytes = t.data();
+        let v: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+        let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 1e-3, "mean {mean}");
+        assert!((var.sqrt() - 0.02).abs() < 5e-4, "std {}", var.sqrt());
+    }
+
+    #[test]
+    fn invalid_config_is_refused_and_nothing_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = lite_json();
+        j["scoring_func"] = "sigmoid".into();
+        let err = write_random_checkpoint(&j, 0, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("scoring_func"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
