@@ -183,7 +183,10 @@ fn reference_pass(
     let t = Instant::now();
     for i in 0..steps {
         let input = Tensor::new(&[[next]], &dev)?;
-        let logits: Vec<f32> = model.forward(&input, prompt.len() + i)?.squeeze(0)?.to_vec1()?;
+        let logits: Vec<f32> = model
+            .forward(&input, prompt.len() + i)?
+            .squeeze(0)?
+            .to_vec1()?;
         next = argmax(&logits);
     }
     Ok(Pass {
@@ -261,7 +264,11 @@ fn main() -> AnyResult<()> {
     let batches: Vec<usize> = std::env::var("ESFT_BENCH_BATCHES")
         .unwrap_or_else(|_| "1,8,32".into())
         .split(',')
-        .map(|s| s.trim().parse().expect("ESFT_BENCH_BATCHES: comma-separated sizes"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("ESFT_BENCH_BATCHES: comma-separated sizes")
+        })
         .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
@@ -282,7 +289,11 @@ fn main() -> AnyResult<()> {
     let max_batch = batches.iter().copied().max().unwrap_or(1);
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let prompts: Vec<Vec<u32>> = (0..max_batch)
-        .map(|_| (0..prompt_len).map(|_| rng.random_range(0..vocab)).collect())
+        .map(|_| {
+            (0..prompt_len)
+                .map(|_| rng.random_range(0..vocab))
+                .collect()
+        })
         .collect();
 
     let mut ours = Vec::new();
@@ -308,7 +319,10 @@ fn main() -> AnyResult<()> {
         match load_reference(dir.path(), &config) {
             Err(e) => Err(format!("candle-transformers deepseek2 failed to load: {e}")),
             Ok(mut rm) => {
-                eprintln!("candle-transformers: loaded in {:.1}s", t.elapsed().as_secs_f64());
+                eprintln!(
+                    "candle-transformers: loaded in {:.1}s",
+                    t.elapsed().as_secs_f64()
+                );
                 let t = Instant::now();
                 let r = measure(1, prompt_len, steps, reps, || {
                     reference_pass(&mut rm, &prompts[0], steps)
@@ -359,7 +373,10 @@ fn main() -> AnyResult<()> {
     };
     let ours1 = at(1);
     let reference_ok = reference.as_ref().ok();
-    let batch_scaling = ratio(at(32).map(|m| m.decode_tok_s), ours1.map(|m| m.decode_tok_s));
+    let batch_scaling = ratio(
+        at(32).map(|m| m.decode_tok_s),
+        ours1.map(|m| m.decode_tok_s),
+    );
     let decode_vs_ref = ratio(
         ours1.map(|m| m.decode_tok_s),
         reference_ok.map(|m| m.decode_tok_s),

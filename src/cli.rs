@@ -10,7 +10,11 @@ use crate::model::tokenizer::ChatMessage;
 use crate::model::{LoadOptions, LoadedModel};
 
 #[derive(Parser, Debug)]
-#[command(name = "esft-serve", version, about = "Serve DeepSeek-V2 MoE models with per-request ESFT expert adapters")]
+#[command(
+    name = "esft-serve",
+    version,
+    about = "Serve DeepSeek-V2 MoE models with per-request ESFT expert adapters"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -44,8 +48,13 @@ impl DeviceArgs {
         let device = match self.device.as_str() {
             "cpu" => Device::Cpu,
             d if d == "cuda" || d.starts_with("cuda:") => {
-                let ordinal = d.strip_prefix("cuda:").unwrap_or("0").parse().context("--device cuda:N")?;
-                Device::new_cuda(ordinal).context("opening the CUDA device (built without the `cuda` feature?)")?
+                let ordinal = d
+                    .strip_prefix("cuda:")
+                    .unwrap_or("0")
+                    .parse()
+                    .context("--device cuda:N")?;
+                Device::new_cuda(ordinal)
+                    .context("opening the CUDA device (built without the `cuda` feature?)")?
             }
             other => bail!("--device {other}: expected cpu or cuda[:N]"),
         };
@@ -153,7 +162,10 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     }
     let max_len = loaded.max_context();
     if prompt_ids.len() >= max_len {
-        bail!("the prompt has {} tokens; the model's context is {max_len}", prompt_ids.len());
+        bail!(
+            "the prompt has {} tokens; the model's context is {max_len}",
+            prompt_ids.len()
+        );
     }
     let mut seqs = [Sequence::new(
         prompt_ids.clone(),

@@ -32,14 +32,28 @@ fn prompt_ids_greedy_matches_reference() {
             let ids: Vec<String> = u32s(&p["ids"]).iter().map(u32::to_string).collect();
             let dir = fixture(name);
             let (ok, out, err) = generate(&[
-                "--model", dir.to_str().unwrap(),
-                "--prompt-ids", &ids.join(","),
-                "--max-tokens", "16", "--ignore-eos", "--json",
+                "--model",
+                dir.to_str().unwrap(),
+                "--prompt-ids",
+                &ids.join(","),
+                "--max-tokens",
+                "16",
+                "--ignore-eos",
+                "--json",
             ]);
             assert!(ok, "{err}");
             let j = json_line(&out);
-            assert_eq!(u32s(&j["prompt_ids"]), u32s(&p["ids"]), "ids are used verbatim");
-            assert_eq!(u32s(&j["new_ids"]), u32s(&p["greedy"]["new_ids"]), "{name} {}", p["name"]);
+            assert_eq!(
+                u32s(&j["prompt_ids"]),
+                u32s(&p["ids"]),
+                "ids are used verbatim"
+            );
+            assert_eq!(
+                u32s(&j["new_ids"]),
+                u32s(&p["greedy"]["new_ids"]),
+                "{name} {}",
+                p["name"]
+            );
             assert!(j["text"].is_string());
         }
     }
@@ -50,15 +64,35 @@ fn prompt_and_chat_tokenize_like_the_reference() {
     let r = reference("lite");
     let dir = fixture("lite");
     let text = r["prompts"][0]["text"].as_str().unwrap();
-    let (ok, out, err) = generate(&["--model", dir.to_str().unwrap(), "--prompt", text, "--max-tokens", "16", "--ignore-eos", "--json"]);
+    let (ok, out, err) = generate(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        text,
+        "--max-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]);
     assert!(ok, "{err}");
     let j = json_line(&out);
     assert_eq!(u32s(&j["prompt_ids"]), u32s(&r["prompts"][0]["ids"]));
-    assert_eq!(u32s(&j["new_ids"]), u32s(&r["prompts"][0]["greedy"]["new_ids"]));
+    assert_eq!(
+        u32s(&j["new_ids"]),
+        u32s(&r["prompts"][0]["greedy"]["new_ids"])
+    );
 
     let ex = &r["tokenizer"]["chat_template_example"];
     let user = ex["messages"][0]["content"].as_str().unwrap();
-    let (ok, out, err) = generate(&["--model", dir.to_str().unwrap(), "--chat", user, "--max-tokens", "2", "--json"]);
+    let (ok, out, err) = generate(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--chat",
+        user,
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
     assert!(ok, "{err}");
     assert_eq!(u32s(&json_line(&out)["prompt_ids"]), u32s(&ex["ids"]));
 }
@@ -66,8 +100,24 @@ fn prompt_and_chat_tokenize_like_the_reference() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let dir = fixture("lite");
-    let args = ["--model", dir.to_str().unwrap(), "--prompt", "Hello", "--max-tokens", "12",
-        "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--seed", "42", "--ignore-eos", "--json"];
+    let args = [
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "50",
+        "--seed",
+        "42",
+        "--ignore-eos",
+        "--json",
+    ];
     let (ok, a, err) = generate(&args);
     assert!(ok, "{err}");
     let (_, b, _) = generate(&args);
@@ -80,7 +130,10 @@ fn bad_arguments_fail_with_a_message() {
     let dir = fixture("lite");
     let d = dir.to_str().unwrap();
     let (ok, _, err) = generate(&["--model", d, "--prompt-ids", "1,99999"]);
-    assert!(!ok && err.contains("99999") && err.contains("vocab"), "{err}");
+    assert!(
+        !ok && err.contains("99999") && err.contains("vocab"),
+        "{err}"
+    );
     let (ok, _, err) = generate(&["--model", d, "--prompt", "x", "--top-p", "0"]);
     assert!(!ok && err.contains("--top-p"), "{err}");
     let (ok, _, err) = generate(&["--model", d]);

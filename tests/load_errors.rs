@@ -28,7 +28,9 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut HashMap<String, (Vec<usize
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = map
         .iter()
         .map(|(n, (shape, data))| {
-            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap();
+            let v =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap();
             (n.clone(), v)
         })
         .collect();
@@ -48,14 +50,18 @@ fn missing_tokenizer_json() {
     let dir = copy_fixture("lite");
     std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("tokenizer") && e.contains("tokenizer.json"), "{e}");
+    assert!(
+        e.contains("tokenizer") && e.contains("tokenizer.json"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unsupported_config_value_is_named() {
     let dir = copy_fixture("lite");
     let p = dir.path().join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     cfg["topk_method"] = "noaux_tc".into();
     std::fs::write(&p, cfg.to_string()).unwrap();
     let e = load_err(dir.path());
@@ -84,7 +90,10 @@ fn wrong_shape_is_named_with_both_shapes() {
         let _ = data;
     });
     let e = load_err(dir.path());
-    assert!(e.contains(name) && e.contains("[32, 256]") && e.contains("[256, 32]"), "{e}");
+    assert!(
+        e.contains(name) && e.contains("[32, 256]") && e.contains("[256, 32]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -94,7 +103,10 @@ fn truncated_safetensors_file() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("truncated") && e.contains("model.safetensors"), "{e}");
+    assert!(
+        e.contains("truncated") && e.contains("model.safetensors"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -104,7 +116,10 @@ fn truncated_shard_of_a_sharded_checkpoint() {
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..100]).unwrap();
     let e = load_err(dir.path());
-    assert!(e.contains("truncated") && e.contains("model-00003-of-000004"), "{e}");
+    assert!(
+        e.contains("truncated") && e.contains("model-00003-of-000004"),
+        "{e}"
+    );
 }
 
 #[test]

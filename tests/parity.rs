@@ -12,7 +12,11 @@ fn load(name: &str) -> DeepSeekV2 {
     DeepSeekV2::load_dir(&fixture(name), &LoadOptions::default()).unwrap()
 }
 
-fn full_logits(model: &DeepSeekV2, ids: &[u32], record: Option<&mut RoutingRecord>) -> Vec<Vec<f32>> {
+fn full_logits(
+    model: &DeepSeekV2,
+    ids: &[u32],
+    record: Option<&mut RoutingRecord>,
+) -> Vec<Vec<f32>> {
     let mut cache = model.new_cache();
     let mut batch = [SeqInput {
         tokens: ids,
@@ -29,7 +33,13 @@ fn greedy_sequence(model: &DeepSeekV2, prompt: Vec<u32>, n: usize) -> Sequence {
         ignore_eos: true,
         ..SamplingParams::greedy(n)
     };
-    Sequence::new(prompt, params, model.new_cache(), &model.config().eos_token_ids, usize::MAX)
+    Sequence::new(
+        prompt,
+        params,
+        model.new_cache(),
+        &model.config().eos_token_ids,
+        usize::MAX,
+    )
 }
 
 fn check_logits(name: &str) {
@@ -42,8 +52,11 @@ fn check_logits(name: &str) {
         for (j, want) in p["logits_last4"].as_array().unwrap().iter().enumerate() {
             let got = &logits[t - 4 + j];
             let d = max_abs_diff(got, &f32s(want));
-            eprintln!("{name} {} row {j}: max abs diff {d:.2e}", p["name"]);
-            assert!(d <= 1e-4, "{name} {}: logits row {j} differ by {d}", p["name"]);
+            assert!(
+                d <= 1e-4,
+                "{name} {}: logits row {j} differ by {d}",
+                p["name"]
+            );
         }
     }
 }
@@ -77,11 +90,20 @@ fn check_routing(name: &str) {
             .zip(want["topk_weights"].as_array().unwrap())
             .enumerate()
         {
-            assert_eq!(&got.ids[t * k..(t + 1) * k], u32s(w_ids).as_slice(), "{name} layer {} token {t}", got.layer);
+            assert_eq!(
+                &got.ids[t * k..(t + 1) * k],
+                u32s(w_ids).as_slice(),
+                "{name} layer {} token {t}",
+                got.layer
+            );
             let d = max_abs_diff(&got.weights[t * k..(t + 1) * k], &f32s(w_weights));
             // Weights carry routed_scaling_factor (16 for v2-grouped): compare relatively.
             let scale = f32s(w_weights).iter().fold(1f32, |m, v| m.max(v.abs()));
-            assert!(d <= 1e-5 * scale, "{name} layer {} token {t}: weights differ by {d}", got.layer);
+            assert!(
+                d <= 1e-5 * scale,
+                "{name} layer {} token {t}: weights differ by {d}",
+                got.layer
+            );
         }
     }
 }
@@ -89,14 +111,26 @@ fn check_routing(name: &str) {
 fn check_batch_equals_alone(name: &str) {
     let model = load(name);
     let r = reference(name);
-    let prompts: Vec<Vec<u32>> = r["prompts"].as_array().unwrap().iter().map(|p| u32s(&p["ids"])).collect();
-    let mut together: Vec<Sequence> = prompts.iter().map(|p| greedy_sequence(&model, p.clone(), 16)).collect();
+    let prompts: Vec<Vec<u32>> = r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u32s(&p["ids"]))
+        .collect();
+    let mut together: Vec<Sequence> = prompts
+        .iter()
+        .map(|p| greedy_sequence(&model, p.clone(), 16))
+        .collect();
     // A small prefill budget also exercises chunked prefill next to decoding sequences.
     generate_all(&model, None, &mut together, 7).unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let mut alone = [greedy_sequence(&model, p.clone(), 16)];
         generate_all(&model, None, &mut alone, 512).unwrap();
-        assert_eq!(together[i].generated(), alone[0].generated(), "{name} prompt {i}");
+        assert_eq!(
+            together[i].generated(),
+            alone[0].generated(),
+            "{name} prompt {i}"
+        );
         let want = u32s(&r["prompts"][i]["greedy"]["new_ids"]);
         assert_eq!(alone[0].generated(), want.as_slice());
     }
@@ -126,7 +160,10 @@ fn bf16_weights_load_as_bf16_on_disk() {
     // The bf16 fixture really stores bf16 (so the parity above covers bf16 -> f32 loading).
     let w = esft::model::load::WeightStore::open_dir(&fixture("lite-bf16")).unwrap();
     let f = w.file_of("model.norm.weight").unwrap();
-    assert_eq!(format!("{:?}", f.info("model.norm.weight").unwrap().dtype), "BF16");
+    assert_eq!(
+        format!("{:?}", f.info("model.norm.weight").unwrap().dtype),
+        "BF16"
+    );
 }
 
 #[test]
@@ -137,8 +174,16 @@ fn tokenizer_and_chat_template_match_reference() {
         let tok = TextTokenizer::from_dir(&dir, &[1]).unwrap();
         for s in r["tokenizer"]["samples"].as_array().unwrap() {
             let text = s["text"].as_str().unwrap();
-            assert_eq!(tok.encode(text, true).unwrap(), u32s(&s["ids_with_special"]), "{text}");
-            assert_eq!(tok.encode(text, false).unwrap(), u32s(&s["ids_no_special"]), "{text}");
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                u32s(&s["ids_with_special"]),
+                "{text}"
+            );
+            assert_eq!(
+                tok.encode(text, false).unwrap(),
+                u32s(&s["ids_no_special"]),
+                "{text}"
+            );
         }
         let ex = &r["tokenizer"]["chat_template_example"];
         let messages: Vec<esft::model::tokenizer::ChatMessage> =
@@ -146,5 +191,26 @@ fn tokenizer_and_chat_template_match_reference() {
         let rendered = tok.render_chat(&messages, true).unwrap();
         assert_eq!(rendered, ex["rendered"].as_str().unwrap());
         assert_eq!(tok.encode_chat(&messages, true).unwrap(), u32s(&ex["ids"]));
+    }
+}
+
+#[test]
+fn differentiable_forward_matches_the_reference_too() {
+    // The trainer runs the model with autograd-friendly ops; they must compute the same.
+    for name in ["v2-grouped", "lite-yarn"] {
+        let mut model = load(name);
+        model.set_differentiable(true);
+        let r = reference(name);
+        let p = &r["prompts"][0];
+        let ids = u32s(&p["ids"]);
+        let logits = full_logits(&model, &ids, None);
+        let t = ids.len();
+        for (j, want) in p["logits_last4"].as_array().unwrap().iter().enumerate() {
+            let d = max_abs_diff(&logits[t - 4 + j], &f32s(want));
+            assert!(
+                d <= 1e-4,
+                "{name}: differentiable logits row {j} differ by {d}"
+            );
+        }
     }
 }

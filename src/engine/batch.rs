@@ -19,7 +19,9 @@ pub fn step(
     prefill_budget: usize,
 ) -> crate::model::Result<Vec<Option<TokenEvent>>> {
     let mut events = vec![None; seqs.len()];
-    let active: Vec<usize> = (0..seqs.len()).filter(|&i| !seqs[i].is_finished()).collect();
+    let active: Vec<usize> = (0..seqs.len())
+        .filter(|&i| !seqs[i].is_finished())
+        .collect();
     if active.is_empty() {
         return Ok(events);
     }

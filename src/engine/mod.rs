@@ -6,5 +6,5 @@ pub mod sequence;
 pub mod stop;
 
 pub use batch::{generate_all, step};
-pub use sampler::{SamplingParams, Sampler};
+pub use sampler::{Sampler, SamplingParams};
 pub use sequence::{FinishReason, Sequence, TokenEvent};

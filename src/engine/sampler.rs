@@ -59,7 +59,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let bad = |p: &'static str, m: String| Err((p, m));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("temperature", format!("must be >= 0, got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("must be >= 0, got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
@@ -134,7 +137,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -156,8 +163,12 @@ impl Sampler {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         self.scratch.clear();
-        self.scratch
-            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        self.scratch.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
         let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < self.scratch.len() {
             self.scratch.select_nth_unstable_by(p.top_k - 1, desc);
@@ -252,10 +263,7 @@ mod tests {
 
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
-        for p in [
-            params(|p| p.top_k = 1),
-            params(|p| p.top_p = 1e-6),
-        ] {
+        for p in [params(|p| p.top_k = 1), params(|p| p.top_p = 1e-6)] {
             let mut s = Sampler::new(SamplingParams { seed: Some(3), ..p }, &[]);
             for _ in 0..20 {
                 assert_eq!(s.sample(&mut [0.0, 0.5, 0.4]), 1);
@@ -284,8 +292,14 @@ mod tests {
     #[test]
     fn validation_names_the_parameter() {
         assert_eq!(params(|p| p.top_p = 0.0).validate().unwrap_err().0, "top_p");
-        assert_eq!(params(|p| p.temperature = -1.0).validate().unwrap_err().0, "temperature");
-        assert_eq!(params(|p| p.max_tokens = 0).validate().unwrap_err().0, "max_tokens");
+        assert_eq!(
+            params(|p| p.temperature = -1.0).validate().unwrap_err().0,
+            "temperature"
+        );
+        assert_eq!(
+            params(|p| p.max_tokens = 0).validate().unwrap_err().0,
+            "max_tokens"
+        );
         assert!(SamplingParams::default().validate().is_ok());
     }
 }

@@ -80,7 +80,13 @@ mod tests {
         assert_eq!(s.push("hello E").emit, "hello ");
         assert_eq!(s.push("N").emit, "");
         let r = s.push("D and more");
-        assert_eq!(r, StopScan { emit: "".into(), stopped: true });
+        assert_eq!(
+            r,
+            StopScan {
+                emit: "".into(),
+                stopped: true
+            }
+        );
         let mut s = StopStrings::new(vec!["END".into()]);
         assert_eq!(s.push("EN").emit, "");
         assert_eq!(s.push("ough").emit, "ENough");

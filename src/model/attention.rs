@@ -52,7 +52,8 @@ impl Attention {
         let h = cfg.hidden_size;
         let nh = cfg.num_attention_heads;
         let qk = cfg.qk_head_dim();
-        let get = |name: &str, shape: &[usize]| w.get(&format!("{prefix}{name}"), shape, dtype, dev);
+        let get =
+            |name: &str, shape: &[usize]| w.get(&format!("{prefix}{name}"), shape, dtype, dev);
         let q = match cfg.q_lora_rank {
             None => QueryProj::Full(get("q_proj.weight", &[nh * qk, h])?),
             Some(r) => QueryProj::LoRA {
@@ -69,7 +70,10 @@ impl Attention {
         let (w_uk, w_uv_t) = absorb(&kv_b, nh, cfg.qk_nope_head_dim, cfg.v_head_dim)?;
         Ok(Self {
             q,
-            kv_a: get("kv_a_proj_with_mqa.weight", &[kvr + cfg.qk_rope_head_dim, h])?,
+            kv_a: get(
+                "kv_a_proj_with_mqa.weight",
+                &[kvr + cfg.qk_rope_head_dim, h],
+            )?,
             kv_a_norm: get("kv_a_layernorm.weight", &[kvr])?,
             kv_b,
             w_uk,
@@ -117,7 +121,11 @@ impl Attention {
             _ => return Ok(false),
         };
         if slot.shape() != t.shape() {
-            candle_core::bail!("{suffix}: shape {:?}, expected {:?}", t.shape(), slot.shape());
+            candle_core::bail!(
+                "{suffix}: shape {:?}, expected {:?}",
+                t.shape(),
+                slot.shape()
+            );
         }
         *slot = t;
         let (uk, uv) = absorb(&self.kv_b, self.heads, self.nope, self.v_dim)?;
@@ -170,7 +178,9 @@ impl Attention {
             cache.append(&latent.narrow(0, *start, *len)?, ops.differentiable)?;
             let kv = cache.view()?; // [past + len, kvr + rope]
             let total = past + *len;
-            let qs = q_full.narrow(0, *start, *len)?.reshape((*len * nh, kvr + rope))?;
+            let qs = q_full
+                .narrow(0, *start, *len)?
+                .reshape((*len * nh, kvr + rope))?;
             let mut scores = (qs.matmul(&kv.t()?)? * self.scale)?;
             if *len > 1 {
                 let mask = causal_mask(*len, past, &scores)?;
@@ -254,7 +264,12 @@ impl LatentCache {
             return Ok(());
         }
         let needed = self.len + add;
-        let capacity = self.buf.as_ref().map(|b| b.dim(0)).transpose()?.unwrap_or(0);
+        let capacity = self
+            .buf
+            .as_ref()
+            .map(|b| b.dim(0))
+            .transpose()?
+            .unwrap_or(0);
         if needed > capacity {
             let new_cap = needed.max(capacity * 2).max(16);
             let fresh = Tensor::zeros((new_cap, width), rows.dtype(), rows.device())?;

@@ -190,7 +190,11 @@ impl Config {
             }
         }
         if r.hidden_act != "silu" {
-            return Err(unsupported("hidden_act", &r.hidden_act, "only silu is supported"));
+            return Err(unsupported(
+                "hidden_act",
+                &r.hidden_act,
+                "only silu is supported",
+            ));
         }
         if r.scoring_func != "softmax" {
             return Err(unsupported(
@@ -200,7 +204,11 @@ impl Config {
             ));
         }
         if r.attention_bias {
-            return Err(unsupported("attention_bias", true, "attention biases are not supported"));
+            return Err(unsupported(
+                "attention_bias",
+                true,
+                "attention biases are not supported",
+            ));
         }
         if r.moe_layer_freq != 1 {
             return Err(unsupported(
@@ -232,8 +240,12 @@ impl Config {
                 return Err(unsupported(key, 0, "must be positive"));
             }
         }
-        if r.qk_rope_head_dim % 2 != 0 {
-            return Err(unsupported("qk_rope_head_dim", r.qk_rope_head_dim, "must be even"));
+        if !r.qk_rope_head_dim.is_multiple_of(2) {
+            return Err(unsupported(
+                "qk_rope_head_dim",
+                r.qk_rope_head_dim,
+                "must be even",
+            ));
         }
         if r.q_lora_rank == Some(0) {
             return Err(unsupported("q_lora_rank", 0, "must be null or positive"));
@@ -243,7 +255,11 @@ impl Config {
         let top_k = r.num_experts_per_tok.unwrap_or(0);
         if has_moe {
             if n_routed == 0 {
-                return Err(unsupported("n_routed_experts", n_routed, "MoE layers need experts"));
+                return Err(unsupported(
+                    "n_routed_experts",
+                    n_routed,
+                    "MoE layers need experts",
+                ));
             }
             if top_k == 0 || top_k > n_routed {
                 return Err(unsupported(
@@ -261,7 +277,7 @@ impl Config {
             "group_limited_greedy" => {
                 let n_group = r.n_group.unwrap_or(0);
                 let topk_group = r.topk_group.unwrap_or(0);
-                if n_group == 0 || n_routed % n_group != 0 {
+                if n_group == 0 || !n_routed.is_multiple_of(n_group) {
                     return Err(unsupported(
                         "n_group",
                         n_group,
@@ -301,9 +317,11 @@ impl Config {
         };
         let eos_token_ids = match r.eos_token_id {
             None | Some(serde_json::Value::Null) => vec![],
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).ok_or_else(
-                || unsupported("eos_token_id", &n, "must be a token id or a list of ids"),
-            )?,
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).ok_or_else(|| {
+                    unsupported("eos_token_id", &n, "must be a token id or a list of ids")
+                })?
+            }
             Some(serde_json::Value::Array(a)) => a
                 .iter()
                 .map(|v| {
@@ -312,7 +330,13 @@ impl Config {
                         .ok_or_else(|| unsupported("eos_token_id", v, "must be a token id"))
                 })
                 .collect::<Result<_>>()?,
-            Some(v) => return Err(unsupported("eos_token_id", v, "must be a token id or a list")),
+            Some(v) => {
+                return Err(unsupported(
+                    "eos_token_id",
+                    v,
+                    "must be a token id or a list",
+                ))
+            }
         };
         Ok(Config {
             vocab_size: r.vocab_size,
@@ -394,17 +418,25 @@ fn parse_yarn(v: &serde_json::Value) -> Result<Yarn> {
     }
     let num = |key: &str, default: Option<f64>| -> Result<f64> {
         match v.get(key) {
-            Some(x) => x.as_f64().ok_or_else(|| {
-                unsupported(&format!("rope_scaling.{key}"), x, "must be a number")
-            }),
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| unsupported(&format!("rope_scaling.{key}"), x, "must be a number")),
             None => default.ok_or_else(|| {
-                unsupported(&format!("rope_scaling.{key}"), "(missing)", "required for yarn")
+                unsupported(
+                    &format!("rope_scaling.{key}"),
+                    "(missing)",
+                    "required for yarn",
+                )
             }),
         }
     };
     let factor = num("factor", None)?;
     if factor <= 0.0 {
-        return Err(unsupported("rope_scaling.factor", factor, "must be positive"));
+        return Err(unsupported(
+            "rope_scaling.factor",
+            factor,
+            "must be positive",
+        ));
     }
     let original = num("original_max_position_embeddings", None)?;
     Ok(Yarn {
@@ -461,6 +493,9 @@ mod tests {
         let mut j = lite_json();
         j["rope_scaling"]["type"] = "linear".into();
         let err = Config::from_json(&j.to_string()).unwrap_err().to_string();
-        assert!(err.contains("rope_scaling.type") && err.contains("linear"), "{err}");
+        assert!(
+            err.contains("rope_scaling.type") && err.contains("linear"),
+            "{err}"
+        );
     }
 }

@@ -50,7 +50,9 @@ pub struct SeqCache {
 impl SeqCache {
     pub fn new(cfg: &Config) -> Self {
         Self {
-            layers: (0..cfg.num_hidden_layers).map(|_| LatentCache::default()).collect(),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|_| LatentCache::default())
+                .collect(),
         }
     }
 
@@ -244,7 +246,10 @@ impl DeepSeekV2 {
         }
         let n = tokens.len();
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            candle_core::bail!("token id {bad} is out of range (vocab size {})", self.cfg.vocab_size);
+            candle_core::bail!(
+                "token id {bad} is out of range (vocab size {})",
+                self.cfg.vocab_size
+            );
         }
         let dev = &self.device;
         let (mut cos, mut sin) = (Vec::new(), Vec::new());

@@ -114,7 +114,11 @@ fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)> {
         push(format!("{p}down_proj.weight"), &[h, inter], lin);
     };
 
-    push("model.embed_tokens.weight".into(), &[cfg.vocab_size, h], lin);
+    push(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, h],
+        lin,
+    );
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}.");
         push(format!("{p}input_layernorm.weight"), &[h], norm);
@@ -144,7 +148,11 @@ fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)> {
         if cfg.is_moe_layer(i) {
             push(format!("{m}gate.weight"), &[cfg.n_routed_experts, h], lin);
             for e in 0..cfg.n_routed_experts {
-                mlp(&mut push, &format!("{m}experts.{e}."), cfg.moe_intermediate_size);
+                mlp(
+                    &mut push,
+                    &format!("{m}experts.{e}."),
+                    cfg.moe_intermediate_size,
+                );
             }
             if cfg.n_shared_experts > 0 {
                 mlp(
@@ -192,18 +200,20 @@ pub fn write_random_checkpoint(
     let cfg = Config::from_json(&config_json.to_string())?;
     std::fs::create_dir_all(out_dir)?;
 
-    let tensors = checkpoint_tensors(&cfg).into_iter().map(|(name, shape, fill)| {
-        let stream = stable_hash(&name);
-        (
-            name,
-            LazyTensor {
-                shape,
-                fill,
-                seed,
-                stream,
-            },
-        )
-    });
+    let tensors = checkpoint_tensors(&cfg)
+        .into_iter()
+        .map(|(name, shape, fill)| {
+            let stream = stable_hash(&name);
+            (
+                name,
+                LazyTensor {
+                    shape,
+                    fill,
+                    seed,
+                    stream,
+                },
+            )
+        });
     let path = out_dir.join("model.safetensors");
     let tmp = temp_path(&path);
     let res = safetensors::serialize_to_file(tensors, None, &tmp)
@@ -295,7 +305,11 @@ mod tests {
             .collect();
         let n = v.len() as f64;
         let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-        let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+        let var = v
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
         assert!(mean.abs() < 1e-3, "mean {mean}");
         assert!((var.sqrt() - 0.02).abs() < 5e-4, "std {}", var.sqrt());
     }

@@ -73,9 +73,12 @@ impl SafetensorsFile {
 
     /// Loads `name` as a tensor of `dtype` on `device` (shape as stored).
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-        })?;
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+            })?;
         let bytes = self.bytes(name).unwrap_or_default();
         let view = TensorView::new(info.dtype, info.shape.clone(), bytes).map_err(|e| {
             ModelError::BadSafetensors {
@@ -83,10 +86,12 @@ impl SafetensorsFile {
                 message: format!("{name}: {e}"),
             }
         })?;
-        let t = view.load(&Device::Cpu).map_err(|_| ModelError::UnsupportedDtype {
-            name: name.to_string(),
-            dtype: format!("{:?}", info.dtype),
-        })?;
+        let t = view
+            .load(&Device::Cpu)
+            .map_err(|_| ModelError::UnsupportedDtype {
+                name: name.to_string(),
+                dtype: format!("{:?}", info.dtype),
+            })?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 }
@@ -161,7 +166,9 @@ impl WeightStore {
         for (name, shard) in &index.weight_map {
             let file = store.index.get(name).map(|&i| store.files[i].path());
             if file != Some(dir.join(shard).as_path()) {
-                return Err(bad(format!("tensor {name} is not in its listed shard {shard}")));
+                return Err(bad(format!(
+                    "tensor {name} is not in its listed shard {shard}"
+                )));
             }
         }
         Ok(store)
@@ -203,10 +210,18 @@ impl WeightStore {
     }
 
     /// Loads `name`, checking that it has `shape`, converted to `dtype` on `device`.
-    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let file = self.file_of(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-        })?;
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let file = self
+            .file_of(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+            })?;
         let actual = self.shape(name).unwrap_or_default();
         if actual != shape {
             return Err(ModelError::ShapeMismatch {

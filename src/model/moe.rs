@@ -300,7 +300,10 @@ impl Moe {
         let (n, hidden) = x.dims2()?;
         let k = self.router.top_k;
         let logits = x.matmul(&self.gate.t()?)?;
-        let host_logits = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let host_logits = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let (ids, probs, weights) = self.router.route(&host_logits);
 
         // Slot of every (token, choice) pair, then a counting sort of the pairs by slot.
@@ -318,7 +321,10 @@ impl Moe {
         for &s in &pair_slot {
             match counts.get_mut(s as usize) {
                 Some(c) => *c += 1,
-                None => candle_core::bail!("expert map points at slot {s}, only {} exist", self.slots.len()),
+                None => candle_core::bail!(
+                    "expert map points at slot {s}, only {} exist",
+                    self.slots.len()
+                ),
             }
         }
         let mut next: Vec<usize> = counts
@@ -340,7 +346,10 @@ impl Moe {
         let token_idx = Tensor::from_slice(&token_order, n * k, dev)?;
         let xs = x.index_select(&token_idx, 0)?;
         let w_sorted = if ops.differentiable {
-            let w = self.router.weights_tensor(ops, &logits, &ids)?.flatten_all()?;
+            let w = self
+                .router
+                .weights_tensor(ops, &logits, &ids)?
+                .flatten_all()?;
             w.index_select(&Tensor::from_slice(&pair_order, n * k, dev)?, 0)?
         } else {
             let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
@@ -364,7 +373,10 @@ impl Moe {
         let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
         let mut down = Vec::with_capacity(used.len());
         for &(slot, offset, count) in &used {
-            down.push(act.narrow(0, offset, count)?.matmul(&self.slots[slot].down.t()?)?);
+            down.push(
+                act.narrow(0, offset, count)?
+                    .matmul(&self.slots[slot].down.t()?)?,
+            );
         }
         let ys = Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?;
         let mut out = Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&token_idx, &ys, 0)?;
@@ -426,7 +438,10 @@ mod tests {
         };
         let (ids, p, _) = router(m, 2, 1.0, false).route(&logits);
         assert_eq!(ids, vec![0, 1]);
-        assert!((p[1] - 0.05).abs() < 1e-6, "probabilities are not renormalised");
+        assert!(
+            (p[1] - 0.05).abs() < 1e-6,
+            "probabilities are not renormalised"
+        );
         let (ids, _, _) = router(TopkMethod::Greedy, 2, 1.0, false).route(&logits);
         assert_eq!(ids, vec![0, 2]);
     }

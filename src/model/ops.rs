@@ -99,15 +99,25 @@ mod tests {
         let sin = Tensor::new(&[[1f32, 0.]], &dev).unwrap();
         let want = Tensor::new(&[[[-2f32, 1., -3., -4.]]], &dev).unwrap();
         for differentiable in [false, true] {
-            let got = Ops { differentiable }.rope_interleaved(&x, &cos, &sin).unwrap();
+            let got = Ops { differentiable }
+                .rope_interleaved(&x, &cos, &sin)
+                .unwrap();
             close(&got, &want, 1e-6);
         }
         // Random sizes: both paths equal.
         let x = Tensor::randn(0f32, 1., (5, 3, 8), &dev).unwrap();
         let cos = Tensor::randn(0f32, 1., (5, 4), &dev).unwrap();
         let sin = Tensor::randn(0f32, 1., (5, 4), &dev).unwrap();
-        let a = Ops { differentiable: false }.rope_interleaved(&x, &cos, &sin).unwrap();
-        let b = Ops { differentiable: true }.rope_interleaved(&x, &cos, &sin).unwrap();
+        let a = Ops {
+            differentiable: false,
+        }
+        .rope_interleaved(&x, &cos, &sin)
+        .unwrap();
+        let b = Ops {
+            differentiable: true,
+        }
+        .rope_interleaved(&x, &cos, &sin)
+        .unwrap();
         close(&a, &b, 1e-6);
     }
 
@@ -116,10 +126,22 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1., (4, 16), &dev).unwrap();
         let w = Tensor::randn(0f32, 1., 16, &dev).unwrap();
-        let fast = Ops { differentiable: false };
-        let slow = Ops { differentiable: true };
-        close(&fast.rms_norm(&x, &w, 1e-6).unwrap(), &slow.rms_norm(&x, &w, 1e-6).unwrap(), 1e-5);
-        close(&fast.softmax_last_dim(&x).unwrap(), &slow.softmax_last_dim(&x).unwrap(), 1e-6);
+        let fast = Ops {
+            differentiable: false,
+        };
+        let slow = Ops {
+            differentiable: true,
+        };
+        close(
+            &fast.rms_norm(&x, &w, 1e-6).unwrap(),
+            &slow.rms_norm(&x, &w, 1e-6).unwrap(),
+            1e-5,
+        );
+        close(
+            &fast.softmax_last_dim(&x).unwrap(),
+            &slow.softmax_last_dim(&x).unwrap(),
+            1e-6,
+        );
         // Hand case: rms of [3, 4] is sqrt(12.5).
         let x = Tensor::new(&[[3f32, 4.]], &dev).unwrap();
         let w = Tensor::new(&[1f32, 2.], &dev).unwrap();

@@ -117,9 +117,15 @@ impl TextTokenizer {
     }
 
     /// Renders the chat template over `messages`.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
-            ModelError::ChatTemplate("the model has no chat_template in tokenizer_config.json".into())
+            ModelError::ChatTemplate(
+                "the model has no chat_template in tokenizer_config.json".into(),
+            )
         })?;
         let env = template_env(template)?;
         let tmpl = env
@@ -135,7 +141,11 @@ impl TextTokenizer {
     }
 
     /// Renders the chat template and tokenizes the result (the template adds BOS itself).
-    pub fn encode_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<u32>> {
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
         self.encode(&self.render_chat(messages, add_generation_prompt)?, false)
     }
 }
@@ -145,9 +155,15 @@ fn template_env(template: &str) -> Result<minijinja::Environment<'static>> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-    });
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
     env.add_template_owned("chat", template.to_string())
         .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
     Ok(env)
@@ -181,7 +197,10 @@ impl IncrementalDecoder {
         self.ids.push(id);
         let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
         let full = tok.decode(&self.ids[self.prefix_offset..], true)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();

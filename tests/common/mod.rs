@@ -4,10 +4,18 @@
 
 use std::path::PathBuf;
 
-pub const FIXTURES: [&str; 5] = ["lite", "lite-yarn", "v2-grouped", "lite-bf16", "lite-yarn-sharded"];
+pub const FIXTURES: [&str; 5] = [
+    "lite",
+    "lite-yarn",
+    "v2-grouped",
+    "lite-bf16",
+    "lite-yarn-sharded",
+];
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 pub fn reference(name: &str) -> serde_json::Value {
@@ -16,16 +24,27 @@ pub fn reference(name: &str) -> serde_json::Value {
 }
 
 pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Copies a fixture into a fresh temporary directory (for tests that break it).

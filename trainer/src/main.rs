@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "esft-train", version, about = "Expert-Specialized Fine-Tuning for DeepSeek-V2 MoE models")]
+#[command(
+    name = "esft-train",
+    version,
+    about = "Expert-Specialized Fine-Tuning for DeepSeek-V2 MoE models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,116 @@
+//! The expert-map hook: a sequence whose map points an expert at another slot computes
+//! exactly what a model with that expert's weights replaced computes, in a batch that
+//! mixes it with base sequences.
+
+mod common;
+
+use common::*;
+use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LogitsWanted, SeqInput};
+
+fn load() -> DeepSeekV2 {
+    DeepSeekV2::load_dir(&fixture("v2-grouped"), &LoadOptions::default()).unwrap()
+}
+
+fn logits(model: &DeepSeekV2, ids: &[u32], map: Option<&ExpertMap>) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    let mut batch = [SeqInput {
+        tokens: ids,
+        cache: &mut cache,
+        experts: map,
+        logits: LogitsWanted::All,
+    }];
+    model
+        .forward(&mut batch, None)
+        .unwrap()
+        .logits
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[test]
+fn remapped_expert_equals_replaced_weights_in_a_mixed_batch() {
+    let r = reference("v2-grouped");
+    let ids = u32s(&r["prompts"][0]["ids"]);
+    let cfg_layers: Vec<usize> = load().config().moe_layers().collect();
+
+    // Model A: extra slots holding copies of expert 3, and a map sending expert e -> them.
+    let mut a = load();
+    let mut map = ExpertMap::identity(a.config());
+    let cfg = a.config().clone();
+    for &layer in &cfg_layers {
+        let moe = a.moe_mut(layer).unwrap();
+        let copy = moe.slots[3].clone();
+        moe.slots.push(copy);
+        let slot = moe.slots.len() as u32 - 1;
+        // Every expert the prompt routes to in this layer would do; remap all of them.
+        for e in 0..cfg.n_routed_experts {
+            if e != 3 {
+                map.set(&cfg, layer, e, slot);
+            }
+        }
+    }
+    // Model B: every expert's weights overwritten with expert 3's.
+    let mut b = load();
+    for &layer in &cfg_layers {
+        let moe = b.moe_mut(layer).unwrap();
+        let three = moe.slots[3].clone();
+        for e in 0..cfg.n_routed_experts {
+            moe.slots[e] = three.clone();
+        }
+    }
+    let want = logits(&b, &ids, None);
+    let base = logits(&a, &ids, None);
+
+    // Mixed batch in A: base, remapped, base.
+    let (mut c0, mut c1, mut c2) = (a.new_cache(), a.new_cache(), a.new_cache());
+    let mut batch = [
+        SeqInput {
+            tokens: &ids,
+            cache: &mut c0,
+            experts: None,
+            logits: LogitsWanted::All,
+        },
+        SeqInput {
+            tokens: &ids,
+            cache: &mut c1,
+            experts: Some(&map),
+            logits: LogitsWanted::All,
+        },
+        SeqInput {
+            tokens: &ids,
+            cache: &mut c2,
+            experts: None,
+            logits: LogitsWanted::All,
+        },
+    ];
+    let out = a.forward(&mut batch, None).unwrap();
+    let all: Vec<Vec<f32>> = out.logits.unwrap().to_vec2().unwrap();
+    let t = ids.len();
+    for i in 0..t {
+        assert!(max_abs_diff(&all[out.rows[1].start + i], &want[i]) < 1e-5);
+        assert!(max_abs_diff(&all[out.rows[0].start + i], &base[i]) < 1e-5);
+        assert!(max_abs_diff(&all[out.rows[2].start + i], &base[i]) < 1e-5);
+    }
+    // And the remap really changed something.
+    assert!(max_abs_diff(&want[t - 1], &base[t - 1]) > 1e-3);
+}
+
+#[test]
+fn a_map_pointing_at_a_missing_slot_is_an_error_not_a_crash() {
+    let model = load();
+    let cfg = model.config().clone();
+    let mut map = ExpertMap::identity(&cfg);
+    for e in 0..cfg.n_routed_experts {
+        map.set(&cfg, cfg.first_k_dense_replace, e, 999);
+    }
+    let mut cache = model.new_cache();
+    let mut batch = [SeqInput {
+        tokens: &[0, 5, 6],
+        cache: &mut cache,
+        experts: Some(&map),
+        logits: LogitsWanted::Last,
+    }];
+    let err = model.forward(&mut batch, None).err().unwrap().to_string();
+    assert!(err.contains("slot 999"), "{err}");
+}
