@@ -18,6 +18,12 @@
 //! `ESFT_BENCH_REPS` (timed repetitions, 3), `ESFT_BENCH_PROMPT` (prompt tokens, 128),
 //! `ESFT_BENCH_BATCHES` (comma-separated, "1,8,32"), `ESFT_BENCH_LAYERS` (8),
 //! `ESFT_BENCH_REFERENCE` (0 skips candle-transformers).
+//!
+//! The process environment is used as given, like the server's. Note that candle 0.11 works
+//! out its thread count on every matmul, parsing `/proc/cpuinfo` each time, unless
+//! `RAYON_NUM_THREADS` is set: running with `RAYON_NUM_THREADS=<cores>` shows that cost.
+//! The "other load" column is the number of cores other processes kept busy meanwhile (from
+//! `/proc`); on a 2-core machine anything above ~0.2 skews the numbers.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -196,6 +202,38 @@ fn reference_pass(
     })
 }
 
+/// CPU time (seconds) used by the whole machine and by this process so far, from `/proc`
+/// (Linux; `None` elsewhere). Their difference over a measurement is the load other
+/// processes put on the machine meanwhile: on 2 cores a parallel build skews every number.
+fn cpu_seconds() -> Option<(f64, f64)> {
+    // /proc reports in USER_HZ, which is 100 on every Linux ABI in use.
+    const HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    let me = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after_name = &me[me.rfind(')')? + 1..];
+    let g: Vec<u64> = after_name
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // Fields 14 and 15 of the file (utime, stime) are 12th and 13th after the name.
+    Some((busy as f64 / HZ, (g.get(11)? + g.get(12)?) as f64 / HZ))
+}
+
+/// Average number of cores other processes kept busy between two `cpu_seconds` readings.
+fn foreign_load(before: Option<(f64, f64)>, after: Option<(f64, f64)>, wall: f64) -> Option<f64> {
+    let ((all0, me0), (all1, me1)) = (before?, after?);
+    Some((((all1 - all0) - (me1 - me0)) / wall).max(0.0))
+}
+
 /// Warm-up plus `reps` timed passes; medians of prefill and decode tokens/s.
 struct Measured {
     batch: usize,
@@ -203,6 +241,8 @@ struct Measured {
     decode_tok_s: f64,
     prefill_ms: f64,
     decode_step_ms: f64,
+    /// Cores kept busy by other processes during the measurement, if known.
+    other_load: Option<f64>,
     first_logits: Vec<f32>,
 }
 
@@ -214,12 +254,14 @@ fn measure(
     mut pass: impl FnMut() -> AnyResult<Pass>,
 ) -> AnyResult<Measured> {
     let warm = pass()?;
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     for _ in 0..reps {
         let p = pass()?;
         pre.push(p.prefill.as_secs_f64());
         dec.push(p.decode.as_secs_f64());
     }
+    let other_load = foreign_load(cpu0, cpu_seconds(), t0.elapsed().as_secs_f64());
     let (pre, dec) = (median(pre), median(dec));
     Ok(Measured {
         batch,
@@ -227,6 +269,7 @@ fn measure(
         decode_tok_s: (batch * steps) as f64 / dec,
         prefill_ms: pre * 1e3,
         decode_step_ms: dec * 1e3 / steps as f64,
+        other_load,
         first_logits: warm.first_logits,
     })
 }
@@ -252,6 +295,7 @@ fn row_json(m: &Measured) -> serde_json::Value {
         "decode_tok_s": m.decode_tok_s,
         "prefill_ms": m.prefill_ms,
         "decode_step_ms": m.decode_step_ms,
+        "other_load_cores": m.other_load,
     })
 }
 
@@ -349,13 +393,22 @@ fn main() -> AnyResult<()> {
          median of {reps}"
     );
     println!(
-        "{:<22} {:>5} {:>14} {:>12} {:>14} {:>15}",
-        "implementation", "batch", "prefill tok/s", "prefill ms", "decode tok/s", "decode ms/step"
+        "{:<20} {:>5} {:>14} {:>11} {:>13} {:>15} {:>11}",
+        "implementation",
+        "batch",
+        "prefill tok/s",
+        "prefill ms",
+        "decode tok/s",
+        "decode ms/step",
+        "other load"
     );
     let print_row = |name: &str, m: &Measured| {
+        let load = m
+            .other_load
+            .map_or("n/a".into(), |l| format!("{l:.2} cores"));
         println!(
-            "{:<22} {:>5} {:>14.1} {:>12.1} {:>14.1} {:>15.2}",
-            name, m.batch, m.prefill_tok_s, m.prefill_ms, m.decode_tok_s, m.decode_step_ms
+            "{:<20} {:>5} {:>14.1} {:>11.1} {:>13.1} {:>15.2} {:>11}",
+            name, m.batch, m.prefill_tok_s, m.prefill_ms, m.decode_tok_s, m.decode_step_ms, load
         );
     };
     for m in &ours {
@@ -363,7 +416,7 @@ fn main() -> AnyResult<()> {
     }
     match &reference {
         Ok(m) => print_row("candle-transformers", m),
-        Err(why) => println!("{:<22} {why}", "candle-transformers"),
+        Err(why) => println!("{:<20} {why}", "candle-transformers"),
     }
 
     let at = |b: usize| ours.iter().find(|m| m.batch == b);
@@ -404,6 +457,17 @@ fn main() -> AnyResult<()> {
         _ => None,
     };
 
+    let busiest = ours
+        .iter()
+        .chain(reference.as_ref().ok())
+        .filter_map(|m| m.other_load)
+        .fold(0f64, f64::max);
+    if busiest > 0.2 {
+        println!(
+            "warning: other processes kept up to {busiest:.2} cores busy during a measurement; \
+             on a 2-core machine the numbers above are skewed"
+        );
+    }
     let show = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.2}"));
     println!();
     println!(
@@ -430,6 +494,7 @@ fn main() -> AnyResult<()> {
         "device": "cpu",
         "dtype": "f32",
         "threads": threads,
+        "rayon_num_threads_env": std::env::var("RAYON_NUM_THREADS").ok(),
         "layers": layers,
         "prompt_tokens": prompt_len,
         "decode_steps": steps,

@@ -1,6 +1,8 @@
 //! esft: an inference runtime for DeepSeek-V2 Mixture-of-Experts models that serves
 //! per-task ESFT expert adapters.
 
+pub mod adapter;
 pub mod cli;
 pub mod engine;
 pub mod model;
+pub mod util;

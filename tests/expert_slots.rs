@@ -40,13 +40,14 @@ fn remapped_expert_equals_replaced_weights_in_a_mixed_batch() {
     let cfg = a.config().clone();
     for &layer in &cfg_layers {
         let moe = a.moe_mut(layer).unwrap();
-        let copy = moe.slots[3].clone();
-        moe.slots.push(copy);
-        let slot = moe.slots.len() as u32 - 1;
+        let copy = moe.slot(3).unwrap().clone();
+        let slot = moe.slot_count();
+        moe.set_slot(slot, Some(copy));
+        let slot = slot as u32;
         // Every expert the prompt routes to in this layer would do; remap all of them.
         for e in 0..cfg.n_routed_experts {
             if e != 3 {
-                map.set(&cfg, layer, e, slot);
+                map.set(layer, e, slot);
             }
         }
     }
@@ -54,9 +55,9 @@ fn remapped_expert_equals_replaced_weights_in_a_mixed_batch() {
     let mut b = load();
     for &layer in &cfg_layers {
         let moe = b.moe_mut(layer).unwrap();
-        let three = moe.slots[3].clone();
+        let three = moe.slot(3).unwrap().clone();
         for e in 0..cfg.n_routed_experts {
-            moe.slots[e] = three.clone();
+            moe.set_slot(e, Some(three.clone()));
         }
     }
     let want = logits(&b, &ids, None);
@@ -102,7 +103,7 @@ fn a_map_pointing_at_a_missing_slot_is_an_error_not_a_crash() {
     let cfg = model.config().clone();
     let mut map = ExpertMap::identity(&cfg);
     for e in 0..cfg.n_routed_experts {
-        map.set(&cfg, cfg.first_k_dense_replace, e, 999);
+        map.set(cfg.first_k_dense_replace, e, 999);
     }
     let mut cache = model.new_cache();
     let mut batch = [SeqInput {

@@ -2,26 +2,35 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use super::config::Config;
 use super::deepseek_v2::{DeepSeekV2, LoadOptions};
 use super::error::Result;
+use super::load::WeightStore;
 use super::tokenizer::TextTokenizer;
 
 pub struct LoadedModel {
     pub dir: PathBuf,
     pub model: DeepSeekV2,
     pub tokenizer: TextTokenizer,
+    /// The checkpoint's files stay mapped: adapters are checked against them.
+    pub store: Arc<WeightStore>,
 }
 
 impl LoadedModel {
     /// Loads a Hugging Face model directory: `config.json`, safetensors weights (single or
     /// sharded), `tokenizer.json` and, if present, `tokenizer_config.json`.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        let model = DeepSeekV2::load_dir(dir, opts)?;
-        let tokenizer = TextTokenizer::from_dir(dir, &model.config().eos_token_ids)?;
+        let config = Config::from_dir(dir)?;
+        let tokenizer = TextTokenizer::from_dir(dir, &config.eos_token_ids)?;
+        let store = Arc::new(WeightStore::open_dir(dir)?);
+        let model = DeepSeekV2::load(config, &store, opts)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             model,
             tokenizer,
+            store,
         })
     }
 

@@ -3,13 +3,13 @@
 //! Unknown keys are ignored (the hub configs carry many that do not matter here); a key
 //! whose value the runtime cannot honour is refused by name rather than silently ignored.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 use super::error::{ModelError, Result};
 
 /// How the router turns gate scores into the top-k experts of a token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum TopkMethod {
     /// Plain top-k over all routed experts.
     Greedy,
@@ -18,7 +18,7 @@ pub enum TopkMethod {
 }
 
 /// YaRN context extension as DeepSeek-V2 publishes it in `rope_scaling`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Yarn {
     pub factor: f64,
     pub original_max_position_embeddings: usize,
@@ -28,7 +28,7 @@ pub struct Yarn {
     pub mscale_all_dim: f64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -374,6 +374,19 @@ impl Config {
     /// Indices of the MoE layers, in order.
     pub fn moe_layers(&self) -> std::ops::Range<usize> {
         self.first_k_dense_replace..self.num_hidden_layers
+    }
+
+    /// A hash of every value that shapes the weights or the math (not token ids or the
+    /// context limit): adapters record it to refuse a different base.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            for k in ["bos_token_id", "eos_token_ids", "max_position_embeddings"] {
+                o.remove(k);
+            }
+        }
+        hex::encode(Sha256::digest(v.to_string().as_bytes()))
     }
 
     pub fn qk_head_dim(&self) -> usize {

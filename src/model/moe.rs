@@ -67,12 +67,15 @@ impl Mlp {
     }
 }
 
-/// Per MoE layer, the slot serving each routed expert id. Shared by every token of the
-/// sequences that use it (identity for the base model).
+/// Per MoE layer, the slot serving each routed expert id, and the slot serving the shared
+/// experts. Shared by every token of the sequences that use it (identity for the base).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertMap {
     /// `tables[moe_layer_index][expert_id] = slot`
     tables: Vec<Vec<u32>>,
+    /// `shared[moe_layer_index]` = shared-expert slot (0 = the base's).
+    shared: Vec<u32>,
+    first_moe_layer: usize,
 }
 
 impl ExpertMap {
@@ -80,22 +83,35 @@ impl ExpertMap {
         let row: Vec<u32> = (0..cfg.n_routed_experts as u32).collect();
         Self {
             tables: cfg.moe_layers().map(|_| row.clone()).collect(),
+            shared: cfg.moe_layers().map(|_| 0).collect(),
+            first_moe_layer: cfg.first_k_dense_replace,
         }
     }
 
-    /// Points `expert` of MoE layer `layer` (a model layer index) at `slot`.
-    pub fn set(&mut self, cfg: &Config, layer: usize, expert: usize, slot: u32) {
-        self.tables[layer - cfg.first_k_dense_replace][expert] = slot;
+    /// Points routed `expert` of model layer `layer` (a MoE layer) at `slot`.
+    pub fn set(&mut self, layer: usize, expert: usize, slot: u32) {
+        self.tables[layer - self.first_moe_layer][expert] = slot;
+    }
+
+    /// Points the shared experts of model layer `layer` at shared slot `slot`.
+    pub fn set_shared(&mut self, layer: usize, slot: u32) {
+        self.shared[layer - self.first_moe_layer] = slot;
     }
 
     pub fn table(&self, moe_index: usize) -> &[u32] {
         &self.tables[moe_index]
     }
 
+    pub fn shared_slot(&self, moe_index: usize) -> u32 {
+        self.shared[moe_index]
+    }
+
     pub fn is_identity(&self) -> bool {
-        self.tables
-            .iter()
-            .all(|t| t.iter().enumerate().all(|(i, &s)| s as usize == i))
+        self.shared.iter().all(|&s| s == 0)
+            && self
+                .tables
+                .iter()
+                .all(|t| t.iter().enumerate().all(|(i, &s)| s as usize == i))
     }
 }
 
@@ -235,9 +251,11 @@ fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
 /// One MoE layer.
 pub struct Moe {
     pub gate: Tensor,
-    /// Slot-indexed experts: base experts first, adapter copies after.
-    pub slots: Vec<Mlp>,
-    pub shared: Option<Mlp>,
+    /// Slot-indexed routed experts: the base experts first, adapter copies after (`None`
+    /// marks a free slot).
+    slots: Vec<Option<Mlp>>,
+    /// Slot-indexed shared experts: the base's at 0, adapter copies after.
+    shared: Vec<Option<Mlp>>,
     router: Router,
 }
 
@@ -266,19 +284,19 @@ impl Moe {
             })
             .collect::<super::error::Result<Vec<_>>>()?;
         let shared = match cfg.n_shared_experts {
-            0 => None,
-            s => Some(Mlp::load(
+            0 => vec![],
+            s => vec![Some(Mlp::load(
                 w,
                 &format!("{prefix}shared_experts."),
                 h,
                 cfg.moe_intermediate_size * s,
                 dtype,
                 dev,
-            )?),
+            )?)],
         };
         Ok(Self {
             gate,
-            slots,
+            slots: slots.into_iter().map(Some).collect(),
             shared,
             router: Router::new(cfg),
         })
@@ -286,6 +304,38 @@ impl Moe {
 
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    pub fn slot(&self, slot: usize) -> Option<&Mlp> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Fills (or, with `None`, frees) a routed-expert slot, growing the table as needed.
+    pub fn set_slot(&mut self, slot: usize, mlp: Option<Mlp>) {
+        if slot >= self.slots.len() {
+            self.slots.resize(slot + 1, None);
+        }
+        self.slots[slot] = mlp;
+    }
+
+    pub fn shared_slot(&self, slot: usize) -> Option<&Mlp> {
+        self.shared.get(slot)?.as_ref()
+    }
+
+    pub fn shared_slot_count(&self) -> usize {
+        self.shared.len()
+    }
+
+    /// Fills (or frees) a shared-expert slot; slot 0 is the base's.
+    pub fn set_shared_slot(&mut self, slot: usize, mlp: Option<Mlp>) {
+        if slot >= self.shared.len() {
+            self.shared.resize(slot + 1, None);
+        }
+        self.shared[slot] = mlp;
     }
 
     /// `x`: `[n, hidden]`; `spans` cover all rows in order, each with its expert map row set
@@ -319,12 +369,9 @@ impl Moe {
         }
         let mut counts = vec![0usize; self.slots.len()];
         for &s in &pair_slot {
-            match counts.get_mut(s as usize) {
-                Some(c) => *c += 1,
-                None => candle_core::bail!(
-                    "expert map points at slot {s}, only {} exist",
-                    self.slots.len()
-                ),
+            match (counts.get_mut(s as usize), self.slot(s as usize)) {
+                (Some(c), Some(_)) => *c += 1,
+                _ => candle_core::bail!("expert map points at slot {s}, which holds no expert"),
             }
         }
         let mut next: Vec<usize> = counts
@@ -365,7 +412,9 @@ impl Moe {
             if count == 0 {
                 continue;
             }
-            let expert = &self.slots[slot];
+            let expert = self
+                .slot(slot)
+                .ok_or_else(|| candle_core::Error::Msg(format!("empty slot {slot}")))?;
             gate_up.push(xs.narrow(0, offset, count)?.matmul(&expert.gate_up.t()?)?);
             used.push((slot, offset, count));
             offset += count;
@@ -375,13 +424,13 @@ impl Moe {
         for &(slot, offset, count) in &used {
             down.push(
                 act.narrow(0, offset, count)?
-                    .matmul(&self.slots[slot].down.t()?)?,
+                    .matmul(&expert_down(self, slot)?.t()?)?,
             );
         }
         let ys = Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?;
         let mut out = Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&token_idx, &ys, 0)?;
-        if let Some(shared) = &self.shared {
-            out = (out + shared.forward(x)?)?;
+        if !self.shared.is_empty() {
+            out = (out + self.shared_forward(x, moe_index, spans)?)?;
         }
         let routing = LayerRouting {
             layer: 0,
@@ -391,6 +440,49 @@ impl Moe {
             weights,
         };
         Ok((out, routing))
+    }
+}
+
+fn expert_down(moe: &Moe, slot: usize) -> Result<&Tensor> {
+    moe.slot(slot)
+        .map(|m| &m.down)
+        .ok_or_else(|| candle_core::Error::Msg(format!("empty slot {slot}")))
+}
+
+impl Moe {
+    /// Shared experts: one matmul over all rows when every span uses the same slot (the
+    /// usual case), else one per run of consecutive spans sharing a slot.
+    fn shared_forward(
+        &self,
+        x: &Tensor,
+        moe_index: usize,
+        spans: &[MapSpan<'_>],
+    ) -> Result<Tensor> {
+        let slot_of = |span: &MapSpan<'_>| span.2.shared_slot(moe_index) as usize;
+        let get = |slot: usize| {
+            self.shared_slot(slot).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "expert map points at shared slot {slot}, which holds no expert"
+                ))
+            })
+        };
+        let first = spans.first().map(slot_of).unwrap_or(0);
+        if spans.iter().all(|s| slot_of(s) == first) {
+            return get(first)?.forward(x);
+        }
+        let mut parts = Vec::new();
+        let mut i = 0;
+        while i < spans.len() {
+            let slot = slot_of(&spans[i]);
+            let start = spans[i].0;
+            let mut rows = 0;
+            while i < spans.len() && slot_of(&spans[i]) == slot {
+                rows += spans[i].1;
+                i += 1;
+            }
+            parts.push(get(slot)?.forward(&x.narrow(0, start, rows)?)?);
+        }
+        Tensor::cat(&parts, 0)
     }
 }
 

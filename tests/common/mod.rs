@@ -56,3 +56,103 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+use candle_core::{DType, Device, Tensor};
+use esft::adapter::format::{new_manifest, write_adapter, ExpertConfig, Provenance};
+use esft::adapter::BaseModel;
+
+/// Which tensors a test adapter replaces.
+pub struct AdapterSpec {
+    pub experts: Vec<(usize, Vec<usize>)>,
+    pub shared: bool,
+    pub seed: u64,
+}
+
+/// New values for `name`: the base tensor plus noise as large as the tensor itself, so
+/// outputs change clearly but stay in range.
+pub fn perturbed(base: &BaseModel, name: &str, seed: u64) -> Tensor {
+    let shape = base.store.shape(name).unwrap().to_vec();
+    let t = base
+        .store
+        .get(name, &shape, DType::F32, &Device::Cpu)
+        .unwrap();
+    let n = t.elem_count();
+    let mut state = seed.wrapping_mul(0x9E3779B97F4A7C15) ^ name.len() as u64;
+    let noise: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        })
+        .collect();
+    (t + Tensor::from_vec(noise, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+pub fn spec_tensors(base: &BaseModel, spec: &AdapterSpec) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    let parts = ["gate_proj.weight", "up_proj.weight", "down_proj.weight"];
+    for (layer, experts) in &spec.experts {
+        for e in experts {
+            for p in parts {
+                let n = format!("model.layers.{layer}.mlp.experts.{e}.{p}");
+                out.push((n.clone(), perturbed(base, &n, spec.seed)));
+            }
+        }
+    }
+    if spec.shared {
+        for layer in base.config.moe_layers() {
+            for p in parts {
+                let n = format!("model.layers.{layer}.mlp.shared_experts.{p}");
+                out.push((n.clone(), perturbed(base, &n, spec.seed)));
+            }
+        }
+    }
+    out
+}
+
+pub fn expert_config(spec: &AdapterSpec) -> ExpertConfig {
+    ExpertConfig {
+        experts: spec.experts.iter().cloned().collect(),
+        shared_experts: spec.shared,
+        non_expert_modules: false,
+    }
+}
+
+/// Writes an adapter in our layout (`adapter.json` + `adapter.safetensors`).
+pub fn write_native_adapter(base_dir: &std::path::Path, dir: &std::path::Path, spec: &AdapterSpec) {
+    let base = BaseModel::open(base_dir).unwrap();
+    let tensors = spec_tensors(&base, spec);
+    let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
+    let name = dir.file_name().unwrap().to_str().unwrap();
+    let m = new_manifest(
+        name,
+        &base,
+        expert_config(spec),
+        Provenance::default(),
+        &names,
+    )
+    .unwrap();
+    write_adapter(dir, &m, &tensors).unwrap();
+}
+
+/// Writes an adapter as the ESFT reference releases it (`expert_cfg.json`, keys without
+/// the `model.` prefix).
+pub fn write_reference_adapter(
+    base_dir: &std::path::Path,
+    dir: &std::path::Path,
+    spec: &AdapterSpec,
+) {
+    let base = BaseModel::open(base_dir).unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> = spec_tensors(&base, spec)
+        .into_iter()
+        .map(|(n, t)| (n.strip_prefix("model.").unwrap().to_string(), t))
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    std::fs::write(
+        dir.join("expert_cfg.json"),
+        serde_json::to_string(&expert_config(spec)).unwrap(),
+    )
+    .unwrap();
+}

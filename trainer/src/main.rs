@@ -1,6 +1,8 @@
 //! esft-train: score experts on task data, select them, train only them, write adapters.
 
-use clap::{Parser, Subcommand};
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,14 +26,42 @@ enum Command {
     /// Evaluate a model or adapter on an eval set.
     Eval,
     /// Write a full checkpoint with an adapter's tensors merged in.
-    Merge,
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// The base model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// The adapter directory (ours or the ESFT reference layout).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Where to write the merged checkpoint (created atomically).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Merge(a) => {
+            esft::adapter::merge::merge_checkpoint(&a.model, &a.adapter, &a.out)?;
+            eprintln!("wrote {}", a.out.display());
+            Ok(())
+        }
+        other => anyhow::bail!(
+            "`esft-train {}` is not implemented yet (see README: Status)",
+            format!("{other:?}").to_lowercase()
+        ),
+    }
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    eprintln!(
-        "error: `esft-train {}` is not implemented yet (see README: Status)",
-        format!("{:?}", cli.command).to_lowercase()
-    );
-    std::process::ExitCode::FAILURE
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

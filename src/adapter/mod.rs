@@ -1,0 +1,15 @@
+//! What an adapter is and where it lives: the on-disk format, the disk tier (the adapters
+//! directory), the host tier (a byte-budget cache) and the device tier (expert slots).
+
+pub mod format;
+pub mod merge;
+pub mod registry;
+pub mod slots;
+pub mod stats;
+pub mod store;
+
+pub use format::{load_adapter, AdapterError, AdapterWeights, BaseModel, ExpertConfig, Manifest};
+pub use registry::AdapterRegistry;
+pub use slots::{DeviceSlots, Install};
+pub use stats::{AdapterStats, Tier};
+pub use store::AdapterStore;

@@ -1,0 +1,264 @@
+//! The device tier: adapter experts copied into expert slots of the model's MoE layers,
+//! under a byte budget. An adapter used by a running sequence is pinned; when room is
+//! needed the least recently used unpinned adapter is evicted.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::format::{AdapterError, AdapterWeights};
+use super::stats::{AdapterStats, Tier};
+use crate::model::{DeepSeekV2, ExpertMap};
+
+struct Resident {
+    map: Arc<ExpertMap>,
+    routed: Vec<(usize, usize)>,
+    shared: Vec<(usize, usize)>,
+    bytes: usize,
+    pins: usize,
+    last_used: u64,
+}
+
+/// Result of asking for an adapter's slots.
+pub enum Install {
+    Ready(Arc<ExpertMap>),
+    /// Every resident adapter that could make room is pinned: try again later.
+    NoRoom,
+}
+
+pub struct DeviceSlots {
+    budget_bytes: usize,
+    used_bytes: usize,
+    resident: HashMap<String, Resident>,
+    /// Free routed / shared slot indices per model layer.
+    free_routed: HashMap<usize, Vec<usize>>,
+    free_shared: HashMap<usize, Vec<usize>>,
+    clock: u64,
+    stats: Arc<AdapterStats>,
+}
+
+impl DeviceSlots {
+    pub fn new(model: &DeepSeekV2, budget_bytes: usize, stats: Arc<AdapterStats>) -> Self {
+        let cfg = model.config();
+        let expert_bytes = cfg
+            .moe_layers()
+            .next()
+            .and_then(|l| model.moe(l)?.slot(0).map(|m| m.size_bytes()))
+            .unwrap_or(1)
+            .max(1);
+        let base_slots = cfg.n_routed_experts * cfg.moe_layers().len();
+        stats.device_slots_total.store(
+            (base_slots + budget_bytes / expert_bytes) as u64,
+            Ordering::Relaxed,
+        );
+        stats
+            .device_slots_used
+            .store(base_slots as u64, Ordering::Relaxed);
+        Self {
+            budget_bytes,
+            used_bytes: 0,
+            resident: HashMap::new(),
+            free_routed: HashMap::new(),
+            free_shared: HashMap::new(),
+            clock: 0,
+            stats,
+        }
+    }
+
+    pub fn budget_bytes(&self) -> usize {
+        self.budget_bytes
+    }
+
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes
+    }
+
+    pub fn is_resident(&self, name: &str) -> bool {
+        self.resident.contains_key(name)
+    }
+
+    pub fn resident_names(&self) -> Vec<String> {
+        self.resident.keys().cloned().collect()
+    }
+
+    pub fn pins(&self, name: &str) -> usize {
+        self.resident.get(name).map_or(0, |r| r.pins)
+    }
+
+    /// The map of a resident adapter (a device-tier lookup).
+    pub fn lookup(&mut self, name: &str) -> Option<Arc<ExpertMap>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let hit = self.resident.get_mut(name).map(|r| {
+            r.last_used = clock;
+            r.map.clone()
+        });
+        self.stats.lookup(Tier::Device, hit.is_some());
+        hit
+    }
+
+    pub fn pin(&mut self, name: &str) {
+        if let Some(r) = self.resident.get_mut(name) {
+            r.pins += 1;
+        }
+    }
+
+    pub fn unpin(&mut self, name: &str) {
+        if let Some(r) = self.resident.get_mut(name) {
+            r.pins = r.pins.saturating_sub(1);
+        }
+    }
+
+    /// Copies `w`'s experts into free slots (evicting idle adapters as needed).
+    pub fn install(
+        &mut self,
+        model: &mut DeepSeekV2,
+        w: &AdapterWeights,
+    ) -> Result<Install, AdapterError> {
+        if let Some(map) = self.lookup(&w.name) {
+            return Ok(Install::Ready(map));
+        }
+        if !w.others.is_empty() {
+            return Err(AdapterError::Invalid {
+                name: w.name.clone(),
+                message: "it replaces non-expert modules, which cannot be served per request in a \
+                          shared batch; merge it into a checkpoint with `esft-train merge`"
+                    .into(),
+            });
+        }
+        let needed = w.slot_bytes();
+        if needed > self.budget_bytes {
+            return Err(AdapterError::TooLarge {
+                name: w.name.clone(),
+                needed,
+                budget: self.budget_bytes,
+            });
+        }
+        while self.used_bytes + needed > self.budget_bytes {
+            if !self.evict_lru(model) {
+                return Ok(Install::NoRoom);
+            }
+        }
+        let mut map = ExpertMap::identity(model.config());
+        let device = model.device().clone();
+        let mut routed = Vec::with_capacity(w.experts.len());
+        let mut shared = Vec::with_capacity(w.shared.len());
+        for (layer, expert, mlp) in &w.experts {
+            let moe = model.moe_mut(*layer).ok_or_else(|| invalid(w, *layer))?;
+            let slot = self
+                .free_routed
+                .get_mut(layer)
+                .and_then(Vec::pop)
+                .unwrap_or_else(|| moe.slot_count());
+            moe.set_slot(slot, Some(to_device(mlp, &device, w)?));
+            map.set(*layer, *expert, slot as u32);
+            routed.push((*layer, slot));
+        }
+        for (layer, mlp) in &w.shared {
+            let moe = model.moe_mut(*layer).ok_or_else(|| invalid(w, *layer))?;
+            let slot = self
+                .free_shared
+                .get_mut(layer)
+                .and_then(Vec::pop)
+                .unwrap_or_else(|| moe.shared_slot_count());
+            moe.set_shared_slot(slot, Some(to_device(mlp, &device, w)?));
+            map.set_shared(*layer, slot as u32);
+            shared.push((*layer, slot));
+        }
+        self.used_bytes += needed;
+        self.clock += 1;
+        let map = Arc::new(map);
+        self.stats
+            .device_slots_used
+            .fetch_add(routed.len() as u64, Ordering::Relaxed);
+        self.resident.insert(
+            w.name.clone(),
+            Resident {
+                map: map.clone(),
+                routed,
+                shared,
+                bytes: needed,
+                pins: 0,
+                last_used: self.clock,
+            },
+        );
+        self.stats.device.loads.fetch_add(1, Ordering::Relaxed);
+        self.publish();
+        Ok(Install::Ready(map))
+    }
+
+    /// Evicts the least recently used unpinned adapter; false when there is none.
+    fn evict_lru(&mut self, model: &mut DeepSeekV2) -> bool {
+        let victim = self
+            .resident
+            .iter()
+            .filter(|(_, r)| r.pins == 0)
+            .min_by_key(|(_, r)| r.last_used)
+            .map(|(n, _)| n.clone());
+        match victim {
+            Some(name) => self.remove(model, &name).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Frees an adapter's slots; refused while it is pinned.
+    pub fn remove(&mut self, model: &mut DeepSeekV2, name: &str) -> Result<bool, AdapterError> {
+        match self.resident.get(name) {
+            None => return Ok(false),
+            Some(r) if r.pins > 0 => return Err(AdapterError::InUse(name.to_string())),
+            Some(_) => {}
+        }
+        let Some(r) = self.resident.remove(name) else {
+            return Ok(false);
+        };
+        for &(layer, slot) in &r.routed {
+            if let Some(moe) = model.moe_mut(layer) {
+                moe.set_slot(slot, None);
+            }
+            self.free_routed.entry(layer).or_default().push(slot);
+        }
+        for &(layer, slot) in &r.shared {
+            if let Some(moe) = model.moe_mut(layer) {
+                moe.set_shared_slot(slot, None);
+            }
+            self.free_shared.entry(layer).or_default().push(slot);
+        }
+        self.used_bytes -= r.bytes;
+        self.stats
+            .device_slots_used
+            .fetch_sub(r.routed.len() as u64, Ordering::Relaxed);
+        self.stats.device.evictions.fetch_add(1, Ordering::Relaxed);
+        self.publish();
+        Ok(true)
+    }
+
+    fn publish(&self) {
+        let d = &self.stats.device;
+        d.resident
+            .store(self.resident.len() as u64, Ordering::Relaxed);
+        d.resident_bytes
+            .store(self.used_bytes as u64, Ordering::Relaxed);
+    }
+}
+
+fn invalid(w: &AdapterWeights, layer: usize) -> AdapterError {
+    AdapterError::Invalid {
+        name: w.name.clone(),
+        message: format!("layer {layer} is not a MoE layer"),
+    }
+}
+
+fn to_device(
+    mlp: &crate::model::moe::Mlp,
+    device: &candle_core::Device,
+    w: &AdapterWeights,
+) -> Result<crate::model::moe::Mlp, AdapterError> {
+    let err = |e: candle_core::Error| AdapterError::Invalid {
+        name: w.name.clone(),
+        message: e.to_string(),
+    };
+    Ok(crate::model::moe::Mlp {
+        gate_up: mlp.gate_up.to_device(device).map_err(err)?,
+        down: mlp.down.to_device(device).map_err(err)?,
+    })
+}
