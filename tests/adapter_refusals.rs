@@ -10,7 +10,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 fn good_spec() -> AdapterSpec {
-    AdapterSpec { experts: vec![(1, vec![0, 3]), (2, vec![4])], shared: false, seed: 2 }
+    AdapterSpec {
+        experts: vec![(1, vec![0, 3]), (2, vec![4])],
+        shared: false,
+        seed: 2,
+    }
 }
 
 fn registry(root: &Path) -> AdapterRegistry {
@@ -33,7 +37,8 @@ fn broken(root: &Path, name: &str, breakit: impl FnOnce(&Path)) {
 
 fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("adapter.json");
-    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     f(&mut m);
     std::fs::write(p, m.to_string()).unwrap();
 }
@@ -53,47 +58,110 @@ fn each_broken_adapter_is_refused_with_a_clear_message_and_others_keep_working()
     let up = "model.layers.1.mlp.experts.0.up_proj.weight";
 
     let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
-        ("truncated", Box::new(|d: &Path| {
-            let p = d.join("adapter.safetensors");
-            let b = std::fs::read(&p).unwrap();
-            std::fs::write(&p, &b[..b.len() / 2]).unwrap();
-        }), "truncated"),
-        ("wrong-shape", Box::new(move |d: &Path| {
-            let t = candle_core::Tensor::zeros((12, 128), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-            rewrite_tensor(d, up, t);
-        }), "shape [12, 128], the base has [24, 64]"),
-        ("expert-out-of-range", Box::new(|d: &Path| {
-            edit_manifest(d, |m| m["expert_config"]["experts"]["1"] = serde_json::json!([0, 3, 16]));
-        }), "expert id 16 in layer 1 is out of range"),
-        ("dense-layer", Box::new(|d: &Path| {
-            edit_manifest(d, |m| m["expert_config"]["experts"]["0"] = serde_json::json!([1]));
-        }), "layer 0, which is not a MoE layer"),
-        ("other-base", Box::new(|d: &Path| {
-            edit_manifest(d, |m| m["base"]["config_fingerprint"] = "0123".into());
-        }), "different base model"),
-        ("other-base-tensors", Box::new(|d: &Path| {
-            edit_manifest(d, |m| m["base"]["tensors_fingerprint"] = "0123".into());
-        }), "different base model"),
-        ("nan", Box::new(move |d: &Path| {
-            let mut v = vec![0f32; 24 * 64];
-            v[77] = f32::NAN;
-            rewrite_tensor(d, up, candle_core::Tensor::from_vec(v, (24, 64), &candle_core::Device::Cpu).unwrap());
-        }), "non-finite value (NaN) at flat index 77"),
-        ("inf", Box::new(move |d: &Path| {
-            let mut v = vec![0f32; 24 * 64];
-            v[5] = f32::INFINITY;
-            rewrite_tensor(d, up, candle_core::Tensor::from_vec(v, (24, 64), &candle_core::Device::Cpu).unwrap());
-        }), "non-finite value (inf)"),
-        ("uncovered-tensor", Box::new(|d: &Path| {
-            let t = candle_core::Tensor::zeros((24, 64), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-            rewrite_tensor(d, "model.layers.2.mlp.experts.9.up_proj.weight", t);
-        }), "not covered by the expert config"),
-        ("missing-tensor", Box::new(|d: &Path| {
-            let p = d.join("adapter.safetensors");
-            let mut map = candle_core::safetensors::load(&p, &candle_core::Device::Cpu).unwrap();
-            map.remove("model.layers.2.mlp.experts.4.down_proj.weight");
-            candle_core::safetensors::save(&map, &p).unwrap();
-        }), "missing tensor model.layers.2.mlp.experts.4.down_proj.weight"),
+        (
+            "truncated",
+            Box::new(|d: &Path| {
+                let p = d.join("adapter.safetensors");
+                let b = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &b[..b.len() / 2]).unwrap();
+            }),
+            "truncated",
+        ),
+        (
+            "wrong-shape",
+            Box::new(move |d: &Path| {
+                let t = candle_core::Tensor::zeros(
+                    (12, 128),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap();
+                rewrite_tensor(d, up, t);
+            }),
+            "shape [12, 128], the base has [24, 64]",
+        ),
+        (
+            "expert-out-of-range",
+            Box::new(|d: &Path| {
+                edit_manifest(d, |m| {
+                    m["expert_config"]["experts"]["1"] = serde_json::json!([0, 3, 16])
+                });
+            }),
+            "expert id 16 in layer 1 is out of range",
+        ),
+        (
+            "dense-layer",
+            Box::new(|d: &Path| {
+                edit_manifest(d, |m| {
+                    m["expert_config"]["experts"]["0"] = serde_json::json!([1])
+                });
+            }),
+            "layer 0, which is not a MoE layer",
+        ),
+        (
+            "other-base",
+            Box::new(|d: &Path| {
+                edit_manifest(d, |m| m["base"]["config_fingerprint"] = "0123".into());
+            }),
+            "different base model",
+        ),
+        (
+            "other-base-tensors",
+            Box::new(|d: &Path| {
+                edit_manifest(d, |m| m["base"]["tensors_fingerprint"] = "0123".into());
+            }),
+            "different base model",
+        ),
+        (
+            "nan",
+            Box::new(move |d: &Path| {
+                let mut v = vec![0f32; 24 * 64];
+                v[77] = f32::NAN;
+                rewrite_tensor(
+                    d,
+                    up,
+                    candle_core::Tensor::from_vec(v, (24, 64), &candle_core::Device::Cpu).unwrap(),
+                );
+            }),
+            "non-finite value (NaN) at flat index 77",
+        ),
+        (
+            "inf",
+            Box::new(move |d: &Path| {
+                let mut v = vec![0f32; 24 * 64];
+                v[5] = f32::INFINITY;
+                rewrite_tensor(
+                    d,
+                    up,
+                    candle_core::Tensor::from_vec(v, (24, 64), &candle_core::Device::Cpu).unwrap(),
+                );
+            }),
+            "non-finite value (inf)",
+        ),
+        (
+            "uncovered-tensor",
+            Box::new(|d: &Path| {
+                let t = candle_core::Tensor::zeros(
+                    (24, 64),
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap();
+                rewrite_tensor(d, "model.layers.2.mlp.experts.9.up_proj.weight", t);
+            }),
+            "not covered by the expert config",
+        ),
+        (
+            "missing-tensor",
+            Box::new(|d: &Path| {
+                let p = d.join("adapter.safetensors");
+                let mut map =
+                    candle_core::safetensors::load(&p, &candle_core::Device::Cpu).unwrap();
+                map.remove("model.layers.2.mlp.experts.4.down_proj.weight");
+                candle_core::safetensors::save(&map, &p).unwrap();
+            }),
+            "missing tensor model.layers.2.mlp.experts.4.down_proj.weight",
+        ),
     ];
     let reg = registry(root);
     for (name, breakit, expect) in cases {
@@ -103,14 +171,20 @@ fn each_broken_adapter_is_refused_with_a_clear_message_and_others_keep_working()
             Err(e) => e.to_string(),
         };
         assert!(err.contains(expect), "{name}: {err}");
-        assert!(err.contains(name), "{name}: the message names the adapter: {err}");
+        assert!(
+            err.contains(name),
+            "{name}: the message names the adapter: {err}"
+        );
         assert!(!reg.in_host(name));
     }
     // The good adapter still loads, and serves next to the base.
     let good = reg.load("good").unwrap();
     let mut loaded = LoadedModel::load(&fixture("lite"), &LoadOptions::default()).unwrap();
     let mut slots = DeviceSlots::new(&loaded.model, usize::MAX, Arc::new(AdapterStats::default()));
-    assert!(matches!(slots.install(&mut loaded.model, &good).unwrap(), Install::Ready(_)));
+    assert!(matches!(
+        slots.install(&mut loaded.model, &good).unwrap(),
+        Install::Ready(_)
+    ));
 }
 
 #[test]
@@ -130,15 +204,28 @@ fn non_expert_adapters_are_refused_for_serving_but_merge() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("attn");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("expert_cfg.json"), r#"{"experts": {}, "non_expert_modules": true}"#).unwrap();
+    std::fs::write(
+        dir.join("expert_cfg.json"),
+        r#"{"experts": {}, "non_expert_modules": true}"#,
+    )
+    .unwrap();
     let base = BaseModel::open(&fixture("lite")).unwrap();
     let name = "model.layers.1.self_attn.o_proj.weight";
     let t = perturbed(&base, name, 3);
-    candle_core::safetensors::save(&std::collections::HashMap::from([(name.to_string(), t)]), dir.join("m.safetensors")).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([(name.to_string(), t)]),
+        dir.join("m.safetensors"),
+    )
+    .unwrap();
     let w = esft::adapter::load_adapter(&dir, "attn", &base, candle_core::DType::F32).unwrap();
     let mut loaded = LoadedModel::load(&fixture("lite"), &LoadOptions::default()).unwrap();
     let mut slots = DeviceSlots::new(&loaded.model, usize::MAX, Arc::new(AdapterStats::default()));
-    let err = slots.install(&mut loaded.model, &w).err().unwrap().to_string();
+    let err = slots
+        .install(&mut loaded.model, &w)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("esft-train merge"), "{err}");
-    esft::adapter::merge::merge_checkpoint(&fixture("lite"), &dir, &tmp.path().join("merged")).unwrap();
+    esft::adapter::merge::merge_checkpoint(&fixture("lite"), &dir, &tmp.path().join("merged"))
+        .unwrap();
 }

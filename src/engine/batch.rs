@@ -1,26 +1,25 @@
 //! One model step over a set of sequences, and a synchronous generation loop built on it.
 //!
-//! A step feeds every unfinished sequence its next input (a prompt chunk or its last
+//! A step feeds every participating sequence its next input (a prompt chunk or its last
 //! token) in one ragged forward, then samples for the sequences that produced logits.
-
-use candle_core::Tensor;
 
 use super::sequence::{Sequence, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{DeepSeekV2, SeqInput};
 
-/// Runs one forward over `seqs` (finished ones are skipped). `prefill_budget` bounds the
-/// prompt tokens taken from each prefilling sequence in this step. Returns, per sequence,
-/// the token it produced (none while its prefill is still in progress).
+/// Runs one forward over `seqs`. `budgets[i]` bounds the prompt tokens taken from sequence
+/// `i` while it prefills; a budget of 0 (or a finished sequence) sits this step out.
+/// Returns, per sequence, the token it produced (none while its prefill is in progress).
 pub fn step(
     model: &DeepSeekV2,
     tok: Option<&TextTokenizer>,
     seqs: &mut [&mut Sequence],
-    prefill_budget: usize,
+    budgets: &[usize],
 ) -> crate::model::Result<Vec<Option<TokenEvent>>> {
     let mut events = vec![None; seqs.len()];
+    let takes_part = |s: &Sequence, b: usize| !s.is_finished() && b > 0;
     let active: Vec<usize> = (0..seqs.len())
-        .filter(|&i| !seqs[i].is_finished())
+        .filter(|&i| takes_part(seqs[i], budgets[i]))
         .collect();
     if active.is_empty() {
         return Ok(events);
@@ -28,19 +27,25 @@ pub fn step(
     let (output, fed) = {
         let mut batch: Vec<SeqInput<'_>> = seqs
             .iter_mut()
-            .filter(|s| !s.is_finished())
-            .map(|s| s.next_input(prefill_budget))
+            .zip(budgets)
+            .filter(|(s, &b)| takes_part(s, b))
+            .map(|(s, &b)| s.next_input(b))
             .collect();
         let fed: Vec<usize> = batch.iter().map(|b| b.tokens.len()).collect();
         (model.forward(&mut batch, None)?, fed)
     };
-    let logits: Option<Vec<Vec<f32>>> = output.logits.as_ref().map(Tensor::to_vec2).transpose()?;
+    let mut logits: Vec<Vec<f32>> = match &output.logits {
+        Some(t) => t.to_vec2()?,
+        None => Vec::new(),
+    };
     for (k, &i) in active.iter().enumerate() {
         seqs[i].advance(fed[k]);
         let rows = &output.rows[k];
-        if let (Some(all), false) = (&logits, rows.is_empty()) {
-            let mut row = all[rows.start].clone();
-            events[i] = Some(seqs[i].accept(&mut row, tok)?);
+        if rows.is_empty() {
+            continue;
+        }
+        if let Some(row) = logits.get_mut(rows.start) {
+            events[i] = Some(seqs[i].accept(row, tok)?);
         }
     }
     Ok(events)
@@ -53,9 +58,10 @@ pub fn generate_all(
     seqs: &mut [Sequence],
     prefill_budget: usize,
 ) -> crate::model::Result<()> {
+    let budgets = vec![prefill_budget.max(1); seqs.len()];
     let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
     while refs.iter().any(|s| !s.is_finished()) {
-        step(model, tok, &mut refs, prefill_budget)?;
+        step(model, tok, &mut refs, &budgets)?;
     }
     Ok(())
 }

@@ -2,9 +2,11 @@
 
 pub mod batch;
 pub mod sampler;
+pub mod scheduler;
 pub mod sequence;
 pub mod stop;
 
 pub use batch::{generate_all, step};
 pub use sampler::{Sampler, SamplingParams};
+pub use scheduler::{Completed, Engine, EngineConfig, Event, GenerateRequest, RequestHandle};
 pub use sequence::{FinishReason, Sequence, TokenEvent};

@@ -1,0 +1,666 @@
+//! The engine: one scheduler thread owns the model and the device expert slots and runs
+//! continuous batching. Requests join at step boundaries (long prompts prefill in chunks),
+//! finished or cancelled ones leave, adapters load on loader threads while everyone else
+//! keeps decoding.
+//!
+//! Admission is FIFO. A request whose adapter is still loading from disk is passed over (it
+//! does not hold up those behind it). A request whose adapter is loaded but finds every
+//! device slot pinned blocks the admission of later requests that would pin *other*
+//! adapters, so busy adapters drain, get evicted, and no adapter can be starved.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::batch::step;
+use super::sampler::SamplingParams;
+use super::sequence::{FinishReason, Sequence, TokenEvent};
+use crate::adapter::{AdapterError, AdapterRegistry, AdapterWeights, DeviceSlots, Install};
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::{DeepSeekV2, ExpertMap};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most sequences in the running batch.
+    pub max_running: usize,
+    /// Most tokens (decode + prefill) in one step.
+    pub max_batch_tokens: usize,
+    /// Most prompt tokens one sequence prefills per step.
+    pub prefill_chunk: usize,
+    /// Byte budget of adapter expert slots on the compute device.
+    pub device_slot_bytes: usize,
+    /// Longest sequence (prompt + output).
+    pub max_context: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 64,
+            max_batch_tokens: 2048,
+            prefill_chunk: 512,
+            device_slot_bytes: 1 << 30,
+            max_context: 4096,
+        }
+    }
+}
+
+/// A generation request as the engine receives it (already tokenized).
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// `None` for the base model.
+    pub adapter: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Token(TokenEvent),
+    /// The request ended; `completion_tokens` counts every generated token.
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The request could not run (adapter refused, model error).
+    Error(String),
+}
+
+/// The caller's side of a request: its events, and cancellation when dropped.
+pub struct RequestHandle {
+    pub id: u64,
+    pub events: UnboundedReceiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for the end of the request (blocking; not for use inside an async runtime).
+    pub fn collect_blocking(mut self) -> Completed {
+        let mut out = Completed::default();
+        while let Some(ev) = self.events.blocking_recv() {
+            match ev {
+                Event::Token(t) => {
+                    out.tokens.push(t.token);
+                    out.text.push_str(&t.text);
+                }
+                Event::Finished { reason, .. } => {
+                    out.finish = Some(reason);
+                    break;
+                }
+                Event::Error(e) => {
+                    out.error = Some(e);
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Completed {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: Option<FinishReason>,
+    pub error: Option<String>,
+}
+
+/// Live numbers of the scheduler, read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub waiting: AtomicU64,
+    pub running: AtomicU64,
+    pub steps: AtomicU64,
+    /// Sequences and tokens in the last step.
+    pub batch_sequences: AtomicU64,
+    pub batch_tokens: AtomicU64,
+    pub kv_cache_bytes: AtomicU64,
+    /// Per adapter (base = ""), (running, waiting).
+    pub per_adapter: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+enum Command {
+    Submit(Box<Pending>),
+    Loaded(String, Result<Arc<AdapterWeights>, AdapterError>),
+    /// Frees an adapter's device slots (refused while in use).
+    Unload(String, Sender<Result<bool, AdapterError>>),
+    /// Makes an adapter device-resident now.
+    Load(String, Sender<Result<(), String>>),
+    Shutdown,
+}
+
+struct Pending {
+    id: u64,
+    req: GenerateRequest,
+    events: UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+struct Running {
+    pending: Pending,
+    seq: Sequence,
+}
+
+pub struct Engine {
+    tx: Sender<Command>,
+    next_id: AtomicU64,
+    pub stats: Arc<EngineStats>,
+    pub registry: Arc<AdapterRegistry>,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub config: EngineConfig,
+    vocab_size: usize,
+    eos: Vec<u32>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// Starts the scheduler thread, which takes ownership of the model.
+    pub fn start(
+        model: DeepSeekV2,
+        tokenizer: Arc<TextTokenizer>,
+        registry: Arc<AdapterRegistry>,
+        config: EngineConfig,
+    ) -> Arc<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(EngineStats::default());
+        let slots = DeviceSlots::new(&model, config.device_slot_bytes, registry.stats.clone());
+        let vocab_size = model.config().vocab_size;
+        let eos = tokenizer.eos_ids().to_vec();
+        let mut sched = Scheduler {
+            model,
+            slots,
+            tokenizer: tokenizer.clone(),
+            registry: registry.clone(),
+            config: config.clone(),
+            rx,
+            tx: tx.clone(),
+            stats: stats.clone(),
+            eos: eos.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            loading: HashSet::new(),
+            loaded: HashMap::new(),
+            pending_loads: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("esft-scheduler".into())
+            .spawn(move || sched.run())
+            .ok();
+        Arc::new(Self {
+            tx,
+            next_id: AtomicU64::new(1),
+            stats,
+            registry,
+            tokenizer,
+            config,
+            vocab_size,
+            eos,
+            thread: Mutex::new(thread),
+        })
+    }
+
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// Checks a request and queues it. Errors name the offending field.
+    pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle, (&'static str, String)> {
+        req.params.validate()?;
+        if req.prompt.is_empty() {
+            return Err(("prompt", "the prompt is empty".into()));
+        }
+        if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err((
+                "prompt",
+                format!(
+                    "token id {bad} is out of range (vocab size {})",
+                    self.vocab_size
+                ),
+            ));
+        }
+        if req.prompt.len() >= self.config.max_context {
+            return Err((
+                "prompt",
+                format!(
+                    "the prompt has {} tokens; the context is {}",
+                    req.prompt.len(),
+                    self.config.max_context
+                ),
+            ));
+        }
+        if let Some(name) = &req.adapter {
+            crate::adapter::format::validate_name(name).map_err(|e| ("model", e.to_string()))?;
+        }
+        let (etx, erx) = unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let pending = Pending {
+            id,
+            req,
+            events: etx,
+            cancel: cancel.clone(),
+        };
+        self.tx
+            .send(Command::Submit(Box::new(pending)))
+            .map_err(|_| ("engine", "the engine has stopped".to_string()))?;
+        Ok(RequestHandle {
+            id,
+            events: erx,
+            cancel,
+        })
+    }
+
+    /// Frees an adapter's device slots; `Ok(false)` if it was not resident.
+    pub fn unload_adapter(&self, name: &str) -> Result<bool, AdapterError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Command::Unload(name.to_string(), tx))
+            .map_err(|_| AdapterError::Invalid {
+                name: name.into(),
+                message: "engine stopped".into(),
+            })?;
+        rx.recv().unwrap_or_else(|_| {
+            Err(AdapterError::Invalid {
+                name: name.into(),
+                message: "engine stopped".into(),
+            })
+        })
+    }
+
+    /// Loads an adapter into device slots now (blocking).
+    pub fn load_adapter(&self, name: &str) -> Result<(), String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Command::Load(name.to_string(), tx))
+            .map_err(|_| "engine stopped".to_string())?;
+        rx.recv().unwrap_or_else(|_| Err("engine stopped".into()))
+    }
+
+    /// Stops the scheduler: running requests are cancelled.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Scheduler {
+    model: DeepSeekV2,
+    slots: DeviceSlots,
+    tokenizer: Arc<TextTokenizer>,
+    registry: Arc<AdapterRegistry>,
+    config: EngineConfig,
+    rx: Receiver<Command>,
+    tx: Sender<Command>,
+    stats: Arc<EngineStats>,
+    eos: Vec<u32>,
+    waiting: VecDeque<Pending>,
+    running: Vec<Running>,
+    /// Adapters being read from disk by a loader thread.
+    loading: HashSet<String>,
+    /// Adapters read and validated, not yet in device slots.
+    loaded: HashMap<String, Arc<AdapterWeights>>,
+    /// `Load` commands waiting for their adapter.
+    pending_loads: Vec<(String, Sender<Result<(), String>>)>,
+}
+
+impl Scheduler {
+    fn run(&mut self) {
+        loop {
+            let idle = self.running.is_empty();
+            let first = if idle {
+                // Nothing to step: wait for work (with a tick to notice cancelled waiters).
+                match self.rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(c) => Some(c),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                None
+            };
+            let mut commands: Vec<Command> = first.into_iter().collect();
+            commands.extend(self.rx.try_iter());
+            for c in commands {
+                if !self.handle(c) {
+                    self.stop_all();
+                    return;
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.step();
+            self.publish();
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, c: Command) -> bool {
+        match c {
+            Command::Submit(p) => self.waiting.push_back(*p),
+            Command::Loaded(name, result) => {
+                self.loading.remove(&name);
+                match result {
+                    Ok(w) => {
+                        self.loaded.insert(name.clone(), w);
+                        self.finish_pending_loads(&name);
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        self.waiting.retain(|p| {
+                            if p.req.adapter.as_deref() == Some(name.as_str()) {
+                                let _ = p.events.send(Event::Error(msg.clone()));
+                                false
+                            } else {
+                                true
+                            }
+                        });
+                        self.pending_loads.retain(|(n, reply)| {
+                            if *n == name {
+                                let _ = reply.send(Err(msg.clone()));
+                                false
+                            } else {
+                                true
+                            }
+                        });
+                    }
+                }
+            }
+            Command::Unload(name, reply) => {
+                self.loaded.remove(&name);
+                let r = self.slots.remove(&mut self.model, &name);
+                let _ = reply.send(r);
+            }
+            Command::Load(name, reply) => {
+                if self.slots.is_resident(&name) {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    self.pending_loads.push((name.clone(), reply));
+                    if self.loaded.contains_key(&name) {
+                        self.finish_pending_loads(&name);
+                    } else {
+                        self.start_load(&name);
+                    }
+                }
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn finish_pending_loads(&mut self, name: &str) {
+        if !self.pending_loads.iter().any(|(n, _)| n == name) {
+            return;
+        }
+        let result = match self.loaded.get(name).cloned() {
+            Some(w) => match self.slots.install(&mut self.model, &w) {
+                Ok(Install::Ready(_)) => {
+                    self.loaded.remove(name);
+                    Ok(())
+                }
+                Ok(Install::NoRoom) => {
+                    Err("no free device slots: every resident adapter is in use".into())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            None => Err("adapter is not loaded".into()),
+        };
+        self.pending_loads.retain(|(n, reply)| {
+            if n == name {
+                let _ = reply.send(result.clone());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn start_load(&mut self, name: &str) {
+        if !self.loading.insert(name.to_string()) {
+            return;
+        }
+        let registry = self.registry.clone();
+        let tx = self.tx.clone();
+        let name = name.to_string();
+        let spawned = std::thread::Builder::new()
+            .name("esft-adapter-load".into())
+            .spawn({
+                let name = name.clone();
+                move || {
+                    let r = registry.load(&name);
+                    let _ = tx.send(Command::Loaded(name, r));
+                }
+            });
+        if let Err(e) = spawned {
+            let _ = self.tx.send(Command::Loaded(
+                name.clone(),
+                Err(AdapterError::Io(name, e)),
+            ));
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        self.waiting
+            .retain(|p| !p.cancel.load(Ordering::Relaxed) && !p.events.is_closed());
+        for r in &mut self.running {
+            if r.pending.cancel.load(Ordering::Relaxed) || r.pending.events.is_closed() {
+                r.seq.cancel();
+            }
+        }
+        self.retire();
+    }
+
+    fn admit(&mut self) {
+        let mut blocked_for_room: Option<String> = None;
+        let mut i = 0;
+        while i < self.waiting.len() && self.running.len() < self.config.max_running {
+            let adapter = self.waiting[i].req.adapter.clone();
+            let map: Option<Arc<ExpertMap>> = match &adapter {
+                None => None,
+                Some(name) => {
+                    if blocked_for_room.as_ref().is_some_and(|b| b != name) {
+                        i += 1;
+                        continue;
+                    }
+                    match self.slots.lookup(name) {
+                        Some(m) => Some(m),
+                        None => match self.loaded.get(name).cloned() {
+                            None => {
+                                self.start_load(name);
+                                i += 1;
+                                continue;
+                            }
+                            Some(w) => match self.slots.install(&mut self.model, &w) {
+                                Ok(Install::Ready(m)) => {
+                                    self.loaded.remove(name);
+                                    Some(m)
+                                }
+                                Ok(Install::NoRoom) => {
+                                    blocked_for_room.get_or_insert_with(|| name.clone());
+                                    i += 1;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    self.loaded.remove(name);
+                                    let msg = e.to_string();
+                                    let name = name.clone();
+                                    self.waiting.retain(|p| {
+                                        let hit = p.req.adapter.as_deref() == Some(name.as_str());
+                                        if hit {
+                                            let _ = p.events.send(Event::Error(msg.clone()));
+                                        }
+                                        !hit
+                                    });
+                                    continue;
+                                }
+                            },
+                        },
+                    }
+                }
+            };
+            let Some(p) = self.waiting.remove(i) else {
+                break;
+            };
+            if let Some(name) = &adapter {
+                self.slots.pin(name);
+            }
+            let mut seq = Sequence::new(
+                p.req.prompt.clone(),
+                p.req.params.clone(),
+                self.model.new_cache(),
+                &self.eos,
+                self.config.max_context,
+            );
+            seq.experts = map;
+            self.running.push(Running { pending: p, seq });
+        }
+    }
+
+    fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        // Decoding sequences take one token each; prefill chunks share what is left.
+        let decoding = self
+            .running
+            .iter()
+            .filter(|r| !r.seq.is_prefilling())
+            .count();
+        let mut left = self.config.max_batch_tokens.saturating_sub(decoding);
+        let budgets: Vec<usize> = self
+            .running
+            .iter()
+            .map(|r| {
+                if r.seq.is_prefilling() {
+                    let b = left.min(self.config.prefill_chunk);
+                    left -= b;
+                    b
+                } else {
+                    1
+                }
+            })
+            .collect();
+        let tokens: usize = self
+            .running
+            .iter()
+            .zip(&budgets)
+            .map(|(r, &b)| {
+                if r.seq.is_prefilling() {
+                    b.min(r.seq.prompt().len())
+                } else {
+                    b
+                }
+            })
+            .sum();
+        let mut seqs: Vec<&mut Sequence> = self.running.iter_mut().map(|r| &mut r.seq).collect();
+        let result = step(&self.model, Some(&self.tokenizer), &mut seqs, &budgets);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.batch_sequences.store(
+            budgets.iter().filter(|&&b| b > 0).count() as u64,
+            Ordering::Relaxed,
+        );
+        self.stats
+            .batch_tokens
+            .store(tokens as u64, Ordering::Relaxed);
+        match result {
+            Ok(events) => {
+                for (r, ev) in self.running.iter_mut().zip(events) {
+                    if let Some(ev) = ev {
+                        if r.pending.events.send(Event::Token(ev)).is_err() {
+                            r.seq.cancel();
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("model step failed: {e}");
+                for r in &mut self.running {
+                    let _ = r
+                        .pending
+                        .events
+                        .send(Event::Error(format!("model step failed: {e}")));
+                    r.seq.cancel();
+                }
+            }
+        }
+        self.retire();
+    }
+
+    /// Removes finished sequences, reporting their end and unpinning their adapters.
+    fn retire(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if let Some(reason) = self.running[i].seq.finish_reason() {
+                let r = self.running.swap_remove(i);
+                let _ = r.pending.events.send(Event::Finished {
+                    reason,
+                    prompt_tokens: r.seq.prompt().len(),
+                    completion_tokens: r.seq.generated().len(),
+                });
+                if let Some(name) = &r.pending.req.adapter {
+                    self.slots.unpin(name);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        // Keep admission order for fairness of prefill budgets.
+        self.running.sort_by_key(|r| r.pending.id);
+    }
+
+    fn stop_all(&mut self) {
+        for r in &mut self.running {
+            r.seq.cancel();
+        }
+        self.retire();
+        for p in self.waiting.drain(..) {
+            let _ = p.events.send(Event::Finished {
+                reason: FinishReason::Cancelled,
+                prompt_tokens: p.req.prompt.len(),
+                completion_tokens: 0,
+            });
+        }
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        s.waiting
+            .store(self.waiting.len() as u64, Ordering::Relaxed);
+        s.running
+            .store(self.running.len() as u64, Ordering::Relaxed);
+        let kv: usize = self
+            .running
+            .iter()
+            .map(|r| r.seq.cache.capacity_bytes())
+            .sum();
+        s.kv_cache_bytes.store(kv as u64, Ordering::Relaxed);
+        if let Ok(mut m) = s.per_adapter.lock() {
+            m.clear();
+            for r in &self.running {
+                m.entry(r.pending.req.adapter.clone().unwrap_or_default())
+                    .or_default()
+                    .0 += 1;
+            }
+            for p in &self.waiting {
+                m.entry(p.req.adapter.clone().unwrap_or_default())
+                    .or_default()
+                    .1 += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The engine's continuous batching: requests for the base and many adapters share steps,
+//! arrive at different times, and each gets exactly what it gets alone.
+
+mod common;
+
+use common::*;
+use esft::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel};
+use esft::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams};
+use esft::model::{LoadOptions, LoadedModel};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+fn adapter_spec(i: u64) -> AdapterSpec {
+    let e = |k: u64| ((i * 5 + k * 3) % 16) as usize;
+    AdapterSpec {
+        experts: vec![(1, vec![e(0), e(1), e(2)]), (2, vec![e(3), e(4)])],
+        shared: false,
+        seed: 10 + i,
+    }
+}
+
+fn engine(root: &Path, config: EngineConfig) -> Arc<Engine> {
+    let loaded = LoadedModel::load(&fixture("lite"), &LoadOptions::default()).unwrap();
+    let base = Arc::new(BaseModel::new(
+        loaded.model.config().clone(),
+        loaded.store.clone(),
+    ));
+    let stats = Arc::new(AdapterStats::default());
+    let registry = Arc::new(AdapterRegistry::new(
+        AdapterStore::open(root).unwrap(),
+        base,
+        candle_core::DType::F32,
+        1 << 30,
+        stats,
+    ));
+    Engine::start(loaded.model, Arc::new(loaded.tokenizer), registry, config)
+}
+
+fn request(prompt: &[u32], adapter: Option<&str>, n: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.to_vec(),
+        params: SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(n)
+        },
+        adapter: adapter.map(str::to_string),
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    let r = reference("lite");
+    r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u32s(&p["ids"]))
+        .collect()
+}
+
+/// Runs each request alone, one after the other.
+fn alone(engine: &Engine, reqs: &[GenerateRequest]) -> Vec<Vec<u32>> {
+    reqs.iter()
+        .map(|r| {
+            let c = engine.submit(r.clone()).unwrap().collect_blocking();
+            assert_eq!(c.error, None);
+            c.tokens
+        })
+        .collect()
+}
+
+#[test]
+fn mixed_continuous_batch_equals_each_request_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, name) in ["a", "b"].iter().enumerate() {
+        write_native_adapter(
+            &fixture("lite"),
+            &tmp.path().join(name),
+            &adapter_spec(i as u64),
+        );
+    }
+    let eng = engine(
+        tmp.path(),
+        EngineConfig {
+            prefill_chunk: 5,
+            ..EngineConfig::default()
+        },
+    );
+    let p = prompts();
+    let reqs = vec![
+        request(&p[0], None, 24),
+        request(&p[1], Some("a"), 20),
+        request(&p[2], Some("b"), 18),
+        request(&p[0], Some("a"), 16),
+    ];
+    let want = alone(&eng, &reqs);
+    assert_ne!(want[0], want[3], "adapter a changes the output of prompt 0");
+
+    // Each request arrives once the previous one has produced tokens.
+    let mut handles = Vec::new();
+    for r in &reqs {
+        let mut h = eng.submit(r.clone()).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            match h.events.blocking_recv().unwrap() {
+                Event::Token(t) => got.push(t.token),
+                other => panic!("{other:?}"),
+            }
+        }
+        handles.push((h, got));
+    }
+    for (i, (mut h, mut got)) in handles.into_iter().enumerate() {
+        loop {
+            match h.events.blocking_recv().unwrap() {
+                Event::Token(t) => got.push(t.token),
+                Event::Finished {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    assert_eq!(reason, FinishReason::Length);
+                    assert_eq!(prompt_tokens, reqs[i].prompt.len());
+                    assert_eq!(completion_tokens, got.len());
+                    break;
+                }
+                Event::Error(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, want[i], "request {i}");
+    }
+    eng.shutdown();
+}
+
+#[test]
+fn more_adapters_than_device_slots_all_complete_correctly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..6).map(|i| format!("task{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        write_native_adapter(
+            &fixture("lite"),
+            &tmp.path().join(n),
+            &adapter_spec(i as u64),
+        );
+    }
+    let p = prompts();
+    let reqs: Vec<GenerateRequest> = (0..12)
+        .map(|i| request(&p[i % 3], Some(names[i % names.len()].as_str()), 10 + i % 4))
+        .chain([request(&p[1], None, 12)])
+        .collect();
+    // Reference: an engine with room for every adapter.
+    let roomy = engine(tmp.path(), EngineConfig::default());
+    let want = alone(&roomy, &reqs);
+    roomy.shutdown();
+
+    // Room for two adapters (5 experts x 18 KiB each).
+    let expert_bytes = 3 * 24 * 64 * 4;
+    let eng = engine(
+        tmp.path(),
+        EngineConfig {
+            device_slot_bytes: 2 * 5 * expert_bytes,
+            ..EngineConfig::default()
+        },
+    );
+    let handles: Vec<_> = reqs
+        .iter()
+        .map(|r| eng.submit(r.clone()).unwrap())
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let c = h.collect_blocking();
+        assert_eq!(c.error, None, "request {i}");
+        assert_eq!(c.tokens, want[i], "request {i}");
+    }
+    let s = &eng.registry.stats;
+    let evictions = s.device.evictions.load(Ordering::Relaxed);
+    let loads = s.device.loads.load(Ordering::Relaxed);
+    assert!(loads >= 6, "every adapter was made resident: {loads}");
+    assert!(evictions >= 4, "slots were recycled: {evictions}");
+    assert!(s.device.resident.load(Ordering::Relaxed) <= 2);
+    assert!(s.device.lookups.load(Ordering::Relaxed) >= s.device.hits.load(Ordering::Relaxed));
+    eng.shutdown();
+}
+
+#[test]
+fn a_refused_adapter_fails_its_requests_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_native_adapter(&fixture("lite"), &tmp.path().join("good"), &adapter_spec(1));
+    write_native_adapter(&fixture("lite"), &tmp.path().join("bad"), &adapter_spec(2));
+    std::fs::write(tmp.path().join("bad/adapter.safetensors"), b"garbage").unwrap();
+    let eng = engine(tmp.path(), EngineConfig::default());
+    let p = prompts();
+    let hs = [
+        eng.submit(request(&p[0], Some("good"), 8)).unwrap(),
+        eng.submit(request(&p[0], Some("bad"), 8)).unwrap(),
+        eng.submit(request(&p[0], Some("missing"), 8)).unwrap(),
+        eng.submit(request(&p[0], None, 8)).unwrap(),
+    ];
+    let [good, bad, missing, base] = hs.map(|h| h.collect_blocking());
+    assert_eq!(good.tokens.len(), 8);
+    assert_eq!(base.tokens.len(), 8);
+    assert!(
+        bad.error.as_deref().unwrap().contains("adapter bad"),
+        "{bad:?}"
+    );
+    assert!(
+        missing.error.as_deref().unwrap().contains("not found"),
+        "{missing:?}"
+    );
+    eng.shutdown();
+}
+
+#[test]
+fn dropping_a_handle_cancels_and_frees_the_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eng = engine(tmp.path(), EngineConfig::default());
+    let p = prompts();
+    let mut h = eng.submit(request(&p[0], None, 100_000)).unwrap();
+    assert!(matches!(h.events.blocking_recv(), Some(Event::Token(_))));
+    drop(h);
+    let other = eng
+        .submit(request(&p[1], None, 4))
+        .unwrap()
+        .collect_blocking();
+    assert_eq!(other.tokens.len(), 4);
+    for _ in 0..100 {
+        if eng.stats.running.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(eng.stats.running.load(Ordering::Relaxed), 0);
+    assert_eq!(eng.stats.kv_cache_bytes.load(Ordering::Relaxed), 0);
+    eng.shutdown();
+}
+
+#[test]
+fn invalid_requests_are_refused_at_submit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eng = engine(
+        tmp.path(),
+        EngineConfig {
+            max_context: 64,
+            ..EngineConfig::default()
+        },
+    );
+    assert_eq!(eng.submit(request(&[], None, 4)).err().unwrap().0, "prompt");
+    assert_eq!(
+        eng.submit(request(&[0, 9999], None, 4)).err().unwrap().0,
+        "prompt"
+    );
+    assert_eq!(
+        eng.submit(request(&[1; 64], None, 4)).err().unwrap().0,
+        "prompt"
+    );
+    assert_eq!(
+        eng.submit(request(&[1], None, 0)).err().unwrap().0,
+        "max_tokens"
+    );
+    assert_eq!(
+        eng.submit(request(&[1], Some("../x"), 4)).err().unwrap().0,
+        "model"
+    );
+    // A request that would run past the context stops with `length`.
+    let c = eng
+        .submit(request(&[1; 60], None, 50))
+        .unwrap()
+        .collect_blocking();
+    assert_eq!(c.finish, Some(FinishReason::Length));
+    assert_eq!(c.tokens.len(), 4);
+    eng.shutdown();
+}
