@@ -57,7 +57,8 @@ fn each_broken_adapter_is_refused_with_a_clear_message_and_others_keep_working()
     write_native_adapter(&fixture("lite"), &root.join("good"), &good_spec());
     let up = "model.layers.1.mlp.experts.0.up_proj.weight";
 
-    let cases: Vec<(&str, Box<dyn FnOnce(&Path)>, &str)> = vec![
+    type Case<'a> = (&'a str, Box<dyn FnOnce(&Path)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "truncated",
             Box::new(|d: &Path| {
