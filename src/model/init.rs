@@ -97,79 +97,86 @@ fn stable_hash(name: &str) -> u64 {
     })
 }
 
-/// Every tensor name, shape and fill of a DeepSeek-V2 checkpoint with this config, in the
-/// names and shapes [`super::DeepSeekV2::load`] expects.
+/// The tensors of a checkpoint: name, shape and fill, in the order they are listed.
+#[derive(Default)]
+struct Plan {
+    tensors: Vec<(String, Vec<usize>, Fill)>,
+}
+
+impl Plan {
+    fn push(&mut self, name: String, shape: &[usize], fill: Fill) {
+        self.tensors.push((name, shape.to_vec(), fill));
+    }
+
+    fn linear(&mut self, name: String, out_features: usize, in_features: usize) {
+        self.push(name, &[out_features, in_features], Fill::Normal(INIT_STD));
+    }
+
+    fn norm(&mut self, name: String, size: usize) {
+        self.push(name, &[size], Fill::Const(1.0));
+    }
+
+    /// A SwiGLU block `{prefix}{gate,up,down}_proj.weight`.
+    fn mlp(&mut self, prefix: &str, hidden: usize, inter: usize) {
+        self.linear(format!("{prefix}gate_proj.weight"), inter, hidden);
+        self.linear(format!("{prefix}up_proj.weight"), inter, hidden);
+        self.linear(format!("{prefix}down_proj.weight"), hidden, inter);
+    }
+}
+
+/// Every tensor of a DeepSeek-V2 checkpoint with this config, under the names and with the
+/// shapes [`super::DeepSeekV2::load`] expects.
 fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)> {
     let h = cfg.hidden_size;
     let nh = cfg.num_attention_heads;
     let qk = cfg.qk_head_dim();
     let kvr = cfg.kv_lora_rank;
-    let lin = Fill::Normal(INIT_STD);
-    let norm = Fill::Const(1.0);
-    let mut t: Vec<(String, Vec<usize>, Fill)> = Vec::new();
-    let mut push = |name: String, shape: &[usize], fill: Fill| t.push((name, shape.to_vec(), fill));
-    let mlp = |push: &mut dyn FnMut(String, &[usize], Fill), p: &str, inter: usize| {
-        push(format!("{p}gate_proj.weight"), &[inter, h], lin);
-        push(format!("{p}up_proj.weight"), &[inter, h], lin);
-        push(format!("{p}down_proj.weight"), &[h, inter], lin);
-    };
-
-    push(
-        "model.embed_tokens.weight".into(),
-        &[cfg.vocab_size, h],
-        lin,
-    );
+    let mut plan = Plan::default();
+    plan.linear("model.embed_tokens.weight".into(), cfg.vocab_size, h);
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}.");
-        push(format!("{p}input_layernorm.weight"), &[h], norm);
-        push(format!("{p}post_attention_layernorm.weight"), &[h], norm);
+        plan.norm(format!("{p}input_layernorm.weight"), h);
+        plan.norm(format!("{p}post_attention_layernorm.weight"), h);
         let a = format!("{p}self_attn.");
         match cfg.q_lora_rank {
-            None => push(format!("{a}q_proj.weight"), &[nh * qk, h], lin),
+            None => plan.linear(format!("{a}q_proj.weight"), nh * qk, h),
             Some(r) => {
-                push(format!("{a}q_a_proj.weight"), &[r, h], lin);
-                push(format!("{a}q_a_layernorm.weight"), &[r], norm);
-                push(format!("{a}q_b_proj.weight"), &[nh * qk, r], lin);
+                plan.linear(format!("{a}q_a_proj.weight"), r, h);
+                plan.norm(format!("{a}q_a_layernorm.weight"), r);
+                plan.linear(format!("{a}q_b_proj.weight"), nh * qk, r);
             }
         }
-        push(
+        plan.linear(
             format!("{a}kv_a_proj_with_mqa.weight"),
-            &[kvr + cfg.qk_rope_head_dim, h],
-            lin,
+            kvr + cfg.qk_rope_head_dim,
+            h,
         );
-        push(format!("{a}kv_a_layernorm.weight"), &[kvr], norm);
-        push(
+        plan.norm(format!("{a}kv_a_layernorm.weight"), kvr);
+        plan.linear(
             format!("{a}kv_b_proj.weight"),
-            &[nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvr],
-            lin,
+            nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            kvr,
         );
-        push(format!("{a}o_proj.weight"), &[h, nh * cfg.v_head_dim], lin);
+        plan.linear(format!("{a}o_proj.weight"), h, nh * cfg.v_head_dim);
         let m = format!("{p}mlp.");
         if cfg.is_moe_layer(i) {
-            push(format!("{m}gate.weight"), &[cfg.n_routed_experts, h], lin);
+            plan.linear(format!("{m}gate.weight"), cfg.n_routed_experts, h);
             for e in 0..cfg.n_routed_experts {
-                mlp(
-                    &mut push,
-                    &format!("{m}experts.{e}."),
-                    cfg.moe_intermediate_size,
-                );
+                plan.mlp(&format!("{m}experts.{e}."), h, cfg.moe_intermediate_size);
             }
             if cfg.n_shared_experts > 0 {
-                mlp(
-                    &mut push,
-                    &format!("{m}shared_experts."),
-                    cfg.moe_intermediate_size * cfg.n_shared_experts,
-                );
+                let inter = cfg.moe_intermediate_size * cfg.n_shared_experts;
+                plan.mlp(&format!("{m}shared_experts."), h, inter);
             }
         } else {
-            mlp(&mut push, &m, cfg.intermediate_size);
+            plan.mlp(&m, h, cfg.intermediate_size);
         }
     }
-    push("model.norm.weight".into(), &[h], norm);
+    plan.norm("model.norm.weight".into(), h);
     if !cfg.tie_word_embeddings {
-        push("lm_head.weight".into(), &[cfg.vocab_size, h], lin);
+        plan.linear("lm_head.weight".into(), cfg.vocab_size, h);
     }
-    t
+    plan.tensors
 }
 
 /// A sibling of `path` to write before renaming over it.
@@ -244,23 +251,28 @@ mod tests {
 
     #[test]
     fn random_checkpoint_loads_and_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        write_random_checkpoint(&lite_json(), 7, dir.path()).unwrap();
-        let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default()).unwrap();
-        let mut cache = model.new_cache();
-        let tokens = [1u32, 5, 9, 200, 511];
-        let mut batch = [SeqInput {
-            tokens: &tokens,
-            cache: &mut cache,
-            experts: None,
-            logits: LogitsWanted::All,
-        }];
-        let out = model.forward(&mut batch, None).unwrap();
-        let logits: Vec<Vec<f32>> = out.logits.unwrap().to_vec2().unwrap();
-        assert_eq!(logits.len(), tokens.len());
-        assert_eq!(logits[0].len(), 512);
-        assert!(logits.iter().flatten().all(|v| v.is_finite()));
-        assert!(logits.iter().flatten().any(|&v| v != 0.0));
+        let mut lora_tied = lite_json();
+        lora_tied["q_lora_rank"] = 16.into();
+        lora_tied["tie_word_embeddings"] = true.into();
+        for config in [lite_json(), lora_tied] {
+            let dir = tempfile::tempdir().unwrap();
+            write_random_checkpoint(&config, 7, dir.path()).unwrap();
+            let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+            let mut cache = model.new_cache();
+            let tokens = [1u32, 5, 9, 200, 511];
+            let mut batch = [SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                experts: None,
+                logits: LogitsWanted::All,
+            }];
+            let out = model.forward(&mut batch, None).unwrap();
+            let logits: Vec<Vec<f32>> = out.logits.unwrap().to_vec2().unwrap();
+            assert_eq!(logits.len(), tokens.len());
+            assert_eq!(logits[0].len(), 512);
+            assert!(logits.iter().flatten().all(|v| v.is_finite()));
+            assert!(logits.iter().flatten().any(|&v| v != 0.0));
+        }
     }
 
     #[test]
