@@ -1,7 +1,7 @@
 //! Runtime benchmark on CPU, f32: our batched DeepSeek-V2 against candle-transformers'
 //! `deepseek2` on the same random weights (a model of the DeepSeek-V2 architecture, hidden 512,
-//! 8 layers, 64 routed experts top-6 + 2 shared, vocab 32000, written once per run with
-//! `write_random_checkpoint`).
+//! 8 layers, 64 routed experts top-6 + 2 shared, vocab 32000: `benches/bench_model.json`,
+//! written once per run with `write_random_checkpoint`).
 //!
 //! Measured:
 //! - ours at batch 1, 8, 32: prefill (B prompts of 128 tokens in one `forward`, last-position
@@ -25,11 +25,14 @@
 //! The "other load" column is the number of cores other processes kept busy meanwhile (from
 //! `/proc`); on a 2-core machine anything above ~0.2 skews the numbers.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::deepseek2;
+use common::{bench_config, env_usize, median};
 use esft::model::init::write_random_checkpoint;
 use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, SeqCache, SeqInput};
 use rand::{Rng, SeedableRng};
@@ -37,69 +40,6 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
 type AnyResult<T> = anyhow::Result<T>;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
-
-/// The benchmark model's `config.json`, with every key candle-transformers' `deepseek2`
-/// requires (it has no defaults for `attention_bias`, `n_group`, `topk_group`, `rope_scaling`).
-fn bench_config(layers: usize) -> serde_json::Value {
-    let mut config: serde_json::Value = serde_json::from_str(CONFIG).expect("valid JSON");
-    config["num_hidden_layers"] = layers.into();
-    config
-}
-
-const CONFIG: &str = r#"{
-    "architectures": ["DeepseekV2ForCausalLM"],
-    "model_type": "deepseek_v2",
-    "attention_bias": false,
-    "attention_dropout": 0.0,
-    "aux_loss_alpha": 0.001,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "ep_size": 1,
-    "first_k_dense_replace": 1,
-    "hidden_act": "silu",
-    "hidden_size": 512,
-    "initializer_range": 0.02,
-    "intermediate_size": 1408,
-    "kv_lora_rank": 128,
-    "max_position_embeddings": 4096,
-    "moe_intermediate_size": 256,
-    "moe_layer_freq": 1,
-    "n_group": 1,
-    "n_routed_experts": 64,
-    "n_shared_experts": 2,
-    "norm_topk_prob": false,
-    "num_attention_heads": 8,
-    "num_experts_per_tok": 6,
-    "num_hidden_layers": 8,
-    "num_key_value_heads": 8,
-    "pretraining_tp": 1,
-    "q_lora_rank": null,
-    "qk_nope_head_dim": 64,
-    "qk_rope_head_dim": 32,
-    "rms_norm_eps": 1e-6,
-    "rope_scaling": null,
-    "rope_theta": 10000.0,
-    "routed_scaling_factor": 1.0,
-    "scoring_func": "softmax",
-    "seq_aux": true,
-    "tie_word_embeddings": false,
-    "topk_group": 1,
-    "topk_method": "greedy",
-    "torch_dtype": "float32",
-    "use_cache": true,
-    "v_head_dim": 64,
-    "vocab_size": 32000
-}"#;
 
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -109,16 +49,6 @@ fn argmax(row: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// One timed pass: prefill time, decode time, and the first sequence's prefill logits.
