@@ -47,14 +47,23 @@ fn make_adapter(base: &BaseModel, root: &std::path::Path, i: usize) -> usize {
     }
     let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
     let name = format!("task{i}");
-    let ec = ExpertConfig { experts, shared_experts: false, non_expert_modules: false };
+    let ec = ExpertConfig {
+        experts,
+        shared_experts: false,
+        non_expert_modules: false,
+    };
     let m = new_manifest(&name, base, ec, Provenance::default(), &names).unwrap();
     write_adapter(&root.join(&name), &m, &tensors).unwrap();
     per_layer
 }
 
 /// Decode tokens/s of `BATCH` sequences whose expert maps are `maps[i % maps.len()]`.
-fn decode_tps(model: &DeepSeekV2, maps: &[Option<Arc<ExpertMap>>], steps: usize, reps: usize) -> f64 {
+fn decode_tps(
+    model: &DeepSeekV2,
+    maps: &[Option<Arc<ExpertMap>>],
+    steps: usize,
+    reps: usize,
+) -> f64 {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let vocab = model.config().vocab_size as u32;
     let prompts: Vec<Vec<u32>> = (0..BATCH)
@@ -78,7 +87,9 @@ fn decode_tps(model: &DeepSeekV2, maps: &[Option<Arc<ExpertMap>>], steps: usize,
             model.forward(&mut batch, None).unwrap()
         };
         run(&mut caches, &prompts);
-        let next: Vec<Vec<u32>> = (0..BATCH).map(|i| vec![(i as u32 * 7 + 3) % vocab]).collect();
+        let next: Vec<Vec<u32>> = (0..BATCH)
+            .map(|i| vec![(i as u32 * 7 + 3) % vocab])
+            .collect();
         let t0 = Instant::now();
         for _ in 0..steps {
             run(&mut caches, &next);
@@ -91,6 +102,7 @@ fn decode_tps(model: &DeepSeekV2, maps: &[Option<Arc<ExpertMap>>], steps: usize,
 }
 
 fn main() {
+    esft::util::pin_thread_count();
     let steps = env_usize("ESFT_BENCH_STEPS", 32).max(1);
     let reps = env_usize("ESFT_BENCH_REPS", 3).max(1);
     let layers = env_usize("ESFT_BENCH_LAYERS", 8).max(2);
@@ -108,7 +120,13 @@ fn main() {
     let mut model = DeepSeekV2::load_dir(&model_dir, &LoadOptions::default()).unwrap();
     let stats = Arc::new(AdapterStats::default());
     let make_registry = || {
-        AdapterRegistry::new(AdapterStore::open(&root).unwrap(), base.clone(), DType::F32, 1 << 34, stats.clone())
+        AdapterRegistry::new(
+            AdapterStore::open(&root).unwrap(),
+            base.clone(),
+            DType::F32,
+            1 << 34,
+            stats.clone(),
+        )
     };
 
     // Cold loads: a fresh registry (empty host tier) and fresh slots per adapter.
@@ -127,7 +145,10 @@ fn main() {
         mbps.push(w.file_bytes as f64 / 1e6 / secs);
         maps.push(map);
     }
-    let adapter_mb = std::fs::metadata(root.join("task0/adapter.safetensors")).unwrap().len() as f64 / 1e6;
+    let adapter_mb = std::fs::metadata(root.join("task0/adapter.safetensors"))
+        .unwrap()
+        .len() as f64
+        / 1e6;
 
     let base_tps = decode_tps(&model, &[None], steps, reps);
     let one = decode_tps(&model, &[Some(maps[0].clone())], steps, reps);
@@ -139,8 +160,14 @@ fn main() {
     println!("  base model                    {base_tps:>9.1} tok/s");
     println!("  32 sequences on 1 adapter      {one:>9.1} tok/s");
     println!("  32 sequences over 16 adapters  {many:>9.1} tok/s");
-    println!("  ratio 16 adapters / 1 adapter  {:>9.3}  (goal >= 0.95)", many / one);
-    println!("cold adapter load ({adapter_mb:.1} MB each, read + validate + slots): median {:.0} MB/s", median(mbps.clone()));
+    println!(
+        "  ratio 16 adapters / 1 adapter  {:>9.3}  (goal >= 0.95)",
+        many / one
+    );
+    println!(
+        "cold adapter load ({adapter_mb:.1} MB each, read + validate + slots): median {:.0} MB/s",
+        median(mbps.clone())
+    );
     let summary = serde_json::json!({
         "decode_tps": {"base": base_tps, "one_adapter": one, "sixteen_adapters": many},
         "ratio_16_vs_1": many / one,

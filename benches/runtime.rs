@@ -230,6 +230,7 @@ fn row_json(m: &Measured) -> serde_json::Value {
 }
 
 fn main() -> AnyResult<()> {
+    esft::util::pin_thread_count();
     let steps = env_usize("ESFT_BENCH_STEPS", 32).max(1);
     let reps = env_usize("ESFT_BENCH_REPS", 3).max(1);
     let prompt_len = env_usize("ESFT_BENCH_PROMPT", 128).max(1);

@@ -36,3 +36,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
+
+/// Pins the compute thread count (`RAYON_NUM_THREADS`) to the available cores unless the
+/// user set it. candle looks the count up on every matmul and, when the variable is unset,
+/// re-reads `/proc/cpuinfo` each time, which costs more than a decode-sized matmul. Call at
+/// the start of `main`, before any other thread exists.
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}

@@ -148,10 +148,10 @@ impl Attention {
         let n = x.dim(0)?;
         let (nh, nope, rope, kvr) = (self.heads, self.nope, self.rope, self.kv_rank);
         let q = match &self.q {
-            QueryProj::Full(w) => x.matmul(&w.t()?)?,
+            QueryProj::Full(w) => ops.linear(x, w)?,
             QueryProj::LoRA { a, norm, b } => {
-                let qa = ops.rms_norm(&x.matmul(&a.t()?)?, norm, LATENT_NORM_EPS)?;
-                qa.matmul(&b.t()?)?
+                let qa = ops.rms_norm(&ops.linear(x, a)?, norm, LATENT_NORM_EPS)?;
+                ops.linear(&qa, b)?
             }
         }
         .reshape((n, nh, nope + rope))?;
@@ -165,7 +165,7 @@ impl Attention {
             .transpose(0, 1)?;
         let q_full = Tensor::cat(&[&q_lat, &q_pe], D::Minus1)?; // [n, nh, kvr + rope]
 
-        let ckv = x.matmul(&self.kv_a.t()?)?; // [n, kvr + rope]
+        let ckv = ops.linear(x, &self.kv_a)?; // [n, kvr + rope]
         let c_kv = ops.rms_norm(&ckv.narrow(1, 0, kvr)?, &self.kv_a_norm, LATENT_NORM_EPS)?;
         let k_pe = ops
             .rope_interleaved(&ckv.narrow(1, kvr, rope)?.reshape((n, 1, rope))?, cos, sin)?
@@ -200,7 +200,7 @@ impl Attention {
             .matmul(&self.w_uv_t)?
             .transpose(0, 1)?
             .reshape((n, nh * self.v_dim))?;
-        o.matmul(&self.o.t()?)
+        ops.linear(&o, &self.o)
     }
 }
 

@@ -277,7 +277,7 @@ impl DeepSeekV2 {
             x = (x + layer.attn.forward(&self.ops, &h, &cos, &sin, &mut seqs)?)?;
             let h = self.ops.rms_norm(&x, &layer.post_attn_norm, eps)?;
             let y = match &layer.ffn {
-                FeedForward::Dense(mlp) => mlp.forward(&h)?,
+                FeedForward::Dense(mlp) => mlp.forward(&self.ops, &h)?,
                 FeedForward::Moe(moe) => {
                     let moe_index = li - self.cfg.first_k_dense_replace;
                     let (y, mut routing) = moe.forward(&self.ops, &h, moe_index, &map_spans)?;
@@ -311,7 +311,7 @@ impl DeepSeekV2 {
                 x.index_select(&Tensor::from_vec(pick.clone(), pick.len(), dev)?, 0)?
             };
             let h = self.ops.rms_norm(&picked, &self.norm, eps)?;
-            Some(h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+            Some(self.ops.linear(&h, &self.lm_head)?.to_dtype(DType::F32)?)
         };
         Ok(ForwardOutput { logits, rows })
     }

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod bundle;
 pub mod config;
+pub mod cpu_kernels;
 pub mod deepseek_v2;
 pub mod error;
 pub mod init;

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::{Config, TopkMethod};
+use super::cpu_kernels;
 use super::load::WeightStore;
 use super::ops::{swiglu, Ops};
 
@@ -62,8 +63,8 @@ impl Mlp {
         (self.gate_up.elem_count() + self.down.elem_count()) * self.down.dtype().size_in_bytes()
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        swiglu(&x.matmul(&self.gate_up.t()?)?)?.matmul(&self.down.t()?)
+    pub fn forward(&self, ops: &Ops, x: &Tensor) -> Result<Tensor> {
+        ops.linear(&swiglu(&ops.linear(x, &self.gate_up)?)?, &self.down)
     }
 }
 
@@ -349,7 +350,7 @@ impl Moe {
     ) -> Result<(Tensor, LayerRouting)> {
         let (n, hidden) = x.dims2()?;
         let k = self.router.top_k;
-        let logits = x.matmul(&self.gate.t()?)?;
+        let logits = ops.linear(x, &self.gate)?;
         let host_logits = logits
             .to_dtype(DType::F32)?
             .flatten_all()?
@@ -392,45 +393,71 @@ impl Moe {
         let dev = x.device();
         let token_idx = Tensor::from_slice(&token_order, n * k, dev)?;
         let xs = x.index_select(&token_idx, 0)?;
-        let w_sorted = if ops.differentiable {
-            let w = self
-                .router
-                .weights_tensor(ops, &logits, &ids)?
-                .flatten_all()?;
-            w.index_select(&Tensor::from_slice(&pair_order, n * k, dev)?, 0)?
-        } else {
-            let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
-            Tensor::from_vec(w, n * k, dev)?
-        }
-        .to_dtype(x.dtype())?
-        .reshape((n * k, 1))?;
-
-        let mut gate_up = Vec::new();
-        let mut offset = 0;
+        // (slot, first sorted row, rows) of every slot with work.
         let mut used = Vec::new();
+        let mut offset = 0;
         for (slot, &count) in counts.iter().enumerate() {
-            if count == 0 {
-                continue;
+            if count > 0 {
+                used.push((slot, offset, count));
+                offset += count;
             }
-            let expert = self
-                .slot(slot)
-                .ok_or_else(|| candle_core::Error::Msg(format!("empty slot {slot}")))?;
-            gate_up.push(xs.narrow(0, offset, count)?.matmul(&expert.gate_up.t()?)?);
-            used.push((slot, offset, count));
-            offset += count;
         }
-        let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
-        let mut down = Vec::with_capacity(used.len());
-        for &(slot, offset, count) in &used {
-            down.push(
-                act.narrow(0, offset, count)?
-                    .matmul(&expert_down(self, slot)?.t()?)?,
-            );
-        }
-        let ys = Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?;
+        let expert = |slot: usize| {
+            self.slot(slot)
+                .ok_or_else(|| candle_core::Error::Msg(format!("empty slot {slot}")))
+        };
+        let largest = used.iter().map(|u| u.2).max().unwrap_or(0);
+        let ys = if !ops.differentiable
+            && cpu_kernels::applies(x)
+            && largest <= 2 * cpu_kernels::SMALL_ROWS
+        {
+            let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
+            let groups = used
+                .iter()
+                .map(|&(slot, start, rows)| {
+                    let e = expert(slot)?;
+                    Ok(cpu_kernels::ExpertGroup {
+                        start,
+                        rows,
+                        gate_up: &e.gate_up,
+                        down: &e.down,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            cpu_kernels::grouped_swiglu(&xs, &groups, &w)?
+        } else {
+            let w_sorted = if ops.differentiable {
+                let w = self
+                    .router
+                    .weights_tensor(ops, &logits, &ids)?
+                    .flatten_all()?;
+                w.index_select(&Tensor::from_slice(&pair_order, n * k, dev)?, 0)?
+            } else {
+                let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
+                Tensor::from_vec(w, n * k, dev)?
+            }
+            .to_dtype(x.dtype())?
+            .reshape((n * k, 1))?;
+            let mut gate_up = Vec::with_capacity(used.len());
+            for &(slot, start, rows) in &used {
+                gate_up.push(
+                    xs.narrow(0, start, rows)?
+                        .matmul(&expert(slot)?.gate_up.t()?)?,
+                );
+            }
+            let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
+            let mut down = Vec::with_capacity(used.len());
+            for &(slot, start, rows) in &used {
+                down.push(
+                    act.narrow(0, start, rows)?
+                        .matmul(&expert(slot)?.down.t()?)?,
+                );
+            }
+            Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?
+        };
         let mut out = Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&token_idx, &ys, 0)?;
         if !self.shared.is_empty() {
-            out = (out + self.shared_forward(x, moe_index, spans)?)?;
+            out = (out + self.shared_forward(ops, x, moe_index, spans)?)?;
         }
         let routing = LayerRouting {
             layer: 0,
@@ -443,17 +470,12 @@ impl Moe {
     }
 }
 
-fn expert_down(moe: &Moe, slot: usize) -> Result<&Tensor> {
-    moe.slot(slot)
-        .map(|m| &m.down)
-        .ok_or_else(|| candle_core::Error::Msg(format!("empty slot {slot}")))
-}
-
 impl Moe {
-    /// Shared experts: one matmul over all rows when every span uses the same slot (the
+    /// Shared experts: one product over all rows when every span uses the same slot (the
     /// usual case), else one per run of consecutive spans sharing a slot.
     fn shared_forward(
         &self,
+        ops: &Ops,
         x: &Tensor,
         moe_index: usize,
         spans: &[MapSpan<'_>],
@@ -468,7 +490,7 @@ impl Moe {
         };
         let first = spans.first().map(slot_of).unwrap_or(0);
         if spans.iter().all(|s| slot_of(s) == first) {
-            return get(first)?.forward(x);
+            return get(first)?.forward(ops, x);
         }
         let mut parts = Vec::new();
         let mut i = 0;
@@ -480,7 +502,7 @@ impl Moe {
                 rows += spans[i].1;
                 i += 1;
             }
-            parts.push(get(slot)?.forward(&x.narrow(0, start, rows)?)?);
+            parts.push(get(slot)?.forward(ops, &x.narrow(0, start, rows)?)?);
         }
         Tensor::cat(&parts, 0)
     }

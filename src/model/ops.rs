@@ -11,6 +11,19 @@ pub struct Ops {
 }
 
 impl Ops {
+    /// `x [m, k] @ w[n, k]^T`: the small-row CPU kernel for decode-sized inputs, candle's
+    /// matmul otherwise (and always when gradients are needed).
+    pub fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if !self.differentiable
+            && super::cpu_kernels::applies(x)
+            && x.dim(0)? <= super::cpu_kernels::SMALL_ROWS
+        {
+            super::cpu_kernels::linear(x, w)
+        } else {
+            x.matmul(&w.t()?)
+        }
+    }
+
     /// `w * x / sqrt(mean(x^2) + eps)` over the last dimension.
     pub fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         if self.differentiable {
