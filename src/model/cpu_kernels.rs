@@ -10,8 +10,13 @@
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Most rows a product may have to take the small-row path.
+/// Most rows a plain product may have to take the small-row path (measured on the runtime
+/// benchmark: beyond ~16 rows candle's packed gemm wins).
 pub const SMALL_ROWS: usize = 16;
+
+/// Most rows one expert may have for the grouped kernel (which parallelises across experts
+/// and wins over per-expert gemm calls up to prefill-sized groups).
+pub const GROUPED_MAX_ROWS: usize = 128;
 
 /// Whether `x` (and weights like it) can use these kernels.
 pub fn applies(x: &Tensor) -> bool {

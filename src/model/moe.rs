@@ -409,7 +409,7 @@ impl Moe {
         let largest = used.iter().map(|u| u.2).max().unwrap_or(0);
         let ys = if !ops.differentiable
             && cpu_kernels::applies(x)
-            && largest <= 2 * cpu_kernels::SMALL_ROWS
+            && largest <= cpu_kernels::GROUPED_MAX_ROWS
         {
             let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
             let groups = used
