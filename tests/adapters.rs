@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use esft::adapter::merge::merge_checkpoint;
 use esft::adapter::{load_adapter, AdapterStats, BaseModel, DeviceSlots, Install};
-use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LoadedModel, LogitsWanted, SeqInput};
+use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LoadedModel};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,23 +17,6 @@ fn spec() -> AdapterSpec {
         shared: false,
         seed: 1,
     }
-}
-
-fn logits_all(model: &DeepSeekV2, ids: &[u32], map: Option<&ExpertMap>) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
-    let mut batch = [SeqInput {
-        tokens: ids,
-        cache: &mut cache,
-        experts: map,
-        logits: LogitsWanted::All,
-    }];
-    model
-        .forward(&mut batch, None)
-        .unwrap()
-        .logits
-        .unwrap()
-        .to_vec2()
-        .unwrap()
 }
 
 fn install(loaded: &mut LoadedModel, dir: &Path) -> Arc<ExpertMap> {

@@ -185,16 +185,6 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }
 
-/// Writes `bytes` to `path` through a temporary sibling and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    let res = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    Ok(res?)
-}
-
 /// Writes `out_dir/config.json` (the given config, pretty-printed) and
 /// `out_dir/model.safetensors` with random f32 weights determined by `seed`. The config is
 /// validated first; an unsupported one is refused and nothing is written. Both files are
@@ -237,7 +227,10 @@ pub fn write_random_checkpoint(
     let mut text = serde_json::to_string_pretty(config_json)
         .map_err(|e| ModelError::Invalid(format!("config.json: {e}")))?;
     text.push('\n');
-    write_atomic(&out_dir.join("config.json"), text.as_bytes())
+    Ok(crate::util::write_atomic(
+        &out_dir.join("config.json"),
+        text.as_bytes(),
+    )?)
 }
 
 #[cfg(test)]

@@ -156,3 +156,25 @@ pub fn write_reference_adapter(
     )
     .unwrap();
 }
+
+/// Logits of every position of one sequence run alone through `model`.
+pub fn logits_all(
+    model: &esft::model::DeepSeekV2,
+    ids: &[u32],
+    map: Option<&esft::model::ExpertMap>,
+) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    let mut batch = [esft::model::SeqInput {
+        tokens: ids,
+        cache: &mut cache,
+        experts: map,
+        logits: esft::model::LogitsWanted::All,
+    }];
+    model
+        .forward(&mut batch, None)
+        .unwrap()
+        .logits
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
