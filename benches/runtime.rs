@@ -60,39 +60,32 @@ struct Pass {
 
 fn ours_pass(model: &DeepSeekV2, prompts: &[Vec<u32>], steps: usize) -> AnyResult<Pass> {
     let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
-    let t = Instant::now();
-    let mut batch: Vec<SeqInput<'_>> = prompts
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(p, cache)| SeqInput {
-            tokens: p,
-            cache,
-            experts: None,
-            logits: LogitsWanted::Last,
-        })
-        .collect();
-    let out = model.forward(&mut batch, None)?;
-    drop(batch);
-    let logits: Vec<Vec<f32>> = out.logits.expect("logits were asked for").to_vec2()?;
-    let prefill = t.elapsed();
-    let first_logits = logits[0].clone();
-    let mut next: Vec<[u32; 1]> = logits.iter().map(|r| [argmax(r)]).collect();
-
-    let t = Instant::now();
-    for _ in 0..steps {
-        let mut batch: Vec<SeqInput<'_>> = next
+    // One batched forward of `inputs[i]` on `caches[i]`; last-position logits per sequence.
+    let mut run = |inputs: &[&[u32]]| -> AnyResult<Vec<Vec<f32>>> {
+        let mut batch: Vec<SeqInput<'_>> = inputs
             .iter()
             .zip(caches.iter_mut())
-            .map(|(tok, cache)| SeqInput {
-                tokens: tok,
+            .map(|(tokens, cache)| SeqInput {
+                tokens,
                 cache,
                 experts: None,
                 logits: LogitsWanted::Last,
             })
             .collect();
         let out = model.forward(&mut batch, None)?;
-        drop(batch);
-        let logits: Vec<Vec<f32>> = out.logits.expect("logits were asked for").to_vec2()?;
+        Ok(out.logits.expect("logits were asked for").to_vec2()?)
+    };
+    let t = Instant::now();
+    let prompt_refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let logits = run(&prompt_refs)?;
+    let prefill = t.elapsed();
+    let first_logits = logits[0].clone();
+    let mut next: Vec<[u32; 1]> = logits.iter().map(|r| [argmax(r)]).collect();
+
+    let t = Instant::now();
+    for _ in 0..steps {
+        let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
+        let logits = run(&refs)?;
         next = logits.iter().map(|r| [argmax(r)]).collect();
     }
     Ok(Pass {

@@ -145,7 +145,6 @@ enum Command {
 }
 
 struct Pending {
-    id: u64,
     req: GenerateRequest,
     events: UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
@@ -250,7 +249,6 @@ impl Engine {
         let cancel = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let pending = Pending {
-            id,
             req,
             events: etx,
             cancel: cancel.clone(),
@@ -606,7 +604,9 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() {
             if let Some(reason) = self.running[i].seq.finish_reason() {
-                let r = self.running.swap_remove(i);
+                // `remove`, not `swap_remove`: the running list stays in admission order,
+                // which is the order prefill budgets are handed out in.
+                let r = self.running.remove(i);
                 let _ = r.pending.events.send(Event::Finished {
                     reason,
                     prompt_tokens: r.seq.prompt().len(),
@@ -619,8 +619,6 @@ impl Scheduler {
                 i += 1;
             }
         }
-        // Keep admission order for fairness of prefill budgets.
-        self.running.sort_by_key(|r| r.pending.id);
     }
 
     fn stop_all(&mut self) {

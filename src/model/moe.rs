@@ -249,6 +249,13 @@ fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
     idx[..k].iter().map(|&i| i as usize).collect()
 }
 
+fn put_slot(table: &mut Vec<Option<Mlp>>, slot: usize, mlp: Option<Mlp>) {
+    if slot >= table.len() {
+        table.resize(slot + 1, None);
+    }
+    table[slot] = mlp;
+}
+
 /// One MoE layer.
 pub struct Moe {
     pub gate: Tensor,
@@ -317,10 +324,7 @@ impl Moe {
 
     /// Fills (or, with `None`, frees) a routed-expert slot, growing the table as needed.
     pub fn set_slot(&mut self, slot: usize, mlp: Option<Mlp>) {
-        if slot >= self.slots.len() {
-            self.slots.resize(slot + 1, None);
-        }
-        self.slots[slot] = mlp;
+        put_slot(&mut self.slots, slot, mlp);
     }
 
     pub fn shared_slot(&self, slot: usize) -> Option<&Mlp> {
@@ -333,10 +337,7 @@ impl Moe {
 
     /// Fills (or frees) a shared-expert slot; slot 0 is the base's.
     pub fn set_shared_slot(&mut self, slot: usize, mlp: Option<Mlp>) {
-        if slot >= self.shared.len() {
-            self.shared.resize(slot + 1, None);
-        }
-        self.shared[slot] = mlp;
+        put_slot(&mut self.shared, slot, mlp);
     }
 
     /// `x`: `[n, hidden]`; `spans` cover all rows in order, each with its expert map row set
