@@ -29,6 +29,62 @@ pub struct Cli {
 pub enum Command {
     /// Generate a completion for one prompt and print it.
     Generate(GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Read an API key on standard input and print its SHA-256 (for the config file).
+    HashKey,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Hugging Face model directory (overrides `model` in the config file).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Adapters directory (default `adapters/`).
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
+    /// A TOML config file (see config/default.toml); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on (default 8080; 0 picks a free one).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+pub fn serve(args: &ServeArgs) -> Result<()> {
+    use crate::server::config::{Overrides, ServerConfig};
+    let config = ServerConfig::load(
+        args.config.as_deref(),
+        &Overrides {
+            model: args.model.clone(),
+            adapters: args.adapters.clone(),
+            host: args.host.clone(),
+            port: args.port,
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("esft-http")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(crate::server::run(config))
+}
+
+pub fn hash_key() -> Result<()> {
+    let mut key = String::new();
+    std::io::stdin()
+        .read_line(&mut key)
+        .context("reading the key from standard input")?;
+    let key = key.trim_end_matches(['\n', '\r']);
+    if key.is_empty() {
+        bail!("no key on standard input");
+    }
+    println!("{}", crate::server::auth::hash_key(key));
+    Ok(())
 }
 
 /// Where the model runs and in which dtype.
@@ -136,6 +192,7 @@ impl GenerateArgs {
             stop_token_ids: self.stop_token_id.clone(),
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            logprobs: None,
         }
     }
 }

@@ -5,4 +5,5 @@ pub mod adapter;
 pub mod cli;
 pub mod engine;
 pub mod model;
+pub mod server;
 pub mod util;

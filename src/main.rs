@@ -12,6 +12,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Generate(args) => esft::cli::generate(args),
+        Command::Serve(args) => esft::cli::serve(args),
+        Command::HashKey => esft::cli::hash_key(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

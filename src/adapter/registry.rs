@@ -63,10 +63,7 @@ impl AdapterRegistry {
             Ok(_) => {
                 self.stats.disk.loads.fetch_add(1, Ordering::Relaxed);
                 self.stats.host.loads.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .load_seconds_sum_micros
-                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                self.stats.load_count.fetch_add(1, Ordering::Relaxed);
+                self.stats.record_load(started.elapsed().as_secs_f64());
             }
             Err(_) => {
                 self.stats

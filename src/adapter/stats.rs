@@ -34,6 +34,11 @@ pub struct TierCounters {
     pub resident_bytes: AtomicU64,
 }
 
+/// Upper bounds of the adapter load duration histogram, in seconds.
+pub const LOAD_SECONDS_BUCKETS: [f64; 12] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 #[derive(Debug, Default)]
 pub struct AdapterStats {
     pub disk: TierCounters,
@@ -42,6 +47,8 @@ pub struct AdapterStats {
     /// Sum of seconds spent making adapters servable (disk read + validation), and count.
     pub load_seconds_sum_micros: AtomicU64,
     pub load_count: AtomicU64,
+    /// Loads that took at most `LOAD_SECONDS_BUCKETS[i]` seconds (not cumulative).
+    pub load_seconds_buckets: [AtomicU64; LOAD_SECONDS_BUCKETS.len()],
     /// Device expert slots: used (adapter copies) and total (base + what the budget allows).
     pub device_slots_used: AtomicU64,
     pub device_slots_total: AtomicU64,
@@ -63,6 +70,16 @@ impl AdapterStats {
             c.hits.fetch_add(1, Ordering::Relaxed);
         } else {
             c.misses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records one successful load that took `seconds`.
+    pub fn record_load(&self, seconds: f64) {
+        self.load_seconds_sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.load_count.fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = LOAD_SECONDS_BUCKETS.iter().position(|&b| seconds <= b) {
+            self.load_seconds_buckets[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 

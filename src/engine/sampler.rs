@@ -26,7 +26,13 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Report each sampled token's log-probability and this many most likely alternatives
+    /// (at most [`MAX_TOP_LOGPROBS`]); `None` reports nothing.
+    pub logprobs: Option<usize>,
 }
+
+/// Most alternatives a token's log-probabilities may list.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -42,6 +48,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -86,6 +93,12 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "stop strings must not be empty".into());
+        }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return bad(
+                "logprobs",
+                format!("at most {MAX_TOP_LOGPROBS} alternatives, got {n}"),
+            );
         }
         Ok(())
     }
@@ -205,6 +218,59 @@ impl Sampler {
     }
 }
 
+/// A sampled token's log-probability and the most likely alternatives, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of `logits` at `token`, and the `top` largest entries (lowest id first on
+/// ties). NaN logits count as impossible.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| ((v - max) as f64).exp())
+        .sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |v: f32| {
+        if v.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            (v as f64 - lse) as f32
+        }
+    };
+    let logprob = logits
+        .get(token as usize)
+        .map_or(f32::NEG_INFINITY, |&v| lp(v));
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+        let desc = |a: &(u32, f32), b: &(u32, f32)| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0));
+        best = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
+        let k = top.min(best.len());
+        if k > 0 && k < best.len() {
+            best.select_nth_unstable_by(k - 1, desc);
+        }
+        best.truncate(k);
+        best.sort_unstable_by(desc);
+        for e in &mut best {
+            e.1 = lp(e.1);
+        }
+    }
+    TokenLogprobs { logprob, top: best }
+}
+
 /// Index of the largest value, lowest index on ties (NaN never wins).
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0usize;
@@ -290,6 +356,21 @@ mod tests {
     }
 
     #[test]
+    fn logprobs_hand_case() {
+        // softmax of [ln 1, ln 3, ln 3, ln 1] = [1/8, 3/8, 3/8, 1/8].
+        let l = [0.0, (3f32).ln(), (3f32).ln(), 0.0];
+        let r = logprobs(&l, 3, 3);
+        assert!((r.logprob - (0.125f32).ln()).abs() < 1e-6);
+        let ids: Vec<u32> = r.top.iter().map(|e| e.0).collect();
+        assert_eq!(ids, [1, 2, 0], "best first, lowest id on ties");
+        assert!((r.top[0].1 - (0.375f32).ln()).abs() < 1e-6);
+        let total: f32 = (0..4).map(|i| logprobs(&l, i, 0).logprob.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(logprobs(&l, 1, 0).top.is_empty());
+        assert_eq!(logprobs(&l, 1, 99).top.len(), 4);
+    }
+
+    #[test]
     fn validation_names_the_parameter() {
         assert_eq!(params(|p| p.top_p = 0.0).validate().unwrap_err().0, "top_p");
         assert_eq!(
@@ -299,6 +380,10 @@ mod tests {
         assert_eq!(
             params(|p| p.max_tokens = 0).validate().unwrap_err().0,
             "max_tokens"
+        );
+        assert_eq!(
+            params(|p| p.logprobs = Some(21)).validate().unwrap_err().0,
+            "logprobs"
         );
         assert!(SamplingParams::default().validate().is_ok());
     }

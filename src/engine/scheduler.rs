@@ -132,6 +132,8 @@ pub struct EngineStats {
     pub kv_cache_bytes: AtomicU64,
     /// Per adapter (base = ""), (running, waiting).
     pub per_adapter: Mutex<HashMap<String, (u64, u64)>>,
+    /// Adapters resident in device slots.
+    pub device_adapters: Mutex<Vec<String>>,
 }
 
 enum Command {
@@ -263,7 +265,8 @@ impl Engine {
         })
     }
 
-    /// Frees an adapter's device slots; `Ok(false)` if it was not resident.
+    /// Frees an adapter's device slots and drops it from host memory; `Ok(false)` if it
+    /// was not device-resident. Refused while requests for it run or wait.
     pub fn unload_adapter(&self, name: &str) -> Result<bool, AdapterError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.tx
@@ -380,8 +383,21 @@ impl Scheduler {
                 }
             }
             Command::Unload(name, reply) => {
-                self.loaded.remove(&name);
-                let r = self.slots.remove(&mut self.model, &name);
+                let queued = self
+                    .waiting
+                    .iter()
+                    .any(|p| p.req.adapter.as_deref() == Some(name.as_str()));
+                let r = if queued || self.pending_loads.iter().any(|(n, _)| *n == name) {
+                    Err(AdapterError::InUse(name.clone()))
+                } else {
+                    self.slots.remove(&mut self.model, &name)
+                };
+                if r.is_ok() {
+                    self.loaded.remove(&name);
+                    self.registry.forget(&name);
+                }
+                // Published before replying: whoever asks next sees the new state.
+                self.publish_device();
                 let _ = reply.send(r);
             }
             Command::Load(name, reply) => {
@@ -418,6 +434,7 @@ impl Scheduler {
             },
             None => Err("adapter is not loaded".into()),
         };
+        self.publish_device();
         self.pending_loads.retain(|(n, reply)| {
             if n == name {
                 let _ = reply.send(result.clone());
@@ -635,6 +652,14 @@ impl Scheduler {
         }
     }
 
+    fn publish_device(&self) {
+        if let Ok(mut d) = self.stats.device_adapters.lock() {
+            d.clear();
+            d.extend(self.slots.resident_names());
+            d.sort();
+        }
+    }
+
     fn publish(&self) {
         let s = &self.stats;
         s.waiting
@@ -647,6 +672,7 @@ impl Scheduler {
             .map(|r| r.seq.cache.capacity_bytes())
             .sum();
         s.kv_cache_bytes.store(kv as u64, Ordering::Relaxed);
+        self.publish_device();
         if let Ok(mut m) = s.per_adapter.lock() {
             m.clear();
             for r in &self.running {

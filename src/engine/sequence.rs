@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::sampler::{Sampler, SamplingParams};
+use super::sampler::{logprobs, Sampler, SamplingParams, TokenLogprobs};
 use super::stop::StopStrings;
 use crate::model::tokenizer::{IncrementalDecoder, TextTokenizer};
 use crate::model::{ExpertMap, LogitsWanted, SeqCache, SeqInput};
@@ -25,6 +25,9 @@ pub struct TokenEvent {
     /// Newly released text (may be empty while a character or a stop string is pending).
     pub text: String,
     pub finish: Option<FinishReason>,
+    /// When the request asked for them: log-probabilities after the penalties, before
+    /// temperature, top-k and top-p.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 pub struct Sequence {
@@ -140,6 +143,8 @@ impl Sequence {
         tok: Option<&TextTokenizer>,
     ) -> crate::model::Result<TokenEvent> {
         let token = self.sampler.sample(logits);
+        // `sample` left the penalised logits in `logits`.
+        let lp = self.params().logprobs.map(|top| logprobs(logits, token, top));
         self.sampler.observe(token);
         self.generated.push(token);
         let mut finish = None;
@@ -173,6 +178,7 @@ impl Sequence {
             token,
             text,
             finish,
+            logprobs: lp,
         })
     }
 

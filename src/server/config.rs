@@ -1,0 +1,289 @@
+//! The server's configuration: a TOML file (every key optional, see `config/default.toml`)
+//! with command-line flags on top.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// The model directory (`--model` overrides; one of the two is required).
+    pub model: Option<PathBuf>,
+    /// The adapters directory (created if missing).
+    pub adapters: PathBuf,
+    /// The id clients use for the base model; empty = the model directory's name.
+    pub model_id: String,
+    pub device: String,
+    pub dtype: String,
+    pub engine: EngineSection,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub auth: AuthConfig,
+    pub metrics: MetricsConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            model: None,
+            adapters: PathBuf::from("adapters"),
+            model_id: String::new(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            engine: EngineSection::default(),
+            limits: Limits::default(),
+            shutdown: Shutdown::default(),
+            auth: AuthConfig::default(),
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    pub max_running: usize,
+    pub max_batch_tokens: usize,
+    pub prefill_chunk: usize,
+    /// Bytes of device memory for adapter expert slots.
+    pub device_slot_bytes: u64,
+    /// Bytes of host memory for validated adapters.
+    pub host_cache_bytes: u64,
+    /// Longest sequence (prompt + output); 0 = the model's `max_position_embeddings`.
+    pub max_context: usize,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            max_running: 64,
+            max_batch_tokens: 2048,
+            prefill_chunk: 512,
+            device_slot_bytes: 1 << 30,
+            host_cache_bytes: 4 << 30,
+            max_context: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest JSON request body.
+    pub max_body_bytes: usize,
+    /// Largest adapter package upload.
+    pub max_upload_bytes: u64,
+    /// Largest `n` (choices per request).
+    pub max_n: usize,
+    /// Most stop strings per request.
+    pub max_stop: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 << 20,
+            max_upload_bytes: 8 << 30,
+            max_n: 16,
+            max_stop: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Shutdown {
+    /// After SIGTERM, how long in-flight requests may run before they are cancelled.
+    pub drain_seconds: f64,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self {
+            drain_seconds: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// SHA-256 (hex) of each admin key.
+    pub admin_key_sha256: Vec<String>,
+    /// Adapters every tenant may use (unless their directory says otherwise).
+    pub public_adapters: Vec<String>,
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// SHA-256 (hex) of each of the tenant's keys.
+    pub key_sha256: Vec<String>,
+    /// Adapters already in the adapters directory that this tenant owns.
+    pub adapters: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Require an admin key for `GET /metrics` (adapter names appear in labels).
+    pub require_admin: bool,
+    /// Adapters with their own label in per-adapter metrics; the rest are summed as
+    /// `adapter="(other)"`.
+    pub max_adapter_labels: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            require_admin: false,
+            max_adapter_labels: 32,
+        }
+    }
+}
+
+/// Flags that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub model: Option<PathBuf>,
+    pub adapters: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl ServerConfig {
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Reads `path` (or the defaults when `None`) and applies the flags.
+    pub fn load(path: Option<&Path>, flags: &Overrides) -> Result<Self, String> {
+        let mut c = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("reading {}: {e}", p.display()))?;
+                Self::from_toml(&text).map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            None => Self::default(),
+        };
+        if let Some(m) = &flags.model {
+            c.model = Some(m.clone());
+        }
+        if let Some(a) = &flags.adapters {
+            c.adapters = a.clone();
+        }
+        if let Some(h) = &flags.host {
+            c.host = h.clone();
+        }
+        if let Some(p) = flags.port {
+            c.port = p;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.model.is_none() {
+            return Err("no model: pass --model DIR or set `model` in the config file".into());
+        }
+        let e = &self.engine;
+        for (k, v) in [
+            ("engine.max_running", e.max_running),
+            ("engine.max_batch_tokens", e.max_batch_tokens),
+            ("engine.prefill_chunk", e.prefill_chunk),
+            ("limits.max_n", self.limits.max_n),
+            ("limits.max_body_bytes", self.limits.max_body_bytes),
+        ] {
+            if v == 0 {
+                return Err(format!("{k} must be at least 1"));
+            }
+        }
+        if e.max_batch_tokens < e.max_running {
+            return Err(format!(
+                "engine.max_batch_tokens ({}) must be at least engine.max_running ({})",
+                e.max_batch_tokens, e.max_running
+            ));
+        }
+        if !(self.shutdown.drain_seconds.is_finite() && self.shutdown.drain_seconds >= 0.0) {
+            return Err("shutdown.drain_seconds must be >= 0".into());
+        }
+        let hex = |k: &str| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit());
+        let mut names = std::collections::HashSet::new();
+        for t in &self.auth.tenants {
+            if t.name.is_empty() {
+                return Err("auth.tenants: every tenant needs a name".into());
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(format!("auth.tenants: tenant {:?} is listed twice", t.name));
+            }
+        }
+        let all = self.auth.admin_key_sha256.iter().chain(
+            self.auth
+                .tenants
+                .iter()
+                .flat_map(|t| t.key_sha256.iter()),
+        );
+        let mut seen = std::collections::HashSet::new();
+        for k in all {
+            if !hex(k) {
+                return Err(format!(
+                    "auth: {k:?} is not a SHA-256 hex digest (64 hex digits; `esft-serve hash-key` prints one)"
+                ));
+            }
+            if !seen.insert(k.to_ascii_lowercase()) {
+                return Err(format!("auth: key hash {k} is configured twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_default_file_equals_the_built_in_defaults() {
+        let text = include_str!("../../config/default.toml");
+        let parsed = ServerConfig::from_toml(text).unwrap();
+        assert_eq!(parsed, ServerConfig::default());
+    }
+
+    #[test]
+    fn flags_override_the_file_and_typos_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "port = 9000\nhost = \"0.0.0.0\"\nmodel = \"m\"\n").unwrap();
+        let c = ServerConfig::load(
+            Some(&p),
+            &Overrides {
+                port: Some(9100),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("0.0.0.0", 9100));
+        assert_eq!(c.model, Some(PathBuf::from("m")));
+        let err = ServerConfig::from_toml("prot = 1").unwrap_err();
+        assert!(err.contains("prot"), "{err}");
+        assert!(ServerConfig::load(None, &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn key_hashes_are_checked() {
+        let mut c = ServerConfig {
+            model: Some("m".into()),
+            ..ServerConfig::default()
+        };
+        c.auth.admin_key_sha256 = vec!["secret".into()];
+        assert!(c.validate().unwrap_err().contains("SHA-256"));
+        c.auth.admin_key_sha256 = vec!["a".repeat(64), "A".repeat(64)];
+        assert!(c.validate().unwrap_err().contains("twice"));
+    }
+}

@@ -1,0 +1,169 @@
+//! OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right
+//! status, and the JSON body extractor that reports bad input that way.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    /// 400 for a request field.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message).param(param)
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self::not_found(format!(
+            "the model `{model}` does not exist or you do not have access to it"
+        ))
+        .param("model")
+        .code("model_not_found")
+    }
+
+    pub fn adapter_not_found(name: &str) -> Self {
+        Self::not_found(format!(
+            "the adapter `{name}` does not exist or you do not have access to it"
+        ))
+        .code("adapter_not_found")
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict_error", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    pub fn param(mut self, p: &str) -> Self {
+        self.param = Some(p.to_string());
+        self
+    }
+
+    pub fn code(mut self, c: &'static str) -> Self {
+        self.code = Some(c);
+        self
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// A JSON request body. Refuses, OpenAI-style: bodies over the size limit (413), bytes that
+/// are not UTF-8, malformed JSON, and fields of the wrong type (naming the field).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            let status = r.status();
+            let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "the request body is larger than the server's limit".to_string()
+            } else {
+                format!("could not read the request body: {}", r.body_text())
+            };
+            ApiError::new(status, "invalid_request_error", msg)
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        ApiError::bad_request(format!("the request body is not valid UTF-8: {e}"))
+    })?;
+    // Syntax first, so a malformed body is not reported as a type error.
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("the request body must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        if path == "." || path.is_empty() {
+            ApiError::bad_request(inner)
+        } else {
+            ApiError::invalid(&path, format!("{path}: {inner}"))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct T {
+        a: u32,
+        b: Option<Vec<String>>,
+    }
+
+    #[test]
+    fn names_the_field_of_a_type_error() {
+        let e = parse_json::<T>(br#"{"a": "x"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("a"));
+        let e = parse_json::<T>(br#"{"a": 1, "b": [1]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("b[0]"));
+        let e = parse_json::<T>(br#"{"a": 1"#).unwrap_err();
+        assert!(e.message.contains("not valid JSON"), "{}", e.message);
+        let e = parse_json::<T>(b"{\"a\": 1, \"c\": \"\xff\"}").unwrap_err();
+        assert!(e.message.contains("UTF-8"), "{}", e.message);
+        let e = parse_json::<T>(br#"{}"#).unwrap_err();
+        assert!(e.message.contains("missing field `a`"), "{}", e.message);
+        assert!(parse_json::<T>(br#"{"a": 1}"#).is_ok());
+    }
+}

@@ -1,0 +1,409 @@
+//! Prometheus metrics, text format. Request-level metrics are kept here; the engine's and
+//! the adapter tiers' live numbers are read from their atomics at scrape time. Names carry
+//! the `esft_` prefix and base units; counters end in `_total`; label values come from
+//! closed sets (route templates, status codes, tiers) or a bounded set of adapter names.
+
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram as HistogramProto, LabelPair, Metric, MetricFamily,
+    MetricType,
+};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+use std::sync::atomic::Ordering;
+
+use crate::adapter::stats::LOAD_SECONDS_BUCKETS;
+use crate::adapter::{AdapterStats, Tier};
+use crate::engine::scheduler::EngineStats;
+
+pub const BASE_LABEL: &str = "(base)";
+pub const OTHER_LABEL: &str = "(other)";
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub inter_token: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub finished: IntCounterVec,
+}
+
+fn buckets(opts: HistogramOpts, b: &[f64]) -> HistogramOpts {
+    opts.buckets(b.to_vec())
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "esft_http_requests_total",
+                "HTTP requests by route and status code.",
+            ),
+            &["endpoint", "code"],
+        )?;
+        let request_duration = HistogramVec::new(
+            buckets(
+                HistogramOpts::new(
+                    "esft_request_duration_seconds",
+                    "End-to-end latency of generation requests, arrival to last token.",
+                ),
+                &[
+                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                    300.0,
+                ],
+            ),
+            &["endpoint"],
+        )?;
+        let ttft = HistogramVec::new(
+            buckets(
+                HistogramOpts::new(
+                    "esft_time_to_first_token_seconds",
+                    "Time from a request's arrival to its first generated token, per sequence.",
+                ),
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ],
+            ),
+            &["endpoint"],
+        )?;
+        let inter_token = Histogram::with_opts(buckets(
+            HistogramOpts::new(
+                "esft_inter_token_latency_seconds",
+                "Time between consecutive generated tokens of a sequence.",
+            ),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ],
+        ))?;
+        let prompt_tokens = IntCounter::new(
+            "esft_prompt_tokens_total",
+            "Prompt tokens of finished generation requests.",
+        )?;
+        let generation_tokens = IntCounter::new(
+            "esft_generation_tokens_total",
+            "Generated tokens (every sampled token, EOS included).",
+        )?;
+        let finished = IntCounterVec::new(
+            Opts::new(
+                "esft_sequences_finished_total",
+                "Sequences that ended, by finish reason (stop, length, cancelled, error).",
+            ),
+            &["finish_reason"],
+        )?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(inter_token.clone()))?;
+        registry.register(Box::new(prompt_tokens.clone()))?;
+        registry.register(Box::new(generation_tokens.clone()))?;
+        registry.register(Box::new(finished.clone()))?;
+        Ok(Self {
+            registry,
+            http_requests,
+            request_duration,
+            ttft,
+            inter_token,
+            prompt_tokens,
+            generation_tokens,
+            finished,
+        })
+    }
+
+    /// The whole scrape in Prometheus text format.
+    pub fn render(
+        &self,
+        engine: Option<&EngineStats>,
+        adapters: Option<&AdapterStats>,
+        max_adapter_labels: usize,
+    ) -> Result<String, String> {
+        let mut families = self.registry.gather();
+        if let Some(e) = engine {
+            families.extend(engine_families(e, max_adapter_labels));
+        }
+        if let Some(a) = adapters {
+            families.extend(adapter_families(a));
+        }
+        // The text encoder refuses a family without samples.
+        families.retain(|f| !f.get_metric().is_empty());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&families, &mut out)
+            .map_err(|e| e.to_string())?;
+        String::from_utf8(out).map_err(|e| e.to_string())
+    }
+}
+
+fn label(name: &str, value: &str) -> LabelPair {
+    let mut l = LabelPair::default();
+    l.set_name(name.to_string());
+    l.set_value(value.to_string());
+    l
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn gauge_metric(labels: Vec<LabelPair>, v: f64) -> Metric {
+    let mut g = Gauge::default();
+    g.set_value(v);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_gauge(g);
+    m
+}
+
+fn counter_metric(labels: Vec<LabelPair>, v: f64) -> Metric {
+    let mut c = Counter::default();
+    c.set_value(v);
+    let mut m = Metric::default();
+    m.set_label(labels);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(name: &str, help: &str, v: u64) -> MetricFamily {
+    family(
+        name,
+        help,
+        MetricType::GAUGE,
+        vec![gauge_metric(vec![], v as f64)],
+    )
+}
+
+fn engine_families(e: &EngineStats, max_labels: usize) -> Vec<MetricFamily> {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = vec![
+        gauge(
+            "esft_requests_waiting",
+            "Requests queued for admission (the queue depth).",
+            get(&e.waiting),
+        ),
+        gauge(
+            "esft_requests_running",
+            "Sequences in the running batch.",
+            get(&e.running),
+        ),
+        gauge(
+            "esft_batch_sequences",
+            "Sequences in the last forward step (the batch size).",
+            get(&e.batch_sequences),
+        ),
+        gauge(
+            "esft_batch_tokens",
+            "Tokens in the last forward step.",
+            get(&e.batch_tokens),
+        ),
+        gauge(
+            "esft_kv_cache_bytes",
+            "Bytes of KV (latent) cache held by running sequences.",
+            get(&e.kv_cache_bytes),
+        ),
+        family(
+            "esft_engine_steps_total",
+            "Forward steps the engine ran.",
+            MetricType::COUNTER,
+            vec![counter_metric(vec![], get(&e.steps) as f64)],
+        ),
+    ];
+    // Per adapter, bounded: the busiest `max_labels` adapters by name, the rest summed.
+    let mut rows: Vec<(String, (u64, u64))> = e
+        .per_adapter
+        .lock()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+        .unwrap_or_default();
+    rows.sort_by(|a, b| (b.1 .0 + b.1 .1).cmp(&(a.1 .0 + a.1 .1)).then(a.0.cmp(&b.0)));
+    let mut labelled: Vec<(String, (u64, u64))> = Vec::new();
+    let mut other = (0u64, 0u64);
+    let mut named = 0;
+    // The base model always has its row.
+    if !rows.iter().any(|r| r.0.is_empty()) {
+        rows.push((String::new(), (0, 0)));
+    }
+    for (name, v) in rows {
+        if name.is_empty() {
+            labelled.push((BASE_LABEL.to_string(), v));
+        } else if named < max_labels {
+            named += 1;
+            labelled.push((name, v));
+        } else {
+            other.0 += v.0;
+            other.1 += v.1;
+        }
+    }
+    if other != (0, 0) {
+        labelled.push((OTHER_LABEL.to_string(), other));
+    }
+    labelled.sort_by(|a, b| a.0.cmp(&b.0));
+    let per = |pick: fn(&(u64, u64)) -> u64| {
+        labelled
+            .iter()
+            .map(|(n, v)| gauge_metric(vec![label("adapter", n)], pick(v) as f64))
+            .collect::<Vec<_>>()
+    };
+    out.push(family(
+        "esft_adapter_requests_running",
+        "Running sequences per adapter (base model: \"(base)\").",
+        MetricType::GAUGE,
+        per(|v| v.0),
+    ));
+    out.push(family(
+        "esft_adapter_requests_waiting",
+        "Waiting requests per adapter (base model: \"(base)\").",
+        MetricType::GAUGE,
+        per(|v| v.1),
+    ));
+    out
+}
+
+fn adapter_families(a: &AdapterStats) -> Vec<MetricFamily> {
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    type Pick = fn(&crate::adapter::stats::TierCounters) -> &std::sync::atomic::AtomicU64;
+    let per_tier = |name: &str, help: &str, kind: MetricType, pick: Pick| {
+        let metrics = Tier::ALL
+            .iter()
+            .map(|&t| {
+                let v = get(pick(a.tier(t))) as f64;
+                let l = vec![label("tier", t.label())];
+                match kind {
+                    MetricType::COUNTER => counter_metric(l, v),
+                    _ => gauge_metric(l, v),
+                }
+            })
+            .collect();
+        family(name, help, kind, metrics)
+    };
+    let c = MetricType::COUNTER;
+    let g = MetricType::GAUGE;
+    let mut out = vec![
+        per_tier(
+            "esft_adapter_lookups_total",
+            "Adapter lookups per tier (disk: directory, host: memory cache, device: slots).",
+            c,
+            |t| &t.lookups,
+        ),
+        per_tier(
+            "esft_adapter_hits_total",
+            "Adapter lookups that found the adapter in the tier.",
+            c,
+            |t| &t.hits,
+        ),
+        per_tier(
+            "esft_adapter_misses_total",
+            "Adapter lookups that did not find the adapter in the tier.",
+            c,
+            |t| &t.misses,
+        ),
+        per_tier(
+            "esft_adapter_loads_total",
+            "Adapters brought into the tier.",
+            c,
+            |t| &t.loads,
+        ),
+        per_tier(
+            "esft_adapter_evictions_total",
+            "Adapters evicted from the tier.",
+            c,
+            |t| &t.evictions,
+        ),
+        per_tier(
+            "esft_adapter_load_failures_total",
+            "Adapters that failed to load into the tier (invalid or unreadable).",
+            c,
+            |t| &t.load_failures,
+        ),
+        per_tier(
+            "esft_adapters_resident",
+            "Adapters resident in the tier.",
+            g,
+            |t| &t.resident,
+        ),
+        per_tier(
+            "esft_adapter_resident_bytes",
+            "Bytes of adapters resident in the tier.",
+            g,
+            |t| &t.resident_bytes,
+        ),
+        gauge(
+            "esft_device_expert_slots_used",
+            "Expert slots holding experts on the device (base experts included).",
+            get(&a.device_slots_used),
+        ),
+        gauge(
+            "esft_device_expert_slots",
+            "Expert slots the device can hold (base experts plus the adapter slot budget).",
+            get(&a.device_slots_total),
+        ),
+    ];
+    let mut h = HistogramProto::default();
+    let mut cumulative = 0u64;
+    let mut bs = Vec::new();
+    for (i, &ub) in LOAD_SECONDS_BUCKETS.iter().enumerate() {
+        cumulative += get(&a.load_seconds_buckets[i]);
+        let mut b = Bucket::default();
+        b.set_upper_bound(ub);
+        b.set_cumulative_count(cumulative);
+        bs.push(b);
+    }
+    h.set_bucket(bs);
+    h.set_sample_count(get(&a.load_count));
+    h.set_sample_sum(get(&a.load_seconds_sum_micros) as f64 / 1e6);
+    let mut m = Metric::default();
+    m.set_histogram(h);
+    out.push(family(
+        "esft_adapter_load_duration_seconds",
+        "Time to read and validate an adapter from disk.",
+        MetricType::HISTOGRAM,
+        vec![m],
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_adapter_labels_are_bounded() {
+        let e = EngineStats::default();
+        {
+            let mut m = e.per_adapter.lock().unwrap();
+            m.insert(String::new(), (2, 1));
+            for i in 0..10 {
+                m.insert(format!("a{i}"), (i, 0));
+            }
+        }
+        let text = Metrics::new().unwrap().render(Some(&e), None, 3).unwrap();
+        let running: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("esft_adapter_requests_running{"))
+            .collect();
+        // base, the 3 busiest (a9, a8, a7) and the rest summed: 0 + 1 + ... + 6 = 21.
+        assert_eq!(running.len(), 5, "{running:?}");
+        assert!(running.contains(&"esft_adapter_requests_running{adapter=\"(other)\"} 21"));
+        assert!(running.contains(&"esft_adapter_requests_running{adapter=\"a9\"} 9"));
+        assert!(running.contains(&"esft_adapter_requests_running{adapter=\"(base)\"} 2"));
+    }
+
+    #[test]
+    fn load_histogram_is_cumulative() {
+        let a = AdapterStats::default();
+        a.record_load(0.02);
+        a.record_load(3.0);
+        let text = Metrics::new().unwrap().render(None, Some(&a), 8).unwrap();
+        assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"0.025\"} 1"));
+        assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"5\"} 2"));
+        assert!(text.contains("esft_adapter_load_duration_seconds_count 2"));
+        assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"+Inf\"} 2"));
+    }
+}

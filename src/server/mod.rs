@@ -1,0 +1,354 @@
+//! `esft-serve serve`: the OpenAI-compatible HTTP server.
+//!
+//! - [`config`]: the TOML file and flags
+//! - [`auth`]: API keys, tenants, adapter ownership
+//! - [`openai`]: request bodies -> engine plans; [`generate`]: engine events -> JSON / SSE
+//! - [`completions`], [`models`], [`admin`]: the routes
+//! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors
+
+pub mod admin;
+pub mod auth;
+pub mod completions;
+pub mod config;
+pub mod errors;
+pub mod generate;
+pub mod metrics;
+pub mod models;
+pub mod openai;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use candle_core::DType;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel};
+use crate::engine::{Engine, EngineConfig};
+use crate::model::{LoadOptions, LoadedModel};
+use auth::Auth;
+use config::ServerConfig;
+use errors::ApiError;
+use metrics::Metrics;
+
+/// The model being served, once loaded.
+pub struct Served {
+    pub engine: Arc<Engine>,
+    pub base_id: String,
+    pub max_context: usize,
+    pub created: u64,
+    pub dtype: DType,
+}
+
+pub struct AppState {
+    pub config: ServerConfig,
+    pub auth: Auth,
+    pub metrics: Metrics,
+    served: OnceLock<Arc<Served>>,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(config: ServerConfig) -> Result<Self, String> {
+        Ok(Self {
+            auth: Auth::new(&config.auth),
+            metrics: Metrics::new().map_err(|e| e.to_string())?,
+            config,
+            served: OnceLock::new(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// The loaded model; 503 while it loads or once the server drains.
+    pub fn served(&self) -> Result<Arc<Served>, ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::unavailable("the server is shutting down").code("shutting_down"));
+        }
+        self.served
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable("the model is still loading").code("loading"))
+    }
+
+    pub fn set_served(&self, s: Arc<Served>) {
+        let _ = self.served.set(s);
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn engine(&self) -> Option<Arc<Engine>> {
+        self.served.get().map(|s| s.engine.clone())
+    }
+}
+
+/// The id of the base model: the configured one or the model directory's name.
+pub fn base_id(config: &ServerConfig, dir: &std::path::Path) -> String {
+    if !config.model_id.is_empty() {
+        return config.model_id.clone();
+    }
+    std::fs::canonicalize(dir)
+        .ok()
+        .as_deref()
+        .unwrap_or(dir)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model")
+        .to_string()
+}
+
+/// Loads the model and starts the engine (blocking).
+pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
+    use anyhow::Context;
+    let dir = config
+        .model
+        .clone()
+        .context("no model directory configured")?;
+    let opts = crate::cli::DeviceArgs {
+        device: config.device.clone(),
+        dtype: config.dtype.clone(),
+    }
+    .load_options()?;
+    let dtype = opts.dtype;
+    let loaded = LoadedModel::load(&dir, &LoadOptions { ..opts })
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let model_ctx = loaded.max_context();
+    let max_context = match config.engine.max_context {
+        0 => model_ctx,
+        n => n.min(model_ctx),
+    };
+    let base = Arc::new(BaseModel::new(
+        loaded.model.config().clone(),
+        loaded.store.clone(),
+    ));
+    let store = AdapterStore::open(&config.adapters)
+        .with_context(|| format!("opening the adapters directory {}", config.adapters.display()))?;
+    let registry = Arc::new(AdapterRegistry::new(
+        store,
+        base,
+        dtype,
+        config.engine.host_cache_bytes,
+        Arc::new(AdapterStats::default()),
+    ));
+    let e = &config.engine;
+    let engine = Engine::start(
+        loaded.model,
+        Arc::new(loaded.tokenizer),
+        registry,
+        EngineConfig {
+            max_running: e.max_running,
+            max_batch_tokens: e.max_batch_tokens,
+            prefill_chunk: e.prefill_chunk,
+            device_slot_bytes: usize::try_from(e.device_slot_bytes).unwrap_or(usize::MAX),
+            max_context,
+        },
+    );
+    Ok(Served {
+        engine,
+        base_id: base_id(config, &dir),
+        max_context,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        dtype,
+    })
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    match state.served() {
+        Ok(s) => axum::Json(serde_json::json!({"status": "ready", "model": s.base_id}))
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics_text(
+    State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if state.config.metrics.require_admin {
+        let h = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        match state.auth.authenticate(h) {
+            Ok(c) if c.is_admin() => {}
+            Ok(_) => return ApiError::forbidden("the metrics need an admin key").into_response(),
+            Err(e) => return e.into_response(),
+        }
+    }
+    let served = state.served.get();
+    let text = state.metrics.render(
+        served.map(|s| s.engine.stats.as_ref()),
+        served.map(|s| s.engine.registry.stats.as_ref()),
+        state.config.metrics.max_adapter_labels,
+    );
+    match text {
+        Ok(t) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            t,
+        )
+            .into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+/// Counts every routed request by route template and status code.
+async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[endpoint.as_str(), resp.status().as_str()])
+        .inc();
+    resp
+}
+
+async fn not_found(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&["unmatched", "404"])
+        .inc();
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+        .code("unknown_url")
+        .into_response()
+}
+
+/// Every route, with the body limits and request counting.
+pub fn router(state: Arc<AppState>) -> Router {
+    let json_limit = state.config.limits.max_body_bytes;
+    let api = Router::new()
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(completions::chat))
+        .route("/v1/models", get(models::list))
+        .route("/v1/models/{id}", get(models::get))
+        .route(
+            "/v1/adapters",
+            get(admin::list).post(admin::upload),
+        )
+        .route(
+            "/v1/adapters/{name}",
+            get(admin::get).delete(admin::delete),
+        )
+        .route("/v1/adapters/{name}/load", post(admin::load))
+        .route("/v1/adapters/{name}/unload", post(admin::unload))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(json_limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    api.with_state(state)
+}
+
+/// Resolves when SIGTERM or Ctrl-C arrives.
+pub async fn termination() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Runs the server until SIGTERM / Ctrl-C, then drains: no new connections, in-flight
+/// requests run up to `shutdown.drain_seconds`, then whatever is left is cancelled.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let state = Arc::new(AppState::new(config.clone()).map_err(anyhow::Error::msg)?);
+    if state.auth.is_open() {
+        tracing::warn!(
+            "no API keys are configured: the server is open, anyone who can reach it may use and manage every adapter"
+        );
+    }
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+
+    // Load in the background: /health answers at once, /ready once the model is in.
+    let loader = {
+        let state = state.clone();
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || match load(&config) {
+            Ok(s) => {
+                tracing::info!(model = %s.base_id, max_context = s.max_context, "model loaded, ready");
+                state.set_served(Arc::new(s));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        })
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = loader.await {
+            let _ = stop_tx.send(e);
+        }
+    });
+
+    let drain = Duration::from_secs_f64(config.shutdown.drain_seconds);
+    let signal_state = state.clone();
+    let (load_failed_tx, mut load_failed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = async move {
+        tokio::select! {
+            _ = termination() => {
+                tracing::info!(drain_seconds = drain.as_secs_f64(), "shutting down: draining in-flight requests");
+            }
+            Ok(e) = stop_rx => {
+                let _ = load_failed_tx.send(e);
+            }
+        }
+        signal_state.start_draining();
+        // The deadline: cancel what still runs, so streams end and connections close.
+        let st = signal_state.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(drain).await;
+            if let Some(engine) = st.engine() {
+                tracing::warn!("drain deadline reached: cancelling the requests still running");
+                let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+            }
+            // Connections that still hang on after that get a little longer, no more.
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            tracing::error!("connections still open 10 s after the drain deadline: exiting");
+            std::process::exit(1);
+        });
+    };
+    let app = router(state.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    server.await?;
+    if let Ok(e) = load_failed_rx.try_recv() {
+        return Err(e.context("the model could not be loaded"));
+    }
+    if let Some(engine) = state.engine() {
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
