@@ -43,7 +43,10 @@ struct Srv {
 fn server(keyed: bool, edit: impl FnOnce(&mut ServerConfig)) -> Srv {
     let dir = tempfile::tempdir().unwrap();
     let adapters = dir.path().join("adapters");
-    for (i, name) in ["open-a", "acme-a", "globex-a", "shared"].iter().enumerate() {
+    for (i, name) in ["open-a", "acme-a", "globex-a", "shared"]
+        .iter()
+        .enumerate()
+    {
         write_native_adapter(&fixture("lite"), &adapters.join(name), &spec(i as u64));
     }
     let mut config = ServerConfig {
@@ -80,18 +83,41 @@ fn server(keyed: bool, edit: impl FnOnce(&mut ServerConfig)) -> Srv {
 }
 
 impl Srv {
-    async fn raw(&self, method: Method, uri: &str, key: Option<&str>, body: Body) -> (StatusCode, Vec<u8>) {
+    async fn raw(
+        &self,
+        method: Method,
+        uri: &str,
+        key: Option<&str>,
+        body: Body,
+    ) -> (StatusCode, Vec<u8>) {
         let mut b = Request::builder().method(method).uri(uri);
         if let Some(k) = key {
             b = b.header("authorization", format!("Bearer {k}"));
         }
-        let resp = self.app.clone().oneshot(b.body(body).unwrap()).await.unwrap();
+        let resp = self
+            .app
+            .clone()
+            .oneshot(b.body(body).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
         (status, bytes)
     }
 
-    async fn call(&self, method: Method, uri: &str, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let body = body.map_or_else(Body::empty, |v| Body::from(v.to_string()));
         let (s, bytes) = self.raw(method, uri, key, body).await;
         let v = serde_json::from_slice(&bytes)
@@ -113,7 +139,9 @@ impl Srv {
 fn assert_error(got: &(StatusCode, Value), status: StatusCode, param: Option<&str>) {
     let (s, v) = got;
     assert_eq!(*s, status, "{v}");
-    let e = v["error"].as_object().unwrap_or_else(|| panic!("not an error body: {v}"));
+    let e = v["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("not an error body: {v}"));
     let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
     keys.sort();
     assert_eq!(keys, ["code", "message", "param", "type"], "{v}");
@@ -137,7 +165,11 @@ fn sse_data(body: &[u8]) -> Vec<String> {
     String::from_utf8(body.to_vec())
         .unwrap()
         .split("\n\n")
-        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_string))
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_string)
+        })
         .collect()
 }
 
@@ -151,7 +183,10 @@ async fn bad_input_gets_openai_errors() {
     let k = Some(ADMIN);
     let ok = json!({"model": "lite", "prompt": [5, 6, 7], "max_tokens": 2});
     // Control: the same body shape is fine.
-    assert_eq!(s.post("/v1/completions", k, ok.clone()).await.0, StatusCode::OK);
+    assert_eq!(
+        s.post("/v1/completions", k, ok.clone()).await.0,
+        StatusCode::OK
+    );
     let with = |f: &dyn Fn(&mut Value)| {
         let mut v = ok.clone();
         f(&mut v);
@@ -160,11 +195,26 @@ async fn bad_input_gets_openai_errors() {
 
     // Malformed JSON, wrong top-level type.
     let (st, b) = s
-        .raw(Method::POST, "/v1/completions", k, Body::from("{\"model\": \"lite\", "))
+        .raw(
+            Method::POST,
+            "/v1/completions",
+            k,
+            Body::from("{\"model\": \"lite\", "),
+        )
         .await;
-    assert_error(&(st, serde_json::from_slice(&b).unwrap()), StatusCode::BAD_REQUEST, None);
-    let (st, b) = s.raw(Method::POST, "/v1/completions", k, Body::from("[1, 2]")).await;
-    assert_error(&(st, serde_json::from_slice(&b).unwrap()), StatusCode::BAD_REQUEST, None);
+    assert_error(
+        &(st, serde_json::from_slice(&b).unwrap()),
+        StatusCode::BAD_REQUEST,
+        None,
+    );
+    let (st, b) = s
+        .raw(Method::POST, "/v1/completions", k, Body::from("[1, 2]"))
+        .await;
+    assert_error(
+        &(st, serde_json::from_slice(&b).unwrap()),
+        StatusCode::BAD_REQUEST,
+        None,
+    );
     // Invalid UTF-8.
     let (st, b) = s
         .raw(
@@ -188,21 +238,40 @@ async fn bad_input_gets_openai_errors() {
         ("model", json!(3)),
     ] {
         let body = with(&|v| v[field] = value.clone());
-        assert_error(&s.post("/v1/completions", k, body).await, StatusCode::BAD_REQUEST, Some(field));
+        assert_error(
+            &s.post("/v1/completions", k, body).await,
+            StatusCode::BAD_REQUEST,
+            Some(field),
+        );
     }
     assert_error(
-        &s.post("/v1/completions", k, with(&|v| v["prompt"] = json!({"a": 1}))).await,
+        &s.post(
+            "/v1/completions",
+            k,
+            with(&|v| v["prompt"] = json!({"a": 1})),
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         Some("prompt"),
     );
     assert_error(
-        &s.post("/v1/completions", k, with(&|v| v["prompt"] = json!([1, -2]))).await,
+        &s.post(
+            "/v1/completions",
+            k,
+            with(&|v| v["prompt"] = json!([1, -2])),
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         Some("prompt"),
     );
     // Out-of-vocabulary token ids.
     assert_error(
-        &s.post("/v1/completions", k, with(&|v| v["prompt"] = json!([1, 999999]))).await,
+        &s.post(
+            "/v1/completions",
+            k,
+            with(&|v| v["prompt"] = json!([1, 999999])),
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         Some("prompt"),
     );
@@ -217,11 +286,17 @@ async fn bad_input_gets_openai_errors() {
         ("stop", json!([""])),
     ] {
         let body = with(&|v| v[field] = value.clone());
-        assert_error(&s.post("/v1/completions", k, body).await, StatusCode::BAD_REQUEST, Some(field));
+        assert_error(
+            &s.post("/v1/completions", k, body).await,
+            StatusCode::BAD_REQUEST,
+            Some(field),
+        );
     }
     // Unknown model, unknown adapter.
     for m in ["nope", "lite:nope", "other:open-a", "../etc"] {
-        let got = s.post("/v1/completions", k, with(&|v| v["model"] = json!(m))).await;
+        let got = s
+            .post("/v1/completions", k, with(&|v| v["model"] = json!(m)))
+            .await;
         assert_error(&got, StatusCode::NOT_FOUND, Some("model"));
         assert_eq!(got.1["error"]["code"], "model_not_found");
     }
@@ -231,58 +306,90 @@ async fn bad_input_gets_openai_errors() {
     assert_error(&got, StatusCode::BAD_REQUEST, Some("prompt"));
     assert_eq!(got.1["error"]["code"], "context_length_exceeded");
     assert_error(
-        &s.post("/v1/completions", k, with(&|v| v["max_tokens"] = json!(0))).await,
+        &s.post("/v1/completions", k, with(&|v| v["max_tokens"] = json!(0)))
+            .await,
         StatusCode::BAD_REQUEST,
         Some("max_tokens"),
     );
     // 3 prompt tokens + 61 = 64: refused; 60 fits.
     assert_error(
-        &s.post("/v1/completions", k, with(&|v| v["max_tokens"] = json!(62))).await,
+        &s.post("/v1/completions", k, with(&|v| v["max_tokens"] = json!(62)))
+            .await,
         StatusCode::BAD_REQUEST,
         Some("max_tokens"),
     );
     let chat = json!({"model": "lite", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100});
-    assert_error(&s.post("/v1/chat/completions", k, chat).await, StatusCode::BAD_REQUEST, Some("max_tokens"));
+    assert_error(
+        &s.post("/v1/chat/completions", k, chat).await,
+        StatusCode::BAD_REQUEST,
+        Some("max_tokens"),
+    );
     // n too large, n zero.
     for n in [5, 0] {
         assert_error(
-            &s.post("/v1/completions", k, with(&|v| v["n"] = json!(n))).await,
+            &s.post("/v1/completions", k, with(&|v| v["n"] = json!(n)))
+                .await,
             StatusCode::BAD_REQUEST,
             Some("n"),
         );
     }
     // Chat: empty messages, unknown role, bad content.
     let chat = |messages: Value| json!({"model": "lite", "messages": messages, "max_tokens": 2});
-    assert_error(&s.post("/v1/chat/completions", k, chat(json!([]))).await, StatusCode::BAD_REQUEST, Some("messages"));
     assert_error(
-        &s.post("/v1/chat/completions", k, chat(json!([{"role": "tool", "content": "x"}]))).await,
+        &s.post("/v1/chat/completions", k, chat(json!([]))).await,
+        StatusCode::BAD_REQUEST,
+        Some("messages"),
+    );
+    assert_error(
+        &s.post(
+            "/v1/chat/completions",
+            k,
+            chat(json!([{"role": "tool", "content": "x"}])),
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         Some("messages[0].role"),
     );
     assert_error(
-        &s.post("/v1/chat/completions", k, chat(json!([{"role": "user", "content": 7}]))).await,
+        &s.post(
+            "/v1/chat/completions",
+            k,
+            chat(json!([{"role": "user", "content": 7}])),
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         Some("messages[0].content"),
     );
     assert_error(
-        &s.post("/v1/chat/completions", k, json!({"model": "lite"})).await,
+        &s.post("/v1/chat/completions", k, json!({"model": "lite"}))
+            .await,
         StatusCode::BAD_REQUEST,
         None,
     );
     // Unsupported features are refused, not ignored.
     assert_error(
-        &s.post("/v1/completions", k, with(&|v| v["echo"] = json!(true))).await,
+        &s.post("/v1/completions", k, with(&|v| v["echo"] = json!(true)))
+            .await,
         StatusCode::BAD_REQUEST,
         Some("echo"),
     );
     assert_error(
-        &s.post("/v1/completions", k, with(&|v| v["logit_bias"] = json!({"5": 1.0}))).await,
+        &s.post(
+            "/v1/completions",
+            k,
+            with(&|v| v["logit_bias"] = json!({"5": 1.0})),
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         Some("logit_bias"),
     );
     // Body over the limit: 413.
     let big = with(&|v| v["prompt"] = json!("x".repeat(10_000)));
-    assert_error(&s.post("/v1/completions", k, big).await, StatusCode::PAYLOAD_TOO_LARGE, None);
+    assert_error(
+        &s.post("/v1/completions", k, big).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        None,
+    );
     // Unknown route.
     assert_error(&s.get("/v2/nothing", k).await, StatusCode::NOT_FOUND, None);
 }
@@ -295,46 +402,81 @@ async fn keys_and_tenants() {
     for key in [None, Some("wrong")] {
         let got = s.post("/v1/completions", key, body("lite")).await;
         assert_error(&got, StatusCode::UNAUTHORIZED, None);
-        assert_error(&s.get("/v1/models", key).await, StatusCode::UNAUTHORIZED, None);
-        assert_error(&s.get("/v1/adapters", key).await, StatusCode::UNAUTHORIZED, None);
-    }
-    let (st, b) = s
-        .raw(
-            Method::GET,
-            "/v1/models",
+        assert_error(
+            &s.get("/v1/models", key).await,
+            StatusCode::UNAUTHORIZED,
             None,
-            Body::empty(),
-        )
-        .await;
-    assert_eq!(st, StatusCode::UNAUTHORIZED, "{}", String::from_utf8_lossy(&b));
+        );
+        assert_error(
+            &s.get("/v1/adapters", key).await,
+            StatusCode::UNAUTHORIZED,
+            None,
+        );
+    }
+    let (st, b) = s.raw(Method::GET, "/v1/models", None, Body::empty()).await;
+    assert_eq!(
+        st,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
     // Health and readiness need no key.
     assert_eq!(s.get("/health", None).await.0, StatusCode::OK);
     assert_eq!(s.get("/ready", None).await.0, StatusCode::OK);
 
     let ids = |v: &Value| -> Vec<String> {
-        v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
     };
     let (st, models) = s.get("/v1/models", Some(ACME)).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(ids(&models), ["lite", "acme-a", "shared"]);
     assert!(models["data"][1]["parent"] == "lite" && models["data"][1]["owned_by"] == "acme");
-    assert_eq!(ids(&s.get("/v1/models", Some(ADMIN)).await.1), ["lite", "acme-a", "globex-a", "open-a", "shared"]);
-    assert_eq!(ids(&s.get("/v1/adapters", Some(GLOBEX)).await.1), ["globex-a", "shared"]);
+    assert_eq!(
+        ids(&s.get("/v1/models", Some(ADMIN)).await.1),
+        ["lite", "acme-a", "globex-a", "open-a", "shared"]
+    );
+    assert_eq!(
+        ids(&s.get("/v1/adapters", Some(GLOBEX)).await.1),
+        ["globex-a", "shared"]
+    );
 
     // Own and public adapters work; another tenant's is "not found", as is an unowned one.
     for m in ["lite", "acme-a", "lite:acme-a", "shared"] {
-        assert_eq!(s.post("/v1/completions", Some(ACME), body(m)).await.0, StatusCode::OK, "{m}");
+        assert_eq!(
+            s.post("/v1/completions", Some(ACME), body(m)).await.0,
+            StatusCode::OK,
+            "{m}"
+        );
     }
     for m in ["globex-a", "lite:globex-a", "open-a"] {
         let got = s.post("/v1/completions", Some(ACME), body(m)).await;
         assert_error(&got, StatusCode::NOT_FOUND, Some("model"));
-        let missing = s.post("/v1/completions", Some(ACME), body("no-such-adapter")).await;
-        assert_eq!(got.1["error"]["message"].as_str().unwrap().replace(m, "X"),
-                   missing.1["error"]["message"].as_str().unwrap().replace("no-such-adapter", "X"),
-                   "existence does not leak");
+        let missing = s
+            .post("/v1/completions", Some(ACME), body("no-such-adapter"))
+            .await;
+        assert_eq!(
+            got.1["error"]["message"].as_str().unwrap().replace(m, "X"),
+            missing.1["error"]["message"]
+                .as_str()
+                .unwrap()
+                .replace("no-such-adapter", "X"),
+            "existence does not leak"
+        );
     }
-    assert_error(&s.get("/v1/models/globex-a", Some(ACME)).await, StatusCode::NOT_FOUND, None);
-    assert_eq!(s.get("/v1/models/acme-a", Some(ACME)).await.0, StatusCode::OK);
+    assert_error(
+        &s.get("/v1/models/globex-a", Some(ACME)).await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_eq!(
+        s.get("/v1/models/acme-a", Some(ACME)).await.0,
+        StatusCode::OK
+    );
     // Admin endpoints: another tenant's adapter is 404; a public one is 403 to manage.
     for (m, uri) in [
         (Method::GET, "/v1/adapters/globex-a"),
@@ -342,14 +484,46 @@ async fn keys_and_tenants() {
         (Method::POST, "/v1/adapters/globex-a/load"),
         (Method::POST, "/v1/adapters/globex-a/unload"),
     ] {
-        assert_error(&s.call(m, uri, Some(ACME), None).await, StatusCode::NOT_FOUND, None);
+        assert_error(
+            &s.call(m, uri, Some(ACME), None).await,
+            StatusCode::NOT_FOUND,
+            None,
+        );
     }
-    assert_error(&s.call(Method::DELETE, "/v1/adapters/shared", Some(ACME), None).await, StatusCode::FORBIDDEN, None);
-    assert_eq!(s.get("/v1/adapters/shared", Some(ACME)).await.0, StatusCode::OK);
-    assert_eq!(s.call(Method::POST, "/v1/adapters/acme-a/load", Some(ACME), None).await.0, StatusCode::OK);
+    assert_error(
+        &s.call(Method::DELETE, "/v1/adapters/shared", Some(ACME), None)
+            .await,
+        StatusCode::FORBIDDEN,
+        None,
+    );
+    assert_eq!(
+        s.get("/v1/adapters/shared", Some(ACME)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.call(Method::POST, "/v1/adapters/acme-a/load", Some(ACME), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
     // The admin manages everything.
-    assert_eq!(s.call(Method::POST, "/v1/adapters/globex-a/load", Some(ADMIN), None).await.0, StatusCode::OK);
-    assert_eq!(s.call(Method::DELETE, "/v1/adapters/open-a", Some(ADMIN), None).await.0, StatusCode::OK);
+    assert_eq!(
+        s.call(
+            Method::POST,
+            "/v1/adapters/globex-a/load",
+            Some(ADMIN),
+            None
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.call(Method::DELETE, "/v1/adapters/open-a", Some(ADMIN), None)
+            .await
+            .0,
+        StatusCode::OK
+    );
     assert!(!s.adapters.join("open-a").exists());
 }
 
@@ -378,11 +552,24 @@ async fn completions_match_the_reference_with_exact_usage() {
         assert_eq!(c["text"], tok.decode(&want, true).unwrap());
         let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
         assert_eq!(lps.len(), want.len());
-        let tokens: Vec<String> = want.iter().map(|&t| tok.decode(&[t], false).unwrap()).collect();
+        let tokens: Vec<String> = want
+            .iter()
+            .map(|&t| tok.decode(&[t], false).unwrap())
+            .collect();
         assert_eq!(c["logprobs"]["tokens"], json!(tokens));
         // Greedy: each token is the most likely, so its logprob is the top one.
-        for (j, top) in c["logprobs"]["top_logprobs"].as_array().unwrap().iter().enumerate() {
-            let best = top.as_object().unwrap().values().map(|x| x.as_f64().unwrap()).fold(f64::MIN, f64::max);
+        for (j, top) in c["logprobs"]["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            let best = top
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|x| x.as_f64().unwrap())
+                .fold(f64::MIN, f64::max);
             assert!((best - lps[j].as_f64().unwrap()).abs() < 1e-6);
         }
         // The first token's logprob is the log-softmax of the model's last prompt logits.
@@ -390,32 +577,72 @@ async fn completions_match_the_reference_with_exact_usage() {
         let logits = logits_all(&loaded.model, &ids, None);
         let last = logits.last().unwrap();
         let max = last.iter().cloned().fold(f32::MIN, f32::max) as f64;
-        let lse = max + last.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        let lse = max
+            + last
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         let expect = last[want[0] as usize] as f64 - lse;
-        assert!((lps[0].as_f64().unwrap() - expect).abs() < 1e-4, "{} vs {expect}", lps[0]);
+        assert!(
+            (lps[0].as_f64().unwrap() - expect).abs() < 1e-4,
+            "{} vs {expect}",
+            lps[0]
+        );
 
         // Streaming gives the same text, then finish_reason, the usage chunk and [DONE].
         let mut sreq = req.clone();
         sreq["stream"] = json!(true);
         sreq["stream_options"] = json!({"include_usage": true});
-        let (st, body) = s.raw(Method::POST, "/v1/completions", None, Body::from(sreq.to_string())).await;
+        let (st, body) = s
+            .raw(
+                Method::POST,
+                "/v1/completions",
+                None,
+                Body::from(sreq.to_string()),
+            )
+            .await;
         assert_eq!(st, StatusCode::OK);
         let data = sse_data(&body);
         assert_eq!(data.last().unwrap(), "[DONE]");
-        let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-        let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["text"].as_str())
+            .collect();
         assert_eq!(text, c["text"].as_str().unwrap());
-        let streamed_lps: usize = chunks.iter().filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array()).map(Vec::len).sum();
+        let streamed_lps: usize = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["logprobs"]["token_logprobs"].as_array())
+            .map(Vec::len)
+            .sum();
         assert_eq!(streamed_lps, want.len());
         let usage = chunks.last().unwrap();
         assert_eq!(usage["choices"], json!([]));
         assert_eq!(usage["usage"], v["usage"]);
-        assert_eq!(chunks[chunks.len() - 2]["choices"][0]["finish_reason"], "length");
-        assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
+        assert_eq!(
+            chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
+            "length"
+        );
+        assert!(chunks[..chunks.len() - 1]
+            .iter()
+            .all(|c| c["usage"].is_null()));
     }
     // Text prompts get BOS from the tokenizer, like `generate --prompt`.
-    let text = reference("lite")["prompts"][0]["text"].as_str().unwrap().to_string();
-    let (_, v) = s.post("/v1/completions", None, json!({"model": "lite", "prompt": text, "max_tokens": 4, "temperature": 0})).await;
+    let text = reference("lite")["prompts"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, v) = s
+        .post(
+            "/v1/completions",
+            None,
+            json!({"model": "lite", "prompt": text, "max_tokens": 4, "temperature": 0}),
+        )
+        .await;
     assert_eq!(v["usage"]["prompt_tokens"], prompt_ids(0).len());
 }
 
@@ -442,11 +669,21 @@ async fn stop_strings_seeds_n_and_adapters() {
     let (_, a) = s.post("/v1/completions", None, seeded.clone()).await;
     let (_, b) = s.post("/v1/completions", None, seeded.clone()).await;
     assert_eq!(a["choices"], b["choices"]);
-    let idx: Vec<u64> = a["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    let idx: Vec<u64> = a["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
     assert_eq!(idx, [0, 1, 2]);
     assert_eq!(a["usage"]["completion_tokens"], 24);
     assert_eq!(a["usage"]["prompt_tokens"], ids.len());
-    let texts: std::collections::HashSet<&str> = a["choices"].as_array().unwrap().iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let texts: std::collections::HashSet<&str> = a["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
     assert!(texts.len() > 1, "choices are sampled independently: {a}");
 
     // Adapters change the output; `<base>:<adapter>` is the same adapter.
@@ -456,7 +693,9 @@ async fn stop_strings_seeds_n_and_adapters() {
         r
     };
     let (_, a1) = s.post("/v1/completions", None, with_model("open-a")).await;
-    let (_, a2) = s.post("/v1/completions", None, with_model("lite:open-a")).await;
+    let (_, a2) = s
+        .post("/v1/completions", None, with_model("lite:open-a"))
+        .await;
     assert_eq!(a1["choices"][0]["text"], a2["choices"][0]["text"]);
     assert_eq!(a2["model"], "lite:open-a");
     assert_ne!(a1["choices"][0]["text"], full["choices"][0]["text"]);
@@ -471,7 +710,10 @@ async fn stop_strings_seeds_n_and_adapters() {
         esft::model::tokenizer::ChatMessage::new("system", "Be brief."),
         esft::model::tokenizer::ChatMessage::new("user", "What is a mixture of experts?"),
     ];
-    assert_eq!(c["usage"]["prompt_tokens"], tok.encode_chat(&msgs, true).unwrap().len());
+    assert_eq!(
+        c["usage"]["prompt_tokens"],
+        tok.encode_chat(&msgs, true).unwrap().len()
+    );
     assert_eq!(c["usage"]["completion_tokens"], 10);
     assert_eq!(c["choices"][0]["message"]["role"], "assistant");
     let content = c["choices"][0]["logprobs"]["content"].as_array().unwrap();
@@ -479,15 +721,36 @@ async fn stop_strings_seeds_n_and_adapters() {
     assert_eq!(content[0]["top_logprobs"].as_array().unwrap().len(), 2);
     let mut sreq = chat.clone();
     sreq["stream"] = json!(true);
-    let (_, body) = s.raw(Method::POST, "/v1/chat/completions", None, Body::from(sreq.to_string())).await;
+    let (_, body) = s
+        .raw(
+            Method::POST,
+            "/v1/chat/completions",
+            None,
+            Body::from(sreq.to_string()),
+        )
+        .await;
     let data = sse_data(&body);
     assert_eq!(data.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c.get("usage").is_none()));
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(streamed, c["choices"][0]["message"]["content"].as_str().unwrap());
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c.get("usage").is_none()));
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed,
+        c["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
 }
 
 /// A tar of an adapter directory's files.
@@ -528,11 +791,15 @@ async fn adapter_upload_load_unload_delete() {
     let mut h = tar::Header::new_gnu();
     h.set_size(manifest.len() as u64);
     h.set_cksum();
-    broken.append_data(&mut h, "adapter.json", &manifest[..]).unwrap();
+    broken
+        .append_data(&mut h, "adapter.json", &manifest[..])
+        .unwrap();
     let mut h = tar::Header::new_gnu();
     h.set_size(7);
     h.set_cksum();
-    broken.append_data(&mut h, "adapter.safetensors", &b"garbage"[..]).unwrap();
+    broken
+        .append_data(&mut h, "adapter.safetensors", &b"garbage"[..])
+        .unwrap();
     let got = json_of(up(ACME, "", broken.into_inner().unwrap()).await);
     assert_error(&got, StatusCode::BAD_REQUEST, None);
     assert_eq!(got.1["error"]["code"], "invalid_adapter");
@@ -542,7 +809,8 @@ async fn adapter_upload_load_unload_delete() {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Symlink);
     h.set_size(0);
-    evil.append_link(&mut h, "adapter.safetensors", "/etc/passwd").unwrap();
+    evil.append_link(&mut h, "adapter.safetensors", "/etc/passwd")
+        .unwrap();
     let got = json_of(up(ACME, "", evil.into_inner().unwrap()).await);
     assert_error(&got, StatusCode::BAD_REQUEST, None);
     let got = json_of(up(ACME, "?name=fresh", vec![0u8; 300_000]).await);
@@ -553,7 +821,16 @@ async fn adapter_upload_load_unload_delete() {
     assert_error(&got, StatusCode::FORBIDDEN, None);
     assert!(!s.adapters.join("fresh").exists());
     assert_eq!(leftovers(&s.adapters), Vec::<String>::new());
-    assert_error(&s.post("/v1/completions", Some(ACME), json!({"model": "fresh", "prompt": [5]})).await, StatusCode::NOT_FOUND, Some("model"));
+    assert_error(
+        &s.post(
+            "/v1/completions",
+            Some(ACME),
+            json!({"model": "fresh", "prompt": [5]}),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        Some("model"),
+    );
 
     // A good upload belongs to the uploading tenant.
     let (st, v) = json_of(up(ACME, "", package.clone()).await);
@@ -562,27 +839,47 @@ async fn adapter_upload_load_unload_delete() {
     assert_eq!(v["owner"], "acme");
     assert_eq!(v["expert_count"], 5);
     assert_eq!(v["experts_per_layer"], json!({"1": 3, "2": 2}));
-    assert_eq!(v["tiers"], json!({"disk": true, "host": false, "device": false}));
+    assert_eq!(
+        v["tiers"],
+        json!({"disk": true, "host": false, "device": false})
+    );
     assert_eq!(v["manifest"]["name"], "fresh");
     assert!(v["size_bytes"].as_u64().unwrap() > 0);
     assert_eq!(leftovers(&s.adapters), Vec::<String>::new());
     // Another tenant cannot see it, nor take its name.
-    assert_error(&s.get("/v1/adapters/fresh", Some(GLOBEX)).await, StatusCode::NOT_FOUND, None);
-    assert_error(&json_of(up(GLOBEX, "", package.clone()).await), StatusCode::CONFLICT, None);
+    assert_error(
+        &s.get("/v1/adapters/fresh", Some(GLOBEX)).await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_error(
+        &json_of(up(GLOBEX, "", package.clone()).await),
+        StatusCode::CONFLICT,
+        None,
+    );
     // It serves, with the same output as the same adapter on disk from the start.
     let req = |m: &str| json!({"model": m, "prompt": prompt_ids(1), "max_tokens": 6, "temperature": 0, "ignore_eos": true});
     let (st, a) = s.post("/v1/completions", Some(ACME), req("fresh")).await;
     assert_eq!(st, StatusCode::OK, "{a}");
     write_native_adapter(&fixture("lite"), &s.adapters.join("fresh-copy"), &spec(7));
-    let (_, b) = s.post("/v1/completions", Some(ADMIN), req("fresh-copy")).await;
+    let (_, b) = s
+        .post("/v1/completions", Some(ADMIN), req("fresh-copy"))
+        .await;
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
 
     // Load, unload, tiers.
-    let (st, v) = s.call(Method::POST, "/v1/adapters/fresh/load", Some(ACME), None).await;
+    let (st, v) = s
+        .call(Method::POST, "/v1/adapters/fresh/load", Some(ACME), None)
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["tiers"]["device"], true);
-    let (_, v) = s.call(Method::POST, "/v1/adapters/fresh/unload", Some(ACME), None).await;
-    assert_eq!(v["tiers"], json!({"disk": true, "host": false, "device": false}));
+    let (_, v) = s
+        .call(Method::POST, "/v1/adapters/fresh/unload", Some(ACME), None)
+        .await;
+    assert_eq!(
+        v["tiers"],
+        json!({"disk": true, "host": false, "device": false})
+    );
 
     // Delete is refused while a request uses the adapter, then succeeds.
     let engine = s.state.served().unwrap().engine.clone();
@@ -610,11 +907,22 @@ async fn adapter_upload_load_unload_delete() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let got = s.call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None).await;
+    let got = s
+        .call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None)
+        .await;
     assert_error(&got, StatusCode::CONFLICT, None);
     assert_eq!(got.1["error"]["code"], "adapter_in_use");
-    assert_error(&s.call(Method::POST, "/v1/adapters/fresh/unload", Some(ACME), None).await, StatusCode::CONFLICT, None);
-    assert_error(&json_of(up(ACME, "", package.clone()).await), StatusCode::CONFLICT, None);
+    assert_error(
+        &s.call(Method::POST, "/v1/adapters/fresh/unload", Some(ACME), None)
+            .await,
+        StatusCode::CONFLICT,
+        None,
+    );
+    assert_error(
+        &json_of(up(ACME, "", package.clone()).await),
+        StatusCode::CONFLICT,
+        None,
+    );
     running.abort();
     let _ = running.await;
     for _ in 0..200 {
@@ -623,18 +931,46 @@ async fn adapter_upload_load_unload_delete() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let (st, v) = s.call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None).await;
+    let (st, v) = s
+        .call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None)
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["deleted"], true);
     assert!(!s.adapters.join("fresh").exists());
-    assert_error(&s.get("/v1/adapters/fresh", Some(ACME)).await, StatusCode::NOT_FOUND, None);
-    assert_error(&s.post("/v1/completions", Some(ACME), req("fresh")).await, StatusCode::NOT_FOUND, Some("model"));
+    assert_error(
+        &s.get("/v1/adapters/fresh", Some(ACME)).await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    assert_error(
+        &s.post("/v1/completions", Some(ACME), req("fresh")).await,
+        StatusCode::NOT_FOUND,
+        Some("model"),
+    );
     // Re-upload by the admin for a tenant, public: every tenant sees it.
-    let (st, v) = json_of(up(ADMIN, "?owner=globex&public=true", tar_of(&src.path().join("fresh"), "")).await);
+    let (st, v) = json_of(
+        up(
+            ADMIN,
+            "?owner=globex&public=true",
+            tar_of(&src.path().join("fresh"), ""),
+        )
+        .await,
+    );
     assert_eq!(st, StatusCode::CREATED, "{v}");
-    assert_eq!((v["owner"].as_str(), v["public"].as_bool()), (Some("globex"), Some(true)));
-    assert_eq!(s.post("/v1/completions", Some(ACME), req("fresh")).await.0, StatusCode::OK);
-    assert_error(&s.call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None).await, StatusCode::FORBIDDEN, None);
+    assert_eq!(
+        (v["owner"].as_str(), v["public"].as_bool()),
+        (Some("globex"), Some(true))
+    );
+    assert_eq!(
+        s.post("/v1/completions", Some(ACME), req("fresh")).await.0,
+        StatusCode::OK
+    );
+    assert_error(
+        &s.call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None)
+            .await,
+        StatusCode::FORBIDDEN,
+        None,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -642,9 +978,18 @@ async fn metrics_after_traffic() {
     let s = server(false, |c| c.metrics.max_adapter_labels = 2);
     let req = |m: &str| json!({"model": m, "prompt": [5, 6, 7, 8], "max_tokens": 3, "temperature": 0, "ignore_eos": true});
     for m in ["lite", "open-a", "shared", "open-a"] {
-        assert_eq!(s.post("/v1/completions", None, req(m)).await.0, StatusCode::OK);
+        assert_eq!(
+            s.post("/v1/completions", None, req(m)).await.0,
+            StatusCode::OK
+        );
     }
-    let _ = s.post("/v1/completions", None, json!({"model": "nope", "prompt": [1]})).await;
+    let _ = s
+        .post(
+            "/v1/completions",
+            None,
+            json!({"model": "nope", "prompt": [1]}),
+        )
+        .await;
     // The engine publishes its gauges after each step, just after answering.
     assert!(wait_running(&s.state.served().unwrap().engine, 0).await);
     let (st, text) = s.raw(Method::GET, "/metrics", None, Body::empty()).await;
@@ -660,14 +1005,29 @@ async fn metrics_after_traffic() {
             .parse()
             .unwrap()
     };
-    assert_eq!(value("esft_http_requests_total{code=\"200\",endpoint=\"/v1/completions\"}"), 4.0);
-    assert_eq!(value("esft_http_requests_total{code=\"404\",endpoint=\"/v1/completions\"}"), 1.0);
+    assert_eq!(
+        value("esft_http_requests_total{code=\"200\",endpoint=\"/v1/completions\"}"),
+        4.0
+    );
+    assert_eq!(
+        value("esft_http_requests_total{code=\"404\",endpoint=\"/v1/completions\"}"),
+        1.0
+    );
     assert_eq!(value("esft_prompt_tokens_total"), 16.0);
     assert_eq!(value("esft_generation_tokens_total"), 12.0);
-    assert_eq!(value("esft_sequences_finished_total{finish_reason=\"length\"}"), 4.0);
-    assert_eq!(value("esft_time_to_first_token_seconds_count{endpoint=\"/v1/completions\"}"), 4.0);
+    assert_eq!(
+        value("esft_sequences_finished_total{finish_reason=\"length\"}"),
+        4.0
+    );
+    assert_eq!(
+        value("esft_time_to_first_token_seconds_count{endpoint=\"/v1/completions\"}"),
+        4.0
+    );
     assert_eq!(value("esft_inter_token_latency_seconds_count"), 8.0);
-    assert_eq!(value("esft_request_duration_seconds_count{endpoint=\"/v1/completions\"}"), 4.0);
+    assert_eq!(
+        value("esft_request_duration_seconds_count{endpoint=\"/v1/completions\"}"),
+        4.0
+    );
     assert_eq!(value("esft_adapter_loads_total{tier=\"device\"}"), 2.0);
     assert_eq!(value("esft_adapter_hits_total{tier=\"device\"}"), 1.0);
     assert_eq!(value("esft_adapter_load_duration_seconds_count"), 2.0);
@@ -677,14 +1037,21 @@ async fn metrics_after_traffic() {
     assert!(value("esft_device_expert_slots") >= value("esft_device_expert_slots_used"));
     assert_eq!(value("esft_requests_running"), 0.0);
     assert_eq!(value("esft_requests_waiting"), 0.0);
-    assert_eq!(value("esft_adapter_requests_running{adapter=\"(base)\"}"), 0.0);
+    assert_eq!(
+        value("esft_adapter_requests_running{adapter=\"(base)\"}"),
+        0.0
+    );
     assert!(value("esft_engine_steps_total") >= 12.0);
     // Every sample line belongs to a family with HELP and TYPE, all `esft_`.
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         let name = l.split(['{', ' ']).next().unwrap();
         assert!(name.starts_with("esft_"), "{l}");
         let family = ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| {
-            if text.contains(&format!("# TYPE {} histogram", n.trim_end_matches(s))) { n.trim_end_matches(s) } else { n }
+            if text.contains(&format!("# TYPE {} histogram", n.trim_end_matches(s))) {
+                n.trim_end_matches(s)
+            } else {
+                n
+            }
         });
         assert!(text.contains(&format!("# HELP {family} ")), "{l}");
     }
@@ -701,7 +1068,9 @@ async fn serve_tcp(s: &Srv) -> std::net::SocketAddr {
 
 async fn wait_running(engine: &esft::engine::Engine, want: u64) -> bool {
     for _ in 0..300 {
-        if engine.stats.running.load(Ordering::Relaxed) == want && (want > 0 || engine.stats.waiting.load(Ordering::Relaxed) == 0) {
+        if engine.stats.running.load(Ordering::Relaxed) == want
+            && (want > 0 || engine.stats.waiting.load(Ordering::Relaxed) == 0)
+        {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -731,10 +1100,16 @@ async fn a_client_that_disconnects_cancels_its_sequence() {
         }
         assert!(wait_running(&engine, 1).await, "the request runs");
         drop(c);
-        assert!(wait_running(&engine, 0).await, "stream={stream}: the sequence is freed after the client left");
+        assert!(
+            wait_running(&engine, 0).await,
+            "stream={stream}: the sequence is freed after the client left"
+        );
         assert_eq!(engine.stats.kv_cache_bytes.load(Ordering::Relaxed), 0);
     }
     let (_, text) = s.raw(Method::GET, "/metrics", None, Body::empty()).await;
     let text = String::from_utf8(text).unwrap();
-    assert!(text.contains("esft_sequences_finished_total{finish_reason=\"cancelled\"} 2"), "{text}");
+    assert!(
+        text.contains("esft_sequences_finished_total{finish_reason=\"cancelled\"} 2"),
+        "{text}"
+    );
 }

@@ -174,7 +174,12 @@ fn openai_python_client_end_to_end_then_promtool() {
             ACME,
             &json!({"model": model, "prompt": "hello", "max_tokens": 4, "stream": stream}),
         );
-        assert_eq!(r.status, if model == "nope" { 404 } else { 200 }, "{}", r.text());
+        assert_eq!(
+            r.status,
+            if model == "nope" { 404 } else { 200 },
+            "{}",
+            r.text()
+        );
     }
     let scrape = request(server.addr, "GET", "/metrics", &[], None).unwrap();
     assert_eq!(scrape.status, 200);
@@ -203,7 +208,10 @@ fn openai_python_client_end_to_end_then_promtool() {
         "esft_adapter_requests_running",
         "esft_adapter_requests_waiting",
     ] {
-        assert!(text.contains(&format!("\n{name}")), "{name} missing:\n{text}");
+        assert!(
+            text.contains(&format!("\n{name}")),
+            "{name} missing:\n{text}"
+        );
     }
     if let Some(promtool) = tool(
         "promtool",
@@ -225,7 +233,9 @@ fn openai_python_client_end_to_end_then_promtool() {
         );
     }
     server.sigterm();
-    let status = server.wait_exit(Duration::from_secs(30)).expect("exits after SIGTERM");
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits after SIGTERM");
     assert!(status.success(), "{status:?}\n{}", server.log());
 }
 
@@ -287,7 +297,9 @@ fn sigterm_lets_in_flight_requests_finish_and_refuses_new_ones() {
         .filter(|f| !f.is_null())
         .collect();
     assert_eq!(finish, [&json!("length")]);
-    let status = server.wait_exit(Duration::from_secs(30)).expect("exits after draining");
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("exits after draining");
     assert!(status.success(), "{status:?}\n{}", server.log());
 }
 
@@ -302,7 +314,9 @@ fn sigterm_cancels_what_outlives_the_drain_deadline() {
     assert_eq!(events.last().unwrap(), "[DONE]");
     let err = &events[events.len() - 2]["error"];
     assert_eq!(err["code"], "cancelled", "{events:?}");
-    let status = server.wait_exit(Duration::from_secs(20)).expect("exits after the deadline");
+    let status = server
+        .wait_exit(Duration::from_secs(20))
+        .expect("exits after the deadline");
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
     assert!(server.log().contains("drain deadline reached"));
@@ -322,7 +336,11 @@ fn open_mode_warns_and_hash_key_prints_the_digest() {
     )
     .unwrap();
     let server = Server::start(Path::new(BIN), &config, &[]);
-    assert!(server.log().contains("no API keys are configured"), "{}", server.log());
+    assert!(
+        server.log().contains("no API keys are configured"),
+        "{}",
+        server.log()
+    );
     let r = request(server.addr, "GET", "/v1/models", &[], None).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["data"][0]["id"], "lite");
@@ -335,10 +353,18 @@ fn open_mode_warns_and_hash_key_prints_the_digest() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"my secret\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"my secret\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), hash_key("my secret"));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        hash_key("my secret")
+    );
     // A config with a plain key instead of a digest is refused at start.
     std::fs::write(&config, "[auth]\nadmin_key_sha256 = [\"plain\"]\n").unwrap();
     let out = Command::new(BIN)

@@ -252,7 +252,8 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
     let mut best: Vec<(u32, f32)> = Vec::new();
     if top > 0 {
         let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
-        let desc = |a: &(u32, f32), b: &(u32, f32)| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0));
+        let desc =
+            |a: &(u32, f32), b: &(u32, f32)| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0));
         best = logits
             .iter()
             .enumerate()

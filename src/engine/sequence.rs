@@ -144,7 +144,10 @@ impl Sequence {
     ) -> crate::model::Result<TokenEvent> {
         let token = self.sampler.sample(logits);
         // `sample` left the penalised logits in `logits`.
-        let lp = self.params().logprobs.map(|top| logprobs(logits, token, top));
+        let lp = self
+            .params()
+            .logprobs
+            .map(|top| logprobs(logits, token, top));
         self.sampler.observe(token);
         self.generated.push(token);
         let mut finish = None;

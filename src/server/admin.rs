@@ -34,7 +34,8 @@ async fn blocking<T: Send + 'static>(
 /// The adapter's manifest as stored, and its expert config.
 fn read_manifest(dir: &FsPath) -> Result<(&'static str, Value, ExpertConfig), String> {
     if let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST_FILE)) {
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| format!("{MANIFEST_FILE}: {e}"))?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| format!("{MANIFEST_FILE}: {e}"))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
         return Ok(("esft", v, m.expert_config));
     }
@@ -106,8 +107,8 @@ impl Served {
             .store
             .path(name)
             .map_err(|_| ApiError::adapter_not_found(name))?;
-        let (layout, manifest, ec) = read_manifest(&dir)
-            .map_err(|e| ApiError::internal(format!("adapter {name}: {e}")))?;
+        let (layout, manifest, ec) =
+            read_manifest(&dir).map_err(|e| ApiError::internal(format!("adapter {name}: {e}")))?;
         let per_layer: BTreeMap<String, usize> = ec
             .experts
             .iter()
@@ -130,7 +131,12 @@ impl Served {
 
 /// The adapter `name` if the caller may manage it: 404 when it may not see it, 403 when
 /// it may see but not manage it.
-fn managed(state: &AppState, served: &Served, caller: &Caller, name: &str) -> Result<Access, ApiError> {
+fn managed(
+    state: &AppState,
+    served: &Served,
+    caller: &Caller,
+    name: &str,
+) -> Result<Access, ApiError> {
     match served.adapter_access(state, name) {
         Some(a) if caller.can_manage(&a) => Ok(a),
         Some(a) if caller.can_use(&a) => Err(ApiError::forbidden(format!(
@@ -151,7 +157,10 @@ fn adapter_error(e: AdapterError) -> ApiError {
     }
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
     let st = state.clone();
     let s = served.clone();
@@ -192,8 +201,12 @@ pub async fn load(
             if msg.contains("no free device slots") {
                 ApiError::conflict(msg).code("no_free_slots")
             } else {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", msg)
-                    .code("invalid_adapter")
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request_error",
+                    msg,
+                )
+                .code("invalid_adapter")
             }
         })?;
         served.describe(&name, &a).map(Json)
@@ -230,7 +243,9 @@ pub async fn delete(
         registry.store.delete(&name).map_err(adapter_error)?;
         registry.forget(&name);
         tracing::info!(adapter = %name, by = caller.label(), "adapter deleted");
-        Ok(Json(json!({"id": name, "object": "adapter", "deleted": true})))
+        Ok(Json(
+            json!({"id": name, "object": "adapter", "deleted": true}),
+        ))
     })
     .await?
 }
@@ -261,11 +276,16 @@ pub async fn upload(
     let owner = match (&caller, &q.owner) {
         (Caller::Tenant(t), None) => Some(t.clone()),
         (Caller::Tenant(_), Some(_)) => {
-            return Err(ApiError::forbidden("only an admin may upload for another owner"))
+            return Err(ApiError::forbidden(
+                "only an admin may upload for another owner",
+            ))
         }
         (_, Some(o)) => {
             if !state.config.auth.tenants.iter().any(|t| &t.name == o) {
-                return Err(ApiError::invalid("owner", format!("no tenant is named {o:?}")));
+                return Err(ApiError::invalid(
+                    "owner",
+                    format!("no tenant is named {o:?}"),
+                ));
             }
             Some(o.clone())
         }
@@ -428,7 +448,9 @@ fn unpack(package: &FsPath, dest: &FsPath) -> Result<(), ApiError> {
         }
         if kind.is_dir() {
             if parts.len() > 1 {
-                return Err(bad(format!("entry {path:?}: nested directories are not allowed")));
+                return Err(bad(format!(
+                    "entry {path:?}: nested directories are not allowed"
+                )));
             }
             continue;
         }
@@ -442,7 +464,9 @@ fn unpack(package: &FsPath, dest: &FsPath) -> Result<(), ApiError> {
             continue;
         };
         if parts.len() > 2 {
-            return Err(bad(format!("entry {path:?}: nested directories are not allowed")));
+            return Err(bad(format!(
+                "entry {path:?}: nested directories are not allowed"
+            )));
         }
         if validate_name(&fname).is_err() || fname == ACCESS_FILE {
             return Err(bad(format!("entry {path:?}: file name not allowed")));
@@ -454,7 +478,8 @@ fn unpack(package: &FsPath, dest: &FsPath) -> Result<(), ApiError> {
             .open(&out)
             .map_err(|e| bad(format!("entry {path:?}: {e}")))?;
         std::io::copy(&mut entry, &mut f).map_err(|e| bad(format!("entry {path:?}: {e}")))?;
-        f.sync_all().map_err(|e| ApiError::internal(e.to_string()))?;
+        f.sync_all()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
         files.push((parts, out));
     }
     if files.is_empty() {

@@ -189,11 +189,17 @@ mod tests {
                 adapters: vec!["mine".into()],
             }],
         });
-        assert_eq!(auth.authenticate(Some("Bearer root")).unwrap(), Caller::Admin);
+        assert_eq!(
+            auth.authenticate(Some("Bearer root")).unwrap(),
+            Caller::Admin
+        );
         let acme = auth.authenticate(Some("Bearer acme-key")).unwrap();
         assert_eq!(acme, Caller::Tenant("acme".into()));
         for bad in [None, Some("Bearer "), Some("Bearer nope"), Some("root")] {
-            assert_eq!(auth.authenticate(bad).unwrap_err().status, StatusCode::UNAUTHORIZED);
+            assert_eq!(
+                auth.authenticate(bad).unwrap_err().status,
+                StatusCode::UNAUTHORIZED
+            );
         }
         let dir = tempfile::tempdir().unwrap();
         let mine = auth.access("mine", dir.path());

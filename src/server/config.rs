@@ -223,12 +223,11 @@ impl ServerConfig {
                 return Err(format!("auth.tenants: tenant {:?} is listed twice", t.name));
             }
         }
-        let all = self.auth.admin_key_sha256.iter().chain(
-            self.auth
-                .tenants
-                .iter()
-                .flat_map(|t| t.key_sha256.iter()),
-        );
+        let all = self
+            .auth
+            .admin_key_sha256
+            .iter()
+            .chain(self.auth.tenants.iter().flat_map(|t| t.key_sha256.iter()));
         let mut seen = std::collections::HashSet::new();
         for k in all {
             if !hex(k) {

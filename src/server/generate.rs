@@ -179,8 +179,7 @@ impl Run {
                 for &(id, v) in &lp.top {
                     top.entry(token_text(tok, id)).or_insert(json!(finite(v)));
                 }
-                top.entry(text.clone())
-                    .or_insert(json!(finite(lp.logprob)));
+                top.entry(text.clone()).or_insert(json!(finite(lp.logprob)));
                 c.lp_offsets.push(json!(c.offset));
                 c.offset += text.chars().count();
                 c.lp_tokens.push(json!(text));

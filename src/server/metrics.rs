@@ -222,7 +222,11 @@ fn engine_families(e: &EngineStats, max_labels: usize) -> Vec<MetricFamily> {
         .lock()
         .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
         .unwrap_or_default();
-    rows.sort_by(|a, b| (b.1 .0 + b.1 .1).cmp(&(a.1 .0 + a.1 .1)).then(a.0.cmp(&b.0)));
+    rows.sort_by(|a, b| {
+        (b.1 .0 + b.1 .1)
+            .cmp(&(a.1 .0 + a.1 .1))
+            .then(a.0.cmp(&b.0))
+    });
     let mut labelled: Vec<(String, (u64, u64))> = Vec::new();
     let mut other = (0u64, 0u64);
     let mut named = 0;

@@ -126,8 +126,12 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
         loaded.model.config().clone(),
         loaded.store.clone(),
     ));
-    let store = AdapterStore::open(&config.adapters)
-        .with_context(|| format!("opening the adapters directory {}", config.adapters.display()))?;
+    let store = AdapterStore::open(&config.adapters).with_context(|| {
+        format!(
+            "opening the adapters directory {}",
+            config.adapters.display()
+        )
+    })?;
     let registry = Arc::new(AdapterRegistry::new(
         store,
         base,
@@ -165,8 +169,9 @@ async fn health() -> impl IntoResponse {
 
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     match state.served() {
-        Ok(s) => axum::Json(serde_json::json!({"status": "ready", "model": s.base_id}))
-            .into_response(),
+        Ok(s) => {
+            axum::Json(serde_json::json!({"status": "ready", "model": s.base_id})).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }
@@ -176,7 +181,9 @@ async fn metrics_text(
     headers: axum::http::HeaderMap,
 ) -> Response {
     if state.config.metrics.require_admin {
-        let h = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let h = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         match state.auth.authenticate(h) {
             Ok(c) if c.is_admin() => {}
             Ok(_) => return ApiError::forbidden("the metrics need an admin key").into_response(),
@@ -191,7 +198,10 @@ async fn metrics_text(
     );
     match text {
         Ok(t) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             t,
         )
             .into_response(),
@@ -220,9 +230,13 @@ async fn not_found(State(state): State<Arc<AppState>>, req: Request) -> Response
         .http_requests
         .with_label_values(&["unmatched", "404"])
         .inc();
-    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
-        .code("unknown_url")
-        .into_response()
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .code("unknown_url")
+    .into_response()
 }
 
 /// Every route, with the body limits and request counting.
@@ -233,14 +247,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get))
-        .route(
-            "/v1/adapters",
-            get(admin::list).post(admin::upload),
-        )
-        .route(
-            "/v1/adapters/{name}",
-            get(admin::get).delete(admin::delete),
-        )
+        .route("/v1/adapters", get(admin::list).post(admin::upload))
+        .route("/v1/adapters/{name}", get(admin::get).delete(admin::delete))
         .route("/v1/adapters/{name}/load", post(admin::load))
         .route("/v1/adapters/{name}/unload", post(admin::unload))
         .route("/health", get(health))

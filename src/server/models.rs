@@ -79,7 +79,10 @@ impl Served {
     }
 }
 
-pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
     let s = served.clone();
     let st = state.clone();

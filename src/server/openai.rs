@@ -378,7 +378,10 @@ impl Common {
             ));
         }
         if self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-            return Err(ApiError::invalid("logit_bias", "logit_bias is not supported"));
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "logit_bias is not supported",
+            ));
         }
         let stop = match self.stop {
             None => Vec::new(),

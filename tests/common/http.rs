@@ -239,8 +239,9 @@ impl Exchange {
                     line.clear();
                     self.reader.read_line(&mut line)?;
                 }
-                let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                    .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+                let size =
+                    usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                        .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
                 if size == 0 {
                     self.finished = true;
                     return Ok(None);
@@ -284,7 +285,10 @@ impl Exchange {
             if let Some(at) = self.pending.windows(2).position(|w| w == b"\n\n") {
                 let ev: Vec<u8> = self.pending.drain(..at + 2).collect();
                 let ev = String::from_utf8_lossy(&ev);
-                let data: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+                let data: Vec<&str> = ev
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
                 if data.is_empty() {
                     continue; // a comment (keep-alive)
                 }
