@@ -206,7 +206,7 @@ fn describe_mismatch(v: &serde_json::Value) -> String {
 
 /// The reference template: BOS, then per user turn `User: {content}\n\nAssistant:` (never
 /// trained), per assistant turn ` {content}` + EOS (trained unless `"mask": 1`).
-pub fn format_chat(
+fn format_chat(
     messages: &[Message],
     tok: &TextTokenizer,
     ids: SpecialIds,
@@ -245,7 +245,7 @@ pub fn format_chat(
 
 /// `{"prompt", "completion"}`: BOS + prompt (never trained) + completion + EOS (trained),
 /// the texts used as they are.
-pub fn format_plain(
+fn format_plain(
     prompt: &str,
     completion: &str,
     tok: &TextTokenizer,

@@ -223,6 +223,28 @@ impl LogWriter {
     }
 }
 
+/// A seeded random sample of `samples`' tokens: whole samples in shuffled order until
+/// `tokens` are reached, the last one cut to hit it exactly (all of them if the data holds
+/// fewer).
+pub fn sample_tokens(samples: Vec<crate::data::Sample>, tokens: usize, seed: u64) -> Vec<Vec<u32>> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let mut out = Vec::new();
+    let mut left = tokens;
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        let t = &samples[i].tokens;
+        let take = t.len().min(left);
+        out.push(t[..take].to_vec());
+        left -= take;
+    }
+    out
+}
+
 /// Runs the frozen model over `samples` (each a token list) in batches of about
 /// `batch_tokens`, adding every MoE layer's routing to `acc` and, optionally, the logs.
 /// `on_batch` hears the tokens of each finished batch.
