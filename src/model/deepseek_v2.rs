@@ -98,7 +98,8 @@ pub struct SeqInput<'a> {
     pub logits: LogitsWanted<'a>,
 }
 
-/// Logits of a batched forward: `[rows, vocab]` f32, and each sequence's row range.
+/// Logits of a batched forward: `[rows, vocab]` f32 (f64 for an f64 model), and each
+/// sequence's row range.
 pub struct ForwardOutput {
     pub logits: Option<Tensor>,
     pub rows: Vec<Range<usize>>,
@@ -453,7 +454,12 @@ impl DeepSeekV2 {
                 x.index_select(&Tensor::from_vec(pick.clone(), pick.len(), dev)?, 0)?
             };
             let h = self.ops.rms_norm(&picked, &self.norm, eps)?;
-            Some(self.ops.linear(&h, &self.lm_head)?.to_dtype(DType::F32)?)
+            let logits = self.ops.linear(&h, &self.lm_head)?;
+            // f32 for everyone but f64 models (gradient checks need the precision).
+            Some(match logits.dtype() {
+                DType::F64 => logits,
+                _ => logits.to_dtype(DType::F32)?,
+            })
         };
         Ok(ForwardOutput { logits, rows })
     }
