@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use esft::adapter::format::{new_manifest, write_adapter, BaseModel, Provenance};
+use esft::adapter::format::{BaseModel, Provenance};
 use esft::adapter::ExpertConfig;
 use esft::model::{LoadOptions, LoadedModel};
 
@@ -471,33 +471,15 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
 
-    let tensors = run.result_tensors()?;
     let base = BaseModel::new(config, store);
-    match &what {
-        Trainable::Experts(ec) => {
-            let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
-            let mut training = Provenance {
-                data: Some(a.data.display().to_string()),
-                steps: Some(a.steps),
-                lr: Some(a.lr),
-                seed: Some(a.seed),
-                ..Provenance::default()
-            };
-            if let Some((loss, step)) = run.best() {
-                training.extra.insert("best_eval_loss".into(), json!(loss));
-                training.extra.insert("best_step".into(), json!(step));
-            }
-            training.extra.insert("trainable_params".into(), json!(trainable));
-            let manifest = new_manifest(&name, &base, ec.clone(), training, &names)?;
-            write_adapter(&a.out, &manifest, &tensors)
-                .with_context(|| format!("writing {}", a.out.display()))?;
-        }
-        Trainable::All => {
-            let replaced = tensors.into_iter().collect();
-            esft::adapter::merge::write_checkpoint(&a.model, &base, &replaced, &a.out)
-                .with_context(|| format!("writing {}", a.out.display()))?;
-        }
-    }
+    let training = Provenance {
+        data: Some(a.data.display().to_string()),
+        steps: Some(a.steps),
+        lr: Some(a.lr),
+        seed: Some(a.seed),
+        ..Provenance::default()
+    };
+    train::write_result(&run, &what, &base, &a.model, &a.out, training)?;
     if state.exists() {
         std::fs::remove_dir_all(&state)
             .with_context(|| format!("removing {}", state.display()))?;

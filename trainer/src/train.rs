@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
+use esft::adapter::format::{new_manifest, write_adapter, BaseModel, Provenance};
 use esft::adapter::ExpertConfig;
 use esft::model::{DeepSeekV2, ExpertMap, LogitsWanted, SeqInput, TrainableWeight, WeightKind};
 
@@ -396,6 +397,44 @@ impl Run {
         }
         Ok(out)
     }
+}
+
+/// Writes the run's result to `out` atomically: an adapter for ESFT (named after `out`),
+/// a full checkpoint of `model_dir` with every weight replaced for [`Trainable::All`].
+pub fn write_result(
+    run: &Run,
+    what: &Trainable,
+    base: &BaseModel,
+    model_dir: &Path,
+    out: &Path,
+    mut training: Provenance,
+) -> Result<()> {
+    let tensors = run.result_tensors()?;
+    match what {
+        Trainable::Experts(ec) => {
+            let name = out
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| format!("{}: the output needs a directory name", out.display()))?;
+            let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+            if let Some((loss, step)) = run.best() {
+                training.extra.insert("best_eval_loss".into(), loss.into());
+                training.extra.insert("best_step".into(), step.into());
+            }
+            training
+                .extra
+                .insert("trainable_params".into(), run.trainable_params().into());
+            let manifest = new_manifest(name, base, ec.clone(), training, &names)?;
+            write_adapter(out, &manifest, &tensors)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+        Trainable::All => {
+            let replaced = tensors.into_iter().collect();
+            esft::adapter::merge::write_checkpoint(model_dir, base, &replaced, out)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Mean target-token loss of `samples`, forwarded in groups of about `batch_tokens`.
