@@ -445,7 +445,9 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         "start",
         json!({"train_samples": n_train, "eval_samples": n_eval, "trainable_params": trainable, "step": run.step()}),
     );
-    progress.advance(run.step(), json!({}));
+    if run.step() > 0 {
+        progress.advance(run.step(), json!({"resumed_at": run.step()}));
+    }
     let started = Instant::now();
     let mut evaluated_at = None;
     while run.step() < a.steps {
