@@ -8,7 +8,7 @@
 //! resumed to give exactly what an uninterrupted run gives.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::{DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -169,10 +169,8 @@ pub fn nll_sum(
         .collect();
     let out = model.forward(&mut batch, None)?;
     let logits = out.logits.context("the forward returned no logits")?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let n = targets.len();
-    let idx = Tensor::from_vec(targets, (n, 1), logits.device())?;
-    Ok((logp.gather(&idx, 1)?.sum_all()?.neg()?, n))
+    Ok((crate::loss::target_nll(&logits, targets)?.sum_all()?, n))
 }
 
 /// Where a run is in its data.
