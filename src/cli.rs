@@ -5,13 +5,8 @@ use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
-use std::sync::Arc;
-
-use crate::adapter::format::validate_name;
-use crate::adapter::{load_adapter, AdapterStats, BaseModel, DeviceSlots, Install};
 use crate::engine::{generate_all, SamplingParams, Sequence};
 use crate::model::tokenizer::ChatMessage;
-use crate::model::ExpertMap;
 use crate::model::{LoadOptions, LoadedModel};
 
 #[derive(Parser, Debug)]
@@ -197,26 +192,6 @@ impl GenerateArgs {
     }
 }
 
-/// Validates the adapter in `dir` against the loaded base and puts its experts into slots.
-fn apply_adapter(
-    loaded: &mut LoadedModel,
-    dir: &std::path::Path,
-    dtype: DType,
-) -> Result<Arc<ExpertMap>> {
-    let base = BaseModel::new(loaded.model.config().clone(), loaded.store.clone());
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| validate_name(n).is_ok())
-        .unwrap_or("adapter");
-    let weights = load_adapter(dir, name, &base, dtype)?;
-    let mut slots = DeviceSlots::new(&loaded.model, usize::MAX, Arc::new(AdapterStats::default()));
-    match slots.install(&mut loaded.model, &weights)? {
-        Install::Ready(map) => Ok(map),
-        Install::NoRoom => bail!("no room for the adapter's experts"),
-    }
-}
-
 pub fn generate(args: &GenerateArgs) -> Result<()> {
     let params = args.sampling();
     if let Err((name, msg)) = params.validate() {
@@ -225,7 +200,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let opts = args.device.load_options()?;
     let mut loaded = LoadedModel::load(&args.model, &opts)?;
     let experts = match &args.adapter {
-        Some(dir) => Some(apply_adapter(&mut loaded, dir, opts.dtype)?),
+        Some(dir) => Some(crate::adapter::apply_adapter_dir(&mut loaded, dir, opts.dtype)?),
         None => None,
     };
     let tok = &loaded.tokenizer;

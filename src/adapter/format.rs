@@ -40,6 +40,36 @@ impl ExpertConfig {
     pub fn expert_count(&self) -> usize {
         self.experts.values().map(Vec::len).sum()
     }
+
+    /// Checks the config against a model: MoE layers only, expert ids in range and listed
+    /// once, shared experts only where the model has them.
+    pub fn validate(&self, cfg: &Config) -> Result<(), String> {
+        for (&layer, experts) in &self.experts {
+            if !cfg.is_moe_layer(layer) {
+                return Err(format!(
+                    "expert config lists layer {layer}, which is not a MoE layer (MoE layers are {}..={})",
+                    cfg.first_k_dense_replace,
+                    cfg.num_hidden_layers.saturating_sub(1)
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            for &e in experts {
+                if e >= cfg.n_routed_experts {
+                    return Err(format!(
+                        "expert id {e} in layer {layer} is out of range (the model has {} routed experts)",
+                        cfg.n_routed_experts
+                    ));
+                }
+                if !seen.insert(e) {
+                    return Err(format!("expert {e} is listed twice in layer {layer}"));
+                }
+            }
+        }
+        if self.shared_experts && cfg.n_shared_experts == 0 {
+            return Err("shared_experts is set but the model has no shared experts".into());
+        }
+        Ok(())
+    }
 }
 
 /// The base model an adapter was made for.
@@ -356,34 +386,7 @@ pub fn load_adapter(
         }
     }
     let ec = &manifest.expert_config;
-    for (&layer, experts) in &ec.experts {
-        if !cfg.is_moe_layer(layer) {
-            return Err(invalid(format!(
-                "expert config lists layer {layer}, which is not a MoE layer (MoE layers are {}..={})",
-                cfg.first_k_dense_replace,
-                cfg.num_hidden_layers.saturating_sub(1)
-            )));
-        }
-        let mut seen = BTreeSet::new();
-        for &e in experts {
-            if e >= cfg.n_routed_experts {
-                return Err(invalid(format!(
-                    "expert id {e} in layer {layer} is out of range (the model has {} routed experts)",
-                    cfg.n_routed_experts
-                )));
-            }
-            if !seen.insert(e) {
-                return Err(invalid(format!(
-                    "expert {e} is listed twice in layer {layer}"
-                )));
-            }
-        }
-    }
-    if ec.shared_experts && cfg.n_shared_experts == 0 {
-        return Err(invalid(
-            "shared_experts is set but the model has no shared experts".into(),
-        ));
-    }
+    ec.validate(cfg).map_err(invalid)?;
 
     let store = WeightStore::open_files(&weight_files).map_err(|source| AdapterError::Weights {
         name: name.into(),

@@ -63,7 +63,7 @@ pub fn adapter_tensors(a: &super::AdapterWeights) -> candle_core::Result<Vec<(St
 }
 
 /// Writes `out_dir`: `model_dir`'s non-weight files plus one `model.safetensors` with the
-/// adapter's tensors merged in. The directory appears only when complete.
+/// adapter's tensors merged in (see [`write_checkpoint`]).
 pub fn merge_checkpoint(
     model_dir: &Path,
     adapter_dir: &Path,
@@ -87,19 +87,47 @@ pub fn merge_checkpoint(
         })?
         .into_iter()
         .collect();
+    write_checkpoint(model_dir, &base, &replaced, out_dir).map_err(|e| match e {
+        CheckpointError::Io(e) => io(e),
+        CheckpointError::Tensor(message) => AdapterError::Invalid {
+            name: name.into(),
+            message,
+        },
+    })
+}
 
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tensor(String),
+}
+
+/// Writes `out_dir`: `model_dir`'s non-weight files plus one `model.safetensors` holding
+/// every tensor of `base`, with those in `replaced` (by checkpoint name) swapped in, each
+/// stored in the base tensor's dtype. The directory appears only when complete.
+pub fn write_checkpoint(
+    model_dir: &Path,
+    base: &BaseModel,
+    replaced: &BTreeMap<String, Tensor>,
+    out_dir: &Path,
+) -> Result<(), CheckpointError> {
+    let bad = |m: String| CheckpointError::Tensor(m);
+    if let Some(unknown) = replaced.keys().find(|n| base.store.shape(n).is_none()) {
+        return Err(bad(format!("the base has no tensor {unknown}")));
+    }
     let parent = out_dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io)?;
+    std::fs::create_dir_all(parent)?;
     let tmp = tempfile::Builder::new()
-        .prefix(".merge-")
-        .tempdir_in(parent)
-        .map_err(io)?;
-    for entry in std::fs::read_dir(model_dir).map_err(io)? {
-        let p = entry.map_err(io)?.path();
+        .prefix(".checkpoint-")
+        .tempdir_in(parent)?;
+    for entry in std::fs::read_dir(model_dir)? {
+        let p = entry?.path();
         let fname = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let is_weights = fname.ends_with(".safetensors") || fname == "model.safetensors.index.json";
         if p.is_file() && !is_weights {
-            std::fs::copy(&p, tmp.path().join(fname)).map_err(io)?;
+            std::fs::copy(&p, tmp.path().join(fname))?;
         }
     }
     let mut names: Vec<&str> = base.store.names().collect();
@@ -111,14 +139,15 @@ pub fn merge_checkpoint(
                 .store
                 .file_of(n)
                 .and_then(|f| f.info(n))
-                .ok_or_else(|| AdapterError::Invalid {
-                    name: name.into(),
-                    message: format!("base lost tensor {n}"),
-                })?;
-            let bytes = tensor_bytes(t, info.dtype).map_err(|e| AdapterError::Invalid {
-                name: name.into(),
-                message: e.to_string(),
-            })?;
+                .ok_or_else(|| bad(format!("base lost tensor {n}")))?;
+            if info.shape != t.dims() {
+                return Err(bad(format!(
+                    "{n}: shape {:?}, the base has {:?}",
+                    t.dims(),
+                    info.shape
+                )));
+            }
+            let bytes = tensor_bytes(t, info.dtype).map_err(|e| bad(format!("{n}: {e}")))?;
             converted.insert(n, bytes);
         }
     }
@@ -133,15 +162,11 @@ pub fn merge_checkpoint(
             Some(b) => b,
             None => file.bytes(n).unwrap_or_default(),
         };
-        let view = TensorView::new(info.dtype, info.shape.clone(), data).map_err(|e| {
-            AdapterError::Invalid {
-                name: name.into(),
-                message: e.to_string(),
-            }
-        })?;
+        let view = TensorView::new(info.dtype, info.shape.clone(), data)
+            .map_err(|e| bad(format!("{n}: {e}")))?;
         views.push((n.to_string(), view));
     }
     safetensors::serialize_to_file(views, None, &tmp.path().join("model.safetensors"))
-        .map_err(|e| io(std::io::Error::other(e)))?;
-    crate::util::replace_dir(tmp.keep(), out_dir).map_err(io)
+        .map_err(std::io::Error::other)?;
+    Ok(crate::util::replace_dir(tmp.keep(), out_dir)?)
 }

@@ -10,6 +10,6 @@ pub mod store;
 
 pub use format::{load_adapter, AdapterError, AdapterWeights, BaseModel, ExpertConfig, Manifest};
 pub use registry::AdapterRegistry;
-pub use slots::{DeviceSlots, Install};
+pub use slots::{apply_adapter_dir, DeviceSlots, Install};
 pub use stats::{AdapterStats, Tier};
 pub use store::AdapterStore;

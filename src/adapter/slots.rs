@@ -262,3 +262,29 @@ fn to_device(
         down: mlp.down.to_device(device).map_err(err)?,
     })
 }
+
+/// Loads the adapter in `dir` (validated against `loaded`'s base) into expert slots of
+/// `loaded.model` and returns the expert map that selects it: for one-off runs (the CLI,
+/// evaluation) that apply one adapter to a private model.
+pub fn apply_adapter_dir(
+    loaded: &mut crate::model::LoadedModel,
+    dir: &std::path::Path,
+    dtype: candle_core::DType,
+) -> Result<Arc<ExpertMap>, AdapterError> {
+    let base = super::BaseModel::new(loaded.model.config().clone(), loaded.store.clone());
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| super::format::validate_name(n).is_ok())
+        .unwrap_or("adapter");
+    let weights = super::load_adapter(dir, name, &base, dtype)?;
+    let mut slots = DeviceSlots::new(&loaded.model, usize::MAX, Arc::new(AdapterStats::default()));
+    match slots.install(&mut loaded.model, &weights)? {
+        Install::Ready(map) => Ok(map),
+        Install::NoRoom => Err(AdapterError::TooLarge {
+            name: name.into(),
+            needed: weights.slot_bytes(),
+            budget: usize::MAX,
+        }),
+    }
+}

@@ -128,10 +128,38 @@ impl Attention {
             );
         }
         *slot = t;
+        self.refresh_absorbed()?;
+        Ok(true)
+    }
+
+    /// Every weight tensor of this layer, mutably, under its checkpoint name suffix. Call
+    /// [`Attention::refresh_absorbed`] after changing `kv_b_proj`.
+    pub fn named_weights_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
+        let mut v = match &mut self.q {
+            QueryProj::Full(q) => vec![("q_proj.weight", q)],
+            QueryProj::LoRA { a, norm, b } => vec![
+                ("q_a_proj.weight", a),
+                ("q_a_layernorm.weight", norm),
+                ("q_b_proj.weight", b),
+            ],
+        };
+        v.extend([
+            ("kv_a_proj_with_mqa.weight", &mut self.kv_a),
+            ("kv_a_layernorm.weight", &mut self.kv_a_norm),
+            ("kv_b_proj.weight", &mut self.kv_b),
+            ("o_proj.weight", &mut self.o),
+        ]);
+        v
+    }
+
+    /// Re-derives `W_uk` and `W_uv^T` from `kv_b_proj` (they are copies, so an in-place
+    /// update of `kv_b_proj` does not reach them; derived from a trainable `kv_b_proj`
+    /// they stay on its gradient path).
+    pub fn refresh_absorbed(&mut self) -> Result<()> {
         let (uk, uv) = absorb(&self.kv_b, self.heads, self.nope, self.v_dim)?;
         self.w_uk = uk;
         self.w_uv_t = uv;
-        Ok(true)
+        Ok(())
     }
 
     /// Attention for all tokens of a ragged batch. `x`: `[n, hidden]` (normalised input),
@@ -158,10 +186,8 @@ impl Attention {
         let q_nope = q.narrow(D::Minus1, 0, nope)?;
         let q_pe = ops.rope_interleaved(&q.narrow(D::Minus1, nope, rope)?, cos, sin)?;
         // Absorb W_uk into the query: [nh, n, nope] x [nh, nope, kvr] -> [nh, n, kvr].
-        let q_lat = q_nope
-            .transpose(0, 1)?
-            .contiguous()?
-            .matmul(&self.w_uk)?
+        let q_lat = ops
+            .matmul_weight(&q_nope.transpose(0, 1)?.contiguous()?, &self.w_uk)?
             .transpose(0, 1)?;
         let q_full = Tensor::cat(&[&q_lat, &q_pe], D::Minus1)?; // [n, nh, kvr + rope]
 
@@ -194,10 +220,8 @@ impl Attention {
         }
         let o_lat = Tensor::cat(&outs, 0)?.reshape((n, nh, kvr))?;
         // Absorb W_uv into the output: [nh, n, kvr] x [nh, kvr, v] -> [nh, n, v].
-        let o = o_lat
-            .transpose(0, 1)?
-            .contiguous()?
-            .matmul(&self.w_uv_t)?
+        let o = ops
+            .matmul_weight(&o_lat.transpose(0, 1)?.contiguous()?, &self.w_uv_t)?
             .transpose(0, 1)?
             .reshape((n, nh * self.v_dim))?;
         ops.linear(&o, &self.o)

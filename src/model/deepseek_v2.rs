@@ -1,7 +1,7 @@
 //! The DeepSeek-V2 decoder: embeddings, layers (MLA + dense MLP or MoE), final norm and
 //! LM head, run over a ragged batch of sequences that each bring their own latent cache.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use std::ops::Range;
 use std::path::Path;
 
@@ -78,13 +78,15 @@ impl SeqCache {
 
 /// Which logits a sequence wants back from a forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsWanted {
+pub enum LogitsWanted<'a> {
     /// None (an intermediate prefill chunk).
     None,
     /// The last new token's (generation).
     Last,
-    /// Every new token's (scoring, training, tests).
+    /// Every new token's (tests, evaluation).
     All,
+    /// The new tokens at these offsets, ascending (training: only positions with a target).
+    Positions(&'a [u32]),
 }
 
 /// One sequence's part of a batched forward.
@@ -93,13 +95,58 @@ pub struct SeqInput<'a> {
     pub cache: &'a mut SeqCache,
     /// Expert id -> slot per MoE layer; `None` is the base model.
     pub experts: Option<&'a ExpertMap>,
-    pub logits: LogitsWanted,
+    pub logits: LogitsWanted<'a>,
 }
 
-/// Logits of a batched forward: `[rows, vocab]` f32, and each sequence's row range.
+/// Logits of a batched forward: `[rows, vocab]` f32 (f64 for an f64 model), and each
+/// sequence's row range.
 pub struct ForwardOutput {
     pub logits: Option<Tensor>,
     pub rows: Vec<Range<usize>>,
+}
+
+/// What a weight is, for choosing which ones to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightKind {
+    RoutedExpert { layer: usize, expert: usize },
+    SharedExperts { layer: usize },
+    /// Attention, norms, router gates, dense MLPs, embeddings and the LM head.
+    Other,
+}
+
+/// A weight made trainable by [`DeepSeekV2::make_trainable`].
+pub struct TrainableWeight {
+    /// Checkpoint name (fused SwiGLU weights as `...gate_up_proj.weight`).
+    pub name: String,
+    pub kind: WeightKind,
+    pub var: Var,
+}
+
+/// Name suffix of a fused SwiGLU `[gate; up]` weight in [`DeepSeekV2::weights_mut`].
+pub const FUSED_GATE_UP: &str = "gate_up_proj.weight";
+
+/// An MLP's two weights under their names in [`DeepSeekV2::weights_mut`].
+fn mlp_weights(prefix: String, kind: WeightKind, mlp: &mut Mlp) -> [(String, WeightKind, &mut Tensor); 2] {
+    let Mlp { gate_up, down } = mlp;
+    [
+        (format!("{prefix}{FUSED_GATE_UP}"), kind, gate_up),
+        (format!("{prefix}down_proj.weight"), kind, down),
+    ]
+}
+
+/// A weight under its checkpoint name(s): a fused `gate_up_proj.weight` becomes its
+/// `gate_proj.weight` and `up_proj.weight` halves, anything else passes through.
+pub fn split_fused(name: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    match name.strip_suffix(FUSED_GATE_UP) {
+        Some(prefix) => {
+            let i = t.dim(0)? / 2;
+            Ok(vec![
+                (format!("{prefix}gate_proj.weight"), t.narrow(0, 0, i)?),
+                (format!("{prefix}up_proj.weight"), t.narrow(0, i, i)?),
+            ])
+        }
+        None => Ok(vec![(name.to_string(), t.clone())]),
+    }
 }
 
 pub struct DeepSeekV2 {
@@ -216,6 +263,96 @@ impl DeepSeekV2 {
         }
     }
 
+    /// Every weight, mutably, under its checkpoint name, with its kind. A fused SwiGLU
+    /// `gate_up` is listed once, as `...gate_up_proj.weight` (see [`split_fused`]). A tied
+    /// LM head is the embedding and is not listed. After changing attention weights call
+    /// [`DeepSeekV2::refresh_derived`].
+    pub fn weights_mut(&mut self) -> Vec<(String, WeightKind, &mut Tensor)> {
+        let tied = self.lm_head.id() == self.embed.id();
+        let mut out: Vec<(String, WeightKind, &mut Tensor)> = Vec::new();
+        out.push(("model.embed_tokens.weight".into(), WeightKind::Other, &mut self.embed));
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}.");
+            out.push((format!("{p}input_layernorm.weight"), WeightKind::Other, &mut layer.input_norm));
+            for (suffix, t) in layer.attn.named_weights_mut() {
+                out.push((format!("{p}self_attn.{suffix}"), WeightKind::Other, t));
+            }
+            out.push((
+                format!("{p}post_attention_layernorm.weight"),
+                WeightKind::Other,
+                &mut layer.post_attn_norm,
+            ));
+            match &mut layer.ffn {
+                FeedForward::Dense(mlp) => {
+                    out.extend(mlp_weights(format!("{p}mlp."), WeightKind::Other, mlp));
+                }
+                FeedForward::Moe(moe) => {
+                    let n_routed = self.cfg.n_routed_experts;
+                    let (gate, slots, shared) = moe.parts_mut();
+                    out.push((format!("{p}mlp.gate.weight"), WeightKind::Other, gate));
+                    for (e, slot) in slots.iter_mut().take(n_routed).enumerate() {
+                        if let Some(mlp) = slot {
+                            let kind = WeightKind::RoutedExpert { layer: i, expert: e };
+                            out.extend(mlp_weights(format!("{p}mlp.experts.{e}."), kind, mlp));
+                        }
+                    }
+                    if let Some(Some(mlp)) = shared.first_mut() {
+                        let kind = WeightKind::SharedExperts { layer: i };
+                        out.extend(mlp_weights(format!("{p}mlp.shared_experts."), kind, mlp));
+                    }
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), WeightKind::Other, &mut self.norm));
+        if !tied {
+            out.push(("lm_head.weight".into(), WeightKind::Other, &mut self.lm_head));
+        }
+        out
+    }
+
+    /// Turns every weight `pick` selects into a trainable [`Var`] (updated in place by an
+    /// optimizer) and returns them. All other weights stay plain tensors, for which autograd
+    /// computes no gradient. Leaves the model in differentiable mode.
+    pub fn make_trainable(
+        &mut self,
+        pick: impl Fn(&WeightKind) -> bool,
+    ) -> Result<Vec<TrainableWeight>> {
+        let tied = self.lm_head.id() == self.embed.id();
+        let mut out = Vec::new();
+        for (name, kind, t) in self.weights_mut() {
+            if pick(&kind) {
+                let var = Var::from_tensor(t)?;
+                *t = var.as_tensor().clone();
+                out.push(TrainableWeight { name, kind, var });
+            }
+        }
+        if tied {
+            self.lm_head = self.embed.clone();
+        }
+        self.refresh_derived()?;
+        self.set_differentiable(true);
+        Ok(out)
+    }
+
+    /// Recomputes cached products of weights (MLA's absorbed factors) after weights changed
+    /// in place.
+    pub fn refresh_derived(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            layer.attn.refresh_absorbed()?;
+        }
+        Ok(())
+    }
+
+    /// Every weight under its checkpoint name, fused tensors split: what a checkpoint of
+    /// this model holds.
+    pub fn checkpoint_tensors(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, _, t) in self.weights_mut() {
+            out.extend(split_fused(&name, t)?);
+        }
+        Ok(out)
+    }
+
     /// The non-layer weights under their checkpoint names.
     pub fn named_globals(&self) -> Vec<(&'static str, &Tensor)> {
         vec![
@@ -299,6 +436,12 @@ impl DeepSeekV2 {
                 LogitsWanted::None => {}
                 LogitsWanted::Last => pick.push((start + len - 1) as u32),
                 LogitsWanted::All => pick.extend(start as u32..(start + len) as u32),
+                LogitsWanted::Positions(p) => {
+                    if let Some(&bad) = p.iter().find(|&&i| i as usize >= len) {
+                        candle_core::bail!("logits wanted at offset {bad} of {len} new tokens");
+                    }
+                    pick.extend(p.iter().map(|&i| start as u32 + i));
+                }
             }
             rows.push(first..pick.len());
         }
@@ -311,7 +454,12 @@ impl DeepSeekV2 {
                 x.index_select(&Tensor::from_vec(pick.clone(), pick.len(), dev)?, 0)?
             };
             let h = self.ops.rms_norm(&picked, &self.norm, eps)?;
-            Some(self.ops.linear(&h, &self.lm_head)?.to_dtype(DType::F32)?)
+            let logits = self.ops.linear(&h, &self.lm_head)?;
+            // f32 for everyone but f64 models (gradient checks need the precision).
+            Some(match logits.dtype() {
+                DType::F64 => logits,
+                _ => logits.to_dtype(DType::F32)?,
+            })
         };
         Ok(ForwardOutput { logits, rows })
     }

@@ -16,6 +16,9 @@ pub mod tokenizer;
 
 pub use bundle::LoadedModel;
 pub use config::Config;
-pub use deepseek_v2::{DeepSeekV2, ForwardOutput, LoadOptions, LogitsWanted, SeqCache, SeqInput};
+pub use deepseek_v2::{
+    DeepSeekV2, ForwardOutput, LoadOptions, LogitsWanted, SeqCache, SeqInput, TrainableWeight,
+    WeightKind,
+};
 pub use error::{ModelError, Result};
 pub use moe::{ExpertMap, LayerRouting, RoutingRecord};

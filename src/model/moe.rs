@@ -213,7 +213,12 @@ impl Router {
     /// `logits` at the chosen `ids`, then normalised or scaled like [`Router::route`].
     fn weights_tensor(&self, ops: &Ops, logits: &Tensor, ids: &[u32]) -> Result<Tensor> {
         let n = logits.dim(0)?;
-        let probs = ops.softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+        // f32 at least (f64 stays f64: gradient checks run the model in f64).
+        let logits = match logits.dtype() {
+            DType::F64 => logits.clone(),
+            _ => logits.to_dtype(DType::F32)?,
+        };
+        let probs = ops.softmax_last_dim(&logits)?;
         let idx = Tensor::from_slice(ids, (n, self.top_k), logits.device())?;
         let w = probs.gather(&idx, 1)?;
         if self.normalise {
@@ -316,6 +321,19 @@ impl Moe {
 
     pub fn slot(&self, slot: usize) -> Option<&Mlp> {
         self.slots.get(slot)?.as_ref()
+    }
+
+    /// The gate, the routed-expert slots and the shared-expert slots, mutably at once.
+    pub fn parts_mut(&mut self) -> (&mut Tensor, &mut [Option<Mlp>], &mut [Option<Mlp>]) {
+        (&mut self.gate, &mut self.slots, &mut self.shared)
+    }
+
+    pub fn slot_mut(&mut self, slot: usize) -> Option<&mut Mlp> {
+        self.slots.get_mut(slot)?.as_mut()
+    }
+
+    pub fn shared_slot_mut(&mut self, slot: usize) -> Option<&mut Mlp> {
+        self.shared.get_mut(slot)?.as_mut()
     }
 
     pub fn slot_count(&self) -> usize {
@@ -441,18 +459,12 @@ impl Moe {
             .reshape((n * k, 1))?;
             let mut gate_up = Vec::with_capacity(used.len());
             for &(slot, start, rows) in &used {
-                gate_up.push(
-                    xs.narrow(0, start, rows)?
-                        .matmul(&expert(slot)?.gate_up.t()?)?,
-                );
+                gate_up.push(ops.linear(&xs.narrow(0, start, rows)?, &expert(slot)?.gate_up)?);
             }
             let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
             let mut down = Vec::with_capacity(used.len());
             for &(slot, start, rows) in &used {
-                down.push(
-                    act.narrow(0, start, rows)?
-                        .matmul(&expert(slot)?.down.t()?)?,
-                );
+                down.push(ops.linear(&act.narrow(0, start, rows)?, &expert(slot)?.down)?);
             }
             Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?
         };

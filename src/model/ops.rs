@@ -3,7 +3,7 @@
 //! silently produce no gradient). [`Ops::differentiable`] picks one for the whole model, so
 //! the trainer and the server run the same model code.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ops {
@@ -20,7 +20,20 @@ impl Ops {
         {
             super::cpu_kernels::linear(x, w)
         } else {
-            x.matmul(&w.t()?)
+            self.matmul_weight(x, &w.t()?)
+        }
+    }
+
+    /// `x @ w` where `w` is a weight (any batch dims). When training and `w` is frozen, the
+    /// product carries a gradient path to `x` only: candle's own matmul backward would also
+    /// compute, and allocate, a gradient for the frozen weight, which is a third of the
+    /// backward work and a full copy of the model in gradient memory.
+    pub fn matmul_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.differentiable && x.track_op() && !w.track_op() {
+            let y = x.detach().matmul(w)?.contiguous()?;
+            x.apply_op2(&y, FrozenRhs { w: w.clone() })
+        } else {
+            x.matmul(w)
         }
     }
 
@@ -63,6 +76,42 @@ impl Ops {
             let s = sin.reshape((n, 1, d / 2))?;
             candle_nn::rotary_emb::rope_i(&x4, &c, &s)?.reshape((n, h, d))
         }
+    }
+}
+
+/// Autograd node for `x @ w` with a frozen `w`: its value is the product computed outside
+/// the graph (the second argument, passed through), its backward sends `grad @ w^T` to `x`
+/// and nothing to `w`.
+struct FrozenRhs {
+    w: Tensor,
+}
+
+impl CustomOp2 for FrozenRhs {
+    fn name(&self) -> &'static str {
+        "frozen-rhs-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _x_layout: &Layout,
+        y: &CpuStorage,
+        y_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !y_layout.is_contiguous() || y_layout.start_offset() != 0 {
+            candle_core::bail!("frozen-rhs-matmul expects a fresh contiguous product");
+        }
+        Ok((y.clone(), y_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.w.t()?)?), None))
     }
 }
 

@@ -1,0 +1,573 @@
+//! `esft-train` command line: the subcommands and the glue between files and the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use esft::adapter::format::{BaseModel, Provenance};
+use esft::adapter::ExpertConfig;
+use esft::model::{LoadOptions, LoadedModel};
+
+use crate::data::{self, Limits, SpecialIds};
+use crate::progress::Progress;
+use crate::score::{self, ScoreAccumulator, Scores};
+use crate::select::{self, ScoreFunction, Selection};
+use crate::train::{self, Run, Schedule, TrainConfig, Trainable};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "esft-train",
+    version,
+    about = "Expert-Specialized Fine-Tuning for DeepSeek-V2 MoE models: score experts on task \
+             data, select them, train only them, write adapters"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Score routed experts on task data (Token Selection Ratio, Average Gate Score).
+    Score(ScoreArgs),
+    /// Select experts per layer from scores (the reference top-p rule).
+    Select(SelectArgs),
+    /// Train the selected experts (or everything) and write an adapter (or a checkpoint).
+    Train(TrainArgs),
+    /// Evaluate a model, optionally with an adapter, on an eval set.
+    Eval(EvalArgs),
+    /// Write a full checkpoint with an adapter's tensors merged in.
+    Merge(MergeArgs),
+    /// Import an adapter released in the ESFT reference layout.
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// The model directory (Hugging Face layout).
+    #[arg(long, required_unless_present = "from_logs")]
+    pub model: Option<PathBuf>,
+    /// Task data (JSONL: reference `messages` or `{"prompt", "completion"}`).
+    #[arg(long, required_unless_present = "from_logs")]
+    pub data: Option<PathBuf>,
+    /// Tokens to route (a random sample of the data; default the paper's 32 x 4096).
+    #[arg(long, default_value_t = 131072)]
+    pub tokens: usize,
+    /// Seed of the sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokens per forward pass.
+    #[arg(long, default_value_t = 4096)]
+    pub batch_tokens: usize,
+    /// Also write the reference routing logs (`expert_weights_{L}.txt`) here.
+    #[arg(long, conflicts_with = "from_logs")]
+    pub log_dir: Option<PathBuf>,
+    /// Compute the scores from reference routing logs in this directory instead.
+    #[arg(long, conflicts_with_all = ["model", "data"])]
+    pub from_logs: Option<PathBuf>,
+    /// With --from-logs: experts per token in the logs (DeepSeek-V2-Lite: 6).
+    #[arg(long, default_value_t = 6)]
+    pub top_k: usize,
+    /// With --from-logs: routed experts per layer (DeepSeek-V2-Lite: 64).
+    #[arg(long, default_value_t = 64)]
+    pub experts: usize,
+    /// Where to write the scores (the reference summary.json shape).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print progress as JSON lines on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SelectArgs {
+    /// Scores from `score` (or a reference summary.json).
+    #[arg(long)]
+    pub scores: PathBuf,
+    #[arg(long, value_enum)]
+    pub score_function: ScoreFunction,
+    /// Cumulative score to reach per layer.
+    #[arg(long)]
+    pub top_p: f64,
+    /// Also train the shared experts.
+    #[arg(long)]
+    pub train_shared_experts: bool,
+    /// Also train attention, norms, gates, dense layers and embeddings.
+    #[arg(long)]
+    pub train_non_expert_modules: bool,
+    /// Where to write the expert config (the reference format).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data (JSONL: reference `messages` or `{"prompt", "completion"}`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// An expert config from `select`, or `all` to train every weight (full fine-tuning,
+    /// written as a full checkpoint).
+    #[arg(long)]
+    pub experts: String,
+    /// Output directory: `adapters/NAME` (its last component names the adapter).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 500)]
+    pub steps: u64,
+    #[arg(long, default_value_t = 1e-5)]
+    pub lr: f64,
+    /// Sequences of --seq-len tokens per micro-batch (samples are packed, never padded).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Longest sample; also the packing unit.
+    #[arg(long, default_value_t = 4096)]
+    pub seq_len: usize,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    #[arg(long, value_enum, default_value_t = Schedule::Linear)]
+    pub schedule: Schedule,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// AdamW betas as `b1,b2`.
+    #[arg(long, default_value = "0.9,0.95")]
+    pub betas: String,
+    /// Clip the gradient's global L2 norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Share of samples held out for the eval loss (0: none; the last weights are kept).
+    #[arg(long, default_value_t = 0.02)]
+    pub eval_split: f64,
+    /// Evaluate every N steps (0: only at the end); the best checkpoint is kept.
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: u64,
+    /// Save a resumable state every N steps (0: never).
+    #[arg(long, default_value_t = 100)]
+    pub save_every: u64,
+    /// Continue the run saved beside --out.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Metric {
+    ExactMatch,
+    Loss,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An adapter directory to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Eval data: `{"prompt", "answers"}` lines (loss also takes training formats).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value_t = Metric::ExactMatch)]
+    pub metric: Metric,
+    /// Longest generated answer in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Evaluate only the first N items.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Write every prediction here (JSONL).
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The base model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The adapter directory (ours or the ESFT reference layout).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Where to write the merged checkpoint (created atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The released adapter (expert_cfg.json + safetensors).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The base model it was trained on.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory: `adapters/NAME`.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Score(a) => score_cmd(&a),
+        Command::Select(a) => select_cmd(&a),
+        Command::Train(a) => train_cmd(&a),
+        Command::Eval(a) => eval_cmd(&a),
+        Command::Merge(a) => {
+            esft::adapter::merge::merge_checkpoint(&a.model, &a.adapter, &a.out)?;
+            eprintln!("wrote {}", a.out.display());
+            Ok(())
+        }
+        Command::Import(a) => {
+            let n = crate::import::import(&a.from, &a.model, &a.out)?;
+            eprintln!("wrote {} ({n} experts)", a.out.display());
+            Ok(())
+        }
+    }
+}
+
+fn load_model(dir: &Path) -> Result<LoadedModel> {
+    LoadedModel::load(dir, &LoadOptions::default())
+        .with_context(|| format!("loading the model in {}", dir.display()))
+}
+
+fn score_cmd(a: &ScoreArgs) -> Result<()> {
+    let scores = if let Some(dir) = &a.from_logs {
+        score::from_logs(dir, a.experts, a.top_k)?
+    } else {
+        let (Some(model_dir), Some(data_path)) = (&a.model, &a.data) else {
+            bail!("--model and --data are required without --from-logs");
+        };
+        if a.tokens == 0 {
+            bail!("--tokens must be at least 1");
+        }
+        let loaded = load_model(model_dir)?;
+        let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer)?;
+        let samples = data::load_train(data_path, &loaded.tokenizer, ids, Limits::default())?;
+        let picked = score::sample_tokens(samples, a.tokens, a.seed);
+        let total: usize = picked.iter().map(Vec::len).sum();
+        if total < a.tokens {
+            eprintln!(
+                "note: the data holds {total} tokens, fewer than --tokens {}; scoring all of them",
+                a.tokens
+            );
+        }
+        let cfg = loaded.model.config();
+        let mut acc = ScoreAccumulator::new(cfg.n_routed_experts, cfg.num_experts_per_tok);
+        let mut log = a.log_dir.as_deref().map(score::LogWriter::create).transpose()?;
+        let mut progress = Progress::new("score", total as u64, "tokens", a.json);
+        let start = Instant::now();
+        score::score_samples(
+            &loaded.model,
+            &picked,
+            a.batch_tokens.max(1),
+            &mut acc,
+            log.as_mut(),
+            |n| {
+                let rate = n as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                progress.advance(n as u64, json!({ "tokens_per_s": rate.round() }));
+            },
+        )?;
+        if let Some(log) = log {
+            log.finish()?;
+        }
+        progress.finish(json!({ "tokens": total }));
+        acc.scores()
+    };
+    scores.write(&a.out)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn select_cmd(a: &SelectArgs) -> Result<()> {
+    let scores = Scores::read(&a.scores)?;
+    let cfg = select::select(
+        &scores,
+        &Selection {
+            function: a.score_function,
+            top_p: a.top_p,
+            shared_experts: a.train_shared_experts,
+            non_expert_modules: a.train_non_expert_modules,
+        },
+    )?;
+    write_expert_config(&cfg, &a.out)?;
+    let layers = cfg.experts.len().max(1);
+    let total: usize = scores
+        .token_scores
+        .values()
+        .next()
+        .map_or(0, |l| l.len() * cfg.experts.len());
+    eprintln!(
+        "selected {} experts over {} layers ({:.1} per layer, {:.1}% of routed experts); wrote {}",
+        cfg.expert_count(),
+        cfg.experts.len(),
+        cfg.expert_count() as f64 / layers as f64,
+        100.0 * cfg.expert_count() as f64 / total.max(1) as f64,
+        a.out.display()
+    );
+    Ok(())
+}
+
+pub fn write_expert_config(cfg: &ExpertConfig, path: &Path) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(cfg)?;
+    text.push('\n');
+    esft::util::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn read_expert_config(path: &Path) -> Result<ExpertConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected {{\"experts\": {{layer: [ids]}}, \"shared_experts\": bool, \
+             \"non_expert_modules\": bool}}",
+            path.display()
+        )
+    })
+}
+
+fn parse_betas(s: &str) -> Result<(f64, f64)> {
+    let parts: Vec<&str> = s.split(',').collect();
+    match parts.as_slice() {
+        [a, b] => Ok((
+            a.trim().parse().context("--betas: bad first value")?,
+            b.trim().parse().context("--betas: bad second value")?,
+        )),
+        _ => bail!("--betas takes two numbers, e.g. 0.9,0.95"),
+    }
+}
+
+fn file_sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// The hidden directory beside `out` where a run keeps its resumable state.
+pub fn state_dir(out: &Path) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: --out needs a directory name", out.display()))?;
+    Ok(out.with_file_name(format!(".{name}.train-state")))
+}
+
+fn train_cmd(a: &TrainArgs) -> Result<()> {
+    let (beta1, beta2) = parse_betas(&a.betas)?;
+    let cfg = TrainConfig {
+        steps: a.steps,
+        lr: a.lr,
+        batch: a.batch,
+        grad_accum: a.grad_accum,
+        seq_len: a.seq_len,
+        warmup: a.warmup,
+        schedule: a.schedule,
+        beta1,
+        beta2,
+        weight_decay: a.weight_decay,
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        eval_split: a.eval_split,
+    };
+    cfg.validate()?;
+    let what = if a.experts == "all" {
+        Trainable::All
+    } else {
+        Trainable::Experts(read_expert_config(Path::new(&a.experts))?)
+    };
+    let name = a
+        .out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{}: --out needs a directory name", a.out.display()))?
+        .to_string();
+    if matches!(what, Trainable::Experts(_)) {
+        esft::adapter::format::validate_name(&name)?;
+    }
+    let state = state_dir(&a.out)?;
+    if state.exists() && !a.resume {
+        bail!(
+            "an unfinished run left its state in {}; pass --resume to continue it, or delete it",
+            state.display()
+        );
+    }
+
+    let loaded = load_model(&a.model)?;
+    let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer)?;
+    // Every sample is checked before any training starts.
+    let samples = data::load_train(
+        &a.data,
+        &loaded.tokenizer,
+        ids,
+        Limits {
+            max_tokens: Some(a.seq_len),
+            need_targets: true,
+        },
+    )?;
+    let (train_set, eval_set) = train::split_eval(samples, a.eval_split, a.seed);
+    let identity = json!({
+        "base": loaded.model.config().fingerprint(),
+        "trainable": match &what {
+            Trainable::All => json!("all"),
+            Trainable::Experts(c) => serde_json::to_value(c)?,
+        },
+        "data": file_sha256(&a.data)?,
+        "batch": a.batch,
+        "grad_accum": a.grad_accum,
+        "seq_len": a.seq_len,
+        "seed": a.seed,
+        "eval_split": a.eval_split,
+    });
+    let LoadedModel { model, store, .. } = loaded;
+    let config = model.config().clone();
+    let (n_train, n_eval) = (train_set.len(), eval_set.len());
+    let mut run = Run::new(model, &what, train_set, eval_set, cfg)?;
+    if a.resume && state.exists() {
+        run.restore(&state, &identity)?;
+        eprintln!("resumed {} at step {}", state.display(), run.step());
+    }
+    let trainable = run.trainable_params();
+    let mut progress = Progress::new("train", a.steps, "steps", a.json);
+    progress.event(
+        "start",
+        json!({"train_samples": n_train, "eval_samples": n_eval, "trainable_params": trainable, "step": run.step()}),
+    );
+    if run.step() > 0 {
+        progress.advance(run.step(), json!({"resumed_at": run.step()}));
+    }
+    let started = Instant::now();
+    let mut evaluated_at = None;
+    while run.step() < a.steps {
+        let t0 = Instant::now();
+        let r = run.train_step()?;
+        let dt = t0.elapsed().as_secs_f64();
+        progress.advance(
+            1,
+            json!({"step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                   "tokens_per_s": (r.tokens as f64 / dt).round()}),
+        );
+        if a.eval_every > 0 && r.step % a.eval_every == 0 {
+            evaluate(&mut run, &mut progress)?;
+            evaluated_at = Some(r.step);
+        }
+        if a.save_every > 0 && r.step % a.save_every == 0 && r.step < a.steps {
+            run.save(&state, &identity)?;
+            progress.event("save", json!({"step": r.step, "dir": state.display().to_string()}));
+        }
+    }
+    if evaluated_at != Some(run.step()) {
+        evaluate(&mut run, &mut progress)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    let base = BaseModel::new(config, store);
+    let training = Provenance {
+        data: Some(a.data.display().to_string()),
+        steps: Some(a.steps),
+        lr: Some(a.lr),
+        seed: Some(a.seed),
+        ..Provenance::default()
+    };
+    train::write_result(&run, &what, &base, &a.model, &a.out, training)?;
+    if state.exists() {
+        std::fs::remove_dir_all(&state)
+            .with_context(|| format!("removing {}", state.display()))?;
+    }
+    let best = run.best();
+    progress.finish(json!({
+        "out": a.out.display().to_string(),
+        "trainable_params": trainable,
+        "seconds": seconds,
+        "best_eval_loss": best.map(|b| b.0),
+        "best_step": best.map(|b| b.1),
+    }));
+    eprintln!(
+        "wrote {} ({trainable} trainable parameters, {:.1} s{})",
+        a.out.display(),
+        seconds,
+        best.map(|(l, s)| format!(", best eval loss {l:.4} at step {s}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn evaluate(run: &mut Run, progress: &mut Progress) -> Result<()> {
+    if let Some(loss) = run.eval_loss()? {
+        let best = run.note_eval(loss)?;
+        progress.event("eval", json!({"step": run.step(), "eval_loss": loss, "best": best}));
+    }
+    Ok(())
+}
+
+fn eval_cmd(a: &EvalArgs) -> Result<()> {
+    let mut loaded = load_model(&a.model)?;
+    let experts = match &a.adapter {
+        Some(dir) => Some(esft::adapter::apply_adapter_dir(
+            &mut loaded,
+            dir,
+            candle_core::DType::F32,
+        )?),
+        None => None,
+    };
+    let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer)?;
+    let limit = a.limit.unwrap_or(usize::MAX);
+    let summary = match a.metric {
+        Metric::ExactMatch => {
+            let mut items = data::load_eval(&a.data)?;
+            items.truncate(limit);
+            let mut progress = Progress::new("eval", items.len() as u64, "items", a.json);
+            let preds = crate::eval::exact_match(
+                &loaded,
+                experts,
+                &items,
+                a.max_tokens,
+                a.batch,
+                |n| progress.advance(n as u64, json!({})),
+            )?;
+            progress.finish(json!({}));
+            if let Some(path) = &a.predictions {
+                let mut text = String::new();
+                for p in &preds {
+                    text.push_str(&serde_json::to_string(p)?);
+                    text.push('\n');
+                }
+                esft::util::write_atomic(path, text.as_bytes())?;
+            }
+            let correct = preds.iter().filter(|p| p.correct).count();
+            json!({
+                "metric": "exact-match",
+                "score": correct as f64 / preds.len().max(1) as f64,
+                "correct": correct,
+                "total": preds.len(),
+            })
+        }
+        Metric::Loss => {
+            let mut samples = match data::load_eval(&a.data) {
+                Ok(items) => items
+                    .iter()
+                    .map(|i| data::eval_as_sample(i, &loaded.tokenizer, ids))
+                    .collect::<Result<Vec<_>>>()?,
+                Err(_) => data::load_train(&a.data, &loaded.tokenizer, ids, Limits::default())?,
+            };
+            samples.truncate(limit);
+            let refs: Vec<&data::Sample> = samples.iter().collect();
+            let loss = train::mean_loss(&loaded.model, experts.as_deref(), &refs, 8192)?;
+            json!({"metric": "loss", "score": loss, "total": samples.len()})
+        }
+    };
+    println!("{summary}");
+    Ok(())
+}

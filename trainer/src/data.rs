@@ -1,0 +1,470 @@
+//! Task data: the reference JSONL formats, the reference prompt template and its loss mask.
+//!
+//! Training lines are either the reference chat format
+//! `{"messages": [{"role": "user"|"assistant", "content": ..., "mask"?: 0|1}, ...]}` or a
+//! plain `{"prompt": ..., "completion": ...}`. Eval lines are the reference eval format
+//! `{"prompt": ..., "answers": [...]}`. Every problem is reported with its line number, and
+//! a whole file is checked before any work starts.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+use esft::model::tokenizer::TextTokenizer;
+
+/// One tokenized training sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// 1-based line in the source file.
+    pub line: usize,
+    pub tokens: Vec<u32>,
+    /// `trained[i]`: token `i` is a prediction target (counted in the loss).
+    pub trained: Vec<bool>,
+}
+
+impl Sample {
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Positions whose next token is a target, with that token: `(position, target)`.
+    pub fn targets(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        (1..self.tokens.len())
+            .filter(|&i| self.trained[i])
+            .map(|i| (i - 1, self.tokens[i]))
+    }
+
+    pub fn target_count(&self) -> usize {
+        self.trained.iter().skip(1).filter(|&&t| t).count()
+    }
+}
+
+/// The special ids the prompt template needs.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecialIds {
+    pub bos: Option<u32>,
+    pub eos: u32,
+}
+
+impl SpecialIds {
+    pub fn of(cfg: &esft::model::Config, tok: &TextTokenizer) -> Result<Self> {
+        let eos = cfg
+            .eos_token_ids
+            .first()
+            .or_else(|| tok.eos_ids().first())
+            .copied()
+            .context("the model defines no EOS token (config.json eos_token_id)")?;
+        Ok(Self {
+            bos: cfg.bos_token_id,
+            eos,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Message {
+    role: String,
+    content: String,
+    #[serde(default)]
+    mask: u8,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TrainLine {
+    Chat {
+        messages: Vec<Message>,
+    },
+    Plain {
+        prompt: String,
+        completion: String,
+    },
+}
+
+/// Raw JSON lines of `path` with their 1-based numbers (blank lines skipped); an empty file
+/// is an error.
+fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
+        out.push((i + 1, v));
+    }
+    if out.is_empty() {
+        bail!("{}: the file holds no samples", path.display());
+    }
+    Ok(out)
+}
+
+/// What a training file must satisfy.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// Longest allowed sample in tokens.
+    pub max_tokens: Option<usize>,
+    /// Refuse samples with nothing to learn (every assistant turn masked).
+    pub need_targets: bool,
+}
+
+/// Reads and tokenizes a training file in either format.
+pub fn load_train(
+    path: &Path,
+    tok: &TextTokenizer,
+    ids: SpecialIds,
+    limits: Limits,
+) -> Result<Vec<Sample>> {
+    let mut out = Vec::new();
+    for (line, v) in json_lines(path)? {
+        let at = || format!("{} line {line}", path.display());
+        if !v.is_object() {
+            bail!("{}: expected a JSON object", at());
+        }
+        let parsed: TrainLine = serde_json::from_value(v.clone()).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}} or \
+                 {{\"prompt\": string, \"completion\": string}}{}",
+                at(),
+                describe_mismatch(&v)
+            )
+        })?;
+        let sample = match parsed {
+            TrainLine::Chat { messages } => format_chat(&messages, tok, ids, line)
+                .with_context(at)?,
+            TrainLine::Plain { prompt, completion } => {
+                format_plain(&prompt, &completion, tok, ids, line).with_context(at)?
+            }
+        };
+        if let Some(max) = limits.max_tokens {
+            if sample.len() > max {
+                bail!(
+                    "{}: the sample has {} tokens, more than --seq-len {max}",
+                    at(),
+                    sample.len()
+                );
+            }
+        }
+        if limits.need_targets && sample.target_count() == 0 {
+            bail!("{}: the sample has no unmasked assistant turn to learn from", at());
+        }
+        out.push(sample);
+    }
+    Ok(out)
+}
+
+/// A hint at what is wrong with a line that matches neither training format.
+fn describe_mismatch(v: &serde_json::Value) -> String {
+    let Some(obj) = v.as_object() else {
+        return String::new();
+    };
+    if let Some(m) = obj.get("messages") {
+        let Some(list) = m.as_array() else {
+            return ": `messages` is not a list".into();
+        };
+        for (i, msg) in list.iter().enumerate() {
+            let Some(o) = msg.as_object() else {
+                return format!(": message {i} is not an object");
+            };
+            for field in ["role", "content"] {
+                match o.get(field) {
+                    None => return format!(": message {i} has no `{field}`"),
+                    Some(f) if !f.is_string() => {
+                        return format!(": message {i} `{field}` is not a string")
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(k) = o
+                .keys()
+                .find(|k| !["role", "content", "mask"].contains(&k.as_str()))
+            {
+                return format!(": message {i} has an unknown field `{k}`");
+            }
+            if o.get("mask").is_some_and(|m| !matches!(m.as_u64(), Some(0 | 1))) {
+                return format!(": message {i} `mask` must be 0 or 1");
+            }
+        }
+        return String::new();
+    }
+    for field in ["prompt", "completion"] {
+        match obj.get(field) {
+            None => return format!(": missing field `{field}`"),
+            Some(f) if !f.is_string() => return format!(": `{field}` is not a string"),
+            _ => {}
+        }
+    }
+    String::new()
+}
+
+/// The reference template: BOS, then per user turn `User: {content}\n\nAssistant:` (never
+/// trained), per assistant turn ` {content}` + EOS (trained unless `"mask": 1`).
+fn format_chat(
+    messages: &[Message],
+    tok: &TextTokenizer,
+    ids: SpecialIds,
+    line: usize,
+) -> Result<Sample> {
+    if messages.is_empty() {
+        bail!("`messages` is empty");
+    }
+    let mut s = Sample {
+        line,
+        tokens: Vec::new(),
+        trained: Vec::new(),
+    };
+    if let Some(bos) = ids.bos {
+        s.push(&[bos], false);
+    }
+    for (i, m) in messages.iter().enumerate() {
+        match m.role.as_str() {
+            "user" => {
+                let text = format!("User: {}\n\nAssistant:", m.content.trim());
+                s.push(&tok.encode(&text, false)?, false);
+            }
+            "assistant" => {
+                let mut t = tok.encode(&format!(" {}", m.content.trim()), false)?;
+                t.push(ids.eos);
+                s.push(&t, m.mask == 0);
+            }
+            other => bail!(
+                "message {i} has role {other:?}; the reference format knows \"user\" and \
+                 \"assistant\""
+            ),
+        }
+    }
+    Ok(s)
+}
+
+/// `{"prompt", "completion"}`: BOS + prompt (never trained) + completion + EOS (trained),
+/// the texts used as they are.
+fn format_plain(
+    prompt: &str,
+    completion: &str,
+    tok: &TextTokenizer,
+    ids: SpecialIds,
+    line: usize,
+) -> Result<Sample> {
+    let mut s = Sample {
+        line,
+        tokens: Vec::new(),
+        trained: Vec::new(),
+    };
+    if let Some(bos) = ids.bos {
+        s.push(&[bos], false);
+    }
+    s.push(&tok.encode(prompt, false)?, false);
+    let mut c = tok.encode(completion, false)?;
+    c.push(ids.eos);
+    s.push(&c, true);
+    Ok(s)
+}
+
+impl Sample {
+    fn push(&mut self, tokens: &[u32], trained: bool) {
+        self.tokens.extend_from_slice(tokens);
+        self.trained.extend(std::iter::repeat_n(trained, tokens.len()));
+    }
+}
+
+/// One eval item: a prompt ending where the answer starts, and the accepted answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalItem {
+    pub line: usize,
+    pub prompt: String,
+    pub answers: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct EvalLine {
+    prompt: String,
+    answers: Answers,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Answers {
+    Many(Vec<String>),
+    One(String),
+}
+
+/// Reads the reference eval format (`prompt`, `answers`; other fields ignored).
+pub fn load_eval(path: &Path) -> Result<Vec<EvalItem>> {
+    json_lines(path)?
+        .into_iter()
+        .map(|(line, v)| {
+            let e: EvalLine = serde_json::from_value(v).map_err(|e| {
+                anyhow::anyhow!(
+                    "{} line {line}: expected {{\"prompt\": string, \"answers\": [string, ...]}} \
+                     ({e})",
+                    path.display()
+                )
+            })?;
+            let answers = match e.answers {
+                Answers::Many(a) => a,
+                Answers::One(a) => vec![a],
+            };
+            if answers.is_empty() {
+                bail!("{} line {line}: `answers` is empty", path.display());
+            }
+            Ok(EvalItem {
+                line,
+                prompt: e.prompt,
+                answers,
+            })
+        })
+        .collect()
+}
+
+/// Tokens of an eval prompt: BOS + the prompt text as given.
+pub fn eval_prompt_tokens(item: &EvalItem, tok: &TextTokenizer, ids: SpecialIds) -> Result<Vec<u32>> {
+    let mut t: Vec<u32> = ids.bos.into_iter().collect();
+    t.extend(tok.encode(&item.prompt, false)?);
+    Ok(t)
+}
+
+/// An eval item as a sample whose first accepted answer (+ EOS) is the target, for loss.
+pub fn eval_as_sample(item: &EvalItem, tok: &TextTokenizer, ids: SpecialIds) -> Result<Sample> {
+    let mut s = Sample {
+        line: item.line,
+        tokens: Vec::new(),
+        trained: Vec::new(),
+    };
+    s.push(&eval_prompt_tokens(item, tok, ids)?, false);
+    let mut a = tok.encode(&format!(" {}", item.answers[0].trim()), false)?;
+    a.push(ids.eos);
+    s.push(&a, true);
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn tokenizer() -> TextTokenizer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lite");
+        TextTokenizer::from_dir(&dir, &[1]).unwrap()
+    }
+
+    const IDS: SpecialIds = SpecialIds {
+        bos: Some(0),
+        eos: 1,
+    };
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn load(text: &str, limits: Limits) -> Result<Vec<Sample>> {
+        let f = file(text);
+        load_train(f.path(), &tokenizer(), IDS, limits)
+    }
+
+    #[test]
+    fn chat_sample_follows_the_reference_template_and_mask() {
+        let tok = tokenizer();
+        let line = r#"{"messages": [{"role": "user", "content": " hi there "}, {"role": "assistant", "content": "ok", "mask": 1}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "yes"}], "id": 3}"#;
+        // Unknown top-level fields (id, dataset, length) are allowed.
+        let s = &load(line, Limits::default()).unwrap()[0];
+        let mut want = vec![0u32];
+        let u1 = tok.encode("User: hi there\n\nAssistant:", false).unwrap();
+        let a1 = tok.encode(" ok", false).unwrap();
+        let u2 = tok.encode("User: again\n\nAssistant:", false).unwrap();
+        let a2 = tok.encode(" yes", false).unwrap();
+        let mut trained = vec![false];
+        for (part, t) in [(&u1, false), (&a1, false), (&u2, false), (&a2, true)] {
+            want.extend(part.iter());
+            trained.extend(std::iter::repeat_n(t, part.len()));
+            if std::ptr::eq(part, &a1) || std::ptr::eq(part, &a2) {
+                want.push(1);
+                trained.push(t);
+            }
+        }
+        assert_eq!(s.tokens, want);
+        assert_eq!(s.trained, trained);
+        assert_eq!(s.target_count(), a2.len() + 1);
+        let targets: Vec<(usize, u32)> = s.targets().collect();
+        assert_eq!(targets.last(), Some(&(want.len() - 2, 1)));
+    }
+
+    #[test]
+    fn plain_sample() {
+        let tok = tokenizer();
+        let s = &load(r#"{"prompt": "2+2=", "completion": "4"}"#, Limits::default()).unwrap()[0];
+        let p = tok.encode("2+2=", false).unwrap();
+        let c = tok.encode("4", false).unwrap();
+        assert_eq!(s.tokens.len(), 1 + p.len() + c.len() + 1);
+        assert_eq!(s.target_count(), c.len() + 1);
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        let ok = r#"{"prompt": "a", "completion": "b"}"#;
+        let cases = [
+            (format!("{ok}\nnot json"), "line 2: not JSON"),
+            (format!("{ok}\n{{\"prompt\": \"a\"}}"), "line 2: expected"),
+            (format!("{ok}\n{{\"prompt\": \"a\"}}"), "missing field `completion`"),
+            (
+                format!("{ok}\n\n{{\"messages\": [{{\"role\": \"system\", \"content\": \"x\"}}]}}"),
+                "line 3: message 0 has role \"system\"",
+            ),
+            (
+                r#"{"messages": [{"role": "user"}]}"#.to_string(),
+                "message 0 has no `content`",
+            ),
+            (r#"{"messages": []}"#.to_string(), "`messages` is empty"),
+            (r#"[1, 2]"#.to_string(), "line 1: expected a JSON object"),
+            ("\n \n".to_string(), "holds no samples"),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "mask": 1}]}"#
+                    .to_string(),
+                "no unmasked assistant turn",
+            ),
+        ];
+        let limits = Limits {
+            max_tokens: None,
+            need_targets: true,
+        };
+        for (text, want) in cases {
+            let err = format!("{:#}", load(&text, limits).unwrap_err());
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+        let long = format!("{ok}\n{{\"prompt\": \"{}\", \"completion\": \"b\"}}", "word ".repeat(50));
+        let err = format!(
+            "{:#}",
+            load(
+                &long,
+                Limits {
+                    max_tokens: Some(20),
+                    need_targets: true
+                }
+            )
+            .unwrap_err()
+        );
+        assert!(err.contains("line 2: the sample has") && err.contains("--seq-len 20"), "{err}");
+    }
+
+    #[test]
+    fn eval_lines() {
+        let f = file(
+            "{\"idx\": 0, \"prompt\": \"User: q\\n\\nAssistant:\", \"answers\": [\"a\", \"b\"]}\n\
+             {\"prompt\": \"p\", \"answers\": \"c\"}\n",
+        );
+        let items = load_eval(f.path()).unwrap();
+        assert_eq!(items[0].answers, vec!["a", "b"]);
+        assert_eq!(items[1].answers, vec!["c"]);
+        let f = file("{\"prompt\": \"p\"}\n");
+        let err = format!("{:#}", load_eval(f.path()).unwrap_err());
+        assert!(err.contains("line 1"), "{err}");
+    }
+}

@@ -1,0 +1,645 @@
+//! Training: the selected weights become trainable [`Var`]s, everything else stays a frozen
+//! tensor that never enters the optimizer. Samples are packed into micro-batches of up to
+//! `batch x seq_len` tokens (each sample its own sequence in the ragged batch, so nothing is
+//! padded and no sample attends to another), the loss is the mean cross-entropy over target
+//! tokens of a whole optimizer step, and AdamW updates the trainable weights.
+//!
+//! A run can be saved (weights, optimizer moments, data position, best eval checkpoint) and
+//! resumed to give exactly what an uninterrupted run gives.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+use esft::adapter::format::{new_manifest, write_adapter, BaseModel, Provenance};
+use esft::adapter::ExpertConfig;
+use esft::model::{DeepSeekV2, ExpertMap, LogitsWanted, SeqInput, TrainableWeight, WeightKind};
+
+use crate::data::Sample;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
+
+/// What to train.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trainable {
+    /// ESFT: the listed routed experts, plus shared experts / non-expert modules if set.
+    Experts(ExpertConfig),
+    /// Every weight (full-parameter fine-tuning).
+    All,
+}
+
+impl Trainable {
+    pub fn picks(&self, kind: &WeightKind) -> bool {
+        match self {
+            Trainable::All => true,
+            Trainable::Experts(cfg) => match *kind {
+                WeightKind::RoutedExpert { layer, expert } => cfg
+                    .experts
+                    .get(&layer)
+                    .is_some_and(|list| list.contains(&expert)),
+                WeightKind::SharedExperts { .. } => cfg.shared_experts,
+                WeightKind::Other => cfg.non_expert_modules,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// Hyper-parameters of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub steps: u64,
+    pub lr: f64,
+    /// Sequences of `seq_len` tokens per micro-batch (the token budget is their product).
+    pub batch: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub warmup: u64,
+    pub schedule: Schedule,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub eval_split: f64,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let pos = |v: usize, name: &str| {
+            if v == 0 {
+                bail!("--{name} must be at least 1");
+            }
+            Ok(())
+        };
+        pos(self.steps as usize, "steps")?;
+        pos(self.batch, "batch")?;
+        pos(self.grad_accum, "grad-accum")?;
+        pos(self.seq_len, "seq-len")?;
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number");
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("--betas must both be in [0, 1)");
+        }
+        if !(0.0..0.5).contains(&self.eval_split) {
+            bail!("--eval-split must be in [0, 0.5)");
+        }
+        if !(self.weight_decay >= 0.0 && self.max_grad_norm >= 0.0) {
+            bail!("--weight-decay and --max-grad-norm must be >= 0");
+        }
+        Ok(())
+    }
+
+    /// The learning rate of update `step` (0-based): linear warmup, then the schedule.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup {
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1) as f64;
+        let done = (step - self.warmup) as f64 / span;
+        match self.schedule {
+            Schedule::Constant => self.lr,
+            Schedule::Linear => self.lr * (1.0 - done).max(0.0),
+            Schedule::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos()),
+        }
+    }
+
+    fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: 1e-8,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// Splits samples into (train, eval): a seeded shuffle, the first `frac` (at least one
+/// when `frac > 0` and there are two or more samples) held out.
+pub fn split_eval(mut samples: Vec<Sample>, frac: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+    if frac <= 0.0 || samples.len() < 2 {
+        return (samples, Vec::new());
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_e7a1);
+    samples.shuffle(&mut rng);
+    let n_eval = ((samples.len() as f64 * frac).ceil() as usize).clamp(1, samples.len() - 1);
+    let train = samples.split_off(n_eval);
+    (train, samples)
+}
+
+/// Sum of the target tokens' negative log-likelihoods over `group` (one forward), and
+/// their count.
+pub fn nll_sum(
+    model: &DeepSeekV2,
+    experts: Option<&ExpertMap>,
+    group: &[&Sample],
+) -> Result<(Tensor, usize)> {
+    let positions: Vec<Vec<u32>> = group
+        .iter()
+        .map(|s| s.targets().map(|(p, _)| p as u32).collect())
+        .collect();
+    let targets: Vec<u32> = group.iter().flat_map(|s| s.targets().map(|t| t.1)).collect();
+    if targets.is_empty() {
+        bail!("the batch has no target tokens");
+    }
+    let mut caches: Vec<_> = group.iter().map(|_| model.new_cache()).collect();
+    let mut batch: Vec<SeqInput<'_>> = group
+        .iter()
+        .zip(caches.iter_mut())
+        .zip(&positions)
+        .filter(|((s, _), _)| s.len() > 1)
+        .map(|((s, cache), pos)| SeqInput {
+            // The last token predicts nothing.
+            tokens: &s.tokens[..s.len() - 1],
+            cache,
+            experts,
+            logits: LogitsWanted::Positions(pos),
+        })
+        .collect();
+    let out = model.forward(&mut batch, None)?;
+    let logits = out.logits.context("the forward returned no logits")?;
+    let n = targets.len();
+    Ok((crate::loss::target_nll(&logits, targets)?.sum_all()?, n))
+}
+
+/// Where a run is in its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct DataCursor {
+    epoch: u64,
+    next: usize,
+}
+
+/// The best eval checkpoint so far.
+struct Best {
+    loss: f64,
+    step: u64,
+    values: Vec<Tensor>,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepReport {
+    pub step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens: usize,
+    pub targets: usize,
+}
+
+pub struct Run {
+    pub model: DeepSeekV2,
+    pub weights: Vec<TrainableWeight>,
+    opt: AdamW,
+    cfg: TrainConfig,
+    train: Vec<Sample>,
+    eval: Vec<Sample>,
+    order: Vec<usize>,
+    cursor: DataCursor,
+    best: Option<Best>,
+}
+
+impl Run {
+    /// Prepares a run: makes the picked weights trainable (the model must be on the CPU in
+    /// f32 or f64).
+    pub fn new(
+        mut model: DeepSeekV2,
+        what: &Trainable,
+        train: Vec<Sample>,
+        eval: Vec<Sample>,
+        cfg: TrainConfig,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if !model.device().is_cpu() {
+            bail!("training runs on the CPU (the optimizer keeps its state in host memory)");
+        }
+        if !matches!(model.dtype(), DType::F32 | DType::F64) {
+            bail!("training needs f32 (or f64) compute, got {:?}", model.dtype());
+        }
+        if train.is_empty() {
+            bail!("no training samples");
+        }
+        if let Trainable::Experts(ec) = what {
+            ec.validate(model.config()).map_err(anyhow::Error::msg)?;
+        }
+        let weights = model.make_trainable(|k| what.picks(k))?;
+        if weights.is_empty() {
+            bail!("the expert config selects nothing to train");
+        }
+        let vars: Vec<&Var> = weights.iter().map(|w| &w.var).collect();
+        let opt = AdamW::new(cfg.adamw(), &vars);
+        let mut run = Self {
+            model,
+            weights,
+            opt,
+            cfg,
+            train,
+            eval,
+            order: Vec::new(),
+            cursor: DataCursor { epoch: 0, next: 0 },
+            best: None,
+        };
+        run.shuffle();
+        Ok(run)
+    }
+
+    pub fn step(&self) -> u64 {
+        self.opt.step
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn has_eval(&self) -> bool {
+        !self.eval.is_empty()
+    }
+
+    pub fn trainable_params(&self) -> usize {
+        self.weights.iter().map(|w| w.var.elem_count()).sum()
+    }
+
+    fn shuffle(&mut self) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.cfg.seed.wrapping_add(self.cursor.epoch.wrapping_mul(0x9e37_79b9)),
+        );
+        self.order = (0..self.train.len()).collect();
+        self.order.shuffle(&mut rng);
+    }
+
+    /// The next micro-batch: samples in epoch order while they fit the token budget (at
+    /// least one).
+    fn next_micro(&mut self) -> Vec<usize> {
+        let budget = self.cfg.batch * self.cfg.seq_len;
+        let mut group = Vec::new();
+        let mut tokens = 0;
+        loop {
+            if self.cursor.next == self.order.len() {
+                if !group.is_empty() {
+                    break;
+                }
+                self.cursor = DataCursor {
+                    epoch: self.cursor.epoch + 1,
+                    next: 0,
+                };
+                self.shuffle();
+            }
+            let i = self.order[self.cursor.next];
+            let len = self.train[i].len();
+            if !group.is_empty() && tokens + len > budget {
+                break;
+            }
+            group.push(i);
+            tokens += len;
+            self.cursor.next += 1;
+        }
+        group
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map(|_| self.next_micro()).collect();
+        let targets: usize = micro
+            .iter()
+            .flatten()
+            .map(|&i| self.train[i].target_count())
+            .sum();
+        let tokens: usize = micro.iter().flatten().map(|&i| self.train[i].len()).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.weights.len()];
+        let mut nll_total = 0.0;
+        for group in &micro {
+            let samples: Vec<&Sample> = group.iter().map(|&i| &self.train[i]).collect();
+            let (nll, _) = nll_sum(&self.model, None, &samples)?;
+            nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = (nll / targets as f64)?.backward()?;
+            for (acc, w) in grads.iter_mut().zip(&self.weights) {
+                if let Some(g) = store.get(w.var.as_tensor()) {
+                    *acc = Some(match acc.take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        let step = self.opt.step;
+        let lr = self.cfg.lr_at(step);
+        let vars: Vec<&Var> = self.weights.iter().map(|w| &w.var).collect();
+        self.opt.update(&vars, &grads, lr)?;
+        self.model.refresh_derived()?;
+        Ok(StepReport {
+            step: self.opt.step,
+            loss: nll_total / targets as f64,
+            lr,
+            grad_norm,
+            tokens,
+            targets,
+        })
+    }
+
+    /// Mean target-token loss over the eval split (no gradients, fast kernels).
+    pub fn eval_loss(&mut self) -> Result<Option<f64>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let refs: Vec<&Sample> = self.eval.iter().collect();
+        self.model.set_differentiable(false);
+        let loss = mean_loss(&self.model, None, &refs, self.cfg.batch * self.cfg.seq_len);
+        self.model.set_differentiable(true);
+        Ok(Some(loss?))
+    }
+
+    /// Records `loss` as the eval loss of the current weights; keeps a copy of them if it is
+    /// the best so far. Returns whether it was.
+    pub fn note_eval(&mut self, loss: f64) -> Result<bool> {
+        if self.best.as_ref().is_some_and(|b| b.loss <= loss) {
+            return Ok(false);
+        }
+        self.best = Some(Best {
+            loss,
+            step: self.opt.step,
+            values: self
+                .weights
+                .iter()
+                .map(|w| w.var.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+        });
+        Ok(true)
+    }
+
+    pub fn best(&self) -> Option<(f64, u64)> {
+        self.best.as_ref().map(|b| (b.loss, b.step))
+    }
+
+    /// The result under checkpoint names (fused weights split): the best eval checkpoint if
+    /// there is one, else the current weights.
+    pub fn result_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (i, w) in self.weights.iter().enumerate() {
+            let t = match &self.best {
+                Some(b) => b.values[i].clone(),
+                None => w.var.as_tensor().detach(),
+            };
+            out.extend(esft::model::deepseek_v2::split_fused(&w.name, &t)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Writes the run's result to `out` atomically: an adapter for ESFT (named after `out`),
+/// a full checkpoint of `model_dir` with every weight replaced for [`Trainable::All`].
+pub fn write_result(
+    run: &Run,
+    what: &Trainable,
+    base: &BaseModel,
+    model_dir: &Path,
+    out: &Path,
+    mut training: Provenance,
+) -> Result<()> {
+    let tensors = run.result_tensors()?;
+    match what {
+        Trainable::Experts(ec) => {
+            let name = out
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| format!("{}: the output needs a directory name", out.display()))?;
+            let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+            if let Some((loss, step)) = run.best() {
+                training.extra.insert("best_eval_loss".into(), loss.into());
+                training.extra.insert("best_step".into(), step.into());
+            }
+            training
+                .extra
+                .insert("trainable_params".into(), run.trainable_params().into());
+            let manifest = new_manifest(name, base, ec.clone(), training, &names)?;
+            write_adapter(out, &manifest, &tensors)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+        Trainable::All => {
+            let replaced = tensors.into_iter().collect();
+            esft::adapter::merge::write_checkpoint(model_dir, base, &replaced, out)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Mean target-token loss of `samples`, forwarded in groups of about `batch_tokens`.
+pub fn mean_loss(
+    model: &DeepSeekV2,
+    experts: Option<&ExpertMap>,
+    samples: &[&Sample],
+    batch_tokens: usize,
+) -> Result<f64> {
+    let (mut sum, mut count) = (0.0, 0usize);
+    let mut start = 0;
+    while start < samples.len() {
+        let mut end = start;
+        let mut tokens = 0;
+        while end < samples.len() && (end == start || tokens + samples[end].len() <= batch_tokens) {
+            tokens += samples[end].len();
+            end += 1;
+        }
+        let (nll, n) = nll_sum(model, experts, &samples[start..end])?;
+        sum += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        count += n;
+        start = end;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+// ---- saving and resuming -------------------------------------------------------------
+
+const STATE_FILE: &str = "state.json";
+const WEIGHTS_FILE: &str = "weights.safetensors";
+const MOMENTS_FILE: &str = "moments.safetensors";
+const BEST_FILE: &str = "best.safetensors";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedState {
+    /// What must match for a resume to continue the same run.
+    identity: serde_json::Value,
+    step: u64,
+    cursor: DataCursor,
+    best: Option<(f64, u64)>,
+}
+
+impl Run {
+    /// Saves everything a resume needs into `dir`, atomically (a crash mid-save leaves the
+    /// previous save intact). `identity` describes the run (base, data, settings).
+    pub fn save(&self, dir: &Path, identity: &serde_json::Value) -> Result<()> {
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)?;
+        let tmp = tempfile::Builder::new().prefix(".train-state-").tempdir_in(parent)?;
+        let dev = candle_core::Device::Cpu;
+        let mut weights = HashMap::new();
+        let mut moments = HashMap::new();
+        for (w, m) in self.weights.iter().zip(&self.opt.moments) {
+            weights.insert(w.name.clone(), w.var.as_tensor().detach());
+            let shape = w.var.shape().clone();
+            moments.insert(format!("{}.m", w.name), Tensor::from_slice(&m.m, &shape, &dev)?);
+            moments.insert(format!("{}.v", w.name), Tensor::from_slice(&m.v, &shape, &dev)?);
+        }
+        candle_core::safetensors::save(&weights, tmp.path().join(WEIGHTS_FILE))?;
+        candle_core::safetensors::save(&moments, tmp.path().join(MOMENTS_FILE))?;
+        if let Some(b) = &self.best {
+            let best: HashMap<String, Tensor> = self
+                .weights
+                .iter()
+                .zip(&b.values)
+                .map(|(w, t)| (w.name.clone(), t.clone()))
+                .collect();
+            candle_core::safetensors::save(&best, tmp.path().join(BEST_FILE))?;
+        }
+        let state = SavedState {
+            identity: identity.clone(),
+            step: self.opt.step,
+            cursor: self.cursor,
+            best: self.best(),
+        };
+        std::fs::write(tmp.path().join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
+        for entry in std::fs::read_dir(tmp.path())? {
+            std::fs::File::open(entry?.path())?.sync_all()?;
+        }
+        esft::util::replace_dir(tmp.keep(), dir)?;
+        Ok(())
+    }
+
+    /// Restores a save made by [`Run::save`] of the same run (same `identity`).
+    pub fn restore(&mut self, dir: &Path, identity: &serde_json::Value) -> Result<()> {
+        let text = std::fs::read_to_string(dir.join(STATE_FILE))
+            .with_context(|| format!("reading {}", dir.join(STATE_FILE).display()))?;
+        let state: SavedState = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a saved training state", dir.display()))?;
+        if &state.identity != identity {
+            bail!(
+                "the saved run in {} was made with different settings: {}",
+                dir.display(),
+                differences(&state.identity, identity).join(", ")
+            );
+        }
+        let dev = candle_core::Device::Cpu;
+        let weights = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &dev)?;
+        let moments = candle_core::safetensors::load(dir.join(MOMENTS_FILE), &dev)?;
+        let get = |map: &HashMap<String, Tensor>, name: &str, shape: &candle_core::Shape| {
+            let t = map
+                .get(name)
+                .with_context(|| format!("the saved state lacks {name}"))?;
+            if t.shape() != shape {
+                bail!("the saved {name} has shape {:?}, expected {shape:?}", t.shape());
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let mut restored_moments = Vec::with_capacity(self.weights.len());
+        for w in &self.weights {
+            let shape = w.var.shape().clone();
+            w.var
+                .set(&get(&weights, &w.name, &shape)?.to_dtype(w.var.dtype())?)?;
+            let flat = |n: String| -> Result<Vec<f32>> {
+                Ok(get(&moments, &n, &shape)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            restored_moments.push(Moments {
+                m: flat(format!("{}.m", w.name))?,
+                v: flat(format!("{}.v", w.name))?,
+            });
+        }
+        self.opt.moments = restored_moments;
+        self.opt.step = state.step;
+        self.best = match state.best {
+            Some((loss, step)) => {
+                let best = candle_core::safetensors::load(dir.join(BEST_FILE), &dev)?;
+                let values = self
+                    .weights
+                    .iter()
+                    .map(|w| Ok(get(&best, &w.name, w.var.shape())?.to_dtype(w.var.dtype())?))
+                    .collect::<Result<_>>()?;
+                Some(Best { loss, step, values })
+            }
+            None => None,
+        };
+        self.cursor = state.cursor;
+        self.shuffle();
+        self.model.refresh_derived()?;
+        Ok(())
+    }
+}
+
+/// Top-level keys whose values differ.
+fn differences(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return vec!["(unreadable)".into()];
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k} was {} now {}", a.get(k).unwrap_or(&serde_json::Value::Null), b.get(k).unwrap_or(&serde_json::Value::Null)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(schedule: Schedule) -> TrainConfig {
+        TrainConfig {
+            steps: 10,
+            lr: 1.0,
+            batch: 1,
+            grad_accum: 1,
+            seq_len: 8,
+            warmup: 2,
+            schedule,
+            beta1: 0.9,
+            beta2: 0.95,
+            weight_decay: 0.1,
+            max_grad_norm: 1.0,
+            seed: 0,
+            eval_split: 0.0,
+        }
+    }
+
+    #[test]
+    fn learning_rate_schedules() {
+        let c = cfg(Schedule::Linear);
+        assert_eq!(c.lr_at(0), 0.5);
+        assert_eq!(c.lr_at(1), 1.0);
+        assert_eq!(c.lr_at(2), 1.0);
+        assert!((c.lr_at(6) - 0.5).abs() < 1e-12);
+        assert_eq!(cfg(Schedule::Constant).lr_at(9), 1.0);
+        let cos = cfg(Schedule::Cosine);
+        assert!((cos.lr_at(6) - 0.5).abs() < 1e-12);
+        assert!(cos.lr_at(9) < 0.05);
+    }
+
+    #[test]
+    fn eval_split_is_seeded_and_disjoint() {
+        let samples: Vec<Sample> = (0..10)
+            .map(|i| Sample {
+                line: i + 1,
+                tokens: vec![0, 1],
+                trained: vec![false, true],
+            })
+            .collect();
+        let (t, e) = split_eval(samples.clone(), 0.2, 3);
+        assert_eq!((t.len(), e.len()), (8, 2));
+        let (t2, e2) = split_eval(samples.clone(), 0.2, 3);
+        assert_eq!((t, e), (t2, e2));
+        let (t, e) = split_eval(samples.clone(), 0.0, 3);
+        assert_eq!((t.len(), e.len()), (10, 0));
+        let (_, e) = split_eval(samples, 0.01, 3);
+        assert_eq!(e.len(), 1);
+    }
+}
