@@ -390,8 +390,13 @@ async fn bad_input_gets_openai_errors() {
         StatusCode::PAYLOAD_TOO_LARGE,
         None,
     );
-    // Unknown route.
+    // Unknown route, wrong method.
     assert_error(&s.get("/v2/nothing", k).await, StatusCode::NOT_FOUND, None);
+    assert_error(
+        &s.get("/v1/completions", k).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        None,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -946,6 +951,24 @@ async fn adapter_upload_load_unload_delete() {
         &s.post("/v1/completions", Some(ACME), req("fresh")).await,
         StatusCode::NOT_FOUND,
         Some("model"),
+    );
+    // The reference layout carries no name: `?name=` is needed.
+    write_reference_adapter(&fixture("lite"), &src.path().join("ref"), &spec(3));
+    let reference = tar_of(&src.path().join("ref"), "");
+    assert_error(
+        &json_of(up(ACME, "", reference.clone()).await),
+        StatusCode::BAD_REQUEST,
+        Some("name"),
+    );
+    let (st, v) = json_of(up(ACME, "?name=ref-a", reference).await);
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["layout"].as_str(), v["owner"].as_str()),
+        (Some("reference"), Some("acme"))
+    );
+    assert_eq!(
+        s.post("/v1/completions", Some(ACME), req("ref-a")).await.0,
+        StatusCode::OK
     );
     // Re-upload by the admin for a tenant, public: every tenant sees it.
     let (st, v) = json_of(

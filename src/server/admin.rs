@@ -307,35 +307,32 @@ pub async fn upload(
         let staged = staging.path().join("adapter");
         unpack(&package, &staged)?;
         let _ = std::fs::remove_file(&package);
-        let name = match (&q.name, read_manifest(&staged)) {
-            (_, Err(e)) if !staged.join(REFERENCE_CONFIG_FILE).exists() && !staged.join(MANIFEST_FILE).exists() => {
-                return Err(ApiError::bad_request(format!(
-                    "the package holds no {MANIFEST_FILE} or {REFERENCE_CONFIG_FILE} ({e})"
+        if !staged.join(MANIFEST_FILE).is_file() && !staged.join(REFERENCE_CONFIG_FILE).is_file()
+        {
+            return Err(ApiError::bad_request(format!(
+                "the package holds neither {MANIFEST_FILE} nor {REFERENCE_CONFIG_FILE}"
+            ))
+            .code("invalid_adapter"));
+        }
+        // The name in our manifest, if there is one (a broken manifest is reported below).
+        let inner = read_manifest(&staged)
+            .ok()
+            .and_then(|(_, m, _)| m.get("name").and_then(Value::as_str).map(str::to_string));
+        let name = match (q.name.clone(), inner.clone()) {
+            (Some(n), _) | (None, Some(n)) => n,
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "name",
+                    "the package does not name the adapter: pass ?name=",
                 ))
-                .code("invalid_adapter"))
             }
-            (Some(n), _) => n.clone(),
-            (None, Ok((_, m, _))) => match m.get("name").and_then(Value::as_str) {
-                Some(n) => n.to_string(),
-                None => {
-                    return Err(ApiError::invalid(
-                        "name",
-                        "the package does not name the adapter: pass ?name=",
-                    ))
-                }
-            },
-            (None, Err(e)) => return Err(ApiError::bad_request(e).code("invalid_adapter")),
         };
         validate_name(&name).map_err(|e| ApiError::invalid("name", e.to_string()))?;
-        if let Ok((_, m, _)) = read_manifest(&staged) {
-            if let Some(inner) = m.get("name").and_then(Value::as_str) {
-                if inner != name {
-                    return Err(ApiError::invalid(
-                        "name",
-                        format!("the package's {MANIFEST_FILE} names the adapter {inner:?}, not {name:?}"),
-                    ));
-                }
-            }
+        if let Some(inner) = inner.filter(|i| *i != name) {
+            return Err(ApiError::invalid(
+                "name",
+                format!("the package's {MANIFEST_FILE} names the adapter {inner:?}, not {name:?}"),
+            ));
         }
         // Everything the engine would check, now, before anything is visible.
         let reg = &served.engine.registry;

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use crate::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel};
 use crate::engine::{Engine, EngineConfig};
-use crate::model::{LoadOptions, LoadedModel};
+use crate::model::LoadedModel;
 use auth::Auth;
 use config::ServerConfig;
 use errors::ApiError;
@@ -115,8 +115,8 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
     }
     .load_options()?;
     let dtype = opts.dtype;
-    let loaded = LoadedModel::load(&dir, &LoadOptions { ..opts })
-        .with_context(|| format!("loading {}", dir.display()))?;
+    let loaded =
+        LoadedModel::load(&dir, &opts).with_context(|| format!("loading {}", dir.display()))?;
     let model_ctx = loaded.max_context();
     let max_context = match config.engine.max_context {
         0 => model_ctx,
@@ -239,6 +239,16 @@ async fn not_found(State(state): State<Arc<AppState>>, req: Request) -> Response
     .into_response()
 }
 
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+    .code("method_not_allowed")
+    .into_response()
+}
+
 /// Every route, with the body limits and request counting.
 pub fn router(state: Arc<AppState>) -> Router {
     let json_limit = state.config.limits.max_body_bytes;
@@ -258,6 +268,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             count_requests,
         ))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(json_limit))
         .layer(tower_http::trace::TraceLayer::new_for_http());
