@@ -152,7 +152,13 @@ fn main() -> anyhow::Result<()> {
         eval_split: 0.0,
     };
     let routed = (layers - 1) * 64;
-    let esft = measure(dir.path(), &Trainable::Experts(experts.clone()), &samples, &cfg, steps)?;
+    let esft = measure(
+        dir.path(),
+        &Trainable::Experts(experts.clone()),
+        &samples,
+        &cfg,
+        steps,
+    )?;
     let fft = measure(dir.path(), &Trainable::All, &samples, &cfg, steps)?;
 
     let mb = |b: usize| b as f64 / 1e6;
@@ -177,7 +183,9 @@ fn main() -> anyhow::Result<()> {
     }
     let time_ratio = esft.step_s / fft.step_s;
     let mem_ratio = esft.peak_bytes as f64 / fft.peak_bytes as f64;
-    println!("ESFT / FFT: time {time_ratio:.3} (goal <= 0.5), peak memory {mem_ratio:.3} (goal <= 0.4)");
+    println!(
+        "ESFT / FFT: time {time_ratio:.3} (goal <= 0.5), peak memory {mem_ratio:.3} (goal <= 0.4)"
+    );
     let line = serde_json::json!({
         "bench": "train_step",
         "layers": layers,

@@ -143,7 +143,11 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let opts = args.device.load_options()?;
     let mut loaded = LoadedModel::load(&args.model, &opts)?;
     let experts = match &args.adapter {
-        Some(dir) => Some(crate::adapter::apply_adapter_dir(&mut loaded, dir, opts.dtype)?),
+        Some(dir) => Some(crate::adapter::apply_adapter_dir(
+            &mut loaded,
+            dir,
+            opts.dtype,
+        )?),
         None => None,
     };
     let tok = &loaded.tokenizer;

@@ -108,8 +108,13 @@ pub struct ForwardOutput {
 /// What a weight is, for choosing which ones to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightKind {
-    RoutedExpert { layer: usize, expert: usize },
-    SharedExperts { layer: usize },
+    RoutedExpert {
+        layer: usize,
+        expert: usize,
+    },
+    SharedExperts {
+        layer: usize,
+    },
     /// Attention, norms, router gates, dense MLPs, embeddings and the LM head.
     Other,
 }
@@ -126,7 +131,11 @@ pub struct TrainableWeight {
 pub const FUSED_GATE_UP: &str = "gate_up_proj.weight";
 
 /// An MLP's two weights under their names in [`DeepSeekV2::weights_mut`].
-fn mlp_weights(prefix: String, kind: WeightKind, mlp: &mut Mlp) -> [(String, WeightKind, &mut Tensor); 2] {
+fn mlp_weights(
+    prefix: String,
+    kind: WeightKind,
+    mlp: &mut Mlp,
+) -> [(String, WeightKind, &mut Tensor); 2] {
     let Mlp { gate_up, down } = mlp;
     [
         (format!("{prefix}{FUSED_GATE_UP}"), kind, gate_up),
@@ -270,10 +279,18 @@ impl DeepSeekV2 {
     pub fn weights_mut(&mut self) -> Vec<(String, WeightKind, &mut Tensor)> {
         let tied = self.lm_head.id() == self.embed.id();
         let mut out: Vec<(String, WeightKind, &mut Tensor)> = Vec::new();
-        out.push(("model.embed_tokens.weight".into(), WeightKind::Other, &mut self.embed));
+        out.push((
+            "model.embed_tokens.weight".into(),
+            WeightKind::Other,
+            &mut self.embed,
+        ));
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}.");
-            out.push((format!("{p}input_layernorm.weight"), WeightKind::Other, &mut layer.input_norm));
+            out.push((
+                format!("{p}input_layernorm.weight"),
+                WeightKind::Other,
+                &mut layer.input_norm,
+            ));
             for (suffix, t) in layer.attn.named_weights_mut() {
                 out.push((format!("{p}self_attn.{suffix}"), WeightKind::Other, t));
             }
@@ -292,7 +309,10 @@ impl DeepSeekV2 {
                     out.push((format!("{p}mlp.gate.weight"), WeightKind::Other, gate));
                     for (e, slot) in slots.iter_mut().take(n_routed).enumerate() {
                         if let Some(mlp) = slot {
-                            let kind = WeightKind::RoutedExpert { layer: i, expert: e };
+                            let kind = WeightKind::RoutedExpert {
+                                layer: i,
+                                expert: e,
+                            };
                             out.extend(mlp_weights(format!("{p}mlp.experts.{e}."), kind, mlp));
                         }
                     }
@@ -303,9 +323,17 @@ impl DeepSeekV2 {
                 }
             }
         }
-        out.push(("model.norm.weight".into(), WeightKind::Other, &mut self.norm));
+        out.push((
+            "model.norm.weight".into(),
+            WeightKind::Other,
+            &mut self.norm,
+        ));
         if !tied {
-            out.push(("lm_head.weight".into(), WeightKind::Other, &mut self.lm_head));
+            out.push((
+                "lm_head.weight".into(),
+                WeightKind::Other,
+                &mut self.lm_head,
+            ));
         }
         out
     }

@@ -267,7 +267,11 @@ fn score_cmd(a: &ScoreArgs) -> Result<()> {
         }
         let cfg = loaded.model.config();
         let mut acc = ScoreAccumulator::new(cfg.n_routed_experts, cfg.num_experts_per_tok);
-        let mut log = a.log_dir.as_deref().map(score::LogWriter::create).transpose()?;
+        let mut log = a
+            .log_dir
+            .as_deref()
+            .map(score::LogWriter::create)
+            .transpose()?;
         let mut progress = Progress::new("score", total as u64, "tokens", a.json);
         let start = Instant::now();
         score::score_samples(
@@ -465,7 +469,10 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         }
         if a.save_every > 0 && r.step % a.save_every == 0 && r.step < a.steps {
             run.save(&state, &identity)?;
-            progress.event("save", json!({"step": r.step, "dir": state.display().to_string()}));
+            progress.event(
+                "save",
+                json!({"step": r.step, "dir": state.display().to_string()}),
+            );
         }
     }
     if evaluated_at != Some(run.step()) {
@@ -483,8 +490,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     };
     train::write_result(&run, &what, &base, &a.model, &a.out, training)?;
     if state.exists() {
-        std::fs::remove_dir_all(&state)
-            .with_context(|| format!("removing {}", state.display()))?;
+        std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
     }
     let best = run.best();
     progress.finish(json!({
@@ -507,7 +513,10 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
 fn evaluate(run: &mut Run, progress: &mut Progress) -> Result<()> {
     if let Some(loss) = run.eval_loss()? {
         let best = run.note_eval(loss)?;
-        progress.event("eval", json!({"step": run.step(), "eval_loss": loss, "best": best}));
+        progress.event(
+            "eval",
+            json!({"step": run.step(), "eval_loss": loss, "best": best}),
+        );
     }
     Ok(())
 }
@@ -529,14 +538,10 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
             let mut items = data::load_eval(&a.data)?;
             items.truncate(limit);
             let mut progress = Progress::new("eval", items.len() as u64, "items", a.json);
-            let preds = crate::eval::exact_match(
-                &loaded,
-                experts,
-                &items,
-                a.max_tokens,
-                a.batch,
-                |n| progress.advance(n as u64, json!({})),
-            )?;
+            let preds =
+                crate::eval::exact_match(&loaded, experts, &items, a.max_tokens, a.batch, |n| {
+                    progress.advance(n as u64, json!({}))
+                })?;
             progress.finish(json!({}));
             if let Some(path) = &a.predictions {
                 let mut text = String::new();

@@ -77,20 +77,15 @@ struct Message {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum TrainLine {
-    Chat {
-        messages: Vec<Message>,
-    },
-    Plain {
-        prompt: String,
-        completion: String,
-    },
+    Chat { messages: Vec<Message> },
+    Plain { prompt: String, completion: String },
 }
 
 /// Raw JSON lines of `path` with their 1-based numbers (blank lines skipped); an empty file
 /// is an error.
 fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -137,8 +132,9 @@ pub fn load_train(
             )
         })?;
         let sample = match parsed {
-            TrainLine::Chat { messages } => format_chat(&messages, tok, ids, line)
-                .with_context(at)?,
+            TrainLine::Chat { messages } => {
+                format_chat(&messages, tok, ids, line).with_context(at)?
+            }
             TrainLine::Plain { prompt, completion } => {
                 format_plain(&prompt, &completion, tok, ids, line).with_context(at)?
             }
@@ -153,7 +149,10 @@ pub fn load_train(
             }
         }
         if limits.need_targets && sample.target_count() == 0 {
-            bail!("{}: the sample has no unmasked assistant turn to learn from", at());
+            bail!(
+                "{}: the sample has no unmasked assistant turn to learn from",
+                at()
+            );
         }
         out.push(sample);
     }
@@ -188,7 +187,9 @@ fn describe_mismatch(v: &serde_json::Value) -> String {
             {
                 return format!(": message {i} has an unknown field `{k}`");
             }
-            if o.get("mask").is_some_and(|m| !matches!(m.as_u64(), Some(0 | 1))) {
+            if o.get("mask")
+                .is_some_and(|m| !matches!(m.as_u64(), Some(0 | 1)))
+            {
                 return format!(": message {i} `mask` must be 0 or 1");
             }
         }
@@ -270,7 +271,8 @@ fn format_plain(
 impl Sample {
     fn push(&mut self, tokens: &[u32], trained: bool) {
         self.tokens.extend_from_slice(tokens);
-        self.trained.extend(std::iter::repeat_n(trained, tokens.len()));
+        self.trained
+            .extend(std::iter::repeat_n(trained, tokens.len()));
     }
 }
 
@@ -324,7 +326,11 @@ pub fn load_eval(path: &Path) -> Result<Vec<EvalItem>> {
 }
 
 /// Tokens of an eval prompt: BOS + the prompt text as given.
-pub fn eval_prompt_tokens(item: &EvalItem, tok: &TextTokenizer, ids: SpecialIds) -> Result<Vec<u32>> {
+pub fn eval_prompt_tokens(
+    item: &EvalItem,
+    tok: &TextTokenizer,
+    ids: SpecialIds,
+) -> Result<Vec<u32>> {
     let mut t: Vec<u32> = ids.bos.into_iter().collect();
     t.extend(tok.encode(&item.prompt, false)?);
     Ok(t)
@@ -400,7 +406,11 @@ mod tests {
     #[test]
     fn plain_sample() {
         let tok = tokenizer();
-        let s = &load(r#"{"prompt": "2+2=", "completion": "4"}"#, Limits::default()).unwrap()[0];
+        let s = &load(
+            r#"{"prompt": "2+2=", "completion": "4"}"#,
+            Limits::default(),
+        )
+        .unwrap()[0];
         let p = tok.encode("2+2=", false).unwrap();
         let c = tok.encode("4", false).unwrap();
         assert_eq!(s.tokens.len(), 1 + p.len() + c.len() + 1);
@@ -439,7 +449,10 @@ mod tests {
             let err = format!("{:#}", load(&text, limits).unwrap_err());
             assert!(err.contains(want), "{text:?}: {err}");
         }
-        let long = format!("{ok}\n{{\"prompt\": \"{}\", \"completion\": \"b\"}}", "word ".repeat(50));
+        let long = format!(
+            "{ok}\n{{\"prompt\": \"{}\", \"completion\": \"b\"}}",
+            "word ".repeat(50)
+        );
         let err = format!(
             "{:#}",
             load(
@@ -451,7 +464,10 @@ mod tests {
             )
             .unwrap_err()
         );
-        assert!(err.contains("line 2: the sample has") && err.contains("--seq-len 20"), "{err}");
+        assert!(
+            err.contains("line 2: the sample has") && err.contains("--seq-len 20"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -65,7 +65,13 @@ pub fn exact_match(
                 max_tokens,
                 ..SamplingParams::default()
             };
-            let mut s = Sequence::new(prompt, params, loaded.model.new_cache(), loaded.eos_ids(), max_len);
+            let mut s = Sequence::new(
+                prompt,
+                params,
+                loaded.model.new_cache(),
+                loaded.eos_ids(),
+                max_len,
+            );
             s.experts = experts.clone();
             seqs.push(s);
         }
@@ -92,11 +98,20 @@ mod tests {
     #[test]
     fn exact_and_json_matching() {
         assert!(answer_matches("  42 ", "42"));
-        assert!(!answer_matches("42.0", "42"), "plain answers compare as text");
+        assert!(
+            !answer_matches("42.0", "42"),
+            "plain answers compare as text"
+        );
         let a = r#"{"intent": "Music-Play", "slots": {"album": "x", "mode": "y"}}"#;
-        assert!(answer_matches(r#"{"slots":{"mode":"y","album":"x"},"intent":"Music-Play"}"#, a));
+        assert!(answer_matches(
+            r#"{"slots":{"mode":"y","album":"x"},"intent":"Music-Play"}"#,
+            a
+        ));
         assert!(answer_matches(&format!("{a}。 trailing"), a));
-        assert!(!answer_matches(r#"{"intent": "Music-Play", "slots": {}}"#, a));
+        assert!(!answer_matches(
+            r#"{"intent": "Music-Play", "slots": {}}"#,
+            a
+        ));
         assert!(!answer_matches("not json", a));
     }
 }

@@ -35,7 +35,13 @@ pub fn import(from: &Path, model_dir: &Path, out: &Path) -> Result<usize> {
     training
         .extra
         .insert("imported_from".into(), from.display().to_string().into());
-    let manifest = new_manifest(name, &base, weights.manifest.expert_config.clone(), training, &names)?;
+    let manifest = new_manifest(
+        name,
+        &base,
+        weights.manifest.expert_config.clone(),
+        training,
+        &names,
+    )?;
     write_adapter(out, &manifest, &tensors)
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(weights.manifest.expert_config.expert_count())

@@ -41,7 +41,10 @@ impl Float for f64 {
 
 /// `(max, log-sum-exp)` of one row, accumulated in f64.
 fn row_lse<T: Float>(row: &[T]) -> (f64, f64) {
-    let max = row.iter().map(|&v| v.into()).fold(f64::NEG_INFINITY, f64::max);
+    let max = row
+        .iter()
+        .map(|&v| v.into())
+        .fold(f64::NEG_INFINITY, f64::max);
     let sum: f64 = row.iter().map(|&v| (v.into() - max).exp()).sum();
     (max, max + sum.ln())
 }
@@ -139,9 +142,26 @@ mod tests {
         // Weighted sums give the gradient of each row scaled by its weight.
         let w = Tensor::new(&[1.0f64, 0.5, 2.0, 0.0, 1.0], &dev).unwrap();
         let ga = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gb = (theirs * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let ga: Vec<f64> = ga.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let gb: Vec<f64> = gb.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let gb = (theirs * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let ga: Vec<f64> = ga
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let gb: Vec<f64> = gb
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (a, b) in ga.iter().zip(&gb) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }

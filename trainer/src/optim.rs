@@ -58,7 +58,11 @@ impl AdamW {
     /// without a gradient (`None`: it took no part in the loss) only decays.
     pub fn update(&mut self, vars: &[&Var], grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         if vars.len() != self.moments.len() || grads.len() != vars.len() {
-            bail!("optimizer built for {} weights, given {}", self.moments.len(), vars.len());
+            bail!(
+                "optimizer built for {} weights, given {}",
+                self.moments.len(),
+                vars.len()
+            );
         }
         self.step += 1;
         let c = self.cfg;
@@ -99,7 +103,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.iter().flatten() {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {

@@ -72,7 +72,7 @@ impl ScoreAccumulator {
 
     /// Adds tokens of `layer`: `ids` and `probs` hold `top_k` entries per token.
     pub fn add(&mut self, layer: usize, ids: &[u32], probs: &[f32]) -> Result<()> {
-        if ids.len() != probs.len() || ids.len() % self.top_k != 0 {
+        if ids.len() != probs.len() || !ids.len().is_multiple_of(self.top_k.max(1)) {
             bail!(
                 "layer {layer}: {} expert ids and {} gate weights do not make whole tokens of \
                  top-{}",
@@ -137,14 +137,26 @@ fn parse_log_line(line: &str) -> Result<(Vec<u32>, Vec<f32>)> {
         .context("expected expert ids, two tabs, then gate weights")?;
     let ids = ids
         .split('\t')
-        .map(|v| v.trim().parse::<u32>().with_context(|| format!("bad expert id {v:?}")))
+        .map(|v| {
+            v.trim()
+                .parse::<u32>()
+                .with_context(|| format!("bad expert id {v:?}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     let weights = weights
         .split('\t')
-        .map(|v| v.trim().parse::<f32>().with_context(|| format!("bad gate weight {v:?}")))
+        .map(|v| {
+            v.trim()
+                .parse::<f32>()
+                .with_context(|| format!("bad gate weight {v:?}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     if ids.len() != weights.len() {
-        bail!("{} expert ids but {} gate weights", ids.len(), weights.len());
+        bail!(
+            "{} expert ids but {} gate weights",
+            ids.len(),
+            weights.len()
+        );
     }
     Ok((ids, weights))
 }
@@ -305,9 +317,15 @@ mod tests {
         acc.add(1, &[0, 1, 0, 2], &[0.5, 0.3, 0.4, 0.4]).unwrap();
         let s = acc.scores();
         // token: expert 0 chosen 2 of 4 times, 1 and 2 once each.
-        assert_eq!(s.token_scores[&1], BTreeMap::from([(0, 0.5), (1, 0.25), (2, 0.25)]));
+        assert_eq!(
+            s.token_scores[&1],
+            BTreeMap::from([(0, 0.5), (1, 0.25), (2, 0.25)])
+        );
         // gate: sums / 2 tokens; the layer sums to 0.8, not 1.
-        assert_eq!(s.gate_scores[&1], BTreeMap::from([(0, 0.45), (1, 0.15), (2, 0.2)]));
+        assert_eq!(
+            s.gate_scores[&1],
+            BTreeMap::from([(0, 0.45), (1, 0.15), (2, 0.2)])
+        );
         assert_eq!(acc.tokens(1), 2);
         // Misshapen input is refused.
         assert!(acc.add(1, &[0, 1, 2], &[0.1, 0.1, 0.1]).is_err());
@@ -337,7 +355,13 @@ mod tests {
         let text = std::fs::read_to_string(dir.path().join("expert_weights_2.txt")).unwrap();
         assert_eq!(text, "0\t1\t\t0.5000\t0.2500\n2\t0\t\t0.7500\t0.1250\n");
         let s = from_logs(dir.path(), 3, 2).unwrap();
-        assert_eq!(s.token_scores[&2], BTreeMap::from([(0, 0.5), (1, 0.25), (2, 0.25)]));
-        assert_eq!(s.gate_scores[&2], BTreeMap::from([(0, 0.3125), (1, 0.125), (2, 0.375)]));
+        assert_eq!(
+            s.token_scores[&2],
+            BTreeMap::from([(0, 0.5), (1, 0.25), (2, 0.25)])
+        );
+        assert_eq!(
+            s.gate_scores[&2],
+            BTreeMap::from([(0, 0.3125), (1, 0.125), (2, 0.375)])
+        );
     }
 }

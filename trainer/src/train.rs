@@ -111,7 +111,9 @@ impl TrainConfig {
         match self.schedule {
             Schedule::Constant => self.lr,
             Schedule::Linear => self.lr * (1.0 - done).max(0.0),
-            Schedule::Cosine => self.lr * 0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos()),
+            Schedule::Cosine => {
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * done.min(1.0)).cos())
+            }
         }
     }
 
@@ -149,7 +151,10 @@ pub fn nll_sum(
         .iter()
         .map(|s| s.targets().map(|(p, _)| p as u32).collect())
         .collect();
-    let targets: Vec<u32> = group.iter().flat_map(|s| s.targets().map(|t| t.1)).collect();
+    let targets: Vec<u32> = group
+        .iter()
+        .flat_map(|s| s.targets().map(|t| t.1))
+        .collect();
     if targets.is_empty() {
         bail!("the batch has no target tokens");
     }
@@ -225,7 +230,10 @@ impl Run {
             bail!("training runs on the CPU (the optimizer keeps its state in host memory)");
         }
         if !matches!(model.dtype(), DType::F32 | DType::F64) {
-            bail!("training needs f32 (or f64) compute, got {:?}", model.dtype());
+            bail!(
+                "training needs f32 (or f64) compute, got {:?}",
+                model.dtype()
+            );
         }
         if train.is_empty() {
             bail!("no training samples");
@@ -272,7 +280,9 @@ impl Run {
 
     fn shuffle(&mut self) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-            self.cfg.seed.wrapping_add(self.cursor.epoch.wrapping_mul(0x9e37_79b9)),
+            self.cfg
+                .seed
+                .wrapping_add(self.cursor.epoch.wrapping_mul(0x9e37_79b9)),
         );
         self.order = (0..self.train.len()).collect();
         self.order.shuffle(&mut rng);
@@ -309,7 +319,9 @@ impl Run {
 
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepReport> {
-        let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum).map(|_| self.next_micro()).collect();
+        let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum)
+            .map(|_| self.next_micro())
+            .collect();
         let targets: usize = micro
             .iter()
             .flatten()
@@ -481,15 +493,23 @@ impl Run {
     pub fn save(&self, dir: &Path, identity: &serde_json::Value) -> Result<()> {
         let parent = dir.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)?;
-        let tmp = tempfile::Builder::new().prefix(".train-state-").tempdir_in(parent)?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".train-state-")
+            .tempdir_in(parent)?;
         let dev = candle_core::Device::Cpu;
         let mut weights = HashMap::new();
         let mut moments = HashMap::new();
         for (w, m) in self.weights.iter().zip(&self.opt.moments) {
             weights.insert(w.name.clone(), w.var.as_tensor().detach());
             let shape = w.var.shape().clone();
-            moments.insert(format!("{}.m", w.name), Tensor::from_slice(&m.m, &shape, &dev)?);
-            moments.insert(format!("{}.v", w.name), Tensor::from_slice(&m.v, &shape, &dev)?);
+            moments.insert(
+                format!("{}.m", w.name),
+                Tensor::from_slice(&m.m, &shape, &dev)?,
+            );
+            moments.insert(
+                format!("{}.v", w.name),
+                Tensor::from_slice(&m.v, &shape, &dev)?,
+            );
         }
         candle_core::safetensors::save(&weights, tmp.path().join(WEIGHTS_FILE))?;
         candle_core::safetensors::save(&moments, tmp.path().join(MOMENTS_FILE))?;
@@ -508,7 +528,10 @@ impl Run {
             cursor: self.cursor,
             best: self.best(),
         };
-        std::fs::write(tmp.path().join(STATE_FILE), serde_json::to_vec_pretty(&state)?)?;
+        std::fs::write(
+            tmp.path().join(STATE_FILE),
+            serde_json::to_vec_pretty(&state)?,
+        )?;
         for entry in std::fs::read_dir(tmp.path())? {
             std::fs::File::open(entry?.path())?.sync_all()?;
         }
@@ -537,7 +560,10 @@ impl Run {
                 .get(name)
                 .with_context(|| format!("the saved state lacks {name}"))?;
             if t.shape() != shape {
-                bail!("the saved {name} has shape {:?}, expected {shape:?}", t.shape());
+                bail!(
+                    "the saved {name} has shape {:?}, expected {shape:?}",
+                    t.shape()
+                );
             }
             Ok(t.to_dtype(DType::F32)?)
         };
@@ -585,7 +611,13 @@ fn differences(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     keys.dedup();
     keys.into_iter()
         .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| format!("{k} was {} now {}", a.get(k).unwrap_or(&serde_json::Value::Null), b.get(k).unwrap_or(&serde_json::Value::Null)))
+        .map(|k| {
+            format!(
+                "{k} was {} now {}",
+                a.get(k).unwrap_or(&serde_json::Value::Null),
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
         .collect()
 }
 

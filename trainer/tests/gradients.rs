@@ -69,12 +69,19 @@ fn busiest_expert(model: &DeepSeekV2, s: &[Sample], layer: usize) -> usize {
     for &e in &r.ids {
         counts[e as usize] += 1;
     }
-    (0..counts.len()).max_by_key(|&e| (counts[e], usize::MAX - e)).unwrap()
+    (0..counts.len())
+        .max_by_key(|&e| (counts[e], usize::MAX - e))
+        .unwrap()
 }
 
 /// Checks `count` spread-out elements of `var` against central differences.
 fn check(model: &mut DeepSeekV2, s: &[Sample], name: &str, var: &Var, grad: &Tensor, count: usize) {
-    let original = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let original = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     let analytic = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     let n = original.len();
     let eps = 1e-5;
@@ -101,7 +108,10 @@ fn check(model: &mut DeepSeekV2, s: &[Sample], name: &str, var: &Var, grad: &Ten
             checked_nonzero += 1;
         }
     }
-    assert!(checked_nonzero > 0, "{name}: every checked gradient was zero");
+    assert!(
+        checked_nonzero > 0,
+        "{name}: every checked gradient was zero"
+    );
 }
 
 #[test]
@@ -127,9 +137,14 @@ fn selected_expert_gradients_match_finite_differences() {
         .unwrap();
     assert_eq!(weights.len(), 6);
     let grads = loss(&model, &s).backward().unwrap();
-    assert!(grads.get(&frozen_head).is_none(), "a frozen weight got a gradient");
+    assert!(
+        grads.get(&frozen_head).is_none(),
+        "a frozen weight got a gradient"
+    );
     for w in &weights {
-        let g = grads.get(w.var.as_tensor()).unwrap_or_else(|| panic!("{}: no gradient", w.name));
+        let g = grads
+            .get(w.var.as_tensor())
+            .unwrap_or_else(|| panic!("{}: no gradient", w.name));
         check(&mut model, &s, &w.name, &w.var, g, 6);
     }
 }
@@ -149,8 +164,13 @@ fn non_expert_gradients_match_finite_differences() {
         "model.embed_tokens.weight",
         "lm_head.weight",
     ] {
-        let w = weights.iter().find(|w| w.name == name).unwrap_or_else(|| panic!("{name}"));
-        let g = grads.get(w.var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let w = weights
+            .iter()
+            .find(|w| w.name == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        let g = grads
+            .get(w.var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
         check(&mut model, &s, name, &w.var, g, 4);
     }
 }

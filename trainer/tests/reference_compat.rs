@@ -65,9 +65,14 @@ fn scores_from_reference_logs_and_selection_reproduce_the_shipped_files() {
             assert_eq!(g.as_object().unwrap().len(), 26, "{task} {table}: layers");
             for (layer, experts) in w.as_object().unwrap() {
                 for (e, v) in experts.as_object().unwrap() {
-                    let ours = g[layer][e].as_f64().unwrap_or_else(|| panic!("{layer}/{e}"));
+                    let ours = g[layer][e]
+                        .as_f64()
+                        .unwrap_or_else(|| panic!("{layer}/{e}"));
                     let diff = (ours - v.as_f64().unwrap()).abs();
-                    assert!(diff <= 1e-4, "{task} {table} layer {layer} expert {e}: {ours} vs {v}");
+                    assert!(
+                        diff <= 1e-4,
+                        "{task} {table} layer {layer} expert {e}: {ours} vs {v}"
+                    );
                     compared += 1;
                 }
             }
@@ -76,7 +81,10 @@ fn scores_from_reference_logs_and_selection_reproduce_the_shipped_files() {
 
         // Selection on our scores and on the shipped ones both give the shipped config.
         let shipped_cfg = json(&reference(&format!("expert_configs/{task}.json")));
-        for scores in [ours.clone(), reference(&format!("expert_scores/{task}/summary.json"))] {
+        for scores in [
+            ours.clone(),
+            reference(&format!("expert_scores/{task}/summary.json")),
+        ] {
             let cfg = tmp.path().join("cfg.json");
             esft_train(&[
                 "select",
@@ -89,7 +97,12 @@ fn scores_from_reference_logs_and_selection_reproduce_the_shipped_files() {
                 "--out",
                 cfg.to_str().unwrap(),
             ]);
-            assert_eq!(json(&cfg), shipped_cfg, "{task}: selection from {}", scores.display());
+            assert_eq!(
+                json(&cfg),
+                shipped_cfg,
+                "{task}: selection from {}",
+                scores.display()
+            );
         }
     }
 }

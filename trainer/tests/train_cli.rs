@@ -65,11 +65,25 @@ fn score_select_train_eval_pipeline() {
 
     // score: JSON-lines progress, reference logs, scores in the summary.json shape.
     let stdout = ok(&[
-        "score", "--model", s(&model), "--data", s(&data), "--tokens", "400", "--batch-tokens",
-        "128", "--log-dir", s(&t.join("logs")), "--out", s(&t.join("scores.json")), "--json",
+        "score",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--tokens",
+        "400",
+        "--batch-tokens",
+        "128",
+        "--log-dir",
+        s(&t.join("logs")),
+        "--out",
+        s(&t.join("scores.json")),
+        "--json",
     ]);
-    let events: Vec<serde_json::Value> =
-        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(events.last().unwrap()["event"], "done");
     assert_eq!(events.last().unwrap()["tokens"], 400);
     let scores: serde_json::Value =
@@ -81,10 +95,23 @@ fn score_select_train_eval_pipeline() {
             .values()
             .map(|v| v.as_f64().unwrap())
             .sum();
-        assert!((sum - 1.0).abs() < 1e-3, "layer {layer} token scores sum to {sum}");
+        assert!(
+            (sum - 1.0).abs() < 1e-3,
+            "layer {layer} token scores sum to {sum}"
+        );
     }
     // The logs hold one line per sample and give the same scores back.
-    ok(&["score", "--from-logs", s(&t.join("logs")), "--top-k", "4", "--experts", "16", "--out", s(&t.join("from_logs.json"))]);
+    ok(&[
+        "score",
+        "--from-logs",
+        s(&t.join("logs")),
+        "--top-k",
+        "4",
+        "--experts",
+        "16",
+        "--out",
+        s(&t.join("from_logs.json")),
+    ]);
     let again: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(t.join("from_logs.json")).unwrap()).unwrap();
     for table in ["token_scores", "gate_scores"] {
@@ -97,8 +124,15 @@ fn score_select_train_eval_pipeline() {
     }
 
     ok(&[
-        "select", "--scores", s(&t.join("scores.json")), "--score-function", "gate", "--top-p",
-        "0.2", "--out", s(&t.join("experts.json")),
+        "select",
+        "--scores",
+        s(&t.join("scores.json")),
+        "--score-function",
+        "gate",
+        "--top-p",
+        "0.2",
+        "--out",
+        s(&t.join("experts.json")),
     ]);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(t.join("experts.json")).unwrap()).unwrap();
@@ -107,22 +141,52 @@ fn score_select_train_eval_pipeline() {
 
     let adapter = t.join("adapters/task");
     let stdout = ok(&[
-        "train", "--model", s(&model), "--data", s(&data), "--experts", s(&t.join("experts.json")),
-        "--out", s(&adapter), "--steps", "6", "--lr", "1e-2", "--batch", "1", "--seq-len", "64",
-        "--eval-split", "0.1", "--eval-every", "3", "--save-every", "2", "--json",
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--experts",
+        s(&t.join("experts.json")),
+        "--out",
+        s(&adapter),
+        "--steps",
+        "6",
+        "--lr",
+        "1e-2",
+        "--batch",
+        "1",
+        "--seq-len",
+        "64",
+        "--eval-split",
+        "0.1",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "2",
+        "--json",
     ]);
-    let events: Vec<serde_json::Value> =
-        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(events.iter().filter(|e| e["event"] == "progress").count(), 6);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        events.iter().filter(|e| e["event"] == "progress").count(),
+        6
+    );
     assert_eq!(events.iter().filter(|e| e["event"] == "eval").count(), 2);
     let done = events.last().unwrap();
     assert_eq!(done["event"], "done");
     assert!(done["best_eval_loss"].as_f64().unwrap() > 0.0);
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter.json")).unwrap())
+            .unwrap();
     assert_eq!(manifest["name"], "task");
     assert_eq!(manifest["expert_config"], cfg);
-    assert!(!t.join("adapters/.task.train-state").exists(), "the state is removed when done");
+    assert!(
+        !t.join("adapters/.task.train-state").exists(),
+        "the state is removed when done"
+    );
 
     // eval: exact match on the eval format, with and without the adapter.
     let eval = t.join("eval.jsonl");
@@ -135,8 +199,17 @@ fn score_select_train_eval_pipeline() {
     );
     let pred = t.join("pred.jsonl");
     for extra in [vec![], vec!["--adapter", s(&adapter)]] {
-        let mut args = vec!["eval", "--model", s(&model), "--data", s(&eval), "--max-tokens", "8",
-            "--predictions", s(&pred)];
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&model),
+            "--data",
+            s(&eval),
+            "--max-tokens",
+            "8",
+            "--predictions",
+            s(&pred),
+        ];
         args.extend(extra);
         let summary: serde_json::Value = serde_json::from_str(ok(&args).trim()).unwrap();
         assert_eq!(summary["metric"], "exact-match");
@@ -145,7 +218,18 @@ fn score_select_train_eval_pipeline() {
         assert_eq!(preds.lines().count(), 2);
     }
     let loss: serde_json::Value = serde_json::from_str(
-        ok(&["eval", "--model", s(&model), "--adapter", s(&adapter), "--data", s(&data), "--metric", "loss"]).trim(),
+        ok(&[
+            "eval",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&data),
+            "--metric",
+            "loss",
+        ])
+        .trim(),
     )
     .unwrap();
     assert!(loss["score"].as_f64().unwrap() > 0.0);
@@ -154,22 +238,48 @@ fn score_select_train_eval_pipeline() {
     let reference = t.join("released");
     std::fs::create_dir(&reference).unwrap();
     std::fs::copy(t.join("experts.json"), reference.join("expert_cfg.json")).unwrap();
-    let tensors = candle_core::safetensors::load(adapter.join("adapter.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let tensors = candle_core::safetensors::load(
+        adapter.join("adapter.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let renamed: std::collections::HashMap<String, candle_core::Tensor> = tensors
         .iter()
         .map(|(n, t)| (n.strip_prefix("model.").unwrap().to_string(), t.clone()))
         .collect();
     candle_core::safetensors::save(&renamed, reference.join("model.safetensors")).unwrap();
     let imported = t.join("adapters/imported");
-    ok(&["import", "--from", s(&reference), "--model", s(&model), "--out", s(&imported)]);
-    let back = candle_core::safetensors::load(imported.join("adapter.safetensors"), &candle_core::Device::Cpu).unwrap();
+    ok(&[
+        "import",
+        "--from",
+        s(&reference),
+        "--model",
+        s(&model),
+        "--out",
+        s(&imported),
+    ]);
+    let back = candle_core::safetensors::load(
+        imported.join("adapter.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(back.len(), tensors.len());
     for (n, t) in &tensors {
-        let d = (t - &back[n]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let d = (t - &back[n])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{n}");
     }
     let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(imported.join("adapter.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(imported.join("adapter.json")).unwrap())
+            .unwrap();
     assert!(m["base"]["tensors_fingerprint"].is_string());
 }
 
@@ -181,9 +291,25 @@ fn full_fine_tuning_writes_a_loadable_checkpoint() {
     write_lines(&data, &task_lines(8));
     let out = t.join("fft");
     ok(&[
-        "train", "--model", s(&fixture("lite")), "--data", s(&data), "--experts", "all", "--out",
-        s(&out), "--steps", "2", "--lr", "1e-3", "--batch", "1", "--seq-len", "64",
-        "--eval-split", "0",
+        "train",
+        "--model",
+        s(&fixture("lite")),
+        "--data",
+        s(&data),
+        "--experts",
+        "all",
+        "--out",
+        s(&out),
+        "--steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--batch",
+        "1",
+        "--seq-len",
+        "64",
+        "--eval-split",
+        "0",
     ]);
     let base = esft::model::DeepSeekV2::load_dir(&fixture("lite"), &Default::default()).unwrap();
     let tuned = esft::model::DeepSeekV2::load_dir(&out, &Default::default()).unwrap();
@@ -195,11 +321,25 @@ fn full_fine_tuning_writes_a_loadable_checkpoint() {
         .iter()
         .zip(&b)
         .filter(|((_, x), (_, y))| {
-            (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() > 0.0
+            (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
         })
         .count();
     // Embeddings of unseen tokens still decay, so every tensor moves.
-    assert!(changed > a.len() / 2, "{changed} of {} tensors changed", a.len());
+    assert!(
+        changed > a.len() / 2,
+        "{changed} of {} tensors changed",
+        a.len()
+    );
 }
 
 #[test]
@@ -208,11 +348,21 @@ fn bad_data_is_refused_with_its_line_before_training() {
     let t = tmp.path();
     let good = task_lines(3);
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec![good[0].clone(), "{not json".into()], "line 2: not JSON"),
+        (
+            vec![good[0].clone(), "{not json".into()],
+            "line 2: not JSON",
+        ),
         (vec![good[0].clone(), r#"{"prompt": "x"}"#.into()], "line 2"),
         (vec![], "holds no samples"),
         (
-            vec![good[0].clone(), good[1].clone(), format!(r#"{{"prompt": "{}", "completion": "y"}}"#, "long ".repeat(40))],
+            vec![
+                good[0].clone(),
+                good[1].clone(),
+                format!(
+                    r#"{{"prompt": "{}", "completion": "y"}}"#,
+                    "long ".repeat(40)
+                ),
+            ],
             "line 3: the sample has",
         ),
         (
@@ -226,13 +376,28 @@ fn bad_data_is_refused_with_its_line_before_training() {
         write_lines(&data, &lines);
         let out = t.join("adapters/bad");
         let o = esft_train(&[
-            "train", "--model", s(&fixture("lite")), "--data", s(&data), "--experts",
-            s(&t.join("experts.json")), "--out", s(&out), "--seq-len", "48", "--steps", "1",
+            "train",
+            "--model",
+            s(&fixture("lite")),
+            "--data",
+            s(&data),
+            "--experts",
+            s(&t.join("experts.json")),
+            "--out",
+            s(&out),
+            "--seq-len",
+            "48",
+            "--steps",
+            "1",
             "--json",
         ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{want}: {err}");
-        assert!(o.stdout.is_empty(), "training started: {}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            o.stdout.is_empty(),
+            "training started: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         assert!(!out.exists() && !t.join("adapters/.bad.train-state").exists());
     }
     // A bad expert config is refused too.
@@ -240,8 +405,17 @@ fn bad_data_is_refused_with_its_line_before_training() {
     let data = t.join("ok.jsonl");
     write_lines(&data, &good);
     let o = esft_train(&[
-        "train", "--model", s(&fixture("lite")), "--data", s(&data), "--experts",
-        s(&t.join("experts.json")), "--out", s(&t.join("adapters/x")), "--steps", "1",
+        "train",
+        "--model",
+        s(&fixture("lite")),
+        "--data",
+        s(&data),
+        "--experts",
+        s(&t.join("experts.json")),
+        "--out",
+        s(&t.join("adapters/x")),
+        "--steps",
+        "1",
     ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a MoE layer"));
 }
@@ -252,13 +426,36 @@ fn a_killed_run_resumes_and_never_shows_a_partial_adapter() {
     let t = tmp.path();
     let data = t.join("train.jsonl");
     write_lines(&data, &task_lines(40));
-    std::fs::write(t.join("experts.json"), r#"{"experts": {"1": [0, 5, 9], "2": [3]}, "shared_experts": true}"#).unwrap();
+    std::fs::write(
+        t.join("experts.json"),
+        r#"{"experts": {"1": [0, 5, 9], "2": [3]}, "shared_experts": true}"#,
+    )
+    .unwrap();
     let args = |out: &Path| -> Vec<String> {
         [
-            "train", "--model", s(&fixture("lite")), "--data", s(&data), "--experts",
-            s(&t.join("experts.json")), "--out", s(out), "--steps", "400", "--lr", "1e-3",
-            "--batch", "1", "--seq-len", "64", "--eval-split", "0.1", "--eval-every", "50",
-            "--save-every", "1",
+            "train",
+            "--model",
+            s(&fixture("lite")),
+            "--data",
+            s(&data),
+            "--experts",
+            s(&t.join("experts.json")),
+            "--out",
+            s(out),
+            "--steps",
+            "400",
+            "--lr",
+            "1e-3",
+            "--batch",
+            "1",
+            "--seq-len",
+            "64",
+            "--eval-split",
+            "0.1",
+            "--eval-every",
+            "50",
+            "--save-every",
+            "1",
         ]
         .iter()
         .map(|v| v.to_string())
@@ -280,11 +477,14 @@ fn a_killed_run_resumes_and_never_shows_a_partial_adapter() {
     std::thread::sleep(Duration::from_millis(150));
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!out.exists(), "a partial adapter is visible under the final name");
+    assert!(
+        !out.exists(),
+        "a partial adapter is visible under the final name"
+    );
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(state.join("state.json")).unwrap()).unwrap();
     let step = saved["step"].as_u64().unwrap();
-    assert!(step >= 1 && step < 400, "{step}");
+    assert!((1..400).contains(&step), "{step}");
 
     // Without --resume the leftover state is not overwritten.
     let o = esft_train(&args(&out).iter().map(String::as_str).collect::<Vec<_>>());
@@ -297,7 +497,10 @@ fn a_killed_run_resumes_and_never_shows_a_partial_adapter() {
 
     // The same run uninterrupted writes the same adapter.
     let straight = t.join("adapters/straight");
-    ok(&args(&straight).iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&args(&straight)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
     let a = std::fs::read(out.join("adapter.safetensors")).unwrap();
     let b = std::fs::read(straight.join("adapter.safetensors")).unwrap();
     assert!(a == b, "resumed and uninterrupted runs differ");

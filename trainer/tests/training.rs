@@ -23,7 +23,9 @@ fn fixture(name: &str) -> PathBuf {
 
 /// A small task: a fixed-form answer that names the asked-for item.
 pub fn write_task(path: &Path, n: usize) {
-    let words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean"];
+    let words = [
+        "apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean",
+    ];
     let mut f = std::fs::File::create(path).unwrap();
     for i in 0..n {
         let w = words[i % words.len()];
@@ -56,17 +58,33 @@ fn logits_all(model: &DeepSeekV2, experts: Option<&ExpertMap>, tokens: &[u32]) -
         logits: LogitsWanted::All,
     }];
     let out = model.forward(&mut batch, None).unwrap();
-    out.logits.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    out.logits
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
-fn greedy(loaded: &LoadedModel, model: &DeepSeekV2, experts: Option<std::sync::Arc<ExpertMap>>, prompt: &[u32]) -> Vec<u32> {
+fn greedy(
+    loaded: &LoadedModel,
+    model: &DeepSeekV2,
+    experts: Option<std::sync::Arc<ExpertMap>>,
+    prompt: &[u32],
+) -> Vec<u32> {
     let params = SamplingParams {
         temperature: 0.0,
         max_tokens: 12,
         ignore_eos: true,
         ..SamplingParams::default()
     };
-    let mut seqs = [Sequence::new(prompt.to_vec(), params, model.new_cache(), loaded.eos_ids(), 4096)];
+    let mut seqs = [Sequence::new(
+        prompt.to_vec(),
+        params,
+        model.new_cache(),
+        loaded.eos_ids(),
+        4096,
+    )];
     seqs[0].experts = experts;
     generate_all(model, None, &mut seqs, 64).unwrap();
     seqs[0].generated().to_vec()
@@ -99,7 +117,10 @@ fn esft_training_changes_only_selected_experts_and_the_adapter_reproduces_it() {
     };
     let experts = select(&acc.scores(), &selection).unwrap();
     let selected = experts.expert_count();
-    assert!(selected >= 2 && selected < 2 * cfg.n_routed_experts / 2, "{selected}");
+    assert!(
+        selected >= 2 && selected < 2 * cfg.n_routed_experts / 2,
+        "{selected}"
+    );
 
     let train_cfg = TrainConfig {
         steps: 30,
@@ -125,12 +146,20 @@ fn esft_training_changes_only_selected_experts_and_the_adapter_reproduces_it() {
     }
     let first = losses[..3].iter().sum::<f64>() / 3.0;
     let last = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
-    assert!(last < 0.5 * first, "loss {first:.3} -> {last:.3}: {losses:?}");
+    assert!(
+        last < 0.5 * first,
+        "loss {first:.3} -> {last:.3}: {losses:?}"
+    );
 
     // Frozen weights are bit-identical; each selected expert changed.
     let mut base = DeepSeekV2::load_dir(&dir, &LoadOptions::default()).unwrap();
     let before: BTreeMap<String, Tensor> = base.checkpoint_tensors().unwrap().into_iter().collect();
-    let after: BTreeMap<String, Tensor> = run.model.checkpoint_tensors().unwrap().into_iter().collect();
+    let after: BTreeMap<String, Tensor> = run
+        .model
+        .checkpoint_tensors()
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(before.len(), after.len());
     let mut changed = 0;
     for (name, t) in &before {
@@ -159,10 +188,17 @@ fn esft_training_changes_only_selected_experts_and_the_adapter_reproduces_it() {
         let prompt: Vec<u32> = s.tokens[..s.trained.iter().position(|&t| t).unwrap()].to_vec();
         let a = logits_all(&run.model, None, &prompt);
         let b = logits_all(&served.model, Some(&map), &prompt);
-        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-5, "logits differ by {diff}");
         let trained = greedy(&loaded, &run.model, None, &prompt);
-        assert_eq!(trained, greedy(&loaded, &served.model, Some(map.clone()), &prompt));
+        assert_eq!(
+            trained,
+            greedy(&loaded, &served.model, Some(map.clone()), &prompt)
+        );
         // Training taught the answer: the base model says something else.
         assert_ne!(trained, greedy(&loaded, &loaded.model, None, &prompt));
     }
@@ -176,7 +212,8 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     write_task(&data, 20);
     let loaded = LoadedModel::load(&dir, &LoadOptions::default()).unwrap();
     let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer).unwrap();
-    let samples: Vec<Sample> = load_train(&data, &loaded.tokenizer, ids, Limits::default()).unwrap();
+    let samples: Vec<Sample> =
+        load_train(&data, &loaded.tokenizer, ids, Limits::default()).unwrap();
     let (train, eval) = esft_train::train::split_eval(samples, 0.2, 5);
     let cfg = TrainConfig {
         steps: 8,
@@ -247,6 +284,11 @@ fn an_interrupted_run_resumes_to_the_same_result() {
         assert_eq!(bits(ta), bits(tb), "{na}");
     }
     for (wa, wb) in straight.weights.iter().zip(&resumed.weights) {
-        assert_eq!(bits(wa.var.as_tensor()), bits(wb.var.as_tensor()), "{}", wa.name);
+        assert_eq!(
+            bits(wa.var.as_tensor()),
+            bits(wb.var.as_tensor()),
+            "{}",
+            wa.name
+        );
     }
 }
