@@ -10,6 +10,7 @@ pub mod error;
 pub mod init;
 pub mod load;
 pub mod moe;
+mod moe_grad;
 pub mod ops;
 pub mod rope;
 pub mod tokenizer;

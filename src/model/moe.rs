@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::config::{Config, TopkMethod};
 use super::cpu_kernels;
 use super::load::WeightStore;
+use super::moe_grad;
 use super::ops::{swiglu, Ops};
 
 /// A SwiGLU feed-forward block: `down(silu(gate x) * up x)`, with gate and up fused.
@@ -410,8 +411,6 @@ impl Moe {
         let token_order: Vec<u32> = pair_order.iter().map(|&p| p / k as u32).collect();
 
         let dev = x.device();
-        let token_idx = Tensor::from_slice(&token_order, n * k, dev)?;
-        let xs = x.index_select(&token_idx, 0)?;
         // (slot, first sorted row, rows) of every slot with work.
         let mut used = Vec::new();
         let mut offset = 0;
@@ -425,50 +424,58 @@ impl Moe {
             self.slot(slot)
                 .ok_or_else(|| candle_core::Error::Msg(format!("empty slot {slot}")))
         };
-        let largest = used.iter().map(|u| u.2).max().unwrap_or(0);
-        let ys = if !ops.differentiable
-            && cpu_kernels::applies(x)
-            && largest <= cpu_kernels::GROUPED_MAX_ROWS
-        {
-            let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
+        let mut out = if ops.differentiable {
+            let w = self
+                .router
+                .weights_tensor(ops, &logits, &ids)?
+                .flatten_all()?
+                .index_select(&Tensor::from_slice(&pair_order, n * k, dev)?, 0)?
+                .to_dtype(x.dtype())?;
             let groups = used
                 .iter()
                 .map(|&(slot, start, rows)| {
-                    let e = expert(slot)?;
-                    Ok(cpu_kernels::ExpertGroup {
+                    Ok(moe_grad::Group {
                         start,
                         rows,
-                        gate_up: &e.gate_up,
-                        down: &e.down,
+                        mlp: expert(slot)?,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            cpu_kernels::grouped_swiglu(&xs, &groups, &w)?
+            moe_grad::routed_experts(ops, x, &token_order, &w, &groups)?
         } else {
-            let w_sorted = if ops.differentiable {
-                let w = self
-                    .router
-                    .weights_tensor(ops, &logits, &ids)?
-                    .flatten_all()?;
-                w.index_select(&Tensor::from_slice(&pair_order, n * k, dev)?, 0)?
+            let token_idx = Tensor::from_slice(&token_order, n * k, dev)?;
+            let xs = x.index_select(&token_idx, 0)?;
+            let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
+            let largest = used.iter().map(|u| u.2).max().unwrap_or(0);
+            let ys = if cpu_kernels::applies(x) && largest <= cpu_kernels::GROUPED_MAX_ROWS {
+                let groups = used
+                    .iter()
+                    .map(|&(slot, start, rows)| {
+                        let e = expert(slot)?;
+                        Ok(cpu_kernels::ExpertGroup {
+                            start,
+                            rows,
+                            gate_up: &e.gate_up,
+                            down: &e.down,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                cpu_kernels::grouped_swiglu(&xs, &groups, &w)?
             } else {
-                let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
-                Tensor::from_vec(w, n * k, dev)?
-            }
-            .to_dtype(x.dtype())?
-            .reshape((n * k, 1))?;
-            let mut gate_up = Vec::with_capacity(used.len());
-            for &(slot, start, rows) in &used {
-                gate_up.push(ops.linear(&xs.narrow(0, start, rows)?, &expert(slot)?.gate_up)?);
-            }
-            let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
-            let mut down = Vec::with_capacity(used.len());
-            for &(slot, start, rows) in &used {
-                down.push(ops.linear(&act.narrow(0, start, rows)?, &expert(slot)?.down)?);
-            }
-            Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?
+                let w_sorted = Tensor::from_vec(w, (n * k, 1), dev)?.to_dtype(x.dtype())?;
+                let mut gate_up = Vec::with_capacity(used.len());
+                for &(slot, start, rows) in &used {
+                    gate_up.push(ops.linear(&xs.narrow(0, start, rows)?, &expert(slot)?.gate_up)?);
+                }
+                let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
+                let mut down = Vec::with_capacity(used.len());
+                for &(slot, start, rows) in &used {
+                    down.push(ops.linear(&act.narrow(0, start, rows)?, &expert(slot)?.down)?);
+                }
+                Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?
+            };
+            Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&token_idx, &ys, 0)?
         };
-        let mut out = Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&token_idx, &ys, 0)?;
         if !self.shared.is_empty() {
             out = (out + self.shared_forward(ops, x, moe_index, spans)?)?;
         }

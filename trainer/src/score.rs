@@ -72,7 +72,7 @@ impl ScoreAccumulator {
 
     /// Adds tokens of `layer`: `ids` and `probs` hold `top_k` entries per token.
     pub fn add(&mut self, layer: usize, ids: &[u32], probs: &[f32]) -> Result<()> {
-        if ids.len() != probs.len() || ids.len() % self.top_k != 0 {
+        if ids.len() != probs.len() || !ids.len().is_multiple_of(self.top_k.max(1)) {
             bail!(
                 "layer {layer}: {} expert ids and {} gate weights do not make whole tokens of \
                  top-{}",

@@ -484,7 +484,7 @@ fn a_killed_run_resumes_and_never_shows_a_partial_adapter() {
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(state.join("state.json")).unwrap()).unwrap();
     let step = saved["step"].as_u64().unwrap();
-    assert!(step >= 1 && step < 400, "{step}");
+    assert!((1..400).contains(&step), "{step}");
 
     // Without --resume the leftover state is not overwritten.
     let o = esft_train(&args(&out).iter().map(String::as_str).collect::<Vec<_>>());

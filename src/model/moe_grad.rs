@@ -1,0 +1,153 @@
+//! The routed experts of a MoE layer when gradients are needed (training).
+//!
+//! Frozen experts (plain tensors) all run inside one autograd node whose backward computes,
+//! group by group, the gradients of its inputs (the routed token rows and their routing
+//! weights) and nothing for the weights. Trainable experts (candle `Var`s) run as ordinary
+//! differentiable ops on their own rows. Composing the frozen experts from per-expert
+//! `narrow`s instead would make every expert's backward materialise a zero-padded gradient
+//! the size of all routed rows: quadratic in the number of experts.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+
+use super::moe::Mlp;
+use super::ops::{swiglu, Ops};
+
+/// One expert's share of the routed pairs: `rows` consecutive pairs from `start` of the
+/// slot-sorted pair order.
+pub struct Group<'a> {
+    pub start: usize,
+    pub rows: usize,
+    pub mlp: &'a Mlp,
+}
+
+fn is_trainable(m: &Mlp) -> bool {
+    m.gate_up.track_op() || m.down.track_op()
+}
+
+/// `out[t] = sum over t's pairs p of w[p] * expert_p(x[t])`, differentiable in `x`, `w`
+/// and any trainable expert. `pair_token[i]` is the token of sorted pair `i`, `pair_w`
+/// (`[pairs]`) the routing weight of each sorted pair.
+pub fn routed_experts(
+    ops: &Ops,
+    x: &Tensor,
+    pair_token: &[u32],
+    pair_w: &Tensor,
+    groups: &[Group<'_>],
+) -> Result<Tensor> {
+    let (n, hidden) = x.dims2()?;
+    let dev = x.device();
+    let mut out = Tensor::zeros((n, hidden), x.dtype(), dev)?;
+
+    // Frozen experts: one node over all their pairs.
+    let frozen: Vec<&Group<'_>> = groups.iter().filter(|g| !is_trainable(g.mlp)).collect();
+    if !frozen.is_empty() {
+        let mut pairs = Vec::new();
+        let mut layout = Vec::with_capacity(frozen.len());
+        for g in &frozen {
+            layout.push((pairs.len(), g.rows, g.mlp.clone()));
+            pairs.extend(g.start as u32..(g.start + g.rows) as u32);
+        }
+        let tokens: Vec<u32> = pairs.iter().map(|&p| pair_token[p as usize]).collect();
+        let token_idx = Tensor::from_vec(tokens, pairs.len(), dev)?;
+        let xs = x.index_select(&token_idx, 0)?;
+        let w = pair_w.index_select(&Tensor::from_vec(pairs, token_idx.dim(0)?, dev)?, 0)?;
+        let ys = frozen_experts(&xs, &w, layout)?;
+        out = out.index_add(&token_idx, &ys, 0)?;
+    }
+
+    // Trainable experts: ordinary ops on their own rows.
+    for g in groups.iter().filter(|g| is_trainable(g.mlp)) {
+        let pairs: Vec<u32> = (g.start as u32..(g.start + g.rows) as u32).collect();
+        let tokens: Vec<u32> = pairs.iter().map(|&p| pair_token[p as usize]).collect();
+        let token_idx = Tensor::from_vec(tokens, g.rows, dev)?;
+        let w = pair_w
+            .index_select(&Tensor::from_vec(pairs, g.rows, dev)?, 0)?
+            .unsqueeze(1)?;
+        let y = g.mlp.forward(ops, &x.index_select(&token_idx, 0)?)?;
+        out = out.index_add(&token_idx, &y.broadcast_mul(&w)?, 0)?;
+    }
+    Ok(out)
+}
+
+/// Runs frozen experts on `xs` (`[pairs, hidden]`, grouped per expert as `layout` says:
+/// `(first row, rows, expert)`), scaled per row by `w` (`[pairs]`).
+fn frozen_experts(xs: &Tensor, w: &Tensor, layout: Vec<(usize, usize, Mlp)>) -> Result<Tensor> {
+    let xd = xs.detach();
+    let mut pre = Vec::with_capacity(layout.len());
+    let mut outs = Vec::with_capacity(layout.len());
+    for (start, rows, mlp) in &layout {
+        let h = xd.narrow(0, *start, *rows)?.matmul(&mlp.gate_up.t()?)?;
+        outs.push(swiglu(&h)?.matmul(&mlp.down.t()?)?);
+        pre.push(h);
+    }
+    let expert_out = Tensor::cat(&outs, 0)?;
+    let y = expert_out
+        .broadcast_mul(&w.detach().unsqueeze(1)?)?
+        .contiguous()?;
+    let op = FrozenExperts {
+        layout,
+        gate_up_pre: Tensor::cat(&pre, 0)?,
+        expert_out,
+    };
+    xs.apply_op3(w, &y, op)
+}
+
+/// Autograd node of [`frozen_experts`]: its value is the product computed outside the
+/// graph (the third argument); it keeps the pre-activations and expert outputs it needs.
+struct FrozenExperts {
+    layout: Vec<(usize, usize, Mlp)>,
+    /// `[pairs, 2 * inter]`: gate and up projections before the activation.
+    gate_up_pre: Tensor,
+    /// `[pairs, hidden]`: expert outputs before the routing weight.
+    expert_out: Tensor,
+}
+
+impl CustomOp3 for FrozenExperts {
+    fn name(&self) -> &'static str {
+        "frozen-experts"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _xs: &CpuStorage,
+        _xs_layout: &Layout,
+        _w: &CpuStorage,
+        _w_layout: &Layout,
+        y: &CpuStorage,
+        y_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if !y_layout.is_contiguous() || y_layout.start_offset() != 0 {
+            candle_core::bail!("frozen-experts expects a fresh contiguous product");
+        }
+        Ok((y.clone(), y_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _xs: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // d/dw: each row's output gradient dotted with the expert's unweighted output.
+        let grad_w = (grad * &self.expert_out)?.sum(D::Minus1)?;
+        let gh = grad.broadcast_mul(&w.unsqueeze(1)?)?;
+        let mut grad_xs = Vec::with_capacity(self.layout.len());
+        for (start, rows, mlp) in &self.layout {
+            let inter = mlp.inter();
+            let g_act = gh.narrow(0, *start, *rows)?.matmul(&mlp.down)?;
+            let h = self.gate_up_pre.narrow(0, *start, *rows)?;
+            let gate = h.narrow(1, 0, inter)?;
+            let up = h.narrow(1, inter, inter)?;
+            let sig = candle_nn::ops::sigmoid(&gate)?;
+            let silu = (&gate * &sig)?;
+            // silu'(g) = sig(g) (1 + g (1 - sig(g)))
+            let dsilu = (&sig * ((&gate * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
+            let g_gate = ((&g_act * &up)? * dsilu)?;
+            let g_up = (&g_act * silu)?;
+            grad_xs.push(Tensor::cat(&[g_gate, g_up], 1)?.matmul(&mlp.gate_up)?);
+        }
+        Ok((Some(Tensor::cat(&grad_xs, 0)?), Some(grad_w), None))
+    }
+}
