@@ -7,9 +7,8 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
-use common::{bench_config, env_usize, median};
-use esft::adapter::format::{new_manifest, write_adapter, ExpertConfig, Provenance};
+use candle_core::DType;
+use common::{bench_config, env_usize, median, write_random_adapter};
 use esft::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel, DeviceSlots, Install};
 use esft::model::init::write_random_checkpoint;
 use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LogitsWanted, SeqCache, SeqInput};
@@ -20,42 +19,6 @@ use std::time::Instant;
 const ADAPTERS: usize = 16;
 const BATCH: usize = 32;
 const PROMPT: usize = 32;
-
-fn make_adapter(base: &BaseModel, root: &std::path::Path, i: usize) -> usize {
-    let cfg = &base.config;
-    let per_layer = (cfg.n_routed_experts as f64 * 0.1).round() as usize;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(100 + i as u64);
-    let mut experts = std::collections::BTreeMap::new();
-    let mut tensors = Vec::new();
-    for layer in cfg.moe_layers() {
-        let mut chosen: Vec<usize> = Vec::new();
-        while chosen.len() < per_layer {
-            let e = rng.random_range(0..cfg.n_routed_experts);
-            if !chosen.contains(&e) {
-                chosen.push(e);
-            }
-        }
-        for &e in &chosen {
-            for p in ["gate_proj", "up_proj", "down_proj"] {
-                let name = format!("model.layers.{layer}.mlp.experts.{e}.{p}.weight");
-                let shape = base.store.shape(&name).unwrap().to_vec();
-                let t = Tensor::randn(0f32, 0.02, shape, &Device::Cpu).unwrap();
-                tensors.push((name, t));
-            }
-        }
-        experts.insert(layer, chosen);
-    }
-    let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
-    let name = format!("task{i}");
-    let ec = ExpertConfig {
-        experts,
-        shared_experts: false,
-        non_expert_modules: false,
-    };
-    let m = new_manifest(&name, base, ec, Provenance::default(), &names).unwrap();
-    write_adapter(&root.join(&name), &m, &tensors).unwrap();
-    per_layer
-}
 
 /// Decode tokens/s of `BATCH` sequences whose expert maps are `maps[i % maps.len()]`.
 fn decode_tps(
@@ -113,7 +76,7 @@ fn main() {
     let root = tmp.path().join("adapters");
     let mut per_layer = 0;
     for i in 0..ADAPTERS {
-        per_layer = make_adapter(&base, &root, i);
+        per_layer = write_random_adapter(&base, &root, i, 100 + i as u64, 0.02);
     }
     let n_routed = base.config.n_routed_experts;
 

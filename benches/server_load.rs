@@ -21,9 +21,7 @@ mod common;
 #[path = "../tests/common/http.rs"]
 mod http;
 
-use candle_core::{Device, Tensor};
-use common::{bench_config, env_usize};
-use esft::adapter::format::{new_manifest, write_adapter, ExpertConfig, Provenance};
+use common::{bench_config, env_usize, write_random_adapter};
 use esft::adapter::BaseModel;
 use esft::model::init::write_random_checkpoint;
 use rand::{Rng, SeedableRng};
@@ -33,41 +31,6 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 const ADAPTERS: usize = 8;
-
-fn make_adapter(base: &BaseModel, root: &Path, i: usize) {
-    let cfg = &base.config;
-    let per_layer = (cfg.n_routed_experts as f64 * 0.1).round() as usize;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(300 + i as u64);
-    let mut experts = std::collections::BTreeMap::new();
-    let mut tensors = Vec::new();
-    for layer in cfg.moe_layers() {
-        let mut chosen: Vec<usize> = Vec::new();
-        while chosen.len() < per_layer {
-            let e = rng.random_range(0..cfg.n_routed_experts);
-            if !chosen.contains(&e) {
-                chosen.push(e);
-            }
-        }
-        for &e in &chosen {
-            for p in ["gate_proj", "up_proj", "down_proj"] {
-                let name = format!("model.layers.{layer}.mlp.experts.{e}.{p}.weight");
-                let shape = base.store.shape(&name).expect("base tensor").to_vec();
-                let t = Tensor::randn(0f32, 0.05, shape, &Device::Cpu).expect("randn");
-                tensors.push((name, t));
-            }
-        }
-        experts.insert(layer, chosen);
-    }
-    let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
-    let name = format!("task{i}");
-    let ec = ExpertConfig {
-        experts,
-        shared_experts: false,
-        non_expert_modules: false,
-    };
-    let m = new_manifest(&name, base, ec, Provenance::default(), &names).expect("manifest");
-    write_adapter(&root.join(&name), &m, &tensors).expect("write adapter");
-}
 
 #[derive(Clone)]
 struct Job {
@@ -181,7 +144,7 @@ fn main() {
     let adapters = tmp.path().join("adapters");
     let base = BaseModel::open(&model_dir).expect("base");
     for i in 1..=ADAPTERS {
-        make_adapter(&base, &adapters, i);
+        write_random_adapter(&base, &adapters, i, 300 + i as u64, 0.05);
     }
     drop(base);
     let server_config = tmp.path().join("server.toml");

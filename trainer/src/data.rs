@@ -276,6 +276,24 @@ impl Sample {
     }
 }
 
+/// Splits items of the given lengths, in order, into consecutive groups whose lengths sum
+/// to at most `budget` (an item longer than the budget forms a group of its own).
+pub fn token_groups(lens: &[usize], budget: usize) -> Vec<std::ops::Range<usize>> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    while start < lens.len() {
+        let mut end = start;
+        let mut tokens = 0;
+        while end < lens.len() && (end == start || tokens + lens[end] <= budget) {
+            tokens += lens[end];
+            end += 1;
+        }
+        groups.push(start..end);
+        start = end;
+    }
+    groups
+}
+
 /// One eval item: a prompt ending where the answer starts, and the accepted answers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalItem {
@@ -382,19 +400,21 @@ mod tests {
         let line = r#"{"messages": [{"role": "user", "content": " hi there "}, {"role": "assistant", "content": "ok", "mask": 1}, {"role": "user", "content": "again"}, {"role": "assistant", "content": "yes"}], "id": 3}"#;
         // Unknown top-level fields (id, dataset, length) are allowed.
         let s = &load(line, Limits::default()).unwrap()[0];
-        let mut want = vec![0u32];
         let u1 = tok.encode("User: hi there\n\nAssistant:", false).unwrap();
         let a1 = tok.encode(" ok", false).unwrap();
         let u2 = tok.encode("User: again\n\nAssistant:", false).unwrap();
         let a2 = tok.encode(" yes", false).unwrap();
+        let mut want = vec![0u32];
         let mut trained = vec![false];
-        for (part, t) in [(&u1, false), (&a1, false), (&u2, false), (&a2, true)] {
-            want.extend(part.iter());
+        // (tokens, trained): user turns never, the masked answer not, the last answer yes.
+        for (part, t) in [
+            (u1, false),
+            ([a1, vec![1]].concat(), false),
+            (u2, false),
+            ([a2.clone(), vec![1]].concat(), true),
+        ] {
             trained.extend(std::iter::repeat_n(t, part.len()));
-            if std::ptr::eq(part, &a1) || std::ptr::eq(part, &a2) {
-                want.push(1);
-                trained.push(t);
-            }
+            want.extend(part);
         }
         assert_eq!(s.tokens, want);
         assert_eq!(s.trained, trained);
@@ -468,6 +488,16 @@ mod tests {
             err.contains("line 2: the sample has") && err.contains("--seq-len 20"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn token_groups_fill_the_budget_in_order() {
+        assert_eq!(
+            token_groups(&[3, 4, 2, 9, 1], 7),
+            vec![0..2, 2..3, 3..4, 4..5]
+        );
+        assert_eq!(token_groups(&[1, 1, 1], 10), vec![0..3]);
+        assert!(token_groups(&[], 5).is_empty());
     }
 
     #[test]

@@ -268,15 +268,10 @@ pub fn score_samples(
     mut log: Option<&mut LogWriter>,
     mut on_batch: impl FnMut(usize),
 ) -> Result<()> {
-    let mut start = 0;
-    while start < samples.len() {
-        let mut end = start;
-        let mut tokens = 0;
-        while end < samples.len() && (end == start || tokens + samples[end].len() <= batch_tokens) {
-            tokens += samples[end].len();
-            end += 1;
-        }
-        let group = &samples[start..end];
+    let lens: Vec<usize> = samples.iter().map(Vec::len).collect();
+    for range in crate::data::token_groups(&lens, batch_tokens) {
+        let tokens: usize = lens[range.clone()].iter().sum();
+        let group = &samples[range];
         let mut caches: Vec<_> = group.iter().map(|_| model.new_cache()).collect();
         let mut batch: Vec<SeqInput<'_>> = group
             .iter()
@@ -301,7 +296,6 @@ pub fn score_samples(
             }
         }
         on_batch(tokens);
-        start = end;
     }
     Ok(())
 }

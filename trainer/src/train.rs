@@ -455,18 +455,11 @@ pub fn mean_loss(
     batch_tokens: usize,
 ) -> Result<f64> {
     let (mut sum, mut count) = (0.0, 0usize);
-    let mut start = 0;
-    while start < samples.len() {
-        let mut end = start;
-        let mut tokens = 0;
-        while end < samples.len() && (end == start || tokens + samples[end].len() <= batch_tokens) {
-            tokens += samples[end].len();
-            end += 1;
-        }
-        let (nll, n) = nll_sum(model, experts, &samples[start..end])?;
+    let lens: Vec<usize> = samples.iter().map(|s| s.len()).collect();
+    for range in crate::data::token_groups(&lens, batch_tokens) {
+        let (nll, n) = nll_sum(model, experts, &samples[range])?;
         sum += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         count += n;
-        start = end;
     }
     Ok(sum / count.max(1) as f64)
 }
