@@ -147,6 +147,10 @@ pub struct TrainArgs {
     /// Share of samples held out for the eval loss (0: none; the last weights are kept).
     #[arg(long, default_value_t = 0.02)]
     pub eval_split: f64,
+    /// Weight of DeepSeek's sequence-level load-balancing loss, summed over MoE layers
+    /// (config.json's `aux_loss_alpha`; use it when pretraining so experts do not collapse).
+    #[arg(long, default_value_t = 0.0)]
+    pub aux_loss_alpha: f64,
     /// Evaluate every N steps (0: only at the end); the best checkpoint is kept.
     #[arg(long, default_value_t = 100)]
     pub eval_every: u64,
@@ -385,6 +389,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         max_grad_norm: a.max_grad_norm,
         seed: a.seed,
         eval_split: a.eval_split,
+        aux_loss_alpha: a.aux_loss_alpha,
     };
     cfg.validate()?;
     let what = if a.experts == "all" {
@@ -434,6 +439,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         "seq_len": a.seq_len,
         "seed": a.seed,
         "eval_split": a.eval_split,
+        "aux_loss_alpha": a.aux_loss_alpha,
     });
     let LoadedModel { model, store, .. } = loaded;
     let config = model.config().clone();
@@ -460,8 +466,8 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         let dt = t0.elapsed().as_secs_f64();
         progress.advance(
             1,
-            json!({"step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                   "tokens_per_s": (r.tokens as f64 / dt).round()}),
+            json!({"step": r.step, "loss": r.loss, "balance_loss": r.balance_loss, "lr": r.lr,
+                   "grad_norm": r.grad_norm, "tokens_per_s": (r.tokens as f64 / dt).round()}),
         );
         if a.eval_every > 0 && r.step % a.eval_every == 0 {
             evaluate(&mut run, &mut progress)?;
