@@ -43,6 +43,9 @@ pub enum Command {
     Merge(MergeArgs),
     /// Import an adapter released in the ESFT reference layout.
     Import(ImportArgs),
+    /// Draw the paper's routing heat map and selected-experts figure (SVG) and write routing
+    /// statistics (top-expert shares and overlaps between tasks, JSON and Markdown).
+    Plot(PlotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -224,6 +227,27 @@ pub struct ImportArgs {
     pub out: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A task's scores from `score` (or a reference summary.json), as NAME=FILE; repeat it
+    /// for every task. NAME labels the task in the figures and tables.
+    #[arg(long, required = true, value_name = "NAME=FILE", value_parser = crate::plot::parse_named)]
+    pub scores: Vec<crate::plot::Named>,
+    /// A task's expert config from `select`, as NAME=FILE; repeatable. With any, also draws
+    /// selected_experts.svg.
+    #[arg(long, value_name = "NAME=FILE", value_parser = crate::plot::parse_named)]
+    pub configs: Vec<crate::plot::Named>,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The scores to draw and to take the statistics over.
+    #[arg(long, value_enum, default_value_t = ScoreFunction::Token)]
+    pub score_function: ScoreFunction,
+    /// A task's top experts per layer are this share of the routed experts, rounded up.
+    #[arg(long, default_value_t = 0.1)]
+    pub top_fraction: f64,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score_cmd(&a),
@@ -240,6 +264,7 @@ pub fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} ({n} experts)", a.out.display());
             Ok(())
         }
+        Command::Plot(a) => plot_cmd(&a),
     }
 }
 
@@ -580,5 +605,19 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         }
     };
     println!("{summary}");
+    Ok(())
+}
+
+fn plot_cmd(a: &PlotArgs) -> Result<()> {
+    let written = crate::plot::plot(&crate::plot::PlotRequest {
+        scores: &a.scores,
+        configs: &a.configs,
+        out: &a.out,
+        function: a.score_function,
+        top_fraction: a.top_fraction,
+    })?;
+    for path in written {
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }
