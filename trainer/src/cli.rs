@@ -46,6 +46,8 @@ pub enum Command {
     /// Draw the paper's routing heat map and selected-experts figure (SVG) and write routing
     /// statistics (top-expert shares and overlaps between tasks, JSON and Markdown).
     Plot(PlotArgs),
+    /// Create a new model: a BPE tokenizer trained on a corpus and random weights.
+    Init(InitArgs),
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +217,23 @@ pub struct MergeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct InitArgs {
+    /// A DeepSeek-V2 config.json; its `vocab_size` is the tokenizer's target size (the
+    /// written config holds the size reached).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Directory of JSONL task data to train the tokenizer on (every *.jsonl below it).
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// The new model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
 pub struct ImportArgs {
     /// The released adapter (expert_cfg.json + safetensors).
     #[arg(long)]
@@ -265,6 +284,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plot(a) => plot_cmd(&a),
+        Command::Init(a) => init_cmd(&a),
     }
 }
 
@@ -619,5 +639,23 @@ fn plot_cmd(a: &PlotArgs) -> Result<()> {
     for path in written {
         eprintln!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+fn init_cmd(a: &InitArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", a.config.display()))?;
+    let target = config
+        .get("vocab_size")
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("{}: `vocab_size` is missing", a.config.display()))?;
+    let mut texts = Vec::new();
+    for file in crate::init::corpus_files(&a.corpus)? {
+        texts.extend(crate::init::corpus_texts(&file)?);
+    }
+    let summary = crate::init::init_model(config, &texts, target as usize, a.seed, &a.out)?;
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }

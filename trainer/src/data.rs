@@ -83,7 +83,7 @@ enum TrainLine {
 
 /// Raw JSON lines of `path` with their 1-based numbers (blank lines skipped); an empty file
 /// is an error.
-fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
+pub(crate) fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod import;
+pub mod init;
 pub mod loss;
 pub mod optim;
 pub mod plot;
