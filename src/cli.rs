@@ -122,7 +122,7 @@ impl DeviceArgs {
 #[command(group = clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids", "chat"]))]
 pub struct GenerateArgs {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
+    #[arg(long, default_value = crate::server::config::DEMO_MODEL)]
     pub model: PathBuf,
     /// Prompt text, tokenized as the tokenizer says (BOS added).
     #[arg(long)]

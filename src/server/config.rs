@@ -4,12 +4,16 @@
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
+/// The model served when none is configured: the demo base shipped in the repository,
+/// relative to the working directory (its adapters are in `adapters/`).
+pub const DEMO_MODEL: &str = "models/demo";
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
-    /// The model directory (`--model` overrides; one of the two is required).
+    /// The model directory (`--model` overrides; default the shipped demo model).
     pub model: Option<PathBuf>,
     /// The adapters directory (created if missing).
     pub adapters: PathBuf,
@@ -29,7 +33,7 @@ impl Default for ServerConfig {
         Self {
             host: "127.0.0.1".into(),
             port: 8080,
-            model: None,
+            model: Some(PathBuf::from(DEMO_MODEL)),
             adapters: PathBuf::from("adapters"),
             model_id: String::new(),
             device: "cpu".into(),
@@ -271,7 +275,9 @@ mod tests {
         assert_eq!(c.model, Some(PathBuf::from("m")));
         let err = ServerConfig::from_toml("prot = 1").unwrap_err();
         assert!(err.contains("prot"), "{err}");
-        assert!(ServerConfig::load(None, &Overrides::default()).is_err());
+        // With nothing configured, the demo model is served.
+        let c = ServerConfig::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.model, Some(PathBuf::from(DEMO_MODEL)));
     }
 
     #[test]
