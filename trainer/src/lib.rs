@@ -11,4 +11,5 @@ pub mod optim;
 pub mod progress;
 pub mod score;
 pub mod select;
+pub mod synth;
 pub mod train;
