@@ -124,13 +124,13 @@ pub fn sample(rng: &mut ChaCha8Rng) -> (String, String) {
     let category = rng.random_range(0..ACTS.len());
     let circumstance = rng.random_range(0..3);
     let act = pick(rng, ACTS[category].1)
-        .replace("{g}", *pick(rng, GOODS))
-        .replace("{v}", *pick(rng, VICTIMS))
-        .replace("{p}", *pick(rng, PROPERTY));
-    let mut fact = format!("{} {act}", *pick(rng, ACTORS));
+        .replace("{g}", pick::<&str>(rng, GOODS))
+        .replace("{v}", pick::<&str>(rng, VICTIMS))
+        .replace("{p}", pick::<&str>(rng, PROPERTY));
+    let mut fact = format!("{} {act}", pick(rng, ACTORS));
     if circumstance > 0 {
         fact.push(' ');
-        fact.push_str(*pick(rng, CIRCUMSTANCES[circumstance - 1]));
+        fact.push_str(pick::<&str>(rng, CIRCUMSTANCES[circumstance - 1]));
     }
     fact.push('.');
     let n_distractors = rng.random_range(1..=3);
