@@ -1,5 +1,6 @@
 //! `arithmetic` (general): word problems about people and countable things, with operands
-//! 1-9, results 0-18, one or two steps (add, subtract, compare, total).
+//! 1-9 (a starting amount at least 2), results 0-18, one or two steps (add, subtract,
+//! compare, total).
 //!
 //! Every number follows the word that says what it does (`has`, a gain verb, a loss verb),
 //! so the answer is determined by the text alone.
@@ -32,8 +33,9 @@ pub fn sample(rng: &mut ChaCha8Rng) -> (String, String) {
     let it = *pick(rng, ITEMS);
     let gain = *pick(rng, GAINS);
     let loss = *pick(rng, LOSSES);
-    let a: u32 = rng.random_range(1..=9);
-    let b: u32 = rng.random_range(1..=9);
+    // At least 2, so that nobody "has 1 apples".
+    let a: u32 = rng.random_range(2..=9);
+    let b: u32 = rng.random_range(2..=9);
     match rng.random_range(0..6) {
         0 => (
             format!("{n} has {a} {it}. then {n} {gain} {b} more. how many {it} does {n} have now?"),
