@@ -150,6 +150,7 @@ fn main() -> anyhow::Result<()> {
         max_grad_norm: 1.0,
         seed: 0,
         eval_split: 0.0,
+        aux_loss_alpha: 0.0,
     };
     let routed = (layers - 1) * 64;
     let esft = measure(

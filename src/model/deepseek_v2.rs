@@ -103,6 +103,8 @@ pub struct SeqInput<'a> {
 pub struct ForwardOutput {
     pub logits: Option<Tensor>,
     pub rows: Vec<Range<usize>>,
+    /// The load-balancing loss summed over MoE layers (see [`DeepSeekV2::set_balance_alpha`]).
+    pub balance_loss: Option<Tensor>,
 }
 
 /// What a weight is, for choosing which ones to train.
@@ -167,6 +169,8 @@ pub struct DeepSeekV2 {
     rope: Rope,
     base_map: ExpertMap,
     ops: Ops,
+    /// Weight of the sequence-level load-balancing loss (0 = not computed).
+    balance_alpha: f64,
     dtype: DType,
     device: Device,
 }
@@ -231,6 +235,7 @@ impl DeepSeekV2 {
             norm: w.get("model.norm.weight", &[h], dt, dev)?,
             lm_head,
             ops: Ops::default(),
+            balance_alpha: 0.0,
             dtype: dt,
             device: dev.clone(),
             cfg,
@@ -252,6 +257,12 @@ impl DeepSeekV2 {
     /// Switches between fused inference kernels and autograd-friendly ops.
     pub fn set_differentiable(&mut self, on: bool) {
         self.ops.differentiable = on;
+    }
+
+    /// Makes differentiable forwards also return DeepSeek's sequence-level load-balancing
+    /// loss with this weight (`aux_loss_alpha`), summed over MoE layers; 0 turns it off.
+    pub fn set_balance_alpha(&mut self, alpha: f64) {
+        self.balance_alpha = alpha;
     }
 
     pub fn new_cache(&self) -> SeqCache {
@@ -432,6 +443,7 @@ impl DeepSeekV2 {
             .embed
             .index_select(&Tensor::from_slice(&tokens, n, dev)?, 0)?;
         let eps = self.cfg.rms_norm_eps;
+        let mut balance_loss: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.ops.rms_norm(&x, &layer.input_norm, eps)?;
             let mut seqs: Vec<(usize, usize, &mut LatentCache)> = batch
@@ -445,12 +457,19 @@ impl DeepSeekV2 {
                 FeedForward::Dense(mlp) => mlp.forward(&self.ops, &h)?,
                 FeedForward::Moe(moe) => {
                     let moe_index = li - self.cfg.first_k_dense_replace;
-                    let (y, mut routing) = moe.forward(&self.ops, &h, moe_index, &map_spans)?;
+                    let mut o =
+                        moe.forward(&self.ops, &h, moe_index, &map_spans, self.balance_alpha)?;
                     if let Some(r) = record.as_deref_mut() {
-                        routing.layer = li;
-                        r.layers.push(routing);
+                        o.routing.layer = li;
+                        r.layers.push(o.routing);
                     }
-                    y
+                    if let Some(l) = o.balance_loss {
+                        balance_loss = Some(match balance_loss {
+                            Some(acc) => (acc + l)?,
+                            None => l,
+                        });
+                    }
+                    o.out
                 }
             };
             x = (x + y)?;
@@ -489,6 +508,10 @@ impl DeepSeekV2 {
                 _ => logits.to_dtype(DType::F32)?,
             })
         };
-        Ok(ForwardOutput { logits, rows })
+        Ok(ForwardOutput {
+            logits,
+            rows,
+            balance_loss,
+        })
     }
 }

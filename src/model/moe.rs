@@ -212,7 +212,8 @@ impl Router {
 
     /// Output multipliers as a differentiable tensor `[n, k]`: gathered from the softmax of
     /// `logits` at the chosen `ids`, then normalised or scaled like [`Router::route`].
-    fn weights_tensor(&self, ops: &Ops, logits: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    /// Returns the full softmax `[n, E]` too (the load-balancing loss needs it).
+    fn weights_tensor(&self, ops: &Ops, logits: &Tensor, ids: &[u32]) -> Result<(Tensor, Tensor)> {
         let n = logits.dim(0)?;
         // f32 at least (f64 stays f64: gradient checks run the model in f64).
         let logits = match logits.dtype() {
@@ -222,11 +223,51 @@ impl Router {
         let probs = ops.softmax_last_dim(&logits)?;
         let idx = Tensor::from_slice(ids, (n, self.top_k), logits.device())?;
         let w = probs.gather(&idx, 1)?;
-        if self.normalise {
-            w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)
+        let w = if self.normalise {
+            w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?
         } else {
-            w * self.scaling as f64
+            (w * self.scaling as f64)?
+        };
+        Ok((w, probs))
+    }
+
+    /// DeepSeek's sequence-level load-balancing loss for one layer, as a differentiable
+    /// scalar: `alpha * mean_s sum_i f_si * P_si`, where for sequence `s` of `T` tokens
+    /// `f_si = E / (k T) * (times expert i is in a token's top-k)` and `P_si` is the mean
+    /// softmax probability of expert `i` over its tokens. `f` is a constant (no gradient
+    /// flows through the top-k choice), so the loss is `sum(probs * c)` with
+    /// `c[t, i] = alpha * f_si / (T * S)` for token `t` of sequence `s` among `S`.
+    fn balance_loss(
+        &self,
+        probs: &Tensor,
+        ids: &[u32],
+        seq_lens: &[usize],
+        alpha: f64,
+    ) -> Result<Tensor> {
+        let (e, k) = (self.n_experts, self.top_k);
+        let n: usize = seq_lens.iter().sum();
+        let seqs = seq_lens.iter().filter(|&&t| t > 0).count().max(1) as f64;
+        let mut coef = vec![0f64; n * e];
+        let mut start = 0;
+        for &t in seq_lens {
+            if t == 0 {
+                continue;
+            }
+            let mut counts = vec![0usize; e];
+            for &id in &ids[start * k..(start + t) * k] {
+                counts[id as usize] += 1;
+            }
+            let tf = t as f64;
+            for row in coef[start * e..(start + t) * e].chunks_exact_mut(e) {
+                for (c, &count) in row.iter_mut().zip(&counts) {
+                    let f = e as f64 / (k as f64 * tf) * count as f64;
+                    *c = alpha * f / (tf * seqs);
+                }
+            }
+            start += t;
         }
+        let coef = Tensor::from_vec(coef, (n, e), probs.device())?.to_dtype(probs.dtype())?;
+        (probs * coef)?.sum_all()
     }
 }
 
@@ -273,8 +314,18 @@ pub struct Moe {
     router: Router,
 }
 
-/// The rows of the batch that use one expert map: `(first_row, rows, map)`.
+/// The rows of the batch that use one expert map: `(first_row, rows, map)`, one per
+/// sequence.
 pub type MapSpan<'a> = (usize, usize, &'a ExpertMap);
+
+/// What one MoE layer's forward produced.
+pub struct MoeOutput {
+    /// `[n, hidden]`
+    pub out: Tensor,
+    pub routing: LayerRouting,
+    /// The load-balancing loss (differentiable forwards with a positive alpha only).
+    pub balance_loss: Option<Tensor>,
+}
 
 impl Moe {
     pub fn load(
@@ -359,15 +410,18 @@ impl Moe {
         put_slot(&mut self.shared, slot, mlp);
     }
 
-    /// `x`: `[n, hidden]`; `spans` cover all rows in order, each with its expert map row set
-    /// for this layer (`moe_index`). Returns the layer output and the routing decisions.
+    /// `x`: `[n, hidden]`; `spans` cover all rows in order, one per sequence, each with its
+    /// expert map row set for this layer (`moe_index`). Returns the layer output and the
+    /// routing decisions and, when differentiable with `balance_alpha > 0`, the
+    /// load-balancing loss.
     pub fn forward(
         &self,
         ops: &Ops,
         x: &Tensor,
         moe_index: usize,
         spans: &[MapSpan<'_>],
-    ) -> Result<(Tensor, LayerRouting)> {
+        balance_alpha: f64,
+    ) -> Result<MoeOutput> {
         let (n, hidden) = x.dims2()?;
         let k = self.router.top_k;
         let logits = ops.linear(x, &self.gate)?;
@@ -424,10 +478,18 @@ impl Moe {
             self.slot(slot)
                 .ok_or_else(|| candle_core::Error::Msg(format!("empty slot {slot}")))
         };
+        let mut balance_loss = None;
         let mut out = if ops.differentiable {
-            let w = self
-                .router
-                .weights_tensor(ops, &logits, &ids)?
+            let (w, probs) = self.router.weights_tensor(ops, &logits, &ids)?;
+            if balance_alpha > 0.0 {
+                let lens: Vec<usize> = spans.iter().map(|s| s.1).collect();
+                balance_loss =
+                    Some(
+                        self.router
+                            .balance_loss(&probs, &ids, &lens, balance_alpha)?,
+                    );
+            }
+            let w = w
                 .flatten_all()?
                 .index_select(&Tensor::from_slice(&pair_order, n * k, dev)?, 0)?
                 .to_dtype(x.dtype())?;
@@ -486,7 +548,11 @@ impl Moe {
             probs,
             weights,
         };
-        Ok((out, routing))
+        Ok(MoeOutput {
+            out,
+            routing,
+            balance_loss,
+        })
     }
 }
 
@@ -552,6 +618,43 @@ mod tests {
         assert!((w[0] - 0.8).abs() < 1e-6 && (w[1] - 0.6).abs() < 1e-6);
         let (_, _, w) = router(TopkMethod::Greedy, 2, 2.0, true).route(&logits);
         assert!((w[0] - 4. / 7.).abs() < 1e-6 && (w[1] - 3. / 7.).abs() < 1e-6);
+    }
+
+    #[test]
+    fn balance_loss_matches_a_hand_computed_case() {
+        // Sequence A (2 tokens) picks {0,1} and {1,2}: counts [1,2,1,0], f = 4/(2*2)*count
+        // = [1,2,1,0]; P = mean probs = [.25,.4,.25,.1]; sum f*P = 1.3.
+        // Sequence B (1 token) picks {3,0}: f = 4/(2*1)*[1,0,0,1] = [2,0,0,2]; P = probs;
+        // sum f*P = 2*.3 + 2*.5 = 1.6. Loss = alpha * (1.3 + 1.6) / 2.
+        let r = router(TopkMethod::Greedy, 2, 1.0, false);
+        let probs = [
+            [0.4f64, 0.3, 0.2, 0.1],
+            [0.1, 0.5, 0.3, 0.1],
+            [0.3, 0.1, 0.1, 0.5],
+        ];
+        let var = candle_core::Var::new(&probs, &Device::Cpu).unwrap();
+        let ids = [0u32, 1, 1, 2, 3, 0];
+        let loss = r.balance_loss(var.as_tensor(), &ids, &[2, 1], 0.1).unwrap();
+        let v = loss.to_scalar::<f64>().unwrap();
+        assert!((v - 0.145).abs() < 1e-12, "{v}");
+        // d loss / d probs[t, i] = alpha * f_si / (T_s * S).
+        let g: Vec<Vec<f64>> = loss
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let want = [
+            [0.1 * 1.0 / 4.0, 0.1 * 2.0 / 4.0, 0.1 * 1.0 / 4.0, 0.0],
+            [0.1 * 1.0 / 4.0, 0.1 * 2.0 / 4.0, 0.1 * 1.0 / 4.0, 0.0],
+            [0.1 * 2.0 / 2.0, 0.0, 0.0, 0.1 * 2.0 / 2.0],
+        ];
+        for (gr, wr) in g.iter().zip(want) {
+            for (a, b) in gr.iter().zip(wr) {
+                assert!((a - b).abs() < 1e-12, "{g:?}");
+            }
+        }
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub enum Command {
     /// Generate the synthetic demo data: three general domains to pretrain a base on and
     /// three downstream tasks to fine-tune it on (see docs/synthetic-data.md).
     Synth(SynthArgs),
+    /// Draw the paper's routing heat map and selected-experts figure (SVG) and write routing
+    /// statistics (top-expert shares and overlaps between tasks, JSON and Markdown).
+    Plot(PlotArgs),
 }
 
 #[derive(Args, Debug)]
@@ -150,6 +153,10 @@ pub struct TrainArgs {
     /// Share of samples held out for the eval loss (0: none; the last weights are kept).
     #[arg(long, default_value_t = 0.02)]
     pub eval_split: f64,
+    /// Weight of DeepSeek's sequence-level load-balancing loss, summed over MoE layers
+    /// (config.json's `aux_loss_alpha`; use it when pretraining so experts do not collapse).
+    #[arg(long, default_value_t = 0.0)]
+    pub aux_loss_alpha: f64,
     /// Evaluate every N steps (0: only at the end); the best checkpoint is kept.
     #[arg(long, default_value_t = 100)]
     pub eval_every: u64,
@@ -242,6 +249,27 @@ pub struct SynthArgs {
     pub eval: usize,
 }
 
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A task's scores from `score` (or a reference summary.json), as NAME=FILE; repeat it
+    /// for every task. NAME labels the task in the figures and tables.
+    #[arg(long, required = true, value_name = "NAME=FILE", value_parser = crate::plot::parse_named)]
+    pub scores: Vec<crate::plot::Named>,
+    /// A task's expert config from `select`, as NAME=FILE; repeatable. With any, also draws
+    /// selected_experts.svg.
+    #[arg(long, value_name = "NAME=FILE", value_parser = crate::plot::parse_named)]
+    pub configs: Vec<crate::plot::Named>,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The scores to draw and to take the statistics over.
+    #[arg(long, value_enum, default_value_t = ScoreFunction::Token)]
+    pub score_function: ScoreFunction,
+    /// A task's top experts per layer are this share of the routed experts, rounded up.
+    #[arg(long, default_value_t = 0.1)]
+    pub top_fraction: f64,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score_cmd(&a),
@@ -259,6 +287,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Synth(a) => synth_cmd(&a),
+        Command::Plot(a) => plot_cmd(&a),
     }
 }
 
@@ -438,6 +467,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         max_grad_norm: a.max_grad_norm,
         seed: a.seed,
         eval_split: a.eval_split,
+        aux_loss_alpha: a.aux_loss_alpha,
     };
     cfg.validate()?;
     let what = if a.experts == "all" {
@@ -487,6 +517,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         "seq_len": a.seq_len,
         "seed": a.seed,
         "eval_split": a.eval_split,
+        "aux_loss_alpha": a.aux_loss_alpha,
     });
     let LoadedModel { model, store, .. } = loaded;
     let config = model.config().clone();
@@ -513,8 +544,8 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         let dt = t0.elapsed().as_secs_f64();
         progress.advance(
             1,
-            json!({"step": r.step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                   "tokens_per_s": (r.tokens as f64 / dt).round()}),
+            json!({"step": r.step, "loss": r.loss, "balance_loss": r.balance_loss, "lr": r.lr,
+                   "grad_norm": r.grad_norm, "tokens_per_s": (r.tokens as f64 / dt).round()}),
         );
         if a.eval_every > 0 && r.step % a.eval_every == 0 {
             evaluate(&mut run, &mut progress)?;
@@ -627,5 +658,19 @@ fn eval_cmd(a: &EvalArgs) -> Result<()> {
         }
     };
     println!("{summary}");
+    Ok(())
+}
+
+fn plot_cmd(a: &PlotArgs) -> Result<()> {
+    let written = crate::plot::plot(&crate::plot::PlotRequest {
+        scores: &a.scores,
+        configs: &a.configs,
+        out: &a.out,
+        function: a.score_function,
+        top_fraction: a.top_fraction,
+    })?;
+    for path in written {
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }

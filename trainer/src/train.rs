@@ -72,6 +72,9 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub seed: u64,
     pub eval_split: f64,
+    /// Weight of DeepSeek's sequence-level load-balancing loss (0 = off).
+    #[serde(default)]
+    pub aux_loss_alpha: f64,
 }
 
 impl TrainConfig {
@@ -97,6 +100,9 @@ impl TrainConfig {
         }
         if !(self.weight_decay >= 0.0 && self.max_grad_norm >= 0.0) {
             bail!("--weight-decay and --max-grad-norm must be >= 0");
+        }
+        if !(self.aux_loss_alpha.is_finite() && self.aux_loss_alpha >= 0.0) {
+            bail!("--aux-loss-alpha must be >= 0");
         }
         Ok(())
     }
@@ -140,13 +146,23 @@ pub fn split_eval(mut samples: Vec<Sample>, frac: f64, seed: u64) -> (Vec<Sample
     (train, samples)
 }
 
-/// Sum of the target tokens' negative log-likelihoods over `group` (one forward), and
-/// their count.
-pub fn nll_sum(
+/// What one forward over a group of samples gives the loss.
+pub struct GroupLoss {
+    /// Sum of the target tokens' negative log-likelihoods.
+    pub nll: Tensor,
+    /// Number of target tokens.
+    pub targets: usize,
+    /// The load-balancing loss, when the model computes one (see
+    /// [`DeepSeekV2::set_balance_alpha`]).
+    pub balance: Option<Tensor>,
+}
+
+/// The loss terms of `group` (one forward).
+pub fn group_loss(
     model: &DeepSeekV2,
     experts: Option<&ExpertMap>,
     group: &[&Sample],
-) -> Result<(Tensor, usize)> {
+) -> Result<GroupLoss> {
     let positions: Vec<Vec<u32>> = group
         .iter()
         .map(|s| s.targets().map(|(p, _)| p as u32).collect())
@@ -175,7 +191,11 @@ pub fn nll_sum(
     let out = model.forward(&mut batch, None)?;
     let logits = out.logits.context("the forward returned no logits")?;
     let n = targets.len();
-    Ok((crate::loss::target_nll(&logits, targets)?.sum_all()?, n))
+    Ok(GroupLoss {
+        nll: crate::loss::target_nll(&logits, targets)?.sum_all()?,
+        targets: n,
+        balance: out.balance_loss,
+    })
 }
 
 /// Where a run is in its data.
@@ -196,7 +216,10 @@ struct Best {
 #[derive(Debug, Clone, Copy)]
 pub struct StepReport {
     pub step: u64,
+    /// Mean target-token cross-entropy.
     pub loss: f64,
+    /// The load-balancing loss (0 when off).
+    pub balance_loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: usize,
@@ -242,6 +265,7 @@ impl Run {
             ec.validate(model.config()).map_err(anyhow::Error::msg)?;
         }
         let weights = model.make_trainable(|k| what.picks(k))?;
+        model.set_balance_alpha(cfg.aux_loss_alpha);
         if weights.is_empty() {
             bail!("the expert config selects nothing to train");
         }
@@ -330,11 +354,19 @@ impl Run {
         let tokens: usize = micro.iter().flatten().map(|&i| self.train[i].len()).sum();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.weights.len()];
         let mut nll_total = 0.0;
+        let mut balance_total = 0.0;
         for group in &micro {
             let samples: Vec<&Sample> = group.iter().map(|&i| &self.train[i]).collect();
-            let (nll, _) = nll_sum(&self.model, None, &samples)?;
-            nll_total += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = (nll / targets as f64)?.backward()?;
+            let l = group_loss(&self.model, None, &samples)?;
+            nll_total += l.nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let mut objective = (l.nll / targets as f64)?;
+            if let Some(b) = l.balance {
+                // The balance loss is a per-micro-batch mean: average it over the step.
+                let b = (b / micro.len() as f64)?;
+                balance_total += b.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                objective = (objective + b)?;
+            }
+            let store = objective.backward()?;
             for (acc, w) in grads.iter_mut().zip(&self.weights) {
                 if let Some(g) = store.get(w.var.as_tensor()) {
                     *acc = Some(match acc.take() {
@@ -353,6 +385,7 @@ impl Run {
         Ok(StepReport {
             step: self.opt.step,
             loss: nll_total / targets as f64,
+            balance_loss: balance_total,
             lr,
             grad_norm,
             tokens,
@@ -457,9 +490,9 @@ pub fn mean_loss(
     let (mut sum, mut count) = (0.0, 0usize);
     let lens: Vec<usize> = samples.iter().map(|s| s.len()).collect();
     for range in crate::data::token_groups(&lens, batch_tokens) {
-        let (nll, n) = nll_sum(model, experts, &samples[range])?;
-        sum += nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        count += n;
+        let l = group_loss(model, experts, &samples[range])?;
+        sum += l.nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        count += l.targets;
     }
     Ok(sum / count.max(1) as f64)
 }
@@ -633,6 +666,7 @@ mod tests {
             max_grad_norm: 1.0,
             seed: 0,
             eval_split: 0.0,
+            aux_loss_alpha: 0.0,
         }
     }
 

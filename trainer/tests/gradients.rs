@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, RoutingRecord, SeqInput, WeightKind};
 use esft_train::data::Sample;
-use esft_train::train::nll_sum;
+use esft_train::train::group_loss;
 
 fn model_f64() -> DeepSeekV2 {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lite");
@@ -41,8 +41,12 @@ fn samples() -> Vec<Sample> {
 
 fn loss(model: &DeepSeekV2, s: &[Sample]) -> Tensor {
     let refs: Vec<&Sample> = s.iter().collect();
-    let (nll, n) = nll_sum(model, None, &refs).unwrap();
-    (nll / n as f64).unwrap()
+    let l = group_loss(model, None, &refs).unwrap();
+    let mean = (l.nll / l.targets as f64).unwrap();
+    match l.balance {
+        Some(b) => (mean + b).unwrap(),
+        None => mean,
+    }
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -171,6 +175,30 @@ fn non_expert_gradients_match_finite_differences() {
         let g = grads
             .get(w.var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient"));
+        check(&mut model, &s, name, &w.var, g, 4);
+    }
+}
+
+#[test]
+fn load_balancing_loss_gradients_match_finite_differences() {
+    let s = samples();
+    let mut model = model_f64();
+    // A large alpha so the balance term dominates the router's gradient.
+    model.set_balance_alpha(0.5);
+    let weights = model.make_trainable(|k| *k == WeightKind::Other).unwrap();
+    let refs: Vec<&Sample> = s.iter().collect();
+    let balance = group_loss(&model, None, &refs).unwrap().balance.unwrap();
+    // Two MoE layers, each at least alpha (the loss is minimal, alpha, when balanced).
+    let b = scalar(&balance);
+    assert!(b >= 2.0 * 0.5 - 1e-9, "balance loss {b}");
+    let grads = loss(&model, &s).backward().unwrap();
+    for name in [
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.2.mlp.gate.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+    ] {
+        let w = weights.iter().find(|w| w.name == name).unwrap();
+        let g = grads.get(w.var.as_tensor()).unwrap();
         check(&mut model, &s, name, &w.var, g, 4);
     }
 }

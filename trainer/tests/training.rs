@@ -136,6 +136,7 @@ fn esft_training_changes_only_selected_experts_and_the_adapter_reproduces_it() {
         max_grad_norm: 1.0,
         seed: 3,
         eval_split: 0.0,
+        aux_loss_alpha: 0.0,
     };
     let what = Trainable::Experts(experts.clone());
     let base_model = DeepSeekV2::load_dir(&dir, &LoadOptions::default()).unwrap();
@@ -229,6 +230,7 @@ fn an_interrupted_run_resumes_to_the_same_result() {
         max_grad_norm: 1.0,
         seed: 9,
         eval_split: 0.2,
+        aux_loss_alpha: 0.0,
     };
     let mut ec = esft::adapter::ExpertConfig::default();
     ec.experts.insert(1, vec![3, 7]);
