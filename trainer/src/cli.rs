@@ -43,6 +43,9 @@ pub enum Command {
     Merge(MergeArgs),
     /// Import an adapter released in the ESFT reference layout.
     Import(ImportArgs),
+    /// Generate the synthetic demo data: three general domains to pretrain a base on and
+    /// three downstream tasks to fine-tune it on (see docs/synthetic-data.md).
+    Synth(SynthArgs),
     /// Draw the paper's routing heat map and selected-experts figure (SVG) and write routing
     /// statistics (top-expert shares and overlaps between tasks, JSON and Markdown).
     Plot(PlotArgs),
@@ -247,6 +250,25 @@ pub struct ImportArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SynthArgs {
+    /// Output directory (created; files in it are overwritten).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of every draw: the same seed writes the same bytes.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Train samples per general domain (grammar, arithmetic, programs).
+    #[arg(long, default_value_t = 20000)]
+    pub general_train: usize,
+    /// Train samples per downstream domain (intent, translation, law).
+    #[arg(long, default_value_t = 3000)]
+    pub task_train: usize,
+    /// Eval items per domain, all distinct and absent from every train split.
+    #[arg(long, default_value_t = 200)]
+    pub eval: usize,
+}
+
+#[derive(Args, Debug)]
 pub struct PlotArgs {
     /// A task's scores from `score` (or a reference summary.json), as NAME=FILE; repeat it
     /// for every task. NAME labels the task in the figures and tables.
@@ -283,9 +305,40 @@ pub fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} ({n} experts)", a.out.display());
             Ok(())
         }
+        Command::Synth(a) => synth_cmd(&a),
         Command::Plot(a) => plot_cmd(&a),
         Command::Init(a) => init_cmd(&a),
     }
+}
+
+fn synth_cmd(a: &SynthArgs) -> Result<()> {
+    let sizes = crate::synth::Sizes {
+        general_train: a.general_train,
+        task_train: a.task_train,
+        eval: a.eval,
+    };
+    let m = crate::synth::generate(&a.out, a.seed, sizes)?;
+    for d in &m.domains {
+        eprintln!(
+            "{:<12} {:<10} {:>6} train {:>5} eval",
+            d.name,
+            format!("{:?}", d.kind).to_lowercase(),
+            d.train,
+            d.eval
+        );
+    }
+    let pretrain: usize = m
+        .domains
+        .iter()
+        .filter(|d| d.kind == crate::synth::Kind::General)
+        .map(|d| d.train)
+        .sum();
+    eprintln!(
+        "wrote {} (seed {}, pretrain.jsonl: {pretrain} samples)",
+        a.out.display(),
+        m.seed
+    );
+    Ok(())
 }
 
 fn load_model(dir: &Path) -> Result<LoadedModel> {

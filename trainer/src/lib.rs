@@ -14,4 +14,5 @@ pub mod progress;
 pub mod routing_stats;
 pub mod score;
 pub mod select;
+pub mod synth;
 pub mod train;
