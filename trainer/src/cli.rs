@@ -95,11 +95,18 @@ pub struct SelectArgs {
     /// Scores from `score` (or a reference summary.json).
     #[arg(long)]
     pub scores: PathBuf,
-    #[arg(long, value_enum)]
-    pub score_function: ScoreFunction,
+    #[arg(long, value_enum, required_unless_present = "random_like")]
+    pub score_function: Option<ScoreFunction>,
     /// Cumulative score to reach per layer.
-    #[arg(long)]
-    pub top_p: f64,
+    #[arg(long, required_unless_present = "random_like")]
+    pub top_p: Option<f64>,
+    /// Instead of the top-p rule: as many experts per layer as this expert config has,
+    /// drawn at random (the random-experts control of the paper's ablation).
+    #[arg(long, conflicts_with_all = ["score_function", "top_p", "train_shared_experts", "train_non_expert_modules"])]
+    pub random_like: Option<PathBuf>,
+    /// Seed of --random-like.
+    #[arg(long, default_value_t = 0, requires = "random_like")]
+    pub seed: u64,
     /// Also train the shared experts.
     #[arg(long)]
     pub train_shared_experts: bool,
@@ -400,15 +407,19 @@ fn score_cmd(a: &ScoreArgs) -> Result<()> {
 
 fn select_cmd(a: &SelectArgs) -> Result<()> {
     let scores = Scores::read(&a.scores)?;
-    let cfg = select::select(
-        &scores,
-        &Selection {
-            function: a.score_function,
-            top_p: a.top_p,
-            shared_experts: a.train_shared_experts,
-            non_expert_modules: a.train_non_expert_modules,
-        },
-    )?;
+    let cfg = match (&a.random_like, a.score_function, a.top_p) {
+        (Some(like), _, _) => select::random_like(&scores, &read_expert_config(like)?, a.seed)?,
+        (None, Some(function), Some(top_p)) => select::select(
+            &scores,
+            &Selection {
+                function,
+                top_p,
+                shared_experts: a.train_shared_experts,
+                non_expert_modules: a.train_non_expert_modules,
+            },
+        )?,
+        _ => bail!("pass --score-function and --top-p, or --random-like"),
+    };
     write_expert_config(&cfg, &a.out)?;
     let layers = cfg.experts.len().max(1);
     let total: usize = scores

@@ -63,9 +63,81 @@ pub fn select(scores: &Scores, sel: &Selection) -> Result<ExpertConfig> {
     })
 }
 
+/// The control of the paper's ablation: per layer, as many experts as `like` selects
+/// there, drawn uniformly at random (seeded) from the layer's experts in `scores`, listed in
+/// ascending id order. Shared-expert and non-expert flags are kept from `like`.
+pub fn random_like(scores: &Scores, like: &ExpertConfig, seed: u64) -> Result<ExpertConfig> {
+    use rand::seq::index::sample;
+    use rand::SeedableRng;
+    let mut experts = BTreeMap::new();
+    for (&layer, chosen) in &like.experts {
+        let Some(layer_scores) = scores.token_scores.get(&layer) else {
+            bail!("layer {layer} of the expert config has no scores");
+        };
+        let ids: Vec<usize> = layer_scores.keys().copied().collect();
+        if chosen.len() > ids.len() {
+            bail!(
+                "layer {layer}: {} experts selected of {} scored",
+                chosen.len(),
+                ids.len()
+            );
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(layer as u64);
+        let mut picked: Vec<usize> = sample(&mut rng, ids.len(), chosen.len())
+            .into_iter()
+            .map(|i| ids[i])
+            .collect();
+        picked.sort_unstable();
+        experts.insert(layer, picked);
+    }
+    Ok(ExpertConfig {
+        experts,
+        shared_experts: like.shared_experts,
+        non_expert_modules: like.non_expert_modules,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_like_keeps_counts_and_flags_and_follows_the_seed() {
+        let mut layers = BTreeMap::new();
+        for l in 1..=3usize {
+            layers.insert(l, (0..16).map(|e| (e, 1.0 / 16.0)).collect());
+        }
+        let scores = Scores {
+            token_scores: layers.clone(),
+            gate_scores: layers,
+        };
+        let like = ExpertConfig {
+            experts: [(1, vec![3]), (2, vec![5, 1, 9]), (3, (0..16).collect())].into(),
+            shared_experts: true,
+            non_expert_modules: false,
+        };
+        let a = random_like(&scores, &like, 7).unwrap();
+        assert!(a.shared_experts && !a.non_expert_modules);
+        for (l, ids) in &a.experts {
+            assert_eq!(ids.len(), like.experts[l].len());
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+            assert!(ids.iter().all(|&e| e < 16));
+        }
+        assert_eq!(a.experts[&3], (0..16).collect::<Vec<_>>());
+        assert_eq!(a, random_like(&scores, &like, 7).unwrap());
+        let differs =
+            (0..10).any(|s| random_like(&scores, &like, s).unwrap().experts[&2] != a.experts[&2]);
+        assert!(differs, "other seeds draw other experts");
+        let bad = ExpertConfig {
+            experts: [(9, vec![0])].into(),
+            ..like.clone()
+        };
+        assert!(random_like(&scores, &bad, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("layer 9"));
+    }
 
     fn layer(scores: &[f64]) -> BTreeMap<usize, f64> {
         scores.iter().copied().enumerate().collect()
