@@ -120,7 +120,7 @@ async fn synth_init_pretrain_score_select_train_serve() {
     for s in &steps {
         // One MoE layer: the loss is at least alpha (its value when perfectly balanced).
         let b = s["balance_loss"].as_f64().unwrap();
-        assert!(b >= 0.01 - 1e-6 && b < 0.1, "balance loss {b}");
+        assert!((0.01 - 1e-6..0.1).contains(&b), "balance loss {b}");
     }
 
     esft_train(&[
