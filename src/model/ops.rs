@@ -3,7 +3,8 @@
 //! silently produce no gradient). [`Ops::differentiable`] picks one for the whole model, so
 //! the trainer and the server run the same model code.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ops {
@@ -29,9 +30,8 @@ impl Ops {
     /// compute, and allocate, a gradient for the frozen weight, which is a third of the
     /// backward work and a full copy of the model in gradient memory.
     pub fn matmul_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        if self.differentiable && x.track_op() && !w.track_op() {
-            let y = x.detach().matmul(w)?.contiguous()?;
-            x.apply_op2(&y, FrozenRhs { w: w.clone() })
+        if self.differentiable && x.track_op() && !w.track_op() && x.device().is_cpu() {
+            x.apply_op1(FrozenRhs { w: w.clone() })
         } else {
             x.matmul(w)
         }
@@ -79,39 +79,38 @@ impl Ops {
     }
 }
 
-/// Autograd node for `x @ w` with a frozen `w`: its value is the product computed outside
-/// the graph (the second argument, passed through), its backward sends `grad @ w^T` to `x`
-/// and nothing to `w`.
+/// Autograd node for `x @ w` with a frozen `w`: the forward is the product itself (one
+/// output buffer, nothing else kept), the backward sends `grad @ w^T` to `x` and nothing to
+/// `w`.
 struct FrozenRhs {
     w: Tensor,
 }
 
-impl CustomOp2 for FrozenRhs {
+impl CustomOp1 for FrozenRhs {
     fn name(&self) -> &'static str {
         "frozen-rhs-matmul"
     }
 
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _x_layout: &Layout,
-        y: &CpuStorage,
-        y_layout: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        if !y_layout.is_contiguous() || y_layout.start_offset() != 0 {
-            candle_core::bail!("frozen-rhs-matmul expects a fresh contiguous product");
+    fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (x_layout.dims(), self.w.dims());
+        let d = a.len();
+        if d < 2 || b.len() != d || a[d - 1] != b[d - 2] || a[..d - 2] != b[..d - 2] {
+            candle_core::bail!("frozen-rhs-matmul: cannot multiply {a:?} by {b:?}");
         }
-        Ok((y.clone(), y_layout.shape().clone()))
+        let (m, k, n) = (a[d - 2], a[d - 1], b[d - 1]);
+        let batch: usize = a[..d - 2].iter().product();
+        let (w, w_layout) = self.w.storage_and_layout();
+        let Storage::Cpu(w) = &*w else {
+            candle_core::bail!("frozen-rhs-matmul: the weight is not on the CPU");
+        };
+        let out = x.matmul(w, (batch, m, n, k), x_layout, w_layout)?;
+        let mut shape = a[..d - 2].to_vec();
+        shape.extend([m, n]);
+        Ok((out, Shape::from(shape)))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(&self.w.t()?)?), None))
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w.t()?)?))
     }
 }
 
