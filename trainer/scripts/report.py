@@ -93,10 +93,11 @@ for t in TASKS:
 
 print(f"\n### Routing concentration (token scores; top {routing['top_experts']} of "
       f"{routing['experts']} experts = {100 * routing['top_fraction']:.0f}%)\n")
-print("| Domain | Share of routing on its top experts, mean over layers | per layer |")
+print("| Domain | Share of routing on its top experts, mean over layers | per MoE layer |")
 print("|---|---|---|")
 for task in routing["tasks"]:
-    per = ", ".join(f"{100 * v:.0f}" for v in task["top_share"])
+    shares = task["top_share"]
+    per = ", ".join(f"{100 * shares[k]:.0f}" for k in sorted(shares, key=int))
     print(f"| {task['name']} | {100 * task['mean_top_share']:.1f}% | {per} |")
 names = [t["name"] for t in routing["tasks"]]
 print("\nOverlap of the top experts between domains (|A ∩ B| / |A|, mean over layers, %):\n")

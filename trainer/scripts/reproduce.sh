@@ -10,18 +10,20 @@
 # About 30-40 minutes on 2 CPU cores. Writes WORK_DIR/report.md (the tables),
 # WORK_DIR/results.jsonl, WORK_DIR/runs.jsonl and WORK_DIR/plots/. With INSTALL=1 the
 # ESFT-Token adapters are copied into adapters/ (that is how the shipped ones were made).
-# Knobs (environment): STEPS (150), LR (1e-3), SEED (0).
+# Knobs (environment): STEPS (150), LR (1e-3), SEED (0), BASE (models/demo), LIMIT (eval
+# items per domain; default all).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-target/reproduction}
 STEPS=${STEPS:-150}
 LR=${LR:-1e-3}
 SEED=${SEED:-0}
-BASE=models/demo
+BASE=${BASE:-models/demo}
+LIMIT=${LIMIT:+--limit $LIMIT}
 TASKS="intent translation law"
 GENERAL="grammar arithmetic programs"
 
-cargo build --release --workspace --bins
+[ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --workspace --bins
 TRAIN=target/release/esft-train
 rm -rf "$WORK/runs" "$WORK/results.jsonl" "$WORK/runs.jsonl"
 mkdir -p "$WORK"/{scores,configs,runs,evals}
@@ -66,7 +68,7 @@ evaluate() {
     [ -n "$adapter" ] && extra=(--adapter "$adapter")
     local r
     r=$($TRAIN eval --model "$model" "${extra[@]}" --data "$WORK/data/$d/eval.jsonl" \
-      --batch 64 --max-tokens 48 --predictions "$WORK/evals/$method-$task-$d.jsonl")
+      --batch 64 --max-tokens 48 $LIMIT --predictions "$WORK/evals/$method-$task-$d.jsonl")
     echo "{\"method\": \"$method\", \"task\": \"$task\", \"domain\": \"$d\", \"result\": $r}" \
       >> "$WORK/results.jsonl"
     echo "   $method/$task on $d: $r"
