@@ -49,7 +49,7 @@ fn small_run_writes_every_file() {
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["seed"], 7);
     let domains = m["domains"].as_array().unwrap();
-    assert_eq!(domains.len(), 6);
+    assert_eq!(domains.len(), 7);
     for d in domains {
         let name = d["name"].as_str().unwrap();
         let lines = |f: &str| {

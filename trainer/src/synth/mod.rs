@@ -14,6 +14,7 @@ mod grammar;
 mod intent;
 mod law;
 mod programs;
+mod repeat;
 mod translation;
 
 use anyhow::{bail, Context, Result};
@@ -30,6 +31,9 @@ use std::path::Path;
 pub enum Kind {
     General,
     Downstream,
+    /// Pretraining material that is not a task (not in `pretrain.jsonl`; added to the
+    /// second pretraining stage, see `trainer/scripts/pretrain-demo.sh`).
+    Auxiliary,
 }
 
 /// One domain: its name (also its directory), kind, a line of description and its sampler.
@@ -83,6 +87,13 @@ pub const DOMAINS: &[Domain] = &[
         description: "case facts with distractors to the applicable article (act category x \
                       aggravating circumstance)",
         sample: law::sample,
+    },
+    Domain {
+        name: "repeat",
+        kind: Kind::Auxiliary,
+        description: "copy a piece of text from any other domain (the vocabulary of every \
+                      domain, none of the downstream tasks)",
+        sample: repeat::sample,
     },
 ];
 
@@ -240,7 +251,7 @@ fn draw_all(domains: &[Domain], seed: u64, sizes: Sizes) -> Result<Splits> {
     let mut trains = Vec::new();
     for (d, rng) in domains.iter().zip(&mut rngs) {
         let n = match d.kind {
-            Kind::General => sizes.general_train,
+            Kind::General | Kind::Auxiliary => sizes.general_train,
             Kind::Downstream => sizes.task_train,
         };
         let mut items = Vec::with_capacity(n);
