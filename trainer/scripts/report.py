@@ -41,6 +41,18 @@ for m, name in METHODS:
     row = [em(m, t, t) for t in TASKS]
     print(f"| {name} | " + " | ".join(fmt(v) for v in row) + f" | {fmt(mean(row))} |")
 
+print("\n### Downstream tasks: held-out loss (mean nats per answer token, the best eval "
+      "checkpoint's)\n")
+print("| Method | " + " | ".join(TASKS) + " | Average |")
+print("|---|" + "---|" * (len(TASKS) + 1))
+for m, name in METHODS[1:]:
+    row = []
+    for t in TASKS:
+        r = [x for x in runs if x["method"] == m and x["task"] == t]
+        row.append(r[0]["best_eval_loss"] if r and r[0]["best_eval_loss"] is not None else None)
+    cells = " | ".join("-" if v is None else f"{v:.3f}" for v in row)
+    print(f"| {name} | {cells} | " + ("-" if mean(row) is None else f"{mean(row):.3f}") + " |")
+
 print("\n### General domains (exact match, %; fine-tuned rows average the three task models)\n")
 print("| Method | " + " | ".join(GENERAL) + " | Average |")
 print("|---|" + "---|" * (len(GENERAL) + 1))
