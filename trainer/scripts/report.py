@@ -45,6 +45,15 @@ print("\n### Downstream tasks: held-out loss (mean nats per answer token, the be
       "checkpoint's)\n")
 print("| Method | " + " | ".join(TASKS) + " | Average |")
 print("|---|" + "---|" * (len(TASKS) + 1))
+base_loss = {}
+if (work / "base_loss.jsonl").exists():
+    for line in open(work / "base_loss.jsonl"):
+        r = json.loads(line)
+        base_loss[r["task"]] = r["loss"]["score"]
+if base_loss:
+    row = [base_loss.get(t) for t in TASKS]
+    cells = " | ".join("-" if v is None else f"{v:.3f}" for v in row)
+    print(f"| Base | {cells} | " + ("-" if mean(row) is None else f"{mean(row):.3f}") + " |")
 for m, name in METHODS[1:]:
     row = []
     for t in TASKS:

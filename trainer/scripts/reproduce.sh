@@ -28,7 +28,7 @@ GENERAL="grammar arithmetic programs"
 
 [ "${SKIP_BUILD:-0}" = 1 ] || cargo build --release --workspace --bins
 TRAIN=target/release/esft-train
-rm -rf "$WORK/runs" "$WORK/results.jsonl" "$WORK/runs.jsonl"
+rm -rf "$WORK/runs" "$WORK/results.jsonl" "$WORK/runs.jsonl" "$WORK/base_loss.jsonl"
 mkdir -p "$WORK"/{scores,configs,runs,evals}
 : > "$WORK/results.jsonl"
 : > "$WORK/runs.jsonl"
@@ -80,6 +80,11 @@ evaluate() {
 
 echo "== base model"
 evaluate base - "$BASE"
+for t in $TASKS; do
+  r=$($TRAIN eval --model "$BASE" --data "$WORK/data/$t/eval.jsonl" --metric loss $LIMIT)
+  echo "{\"method\": \"base\", \"task\": \"$t\", \"loss\": $r}" >> "$WORK/base_loss.jsonl"
+  echo "   base held-out loss on $t: $r"
+done
 
 for t in $TASKS; do
   for method in fft token gate random; do
