@@ -367,7 +367,12 @@ fn samples_are_short_and_varied() {
             // `repeat: 7` copies one word (or one symbol).
             let shortest = if d.kind == Kind::Auxiliary { 0 } else { 3 };
             assert!((shortest..=60).contains(&q), "{}: {}", d.name, it.question);
-            assert!((shortest.min(1)..=25).contains(&a), "{}: {}", d.name, it.answer);
+            assert!(
+                (shortest.min(1)..=25).contains(&a),
+                "{}: {}",
+                d.name,
+                it.answer
+            );
             assert!(it.question.is_ascii() && it.answer.is_ascii());
         }
         // Every kind of answer occurs: no domain collapses to one answer.
