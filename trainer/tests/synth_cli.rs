@@ -58,7 +58,8 @@ fn small_run_writes_every_file() {
                 .lines()
                 .count()
         };
-        let want = if d["kind"] == "general" { 50 } else { 30 };
+        // General and auxiliary domains get --general-train samples, tasks --task-train.
+        let want = if d["kind"] == "downstream" { 30 } else { 50 };
         assert_eq!(d["train"], want, "{name}");
         assert_eq!(lines("train.jsonl"), want, "{name}");
         assert_eq!(d["eval"], 5);
