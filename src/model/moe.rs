@@ -483,11 +483,10 @@ impl Moe {
             let (w, probs) = self.router.weights_tensor(ops, &logits, &ids)?;
             if balance_alpha > 0.0 {
                 let lens: Vec<usize> = spans.iter().map(|s| s.1).collect();
-                balance_loss =
-                    Some(
-                        self.router
-                            .balance_loss(&probs, &ids, &lens, balance_alpha)?,
-                    );
+                let loss = self
+                    .router
+                    .balance_loss(&probs, &ids, &lens, balance_alpha)?;
+                balance_loss = Some(loss);
             }
             let w = w
                 .flatten_all()?

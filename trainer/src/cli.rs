@@ -264,7 +264,8 @@ pub struct SynthArgs {
     /// Seed of every draw: the same seed writes the same bytes.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Train samples per general domain (grammar, arithmetic, programs).
+    /// Train samples per general domain (grammar, arithmetic, programs) and of the
+    /// auxiliary `repeat` domain.
     #[arg(long, default_value_t = 20000)]
     pub general_train: usize,
     /// Train samples per downstream domain (intent, translation, law).

@@ -205,6 +205,18 @@ fn describe_mismatch(v: &serde_json::Value) -> String {
     String::new()
 }
 
+/// A user turn in the reference template: `User: {content}\n\nAssistant:` (the text after
+/// it is the assistant's).
+pub fn user_turn(content: &str) -> String {
+    format!("User: {}\n\nAssistant:", content.trim())
+}
+
+/// An assistant turn in the reference template, after [`user_turn`]: ` {content}` (EOS
+/// follows as a token).
+pub fn assistant_turn(content: &str) -> String {
+    format!(" {}", content.trim())
+}
+
 /// The reference template: BOS, then per user turn `User: {content}\n\nAssistant:` (never
 /// trained), per assistant turn ` {content}` + EOS (trained unless `"mask": 1`).
 fn format_chat(
@@ -227,11 +239,10 @@ fn format_chat(
     for (i, m) in messages.iter().enumerate() {
         match m.role.as_str() {
             "user" => {
-                let text = format!("User: {}\n\nAssistant:", m.content.trim());
-                s.push(&tok.encode(&text, false)?, false);
+                s.push(&tok.encode(&user_turn(&m.content), false)?, false);
             }
             "assistant" => {
-                let mut t = tok.encode(&format!(" {}", m.content.trim()), false)?;
+                let mut t = tok.encode(&assistant_turn(&m.content), false)?;
                 t.push(ids.eos);
                 s.push(&t, m.mask == 0);
             }
@@ -362,7 +373,7 @@ pub fn eval_as_sample(item: &EvalItem, tok: &TextTokenizer, ids: SpecialIds) -> 
         trained: Vec::new(),
     };
     s.push(&eval_prompt_tokens(item, tok, ids)?, false);
-    let mut a = tok.encode(&format!(" {}", item.answers[0].trim()), false)?;
+    let mut a = tok.encode(&assistant_turn(&item.answers[0]), false)?;
     a.push(ids.eos);
     s.push(&a, true);
     Ok(s)

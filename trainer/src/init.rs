@@ -60,8 +60,8 @@ pub fn corpus_texts(path: &Path) -> Result<Vec<String>> {
                     .unwrap_or("")
                     .trim();
                 match m.get("role").and_then(Value::as_str) {
-                    Some("user") => t.push_str(&format!("User: {content}\n\nAssistant:")),
-                    Some("assistant") => t.push_str(&format!(" {content}")),
+                    Some("user") => t.push_str(&crate::data::user_turn(content)),
+                    Some("assistant") => t.push_str(&crate::data::assistant_turn(content)),
                     _ => t.push_str(content),
                 }
             }

@@ -8,25 +8,14 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use tower::ServiceExt;
 
 use esft::server::config::ServerConfig;
 use esft::server::{load, router, AppState};
 
-fn esft_train(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_esft-train"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "esft-train {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::ok as esft_train;
 
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()

@@ -3,24 +3,14 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+use common::ok as esft_train;
 
 fn reference(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/esft")
         .join(rel)
-}
-
-fn esft_train(args: &[&str]) {
-    let o = Command::new(env!("CARGO_BIN_EXE_esft-train"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "esft-train {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// The task's logs, decompressed into `dir` under their reference names.

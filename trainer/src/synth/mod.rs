@@ -1,5 +1,6 @@
 //! Synthetic task data for the from-scratch demo: a registry of six domains (three general
-//! ones the base model is pretrained on, three downstream ones held out for ESFT), the
+//! ones the base model is pretrained on, three downstream ones held out for ESFT) plus the
+//! auxiliary `repeat` (copying text of the others, for a second pretraining stage), the
 //! seeded draw of their train and eval splits, the eval/train dedupe, and the files
 //! `esft-train synth` writes (the reference JSONL formats `data.rs` reads, `pretrain.jsonl`,
 //! `manifest.json`).
@@ -144,11 +145,6 @@ pub struct Item {
 /// Draws without a new item this many times in a row mean the domain is exhausted (or, for
 /// train, that eval holds all of it): a clear error instead of a loop that never ends.
 const MAX_MISSES: usize = 20_000;
-
-/// The prompt of an eval item: exactly the training template of the user turn.
-pub fn prompt(question: &str) -> String {
-    format!("User: {question}\n\nAssistant:")
-}
 
 /// Generates every domain into `out` and returns the manifest written there.
 pub fn generate(out: &Path, seed: u64, sizes: Sizes) -> Result<Manifest> {
@@ -336,7 +332,8 @@ fn eval_lines(items: &[Item]) -> impl Iterator<Item = Result<String>> + '_ {
     items.iter().enumerate().map(|(idx, it)| {
         to_line(&EvalLine {
             idx,
-            prompt: prompt(&it.question),
+            // Exactly the training template of the user turn.
+            prompt: crate::data::user_turn(&it.question),
             answers: [&it.answer],
         })
     })
