@@ -107,6 +107,14 @@ pub struct ForwardOutput {
     pub balance_loss: Option<Tensor>,
 }
 
+/// [`DeepSeekV2::forward_hidden`]'s result: final-normed hidden rows `[rows, hidden]` in
+/// the compute dtype where logits were wanted, and each sequence's row range.
+pub struct HiddenOutput {
+    pub hidden: Option<Tensor>,
+    pub rows: Vec<Range<usize>>,
+    pub balance_loss: Option<Tensor>,
+}
+
 /// What a weight is, for choosing which ones to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightKind {
@@ -406,8 +414,40 @@ impl DeepSeekV2 {
     pub fn forward(
         &self,
         batch: &mut [SeqInput<'_>],
-        mut record: Option<&mut RoutingRecord>,
+        record: Option<&mut RoutingRecord>,
     ) -> Result<ForwardOutput> {
+        let out = self.forward_hidden(batch, record)?;
+        let logits = match out.hidden {
+            Some(h) => {
+                let logits = self.ops.linear(&h, &self.lm_head)?;
+                // f32 for everyone but f64 models (gradient checks need the precision).
+                Some(match logits.dtype() {
+                    DType::F64 => logits,
+                    _ => logits.to_dtype(DType::F32)?,
+                })
+            }
+            None => None,
+        };
+        Ok(ForwardOutput {
+            logits,
+            rows: out.rows,
+            balance_loss: out.balance_loss,
+        })
+    }
+
+    /// The output head `[vocab, hidden]`: logits are `hidden @ lm_head^T`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// [`forward`](Self::forward) up to the output head: the final-normed hidden rows
+    /// where logits are wanted, for a caller that applies the head itself (the trainer
+    /// fuses it into the loss).
+    pub fn forward_hidden(
+        &self,
+        batch: &mut [SeqInput<'_>],
+        mut record: Option<&mut RoutingRecord>,
+    ) -> Result<HiddenOutput> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
@@ -492,24 +532,19 @@ impl DeepSeekV2 {
             }
             rows.push(first..pick.len());
         }
-        let logits = if pick.is_empty() {
+        let hidden = if pick.is_empty() {
             None
         } else {
             let picked = if pick.len() == n {
                 x
             } else {
-                x.index_select(&Tensor::from_vec(pick.clone(), pick.len(), dev)?, 0)?
+                let len = pick.len();
+                x.index_select(&Tensor::from_vec(pick, len, dev)?, 0)?
             };
-            let h = self.ops.rms_norm(&picked, &self.norm, eps)?;
-            let logits = self.ops.linear(&h, &self.lm_head)?;
-            // f32 for everyone but f64 models (gradient checks need the precision).
-            Some(match logits.dtype() {
-                DType::F64 => logits,
-                _ => logits.to_dtype(DType::F32)?,
-            })
+            Some(self.ops.rms_norm(&picked, &self.norm, eps)?)
         };
-        Ok(ForwardOutput {
-            logits,
+        Ok(HiddenOutput {
+            hidden,
             rows,
             balance_loss,
         })

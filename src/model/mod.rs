@@ -18,8 +18,8 @@ pub mod tokenizer;
 pub use bundle::LoadedModel;
 pub use config::Config;
 pub use deepseek_v2::{
-    DeepSeekV2, ForwardOutput, LoadOptions, LogitsWanted, SeqCache, SeqInput, TrainableWeight,
-    WeightKind,
+    DeepSeekV2, ForwardOutput, HiddenOutput, LoadOptions, LogitsWanted, SeqCache, SeqInput,
+    TrainableWeight, WeightKind,
 };
 pub use error::{ModelError, Result};
 pub use moe::{ExpertMap, LayerRouting, RoutingRecord};

@@ -188,11 +188,11 @@ pub fn group_loss(
             logits: LogitsWanted::Positions(pos),
         })
         .collect();
-    let out = model.forward(&mut batch, None)?;
-    let logits = out.logits.context("the forward returned no logits")?;
+    let out = model.forward_hidden(&mut batch, None)?;
+    let hidden = out.hidden.context("the forward returned no hidden rows")?;
     let n = targets.len();
     Ok(GroupLoss {
-        nll: crate::loss::target_nll(&logits, targets)?.sum_all()?,
+        nll: crate::loss::head_nll(&hidden, model.lm_head(), targets)?.sum_all()?,
         targets: n,
         balance: out.balance_loss,
     })
