@@ -338,7 +338,7 @@ fn synth_cmd(a: &SynthArgs) -> Result<()> {
     let pretrain: usize = m
         .domains
         .iter()
-        .filter(|d| d.kind == crate::synth::Kind::General)
+        .filter(|d| d.kind != crate::synth::Kind::Downstream)
         .map(|d| d.train)
         .sum();
     eprintln!(

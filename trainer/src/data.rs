@@ -1,8 +1,9 @@
 //! Task data: the reference JSONL formats, the reference prompt template and its loss mask.
 //!
-//! Training lines are either the reference chat format
-//! `{"messages": [{"role": "user"|"assistant", "content": ..., "mask"?: 0|1}, ...]}` or a
-//! plain `{"prompt": ..., "completion": ...}`. Eval lines are the reference eval format
+//! Training lines are the reference chat format
+//! `{"messages": [{"role": "user"|"assistant", "content": ..., "mask"?: 0|1}, ...]}`, a
+//! plain `{"prompt": ..., "completion": ...}` (only the completion is learned), or
+//! pretraining text `{"text": ...}` (every token is learned). Eval lines are the reference eval format
 //! `{"prompt": ..., "answers": [...]}`. Every problem is reported with its line number, and
 //! a whole file is checked before any work starts.
 
@@ -79,6 +80,7 @@ struct Message {
 enum TrainLine {
     Chat { messages: Vec<Message> },
     Plain { prompt: String, completion: String },
+    Text { text: String },
 }
 
 /// Raw JSON lines of `path` with their 1-based numbers (blank lines skipped); an empty file
@@ -125,8 +127,8 @@ pub fn load_train(
         }
         let parsed: TrainLine = serde_json::from_value(v.clone()).map_err(|_| {
             anyhow::anyhow!(
-                "{}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}} or \
-                 {{\"prompt\": string, \"completion\": string}}{}",
+                "{}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}, \
+                 {{\"prompt\": string, \"completion\": string}} or {{\"text\": string}}{}",
                 at(),
                 describe_mismatch(&v)
             )
@@ -138,6 +140,7 @@ pub fn load_train(
             TrainLine::Plain { prompt, completion } => {
                 format_plain(&prompt, &completion, tok, ids, line).with_context(at)?
             }
+            TrainLine::Text { text } => format_text(&text, tok, ids, line).with_context(at)?,
         };
         if let Some(max) = limits.max_tokens {
             if sample.len() > max {
@@ -194,6 +197,13 @@ fn describe_mismatch(v: &serde_json::Value) -> String {
             }
         }
         return String::new();
+    }
+    if let Some(t) = obj.get("text") {
+        return if t.is_string() {
+            String::new()
+        } else {
+            ": `text` is not a string".into()
+        };
     }
     for field in ["prompt", "completion"] {
         match obj.get(field) {
@@ -276,6 +286,26 @@ fn format_plain(
     let mut c = tok.encode(completion, false)?;
     c.push(ids.eos);
     s.push(&c, true);
+    Ok(s)
+}
+
+/// `{"text"}`: BOS + text + EOS, every token after BOS a target - language-model
+/// pretraining, where the whole text is the lesson.
+fn format_text(text: &str, tok: &TextTokenizer, ids: SpecialIds, line: usize) -> Result<Sample> {
+    if text.trim().is_empty() {
+        bail!("`text` is empty");
+    }
+    let mut s = Sample {
+        line,
+        tokens: Vec::new(),
+        trained: Vec::new(),
+    };
+    if let Some(bos) = ids.bos {
+        s.push(&[bos], false);
+    }
+    let mut t = tok.encode(text, false)?;
+    t.push(ids.eos);
+    s.push(&t, true);
     Ok(s)
 }
 
@@ -449,6 +479,23 @@ mod tests {
     }
 
     #[test]
+    fn text_sample_learns_every_token() {
+        let tok = tokenizer();
+        let s = &load(
+            r#"{"id": 4, "text": "User: a b\n\nAssistant: c"}"#,
+            Limits::default(),
+        )
+        .unwrap()[0];
+        let t = tok.encode("User: a b\n\nAssistant: c", false).unwrap();
+        assert_eq!(s.tokens, [vec![0], t.clone(), vec![1]].concat());
+        assert_eq!(s.trained[0], false);
+        assert!(s.trained[1..].iter().all(|&x| x));
+        assert_eq!(s.target_count(), t.len() + 1);
+        // The first target is the first text token, predicted from BOS.
+        assert_eq!(s.targets().next(), Some((0, t[0])));
+    }
+
+    #[test]
     fn bad_lines_are_named() {
         let ok = r#"{"prompt": "a", "completion": "b"}"#;
         let cases = [
@@ -464,6 +511,8 @@ mod tests {
                 "message 0 has no `content`",
             ),
             (r#"{"messages": []}"#.to_string(), "`messages` is empty"),
+            (r#"{"text": 3}"#.to_string(), "`text` is not a string"),
+            (r#"{"text": " "}"#.to_string(), "`text` is empty"),
             (r#"[1, 2]"#.to_string(), "line 1: expected a JSON object"),
             ("\n \n".to_string(), "holds no samples"),
             (

@@ -47,7 +47,8 @@ pub fn corpus_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// The texts of a JSONL file as the model will see them: reference `messages` rendered in
-/// the prompt format, `{"prompt", "completion"}` and eval `{"prompt", "answers"}` joined.
+/// the prompt format, pretraining `{"text"}` as it is, `{"prompt", "completion"}` and eval
+/// `{"prompt", "answers"}` joined.
 pub fn corpus_texts(path: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for (line, v) in crate::data::json_lines(path)? {
@@ -66,6 +67,8 @@ pub fn corpus_texts(path: &Path) -> Result<Vec<String>> {
                 }
             }
             t
+        } else if let Some(t) = v.get("text").and_then(Value::as_str) {
+            t.to_string()
         } else if let Some(p) = v.get("prompt").and_then(Value::as_str) {
             let rest = v
                 .get("completion")
@@ -76,7 +79,7 @@ pub fn corpus_texts(path: &Path) -> Result<Vec<String>> {
             format!("{p} {}", rest.trim())
         } else {
             bail!(
-                "{} line {line}: expected `messages` or `prompt`",
+                "{} line {line}: expected `messages`, `text` or `prompt`",
                 path.display()
             );
         };
@@ -237,6 +240,35 @@ mod tests {
             ));
         }
         texts
+    }
+
+    #[test]
+    fn corpus_texts_read_every_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.jsonl");
+        std::fs::write(
+            &f,
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"q \"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n\
+             {\"text\": \"User: t\\n\\nAssistant: u\"}\n\
+             {\"prompt\": \"p\", \"completion\": \" c\"}\n\
+             {\"prompt\": \"e\", \"answers\": [\"f\"]}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            corpus_texts(&f).unwrap(),
+            [
+                "User: q\n\nAssistant: a",
+                "User: t\n\nAssistant: u",
+                "p c",
+                "e f"
+            ]
+        );
+        std::fs::write(&f, "{\"other\": 1}\n").unwrap();
+        let err = corpus_texts(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("line 1: expected `messages`, `text` or `prompt`"),
+            "{err}"
+        );
     }
 
     fn lite_config() -> Value {

@@ -44,7 +44,7 @@ fn small_run_writes_every_file() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(err.contains("pretrain.jsonl: 150 samples"), "{err}");
+    assert!(err.contains("pretrain.jsonl: 200 samples"), "{err}");
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["seed"], 7);
@@ -66,7 +66,7 @@ fn small_run_writes_every_file() {
         assert_eq!(lines("eval.jsonl"), 5, "{name}");
     }
     let pretrain = std::fs::read_to_string(out.join("pretrain.jsonl")).unwrap();
-    assert_eq!(pretrain.lines().count(), 150);
+    assert_eq!(pretrain.lines().count(), 200);
 
     let o = synth(&["--out", out.to_str().unwrap(), "--eval", "0"]);
     assert!(!o.status.success());

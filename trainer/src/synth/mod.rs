@@ -1,6 +1,6 @@
 //! Synthetic task data for the from-scratch demo: a registry of six domains (three general
 //! ones the base model is pretrained on, three downstream ones held out for ESFT) plus the
-//! auxiliary `repeat` (copying text of the others, for a second pretraining stage), the
+//! auxiliary `repeat` (copying text of the others, pretraining material only), the
 //! seeded draw of their train and eval splits, the eval/train dedupe, and the files
 //! `esft-train synth` writes (the reference JSONL formats `data.rs` reads, `pretrain.jsonl`,
 //! `manifest.json`).
@@ -32,8 +32,8 @@ use std::path::Path;
 pub enum Kind {
     General,
     Downstream,
-    /// Pretraining material that is not a task (not in `pretrain.jsonl`; added to the
-    /// second pretraining stage, see `trainer/scripts/pretrain-demo.sh`).
+    /// Pretraining material that is not a task: in `pretrain.jsonl`, but not scored,
+    /// evaluated or plotted as a domain.
     Auxiliary,
 }
 
@@ -177,7 +177,7 @@ fn generate_with(domains: &[Domain], out: &Path, seed: u64, sizes: Sizes) -> Res
         let dir = out.join(d.name);
         write_lines(&dir.join("train.jsonl"), train_lines(d.name, train))?;
         write_lines(&dir.join("eval.jsonl"), eval_lines(eval))?;
-        if d.kind == Kind::General {
+        if d.kind != Kind::Downstream {
             pretrain.extend(train.iter().map(|it| (d.name, it)));
         }
         entries.push(DomainEntry {
@@ -194,7 +194,7 @@ fn generate_with(domains: &[Domain], out: &Path, seed: u64, sizes: Sizes) -> Res
     let lines = pretrain
         .iter()
         .enumerate()
-        .map(|(i, (name, it))| train_line(i, name, it));
+        .map(|(i, (name, it))| pretrain_line(i, name, it));
     write_lines(&out.join("pretrain.jsonl"), lines)?;
 
     let manifest = Manifest {
@@ -297,6 +297,15 @@ struct TrainLine<'a> {
     messages: [Message<'a>; 2],
 }
 
+/// A pretraining line: the whole exchange as text, every token learned - a base model
+/// learns the questions' language too, not only the answers.
+#[derive(Serialize)]
+struct PretrainLine<'a> {
+    id: usize,
+    dataset: &'a str,
+    text: String,
+}
+
 #[derive(Serialize)]
 struct EvalLine<'a> {
     idx: usize,
@@ -318,6 +327,15 @@ fn train_line(id: usize, dataset: &str, it: &Item) -> Result<String> {
                 content: &it.answer,
             },
         ],
+    })
+}
+
+fn pretrain_line(id: usize, dataset: &str, it: &Item) -> Result<String> {
+    use crate::data::{assistant_turn, user_turn};
+    to_line(&PretrainLine {
+        id,
+        dataset,
+        text: user_turn(&it.question) + &assistant_turn(&it.answer),
     })
 }
 

@@ -402,7 +402,8 @@ fn eval_is_held_out_and_counts_match_the_manifest() {
     assert!(m.domains.len() >= 6);
     let mut train_q = HashSet::new();
     let mut eval_q = Vec::new();
-    let mut general = 0;
+    let mut pretrained = 0;
+    let mut train_texts = HashSet::new();
     for e in &m.domains {
         let train = read_jsonl(&tmp.path().join(&e.name).join("train.jsonl"));
         let eval = read_jsonl(&tmp.path().join(&e.name).join("eval.jsonl"));
@@ -414,15 +415,22 @@ fn eval_is_held_out_and_counts_match_the_manifest() {
         };
         assert_eq!(e.train, want);
         assert_eq!(e.eval, SMALL.eval);
-        if e.kind == Kind::General {
-            general += e.train;
+        if e.kind != Kind::Downstream {
+            pretrained += e.train;
         }
         for (i, t) in train.iter().enumerate() {
             assert_eq!(t["id"], i);
             assert_eq!(t["dataset"], e.name.as_str());
             assert_eq!(t["messages"][0]["role"], "user");
             assert_eq!(t["messages"][1]["role"], "assistant");
-            train_q.insert(t["messages"][0]["content"].as_str().unwrap().to_string());
+            let (q, a) = (
+                t["messages"][0]["content"].as_str().unwrap(),
+                t["messages"][1]["content"].as_str().unwrap(),
+            );
+            train_q.insert(q.to_string());
+            if e.kind != Kind::Downstream {
+                train_texts.insert(data::user_turn(q) + &data::assistant_turn(a));
+            }
         }
         for (i, x) in eval.iter().enumerate() {
             assert_eq!(x["idx"], i);
@@ -442,14 +450,17 @@ fn eval_is_held_out_and_counts_match_the_manifest() {
         assert!(!train_q.contains(q), "eval question in train: {q}");
     }
     let pretrain = read_jsonl(&tmp.path().join("pretrain.jsonl"));
-    assert_eq!(pretrain.len(), general);
+    assert_eq!(pretrain.len(), pretrained);
     let mut per: HashMap<String, usize> = HashMap::new();
     for (i, t) in pretrain.iter().enumerate() {
         assert_eq!(t["id"], i);
+        // The whole exchange of a general or auxiliary train item, as text.
+        assert!(train_texts.contains(t["text"].as_str().unwrap()), "{t}");
         *per.entry(t["dataset"].as_str().unwrap().to_string())
             .or_default() += 1;
     }
-    assert_eq!(per.len(), 3);
+    assert_eq!(per.len(), 4, "{per:?}");
+    assert!(per.contains_key("repeat"));
     assert!(per.values().all(|n| *n == SMALL.general_train));
     // Shuffled: not the general train files one after another.
     let first: Vec<&str> = pretrain[..SMALL.general_train]
@@ -505,7 +516,8 @@ fn files_load_with_the_trainer_readers() {
         }
     }
     let pretrain = data::load_train(&tmp.path().join("pretrain.jsonl"), &tok, ids, limits).unwrap();
-    assert_eq!(pretrain.len(), 3 * SMALL.general_train);
+    assert_eq!(pretrain.len(), 4 * SMALL.general_train);
+    assert!(pretrain.iter().all(|s| s.target_count() == s.len() - 1));
 }
 
 #[test]
