@@ -207,6 +207,13 @@ impl Attention {
             let qs = q_full
                 .narrow(0, *start, *len)?
                 .reshape((*len * nh, kvr + rope))?;
+            if ops.differentiable && kv.device().is_cpu() {
+                // One autograd node that keeps no score-sized intermediates.
+                outs.push(super::attention_grad::latent_attention(
+                    &qs, &kv, kvr, nh, past, self.scale,
+                )?);
+                continue;
+            }
             let mut scores = (qs.matmul(&kv.t()?)? * self.scale)?;
             if *len > 1 {
                 let mask = causal_mask(*len, past, &scores)?;
@@ -239,7 +246,7 @@ fn absorb(kv_b: &Tensor, nh: usize, nope: usize, v: usize) -> Result<(Tensor, Te
 }
 
 /// Additive mask `[len, 1, past + len]`: query `i` (position `past + i`) sees keys `<= past + i`.
-fn causal_mask(len: usize, past: usize, like: &Tensor) -> Result<Tensor> {
+pub(super) fn causal_mask(len: usize, past: usize, like: &Tensor) -> Result<Tensor> {
     let total = past + len;
     let mut m = vec![0f32; len * total];
     for i in 0..len {

@@ -2,6 +2,7 @@
 //! the batched decoder, plus the tokenizer and chat template. No I/O beyond loading.
 
 pub mod attention;
+mod attention_grad;
 pub mod bundle;
 pub mod config;
 pub mod cpu_kernels;

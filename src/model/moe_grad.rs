@@ -7,7 +7,7 @@
 //! `narrow`s instead would make every expert's backward materialise a zero-padded gradient
 //! the size of all routed rows: quadratic in the number of experts.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, D};
 
 use super::moe::Mlp;
 use super::ops::{swiglu, Ops};
@@ -38,7 +38,7 @@ pub fn routed_experts(
     let dev = x.device();
     let mut out = Tensor::zeros((n, hidden), x.dtype(), dev)?;
 
-    // Frozen experts: one node over all their pairs.
+    // Frozen experts: one node over all their pairs, from `x` to their summed output.
     let frozen: Vec<&Group<'_>> = groups.iter().filter(|g| !is_trainable(g.mlp)).collect();
     if !frozen.is_empty() {
         let mut pairs = Vec::new();
@@ -49,10 +49,8 @@ pub fn routed_experts(
         }
         let tokens: Vec<u32> = pairs.iter().map(|&p| pair_token[p as usize]).collect();
         let token_idx = Tensor::from_vec(tokens, pairs.len(), dev)?;
-        let xs = x.index_select(&token_idx, 0)?;
         let w = pair_w.index_select(&Tensor::from_vec(pairs, token_idx.dim(0)?, dev)?, 0)?;
-        let ys = frozen_experts(&xs, &w, layout)?;
-        out = out.index_add(&token_idx, &ys, 0)?;
+        out = frozen_experts(x, &w, token_idx, layout)?;
     }
 
     // Trainable experts: ordinary ops on their own rows.
@@ -69,69 +67,89 @@ pub fn routed_experts(
     Ok(out)
 }
 
-/// Runs frozen experts on `xs` (`[pairs, hidden]`, grouped per expert as `layout` says:
-/// `(first row, rows, expert)`), scaled per row by `w` (`[pairs]`).
-fn frozen_experts(xs: &Tensor, w: &Tensor, layout: Vec<(usize, usize, Mlp)>) -> Result<Tensor> {
-    let xd = xs.detach();
+/// Runs frozen experts on the rows `tokens` of `x` (grouped per expert as `layout` says:
+/// `(first pair, pairs, expert)`), scales each pair by `w` (`[pairs]`) and sums the pairs
+/// into their tokens' rows: `[n, hidden]`.
+fn frozen_experts(
+    x: &Tensor,
+    w: &Tensor,
+    tokens: Tensor,
+    layout: Vec<(usize, usize, Mlp)>,
+) -> Result<Tensor> {
+    let xs = x.detach().index_select(&tokens, 0)?;
     let mut pre = Vec::with_capacity(layout.len());
     let mut outs = Vec::with_capacity(layout.len());
     for (start, rows, mlp) in &layout {
-        let h = xd.narrow(0, *start, *rows)?.matmul(&mlp.gate_up.t()?)?;
+        let h = xs.narrow(0, *start, *rows)?.matmul(&mlp.gate_up.t()?)?;
         outs.push(swiglu(&h)?.matmul(&mlp.down.t()?)?);
         pre.push(h);
     }
+    drop(xs);
     let expert_out = Tensor::cat(&outs, 0)?;
-    let y = expert_out
-        .broadcast_mul(&w.detach().unsqueeze(1)?)?
-        .contiguous()?;
+    drop(outs);
+    let y = expert_out.broadcast_mul(&w.detach().unsqueeze(1)?)?;
+    let sum = x.detach().zeros_like()?.index_add(&tokens, &y, 0)?;
     let op = FrozenExperts {
         layout,
+        tokens,
         gate_up_pre: Tensor::cat(&pre, 0)?,
         expert_out,
+        sum,
     };
-    xs.apply_op3(w, &y, op)
+    x.apply_op2(w, op)
 }
 
-/// Autograd node of [`frozen_experts`]: its value is the product computed outside the
-/// graph (the third argument); it keeps the pre-activations and expert outputs it needs.
+/// Autograd node of [`frozen_experts`]: its value is the sum computed outside the graph;
+/// it keeps only what its backward needs - the pre-activations and the unweighted expert
+/// outputs - and none of the per-pair copies of `x` or of the weighted outputs.
 struct FrozenExperts {
     layout: Vec<(usize, usize, Mlp)>,
+    /// `[pairs]`: the token (row of `x`) of each pair.
+    tokens: Tensor,
     /// `[pairs, 2 * inter]`: gate and up projections before the activation.
     gate_up_pre: Tensor,
     /// `[pairs, hidden]`: expert outputs before the routing weight.
     expert_out: Tensor,
+    /// `[n, hidden]`: the node's value.
+    sum: Tensor,
 }
 
-impl CustomOp3 for FrozenExperts {
+impl CustomOp2 for FrozenExperts {
     fn name(&self) -> &'static str {
         "frozen-experts"
     }
 
     fn cpu_fwd(
         &self,
-        _xs: &CpuStorage,
-        _xs_layout: &Layout,
+        _x: &CpuStorage,
+        x_layout: &Layout,
         _w: &CpuStorage,
         _w_layout: &Layout,
-        y: &CpuStorage,
-        y_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !y_layout.is_contiguous() || y_layout.start_offset() != 0 {
-            candle_core::bail!("frozen-experts expects a fresh contiguous product");
+        if x_layout.shape() != self.sum.shape() {
+            candle_core::bail!("frozen-experts: input {:?}", x_layout.shape());
         }
-        Ok((y.clone(), y_layout.shape().clone()))
+        let (storage, layout) = self.sum.storage_and_layout();
+        let Storage::Cpu(s) = &*storage else {
+            candle_core::bail!("frozen-experts runs on the CPU");
+        };
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("frozen-experts expects a fresh contiguous sum");
+        }
+        Ok((s.clone(), layout.shape().clone()))
     }
 
     fn bwd(
         &self,
-        _xs: &Tensor,
+        x: &Tensor,
         w: &Tensor,
-        _y: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // Each pair's output gradient is its token's.
+        let grad = grad.index_select(&self.tokens, 0)?;
         // d/dw: each row's output gradient dotted with the expert's unweighted output.
-        let grad_w = (grad * &self.expert_out)?.sum(D::Minus1)?;
+        let grad_w = (&grad * &self.expert_out)?.sum(D::Minus1)?;
         let gh = grad.broadcast_mul(&w.unsqueeze(1)?)?;
         let mut grad_xs = Vec::with_capacity(self.layout.len());
         for (start, rows, mlp) in &self.layout {
@@ -148,6 +166,11 @@ impl CustomOp3 for FrozenExperts {
             let g_up = (&g_act * silu)?;
             grad_xs.push(Tensor::cat(&[g_gate, g_up], 1)?.matmul(&mlp.gate_up)?);
         }
-        Ok((Some(Tensor::cat(&grad_xs, 0)?), Some(grad_w), None))
+        let grad_xs = Tensor::cat(&grad_xs, 0)?;
+        let grad_x = x
+            .detach()
+            .zeros_like()?
+            .index_add(&self.tokens, &grad_xs, 0)?;
+        Ok((Some(grad_x), Some(grad_w)))
     }
 }
