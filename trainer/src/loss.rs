@@ -1,10 +1,16 @@
 //! The output head and cross-entropy as one autograd node: from the final hidden rows
-//! `h [rows, hidden]` and the head `w [vocab, hidden]` to each row's negative
-//! log-likelihood of its target. The logits are made a chunk of rows at a time and thrown
-//! away; the backward makes them again. Separate `h @ w^T`, `log_softmax` and `gather`
-//! nodes would keep the full `[rows, vocab]` logits and as many intermediates alive until
-//! the backward pass, which for a 32k vocabulary is the largest part of a training step's
-//! activation memory; here the largest live buffer is one chunk of logits.
+//! `h [rows, hidden]` and the head `w [vocab, hidden]` to the summed negative
+//! log-likelihood of the rows' targets. The logits are made a chunk of rows at a time and
+//! thrown away; since the loss is a sum, its gradients are linear in the one incoming
+//! scalar, so the forward computes them for a unit gradient while each chunk's logits
+//! exist (`(softmax - onehot) @ w` for the rows, and `(softmax - onehot)^T @ h` for the
+//! head when it is trained), and the backward only scales them. Separate `h @ w^T`,
+//! `log_softmax` and `gather` nodes would keep the full `[rows, vocab]` logits and as many
+//! intermediates alive until the backward pass, the largest part of a training step's
+//! activation memory at a 32k vocabulary; here the largest live buffer is one chunk of
+//! logits, and no product is computed twice.
+
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -12,8 +18,8 @@ use rayon::prelude::*;
 /// Rows whose logits exist at once: `CHUNK_ROWS x vocab` values (32 MB at 32k vocab, f32).
 const CHUNK_ROWS: usize = 256;
 
-/// `-log softmax(h[i] @ w^T)[targets[i]]` for every row `i` of `h`.
-pub fn head_nll(h: &Tensor, w: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
+/// `sum_i -log softmax(h[i] @ w^T)[targets[i]]`, a scalar.
+pub fn head_nll_sum(h: &Tensor, w: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
     let (rows, hidden) = h.dims2()?;
     let (vocab, w_hidden) = w.dims2()?;
     if w_hidden != hidden {
@@ -36,84 +42,83 @@ pub fn head_nll(h: &Tensor, w: &Tensor, targets: Vec<u32>) -> Result<Tensor> {
     h.contiguous()?.apply_op2(
         &w,
         HeadNll {
+            // A frozen head (ESFT) gets no gradient: nothing would read it.
+            want_w: w.track_op(),
+            want_h: h.track_op(),
             w: w.detach(),
             targets,
+            unit_grads: Mutex::new(None),
         },
     )
 }
+
+/// The gradients of the summed loss for an incoming gradient of 1: `[rows, hidden]` for
+/// `h` and, when the head trains, `[vocab, hidden]` for it.
+type UnitGrads = (Tensor, Option<Tensor>);
 
 struct HeadNll {
     /// The head as a tensor, for the chunk products (the op's second argument arrives as
     /// raw storage).
     w: Tensor,
+    want_w: bool,
+    /// False when nothing below the head trains (no backward will come for `h`).
+    want_h: bool,
     targets: Vec<u32>,
+    /// Made by the forward, taken by the backward.
+    unit_grads: Mutex<Option<UnitGrads>>,
 }
 
 impl HeadNll {
-    /// Logits of rows `start..start + len` of `h` (contiguous `[rows, hidden]`).
-    fn chunk_logits(&self, h: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        h.narrow(0, start, len)?.matmul(&self.w.t()?)
-    }
-
-    fn forward<T: WithDType>(&self, h: Tensor) -> Result<Vec<T>> {
+    /// The summed loss, and the unit gradients.
+    fn forward<T: WithDType>(&self, h: Tensor) -> Result<(f64, UnitGrads)> {
         let (rows, vocab) = (h.dim(0)?, self.w.dim(0)?);
-        let mut out = Vec::with_capacity(rows);
-        for start in (0..rows).step_by(CHUNK_ROWS) {
-            let len = CHUNK_ROWS.min(rows - start);
-            let logits = self.chunk_logits(&h, start, len)?;
-            let targets = &self.targets[start..start + len];
-            with_slice(&logits, |x: &[T]| {
-                out.par_extend(
-                    x.par_chunks(vocab)
-                        .zip(targets.par_iter())
-                        .map(|(row, &t)| T::from_f64(row_lse(row) - row[t as usize].to_f64())),
-                )
-            })?;
-        }
-        Ok(out)
-    }
-
-    /// Gradients for `h` and, when `want_w`, for the head, given each row's incoming
-    /// gradient `g`: per chunk, `d = (softmax - onehot) * g`, then `d @ w` and `d^T @ h`.
-    fn backward<T: WithDType>(
-        &self,
-        h: &Tensor,
-        g: &[f64],
-        want_w: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let (rows, vocab) = (h.dim(0)?, self.w.dim(0)?);
+        let mut loss = 0.0;
         let mut grad_h = Vec::new();
         let mut grad_w: Option<Tensor> = None;
         for start in (0..rows).step_by(CHUNK_ROWS) {
             let len = CHUNK_ROWS.min(rows - start);
-            let logits = self.chunk_logits(h, start, len)?;
+            let hc = h.narrow(0, start, len)?;
+            let logits = hc.matmul(&self.w.t()?)?;
             let targets = &self.targets[start..start + len];
-            let g = &g[start..start + len];
-            let d = with_slice(&logits, |x: &[T]| {
+            // Per row: its loss, and `softmax - onehot` written over its logits.
+            let (part, d) = with_slice(&logits, |x: &[T]| {
                 let mut d = vec![T::zero(); x.len()];
-                d.par_chunks_mut(vocab)
+                let part: f64 = d
+                    .par_chunks_mut(vocab)
                     .zip(x.par_chunks(vocab))
-                    .zip(targets.par_iter().zip(g.par_iter()))
-                    .for_each(|((d, row), (&t, &g))| {
+                    .zip(targets.par_iter())
+                    .map(|((d, row), &t)| {
                         let lse = row_lse(row);
                         for (d, &v) in d.iter_mut().zip(row) {
-                            *d = T::from_f64((v.to_f64() - lse).exp() * g);
+                            *d = T::from_f64((v.to_f64() - lse).exp());
                         }
-                        d[t as usize] = T::from_f64(d[t as usize].to_f64() - g);
-                    });
-                d
+                        d[t as usize] = T::from_f64(d[t as usize].to_f64() - 1.0);
+                        lse - row[t as usize].to_f64()
+                    })
+                    .sum();
+                (part, d)
             })?;
+            drop(logits);
+            loss += part;
+            if !self.want_h && !self.want_w {
+                continue;
+            }
             let d = Tensor::from_vec(d, (len, vocab), &Device::Cpu)?;
             grad_h.push(d.matmul(&self.w)?);
-            if want_w {
-                let part = d.t()?.matmul(&h.narrow(0, start, len)?)?;
+            if self.want_w {
+                let part = d.t()?.matmul(&hc)?;
                 grad_w = Some(match grad_w {
                     Some(acc) => (acc + part)?,
                     None => part,
                 });
             }
         }
-        Ok((Tensor::cat(&grad_h, 0)?, grad_w))
+        let grad_h = if grad_h.is_empty() {
+            h.zeros_like()?
+        } else {
+            Tensor::cat(&grad_h, 0)?
+        };
+        Ok((loss, (grad_h, grad_w)))
     }
 }
 
@@ -155,38 +160,47 @@ impl CustomOp2 for HeadNll {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("head-nll needs contiguous rows".into()))?;
         let (rows, hidden) = h_layout.shape().dims2()?;
-        let out = match h {
+        let (out, grads) = match h {
             CpuStorage::F32(v) => {
                 let h = Tensor::from_slice(&v[start..end], (rows, hidden), &Device::Cpu)?;
-                CpuStorage::F32(self.forward(h)?)
+                let (loss, grads) = self.forward::<f32>(h)?;
+                (CpuStorage::F32(vec![loss as f32]), grads)
             }
             CpuStorage::F64(v) => {
                 let h = Tensor::from_slice(&v[start..end], (rows, hidden), &Device::Cpu)?;
-                CpuStorage::F64(self.forward(h)?)
+                let (loss, grads) = self.forward::<f64>(h)?;
+                (CpuStorage::F64(vec![loss]), grads)
             }
             _ => candle_core::bail!("head-nll takes f32 or f64"),
         };
-        Ok((out, Shape::from(rows)))
+        *self.unit_grads.lock().map_err(|_| poisoned())? = Some(grads);
+        Ok((out, Shape::from(())))
     }
 
     fn bwd(
         &self,
-        h: &Tensor,
-        w: &Tensor,
+        _h: &Tensor,
+        _w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g: Vec<f64> = grad.to_dtype(DType::F64)?.to_vec1()?;
-        let h = h.detach();
-        // A frozen head (ESFT) gets no gradient: nothing would read it.
-        let want_w = w.track_op();
-        let (gh, gw) = match h.dtype() {
-            DType::F32 => self.backward::<f32>(&h, &g, want_w)?,
-            DType::F64 => self.backward::<f64>(&h, &g, want_w)?,
-            dt => candle_core::bail!("head-nll takes f32 or f64, got {dt:?}"),
+        let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let (gh, gw) = self
+            .unit_grads
+            .lock()
+            .map_err(|_| poisoned())?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("head-nll: backward ran twice".into()))?;
+        let gw = match gw {
+            Some(gw) => Some((gw * g)?),
+            None => None,
         };
-        Ok((Some(gh), gw))
+        Ok((Some((gh * g)?), gw))
     }
+}
+
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("head-nll: a panic left its gradients unreadable".into())
 }
 
 #[cfg(test)]
@@ -198,16 +212,20 @@ mod tests {
         t.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    /// The unfused reference: `h @ w^T`, `log_softmax`, `gather`, negate.
+    fn scalar(t: &Tensor) -> f64 {
+        t.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
+    }
+
+    /// The unfused reference: `h @ w^T`, `log_softmax`, `gather`, negate, sum.
     fn reference(h: &Tensor, w: &Tensor, targets: &[u32]) -> Tensor {
         let idx = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), &Device::Cpu).unwrap();
         candle_nn::ops::log_softmax(&h.matmul(&w.t().unwrap()).unwrap(), D::Minus1)
             .unwrap()
             .gather(&idx, 1)
             .unwrap()
-            .squeeze(1)
-            .unwrap()
             .neg()
+            .unwrap()
+            .sum_all()
             .unwrap()
     }
 
@@ -219,31 +237,19 @@ mod tests {
     }
 
     #[test]
-    fn matches_the_unfused_head_values_and_gradients_across_chunks() {
+    fn matches_the_unfused_head_value_and_gradients_across_chunks() {
         // More rows than a chunk, so the chunk boundaries are exercised.
         let rows = CHUNK_ROWS + 37;
         let dev = Device::Cpu;
         let h = Var::from_tensor(&Tensor::randn(0f64, 1.0, (rows, 6), &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&Tensor::randn(0f64, 1.0, (11, 6), &dev).unwrap()).unwrap();
         let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 7) % 11).collect();
-        let ours = head_nll(h.as_tensor(), w.as_tensor(), targets.clone()).unwrap();
+        let ours = head_nll_sum(h.as_tensor(), w.as_tensor(), targets.clone()).unwrap();
         let theirs = reference(h.as_tensor(), w.as_tensor(), &targets);
-        assert_close(&values(&ours), &values(&theirs), 1e-12);
-        // Row weights: the gradient of each row scaled by its weight.
-        let weights: Vec<f64> = (0..rows).map(|i| (i % 5) as f64 * 0.5).collect();
-        let weights = Tensor::from_vec(weights, rows, &dev).unwrap();
-        let ga = (ours * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gb = (theirs * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        assert!((scalar(&ours) - scalar(&theirs)).abs() < 1e-9);
+        // A scaled loss (as the trainer's mean over tokens is) scales every gradient.
+        let ga = (ours * 0.37).unwrap().backward().unwrap();
+        let gb = (theirs * 0.37).unwrap().backward().unwrap();
         for v in [h.as_tensor(), w.as_tensor()] {
             assert_close(
                 &values(ga.get(v).unwrap()),
@@ -258,9 +264,7 @@ mod tests {
         let dev = Device::Cpu;
         let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 4), &dev).unwrap()).unwrap();
         let w = Tensor::randn(0f32, 1.0, (5, 4), &dev).unwrap();
-        let g = head_nll(h.as_tensor(), &w, vec![0, 4, 2])
-            .unwrap()
-            .sum_all()
+        let g = head_nll_sum(h.as_tensor(), &w, vec![0, 4, 2])
             .unwrap()
             .backward()
             .unwrap();
@@ -270,21 +274,28 @@ mod tests {
 
     #[test]
     fn hand_case_and_bad_input() {
-        // Zero rows against any head: uniform logits over 4 classes give ln 4.
+        // Zero rows against any head: uniform logits over 4 classes give ln 4 per row.
         let dev = Device::Cpu;
-        let h = Tensor::zeros((1, 3), DType::F32, &dev).unwrap();
+        let h = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (4, 3), &dev).unwrap();
-        let v: Vec<f32> = head_nll(&h, &w, vec![2]).unwrap().to_vec1().unwrap();
-        assert!((v[0] - 4f32.ln()).abs() < 1e-6);
-        // Row 0 = [1, 0, 0], head = identity-ish: logits [1, 0, 0] -> nll of class 0 is
-        // ln(e + 2) - 1.
-        let h = Tensor::new(&[[1f64, 0., 0.]], &dev).unwrap();
+        let v = scalar(&head_nll_sum(&h, &w, vec![2, 0]).unwrap());
+        assert!((v - 2.0 * 4f64.ln()).abs() < 1e-6);
+        // Row [1, 0, 0] against the identity head: logits [1, 0, 0], the nll of class 0 is
+        // ln(e + 2) - 1; its gradient for the row is softmax - onehot = [p0 - 1, p1, p1].
+        let h = Var::from_tensor(&Tensor::new(&[[1f64, 0., 0.]], &dev).unwrap()).unwrap();
         let w = Tensor::new(&[[1f64, 0., 0.], [0., 1., 0.], [0., 0., 1.]], &dev).unwrap();
-        let v: Vec<f64> = head_nll(&h, &w, vec![0]).unwrap().to_vec1().unwrap();
-        assert!((v[0] - ((1f64.exp() + 2.0).ln() - 1.0)).abs() < 1e-12);
-        assert!(head_nll(&h, &w, vec![3]).is_err());
-        assert!(head_nll(&h, &w, vec![0, 1]).is_err());
+        let loss = head_nll_sum(h.as_tensor(), &w, vec![0]).unwrap();
+        let e = 1f64.exp();
+        assert!((scalar(&loss) - ((e + 2.0).ln() - 1.0)).abs() < 1e-12);
+        let g = values(loss.backward().unwrap().get(h.as_tensor()).unwrap());
+        assert_close(
+            &g,
+            &[e / (e + 2.0) - 1.0, 1.0 / (e + 2.0), 1.0 / (e + 2.0)],
+            1e-12,
+        );
+        assert!(head_nll_sum(h.as_tensor(), &w, vec![3]).is_err());
+        assert!(head_nll_sum(h.as_tensor(), &w, vec![0, 1]).is_err());
         let w_bad = Tensor::zeros((3, 2), DType::F64, &dev).unwrap();
-        assert!(head_nll(&h, &w_bad, vec![0]).is_err());
+        assert!(head_nll_sum(h.as_tensor(), &w_bad, vec![0]).is_err());
     }
 }

@@ -192,7 +192,7 @@ pub fn group_loss(
     let hidden = out.hidden.context("the forward returned no hidden rows")?;
     let n = targets.len();
     Ok(GroupLoss {
-        nll: crate::loss::head_nll(&hidden, model.lm_head(), targets)?.sum_all()?,
+        nll: crate::loss::head_nll_sum(&hidden, model.lm_head(), targets)?,
         targets: n,
         balance: out.balance_loss,
     })
