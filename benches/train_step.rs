@@ -6,7 +6,7 @@
 //! vocab 32000) with `BENCH_TRAIN_LAYERS` layers (default 8, as the runtime benchmark). The batch is
 //! `BENCH_TRAIN_SAMPLES` (default 4) random sequences of `BENCH_TRAIN_SEQ` (default 256)
 //! tokens, every position a target. Each variant runs one warm-up step, then
-//! `BENCH_TRAIN_STEPS` (default 2) timed steps; the median is reported. Peak memory is the
+//! `BENCH_TRAIN_STEPS` (default 5) timed steps; the median is reported. Peak memory is the
 //! largest heap in use (a counting allocator) while the variant is built and stepped:
 //! model weights, trainable copies, optimizer moments, gradients and activations.
 //!
@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
     let layers = env_usize("BENCH_TRAIN_LAYERS", 8);
     let n_samples = env_usize("BENCH_TRAIN_SAMPLES", 4);
     let seq = env_usize("BENCH_TRAIN_SEQ", 256);
-    let steps = env_usize("BENCH_TRAIN_STEPS", 2);
+    let steps = env_usize("BENCH_TRAIN_STEPS", 5);
     let config = bench_config(layers);
     let dir = tempfile::tempdir()?;
     write_random_checkpoint(&config, 0, dir.path())?;
