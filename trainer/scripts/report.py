@@ -132,3 +132,42 @@ for a in names:
         cells.append("-" if v is None else f"{100 * v:.0f}")
     print(f"| {a} | " + " | ".join(cells) + " |")
 print(f"\nChance overlap of two random top sets: {100 * routing['top_experts'] / routing['experts']:.0f}%.")
+
+
+def distribution(path):
+    """Per MoE layer, the token scores normalised to a distribution over experts."""
+    scores = json.load(open(path))["token_scores"]
+    out = {}
+    for layer, experts in scores.items():
+        total = sum(experts.values())
+        out[layer] = {e: v / total for e, v in experts.items()}
+    return out
+
+
+def distance(a, b):
+    """Total-variation distance between two routing distributions, mean over layers."""
+    per_layer = []
+    for layer in a:
+        experts = set(a[layer]) | set(b[layer])
+        per_layer.append(0.5 * sum(abs(a[layer].get(e, 0.0) - b[layer].get(e, 0.0)) for e in experts))
+    return sum(per_layer) / len(per_layer)
+
+
+dist = {n: distribution(work / "scores" / f"{n}.json") for n in names}
+resample = {n: distribution(work / "scores" / f"{n}.resample.json") for n in names
+            if (work / "scores" / f"{n}.resample.json").exists()}
+if resample:
+    print("\nHow far domains route apart: total-variation distance between their routing "
+          "distributions (token scores per layer, normalised), mean over layers, %. The "
+          "diagonal is the distance between two random samples of the same domain (seeds "
+          "0 and 1): the noise floor.\n")
+    print("| | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for a in names:
+        cells = []
+        for b in names:
+            if a == b:
+                cells.append(f"({100 * distance(dist[a], resample[a]):.1f})" if a in resample else "-")
+            else:
+                cells.append(f"{100 * distance(dist[a], dist[b]):.1f}")
+        print(f"| {a} | " + " | ".join(cells) + " |")

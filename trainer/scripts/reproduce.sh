@@ -41,6 +41,10 @@ echo "== expert scores on every domain"
 for d in $GENERAL $TASKS; do
   $TRAIN score --model "$BASE" --data "$WORK/data/$d/train.jsonl" --tokens 32768 \
     --seed "$SEED" --out "$WORK/scores/$d.json" --json > /dev/null
+  # A second random sample of the same domain: how far two samples of one domain route
+  # apart is the floor against which differences between domains are measured.
+  $TRAIN score --model "$BASE" --data "$WORK/data/$d/train.jsonl" --tokens 32768 \
+    --seed "$((SEED + 1))" --out "$WORK/scores/$d.resample.json" --json > /dev/null
 done
 
 echo "== expert selection"

@@ -488,7 +488,7 @@ mod tests {
         .unwrap()[0];
         let t = tok.encode("User: a b\n\nAssistant: c", false).unwrap();
         assert_eq!(s.tokens, [vec![0], t.clone(), vec![1]].concat());
-        assert_eq!(s.trained[0], false);
+        assert!(!s.trained[0]);
         assert!(s.trained[1..].iter().all(|&x| x));
         assert_eq!(s.target_count(), t.len() + 1);
         // The first target is the first text token, predicted from BOS.
