@@ -238,14 +238,7 @@ fn format_chat(
     if messages.is_empty() {
         bail!("`messages` is empty");
     }
-    let mut s = Sample {
-        line,
-        tokens: Vec::new(),
-        trained: Vec::new(),
-    };
-    if let Some(bos) = ids.bos {
-        s.push(&[bos], false);
-    }
+    let mut s = Sample::begin(line, ids);
     for (i, m) in messages.iter().enumerate() {
         match m.role.as_str() {
             "user" => {
@@ -274,14 +267,7 @@ fn format_plain(
     ids: SpecialIds,
     line: usize,
 ) -> Result<Sample> {
-    let mut s = Sample {
-        line,
-        tokens: Vec::new(),
-        trained: Vec::new(),
-    };
-    if let Some(bos) = ids.bos {
-        s.push(&[bos], false);
-    }
+    let mut s = Sample::begin(line, ids);
     s.push(&tok.encode(prompt, false)?, false);
     let mut c = tok.encode(completion, false)?;
     c.push(ids.eos);
@@ -295,21 +281,24 @@ fn format_text(text: &str, tok: &TextTokenizer, ids: SpecialIds, line: usize) ->
     if text.trim().is_empty() {
         bail!("`text` is empty");
     }
-    let mut s = Sample {
-        line,
-        tokens: Vec::new(),
-        trained: Vec::new(),
-    };
-    if let Some(bos) = ids.bos {
-        s.push(&[bos], false);
-    }
-    let mut t = tok.encode(text, false)?;
-    t.push(ids.eos);
-    s.push(&t, true);
-    Ok(s)
+    // A completion with nothing before it.
+    format_plain("", text, tok, ids, line)
 }
 
 impl Sample {
+    /// An empty sample of `line`: just BOS, if the model has one (never a target).
+    fn begin(line: usize, ids: SpecialIds) -> Self {
+        let mut s = Sample {
+            line,
+            tokens: Vec::new(),
+            trained: Vec::new(),
+        };
+        if let Some(bos) = ids.bos {
+            s.push(&[bos], false);
+        }
+        s
+    }
+
     fn push(&mut self, tokens: &[u32], trained: bool) {
         self.tokens.extend_from_slice(tokens);
         self.trained
