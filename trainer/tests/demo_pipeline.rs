@@ -3,13 +3,10 @@
 //! expert scores, selection, ESFT training, and one request to the server for the adapter.
 //! The full-size runs (trainer/scripts/*.sh) are not part of the test suite.
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
-use tower::ServiceExt;
 
 use esft::server::config::ServerConfig;
 use esft::server::{load, router, AppState};
@@ -173,18 +170,7 @@ async fn synth_init_pretrain_score_select_train_serve() {
         "temperature": 0,
         "ignore_eos": true,
     });
-    let resp = router(state)
-        .oneshot(
-            Request::post("/v1/chat/completions")
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let (status, v) = common::chat_completion(&router(state), body).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["model"], "intent");
     assert_eq!(v["usage"]["completion_tokens"], 5);

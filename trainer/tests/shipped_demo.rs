@@ -3,18 +3,17 @@
 //! than the base does, through the HTTP API. The held-out items are drawn again with the
 //! synthetic generator and the seed the reproduction used (0).
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use serde_json::{json, Value};
+use axum::http::StatusCode;
+use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
-use tower::ServiceExt;
 
 use esft::server::config::ServerConfig;
 use esft::server::{load, router, AppState};
 use esft_train::eval::answer_matches;
 use esft_train::synth::{generate, Sizes};
+
+mod common;
 
 /// Held-out items asked per task.
 const ITEMS: usize = 40;
@@ -26,19 +25,7 @@ async fn chat(app: &axum::Router, model: &str, question: &str) -> String {
         "max_tokens": 48,
         "temperature": 0,
     });
-    let resp = app
-        .clone()
-        .oneshot(
-            Request::post("/v1/chat/completions")
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let (status, v) = common::chat_completion(app, body).await;
     assert_eq!(status, StatusCode::OK, "{model}: {v}");
     v["choices"][0]["message"]["content"]
         .as_str()

@@ -1,4 +1,5 @@
-//! Running the `esft-train` binary from integration tests.
+//! Running the `esft-train` binary, and requests to the server in process, from
+//! integration tests.
 
 #![allow(dead_code)] // each test file uses its own subset
 
@@ -22,4 +23,27 @@ pub fn ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8(o.stdout).unwrap()
+}
+
+/// Posts `body` to the server's `/v1/chat/completions` in process; the status and the
+/// JSON reply.
+pub async fn chat_completion(
+    app: &axum::Router,
+    body: serde_json::Value,
+) -> (axum::http::StatusCode, serde_json::Value) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let resp = app
+        .clone()
+        .oneshot(
+            axum::http::Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
 }
