@@ -36,11 +36,12 @@ pub fn routed_experts(
 ) -> Result<Tensor> {
     let (n, hidden) = x.dims2()?;
     let dev = x.device();
-    let mut out = Tensor::zeros((n, hidden), x.dtype(), dev)?;
 
     // Frozen experts: one node over all their pairs, from `x` to their summed output.
     let frozen: Vec<&Group<'_>> = groups.iter().filter(|g| !is_trainable(g.mlp)).collect();
-    if !frozen.is_empty() {
+    let mut out = if frozen.is_empty() {
+        Tensor::zeros((n, hidden), x.dtype(), dev)?
+    } else {
         let mut pairs = Vec::new();
         let mut layout = Vec::with_capacity(frozen.len());
         for g in &frozen {
@@ -50,8 +51,8 @@ pub fn routed_experts(
         let tokens: Vec<u32> = pairs.iter().map(|&p| pair_token[p as usize]).collect();
         let token_idx = Tensor::from_vec(tokens, pairs.len(), dev)?;
         let w = pair_w.index_select(&Tensor::from_vec(pairs, token_idx.dim(0)?, dev)?, 0)?;
-        out = frozen_experts(x, &w, token_idx, layout)?;
-    }
+        frozen_experts(x, &w, token_idx, layout)?
+    };
 
     // Trainable experts: ordinary ops on their own rows.
     for g in groups.iter().filter(|g| is_trainable(g.mlp)) {

@@ -80,7 +80,17 @@ impl HeadNll {
             let hc = h.narrow(0, start, len)?;
             let logits = hc.matmul(&self.w.t()?)?;
             let targets = &self.targets[start..start + len];
-            // Per row: its loss, and `softmax - onehot` written over its logits.
+            if !self.want_h && !self.want_w {
+                // Evaluation: the loss alone.
+                loss += with_slice(&logits, |x: &[T]| {
+                    x.par_chunks(vocab)
+                        .zip(targets.par_iter())
+                        .map(|(row, &t)| row_lse(row) - row[t as usize].to_f64())
+                        .sum::<f64>()
+                })?;
+                continue;
+            }
+            // Per row: its loss, and `softmax - onehot` beside its logits.
             let (part, d) = with_slice(&logits, |x: &[T]| {
                 let mut d = vec![T::zero(); x.len()];
                 let part: f64 = d
@@ -100,9 +110,6 @@ impl HeadNll {
             })?;
             drop(logits);
             loss += part;
-            if !self.want_h && !self.want_w {
-                continue;
-            }
             let d = Tensor::from_vec(d, (len, vocab), &Device::Cpu)?;
             grad_h.push(d.matmul(&self.w)?);
             if self.want_w {
@@ -247,6 +254,13 @@ mod tests {
         let ours = head_nll_sum(h.as_tensor(), w.as_tensor(), targets.clone()).unwrap();
         let theirs = reference(h.as_tensor(), w.as_tensor(), &targets);
         assert!((scalar(&ours) - scalar(&theirs)).abs() < 1e-9);
+        // Nothing to differentiate (evaluation): the same value, without the gradients.
+        let eval = head_nll_sum(
+            &h.as_tensor().detach(),
+            &w.as_tensor().detach(),
+            targets.clone(),
+        );
+        assert!((scalar(&eval.unwrap()) - scalar(&theirs)).abs() < 1e-9);
         // A scaled loss (as the trainer's mean over tokens is) scales every gradient.
         let ga = (ours * 0.37).unwrap().backward().unwrap();
         let gb = (theirs * 0.37).unwrap().backward().unwrap();

@@ -157,11 +157,13 @@ pub struct GroupLoss {
     pub balance: Option<Tensor>,
 }
 
-/// The loss terms of `group` (one forward).
+/// The loss terms of `group` (one forward). With `for_backward` false (evaluation) the
+/// loss node skips the gradient products it would otherwise make in its forward.
 pub fn group_loss(
     model: &DeepSeekV2,
     experts: Option<&ExpertMap>,
     group: &[&Sample],
+    for_backward: bool,
 ) -> Result<GroupLoss> {
     let positions: Vec<Vec<u32>> = group
         .iter()
@@ -189,10 +191,14 @@ pub fn group_loss(
         })
         .collect();
     let out = model.forward_hidden(&mut batch, None)?;
-    let hidden = out.hidden.context("the forward returned no hidden rows")?;
+    let mut hidden = out.hidden.context("the forward returned no hidden rows")?;
+    let mut head = model.lm_head().clone();
+    if !for_backward {
+        (hidden, head) = (hidden.detach(), head.detach());
+    }
     let n = targets.len();
     Ok(GroupLoss {
-        nll: crate::loss::head_nll_sum(&hidden, model.lm_head(), targets)?,
+        nll: crate::loss::head_nll_sum(&hidden, &head, targets)?,
         targets: n,
         balance: out.balance_loss,
     })
@@ -357,7 +363,7 @@ impl Run {
         let mut balance_total = 0.0;
         for group in &micro {
             let samples: Vec<&Sample> = group.iter().map(|&i| &self.train[i]).collect();
-            let l = group_loss(&self.model, None, &samples)?;
+            let l = group_loss(&self.model, None, &samples, true)?;
             nll_total += l.nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let mut objective = (l.nll / targets as f64)?;
             if let Some(b) = l.balance {
@@ -490,7 +496,7 @@ pub fn mean_loss(
     let (mut sum, mut count) = (0.0, 0usize);
     let lens: Vec<usize> = samples.iter().map(|s| s.len()).collect();
     for range in crate::data::token_groups(&lens, batch_tokens) {
-        let l = group_loss(model, experts, &samples[range])?;
+        let l = group_loss(model, experts, &samples[range], false)?;
         sum += l.nll.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         count += l.targets;
     }

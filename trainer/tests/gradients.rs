@@ -41,7 +41,7 @@ fn samples() -> Vec<Sample> {
 
 fn loss(model: &DeepSeekV2, s: &[Sample]) -> Tensor {
     let refs: Vec<&Sample> = s.iter().collect();
-    let l = group_loss(model, None, &refs).unwrap();
+    let l = group_loss(model, None, &refs, true).unwrap();
     let mean = (l.nll / l.targets as f64).unwrap();
     match l.balance {
         Some(b) => (mean + b).unwrap(),
@@ -187,7 +187,10 @@ fn load_balancing_loss_gradients_match_finite_differences() {
     model.set_balance_alpha(0.5);
     let weights = model.make_trainable(|k| *k == WeightKind::Other).unwrap();
     let refs: Vec<&Sample> = s.iter().collect();
-    let balance = group_loss(&model, None, &refs).unwrap().balance.unwrap();
+    let balance = group_loss(&model, None, &refs, true)
+        .unwrap()
+        .balance
+        .unwrap();
     // Two MoE layers, each at least alpha (the loss is minimal, alpha, when balanced).
     let b = scalar(&balance);
     assert!(b >= 2.0 * 0.5 - 1e-9, "balance loss {b}");
