@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::config::Config;
+use super::cpu_kernels;
 use super::load::WeightStore;
 use super::ops::{tensor_like, Ops};
 
@@ -23,6 +24,9 @@ pub struct Attention {
     w_uk: Tensor,
     /// `[heads, kv_lora_rank, v_head_dim]`: `W_uv` transposed per head (derived).
     w_uv_t: Tensor,
+    /// `[heads, kv_lora_rank, nope]`: `W_uk` transposed per head, the row layout of the CPU
+    /// kernels (derived, f32 CPU models only).
+    w_uk_rows: Option<Tensor>,
     o: Tensor,
     heads: usize,
     nope: usize,
@@ -68,6 +72,7 @@ impl Attention {
             &[nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvr],
         )?;
         let (w_uk, w_uv_t) = absorb(&kv_b, nh, cfg.qk_nope_head_dim, cfg.v_head_dim)?;
+        let w_uk_rows = kernel_rows(&w_uk)?;
         Ok(Self {
             q,
             kv_a: get(
@@ -78,6 +83,7 @@ impl Attention {
             kv_b,
             w_uk,
             w_uv_t,
+            w_uk_rows,
             o: get("o_proj.weight", &[h, nh * cfg.v_head_dim])?,
             heads: nh,
             nope: cfg.qk_nope_head_dim,
@@ -157,6 +163,7 @@ impl Attention {
     /// they stay on its gradient path).
     pub fn refresh_absorbed(&mut self) -> Result<()> {
         let (uk, uv) = absorb(&self.kv_b, self.heads, self.nope, self.v_dim)?;
+        self.w_uk_rows = kernel_rows(&uk)?;
         self.w_uk = uk;
         self.w_uv_t = uv;
         Ok(())
@@ -185,10 +192,19 @@ impl Attention {
         .reshape((n, nh, nope + rope))?;
         let q_nope = q.narrow(D::Minus1, 0, nope)?;
         let q_pe = ops.rope_interleaved(&q.narrow(D::Minus1, nope, rope)?, cos, sin)?;
-        // Absorb W_uk into the query: [nh, n, nope] x [nh, nope, kvr] -> [nh, n, kvr].
-        let q_lat = ops
-            .matmul_weight(&q_nope.transpose(0, 1)?.contiguous()?, &self.w_uk)?
-            .transpose(0, 1)?;
+        // The CPU kernels where they apply (and the per-head row layout exists).
+        let kernel_rows = self
+            .w_uk_rows
+            .as_ref()
+            .filter(|_| !ops.differentiable && cpu_kernels::applies(x));
+        // Absorb W_uk into the query: [nh, n, nope] x [nh, nope, kvr] -> [n, nh, kvr].
+        let q_nope_heads = q_nope.transpose(0, 1)?.contiguous()?;
+        let q_lat = match kernel_rows {
+            Some(rows) => cpu_kernels::heads_linear(&q_nope_heads, rows, 0..kvr)?,
+            None => ops
+                .matmul_weight(&q_nope_heads, &self.w_uk)?
+                .transpose(0, 1)?,
+        };
         let q_full = Tensor::cat(&[&q_lat, &q_pe], D::Minus1)?; // [n, nh, kvr + rope]
 
         let ckv = ops.linear(x, &self.kv_a)?; // [n, kvr + rope]
@@ -198,6 +214,52 @@ impl Attention {
             .reshape((n, rope))?;
         let latent = Tensor::cat(&[&c_kv, &k_pe], 1)?; // [n, kvr + rope]
 
+        let o_lat = if kernel_rows.is_some() {
+            // Every sequence's tokens against its cache in one parallel call.
+            for (start, len, cache) in seqs.iter_mut() {
+                cache.append(&latent.narrow(0, *start, *len)?, false)?;
+            }
+            let views = seqs
+                .iter()
+                .map(|(_, _, cache)| cache.view())
+                .collect::<Result<Vec<_>>>()?;
+            let batch: Vec<cpu_kernels::LatentSeq<'_>> = seqs
+                .iter()
+                .zip(&views)
+                .map(|((start, len, _), kv)| cpu_kernels::LatentSeq {
+                    start: *start,
+                    len: *len,
+                    kv,
+                })
+                .collect();
+            cpu_kernels::latent_attention(&q_full, &batch, kvr, self.scale)?
+        } else {
+            self.attend_per_sequence(ops, &q_full, &latent, seqs)?
+        }
+        .reshape((n, nh, kvr))?;
+        // Absorb W_uv into the output: [nh, n, kvr] x [nh, kvr, v] -> [n, nh, v].
+        let o_heads = o_lat.transpose(0, 1)?.contiguous()?;
+        let o = match kernel_rows {
+            Some(_) => {
+                let kv_b = self.kv_b.reshape((nh, nope + self.v_dim, kvr))?;
+                cpu_kernels::heads_linear(&o_heads, &kv_b, nope..nope + self.v_dim)?
+            }
+            None => ops.matmul_weight(&o_heads, &self.w_uv_t)?.transpose(0, 1)?,
+        }
+        .reshape((n, nh * self.v_dim))?;
+        ops.linear(&o, &self.o)
+    }
+
+    /// Attention one sequence at a time with candle ops (and autograd nodes when
+    /// differentiable): `[n * heads, kv_rank]`.
+    fn attend_per_sequence(
+        &self,
+        ops: &Ops,
+        q_full: &Tensor,
+        latent: &Tensor,
+        seqs: &mut [(usize, usize, &mut LatentCache)],
+    ) -> Result<Tensor> {
+        let (nh, rope, kvr) = (self.heads, self.rope, self.kv_rank);
         let mut outs = Vec::with_capacity(seqs.len());
         for (start, len, cache) in seqs.iter_mut() {
             let past = cache.len();
@@ -225,13 +287,7 @@ impl Attention {
             let probs = ops.softmax_last_dim(&scores)?;
             outs.push(probs.matmul(&kv.narrow(1, 0, kvr)?)?); // [len * nh, kvr]
         }
-        let o_lat = Tensor::cat(&outs, 0)?.reshape((n, nh, kvr))?;
-        // Absorb W_uv into the output: [nh, n, kvr] x [nh, kvr, v] -> [nh, n, v].
-        let o = ops
-            .matmul_weight(&o_lat.transpose(0, 1)?.contiguous()?, &self.w_uv_t)?
-            .transpose(0, 1)?
-            .reshape((n, nh * self.v_dim))?;
-        ops.linear(&o, &self.o)
+        Tensor::cat(&outs, 0)
     }
 }
 
@@ -243,6 +299,15 @@ fn absorb(kv_b: &Tensor, nh: usize, nope: usize, v: usize) -> Result<(Tensor, Te
     let w_uk = per_head.narrow(1, 0, nope)?.contiguous()?;
     let w_uv_t = per_head.narrow(1, nope, v)?.transpose(1, 2)?.contiguous()?;
     Ok((w_uk, w_uv_t))
+}
+
+/// `W_uk` `[nh, nope, kvr]` as rows `[nh, kvr, nope]` for the CPU kernels, where they apply.
+fn kernel_rows(w_uk: &Tensor) -> Result<Option<Tensor>> {
+    if cpu_kernels::applies(w_uk) {
+        Ok(Some(w_uk.transpose(1, 2)?.contiguous()?.detach()))
+    } else {
+        Ok(None)
+    }
 }
 
 /// Additive mask `[len, 1, past + len]`: query `i` (position `past + i`) sees keys `<= past + i`.

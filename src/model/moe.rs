@@ -479,6 +479,7 @@ impl Moe {
                 .ok_or_else(|| candle_core::Error::Msg(format!("empty slot {slot}")))
         };
         let mut balance_loss = None;
+        let mut shared_done = false;
         let mut out = if ops.differentiable {
             let (w, probs) = self.router.weights_tensor(ops, &logits, &ids)?;
             if balance_alpha > 0.0 {
@@ -503,41 +504,60 @@ impl Moe {
                 })
                 .collect::<Result<Vec<_>>>()?;
             moe_grad::routed_experts(ops, x, &token_order, &w, &groups)?
+        } else if cpu_kernels::applies(x)
+            && cpu_kernels::grouped_wins(used.iter().map(|u| u.2).max().unwrap_or(0).max(n))
+        {
+            // One parallel call for the routed pairs and every token once more through its
+            // shared experts (weight 1): the index_add then sums both in the order the
+            // separate paths would.
+            let mut rows = token_order;
+            let mut w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
+            let mut groups = used
+                .iter()
+                .map(|&(slot, start, rows)| {
+                    let e = expert(slot)?;
+                    Ok(cpu_kernels::ExpertGroup {
+                        start,
+                        rows,
+                        gate_up: &e.gate_up,
+                        down: &e.down,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if !self.shared.is_empty() {
+                for (mlp, start, len) in self.shared_runs(moe_index, spans)? {
+                    groups.push(cpu_kernels::ExpertGroup {
+                        start: n * k + start,
+                        rows: len,
+                        gate_up: &mlp.gate_up,
+                        down: &mlp.down,
+                    });
+                }
+                rows.extend(0..n as u32);
+                w.resize(n * k + n, 1.0);
+                shared_done = true;
+            }
+            let idx = Tensor::from_slice(&rows, rows.len(), dev)?;
+            let ys = cpu_kernels::grouped_swiglu(&x.index_select(&idx, 0)?, &groups, &w)?;
+            Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&idx, &ys, 0)?
         } else {
             let token_idx = Tensor::from_slice(&token_order, n * k, dev)?;
             let xs = x.index_select(&token_idx, 0)?;
             let w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
-            let largest = used.iter().map(|u| u.2).max().unwrap_or(0);
-            let ys = if cpu_kernels::applies(x) && largest <= cpu_kernels::GROUPED_MAX_ROWS {
-                let groups = used
-                    .iter()
-                    .map(|&(slot, start, rows)| {
-                        let e = expert(slot)?;
-                        Ok(cpu_kernels::ExpertGroup {
-                            start,
-                            rows,
-                            gate_up: &e.gate_up,
-                            down: &e.down,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                cpu_kernels::grouped_swiglu(&xs, &groups, &w)?
-            } else {
-                let w_sorted = Tensor::from_vec(w, (n * k, 1), dev)?.to_dtype(x.dtype())?;
-                let mut gate_up = Vec::with_capacity(used.len());
-                for &(slot, start, rows) in &used {
-                    gate_up.push(ops.linear(&xs.narrow(0, start, rows)?, &expert(slot)?.gate_up)?);
-                }
-                let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
-                let mut down = Vec::with_capacity(used.len());
-                for &(slot, start, rows) in &used {
-                    down.push(ops.linear(&act.narrow(0, start, rows)?, &expert(slot)?.down)?);
-                }
-                Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?
-            };
+            let w_sorted = Tensor::from_vec(w, (n * k, 1), dev)?.to_dtype(x.dtype())?;
+            let mut gate_up = Vec::with_capacity(used.len());
+            for &(slot, start, rows) in &used {
+                gate_up.push(ops.linear(&xs.narrow(0, start, rows)?, &expert(slot)?.gate_up)?);
+            }
+            let act = swiglu(&Tensor::cat(&gate_up, 0)?)?;
+            let mut down = Vec::with_capacity(used.len());
+            for &(slot, start, rows) in &used {
+                down.push(ops.linear(&act.narrow(0, start, rows)?, &expert(slot)?.down)?);
+            }
+            let ys = Tensor::cat(&down, 0)?.broadcast_mul(&w_sorted)?;
             Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&token_idx, &ys, 0)?
         };
-        if !self.shared.is_empty() {
+        if !self.shared.is_empty() && !shared_done {
             out = (out + self.shared_forward(ops, x, moe_index, spans)?)?;
         }
         let routing = LayerRouting {
@@ -565,31 +585,42 @@ impl Moe {
         moe_index: usize,
         spans: &[MapSpan<'_>],
     ) -> Result<Tensor> {
-        let slot_of = |span: &MapSpan<'_>| span.2.shared_slot(moe_index) as usize;
-        let get = |slot: usize| {
-            self.shared_slot(slot).ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "expert map points at shared slot {slot}, which holds no expert"
-                ))
-            })
-        };
-        let first = spans.first().map(slot_of).unwrap_or(0);
-        if spans.iter().all(|s| slot_of(s) == first) {
-            return get(first)?.forward(ops, x);
+        let runs = self.shared_runs(moe_index, spans)?;
+        if let [(mlp, _, _)] = runs[..] {
+            return mlp.forward(ops, x);
         }
-        let mut parts = Vec::new();
-        let mut i = 0;
-        while i < spans.len() {
-            let slot = slot_of(&spans[i]);
-            let start = spans[i].0;
-            let mut rows = 0;
-            while i < spans.len() && slot_of(&spans[i]) == slot {
-                rows += spans[i].1;
-                i += 1;
-            }
-            parts.push(get(slot)?.forward(ops, &x.narrow(0, start, rows)?)?);
-        }
+        let parts = runs
+            .into_iter()
+            .map(|(mlp, start, rows)| mlp.forward(ops, &x.narrow(0, start, rows)?))
+            .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&parts, 0)
+    }
+
+    /// The runs of consecutive spans that share a shared-expert slot: `(experts, first
+    /// row, rows)`, covering all rows in order.
+    fn shared_runs(
+        &self,
+        moe_index: usize,
+        spans: &[MapSpan<'_>],
+    ) -> Result<Vec<(&Mlp, usize, usize)>> {
+        let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+        for &(start, len, map) in spans {
+            let slot = map.shared_slot(moe_index) as usize;
+            match runs.last_mut() {
+                Some((s, _, rows)) if *s == slot => *rows += len,
+                _ => runs.push((slot, start, len)),
+            }
+        }
+        runs.into_iter()
+            .map(|(slot, start, rows)| {
+                let mlp = self.shared_slot(slot).ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "expert map points at shared slot {slot}, which holds no expert"
+                    ))
+                })?;
+                Ok((mlp, start, rows))
+            })
+            .collect()
     }
 }
 

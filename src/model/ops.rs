@@ -12,12 +12,13 @@ pub struct Ops {
 }
 
 impl Ops {
-    /// `x [m, k] @ w[n, k]^T`: the small-row CPU kernel for decode-sized inputs, candle's
-    /// matmul otherwise (and always when gradients are needed).
+    /// `x [m, k] @ w[n, k]^T`: the CPU kernel where it is the faster product (every size
+    /// with AVX-512, decode-sized inputs without), candle's matmul otherwise (and always when
+    /// gradients are needed).
     pub fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         if !self.differentiable
             && super::cpu_kernels::applies(x)
-            && x.dim(0)? <= super::cpu_kernels::SMALL_ROWS
+            && super::cpu_kernels::linear_wins(x.dim(0)?)
         {
             super::cpu_kernels::linear(x, w)
         } else {
