@@ -184,12 +184,18 @@ pub struct ExpertGroup<'a> {
 }
 
 /// Rows per task of [`grouped_swiglu`]: a larger expert group is split, so that one busy
-/// expert (a long prompt) still spreads over the threads.
+/// expert (a long prompt) still spreads over the threads and its rows stay in L2.
 const GROUP_TASK_ROWS: usize = 128;
 
 /// For the rows `xs [total, hidden]` sorted by expert:
-/// `y_r = weight_r * down(silu(gate x_r) * up x_r)`. Each task takes up to `GROUP_TASK_ROWS` rows of one expert; tasks spread
-/// over threads. A row's result does not depend on how many rows its expert has.
+/// `y_r = weight_r * down(silu(gate x_r) * up x_r)`.
+///
+/// Two parallel passes, each split into small tasks so that the threads stay balanced
+/// even when one expert is larger than the others (the shared experts, a long prompt):
+/// the activations per (expert, up to `GROUP_TASK_ROWS` rows, `LINEAR_BLOCK` intermediate
+/// columns), then the down projection per (expert, rows, `LINEAR_BLOCK` output columns).
+/// Every output is the same sum whatever the split, so a row's result does not depend on
+/// how many rows its expert has.
 pub fn grouped_swiglu(
     xs: &Tensor,
     groups: &[ExpertGroup<'_>],
@@ -202,57 +208,104 @@ pub fn grouped_swiglu(
             row_weights.len()
         );
     }
-    let mut out = vec![0f32; total * hidden];
-    with_f32(xs, |xs| -> Result<()> {
-        // Split the output into one disjoint slice per task.
-        let mut tasks = Vec::with_capacity(groups.len());
-        let mut rest: &mut [f32] = &mut out;
-        let mut at = 0;
-        for g in groups {
-            if g.start < at || g.start + g.rows > total {
-                candle_core::bail!("grouped_swiglu: groups overlap or run past {total} rows");
-            }
-            let (h2, inter) = g.down.dims2()?;
-            if h2 != hidden || g.gate_up.dims2()? != (2 * inter, hidden) {
-                candle_core::bail!("grouped_swiglu: expert shapes do not match hidden {hidden}");
-            }
-            let (_, tail) = rest.split_at_mut((g.start - at) * hidden);
-            rest = tail;
-            let mut first = g.start;
-            while first < g.start + g.rows {
-                let rows = (g.start + g.rows - first).min(GROUP_TASK_ROWS);
-                let (mine, tail) = rest.split_at_mut(rows * hidden);
-                tasks.push((g, first, rows, mine));
-                rest = tail;
-                first += rows;
-            }
-            at = g.start + g.rows;
+    // Per group: its intermediate size and where its activations start.
+    let mut at = 0;
+    let mut act_len = 0;
+    let mut layout = Vec::with_capacity(groups.len());
+    for g in groups {
+        if g.start < at || g.start + g.rows > total {
+            candle_core::bail!("grouped_swiglu: groups overlap or run past {total} rows");
         }
-        tasks
-            .into_par_iter()
-            .try_for_each(|(g, first, rows, y)| -> Result<()> {
-                let inter = g.down.dims()[1];
+        let (h2, inter) = g.down.dims2()?;
+        if h2 != hidden || g.gate_up.dims2()? != (2 * inter, hidden) {
+            candle_core::bail!("grouped_swiglu: expert shapes do not match hidden {hidden}");
+        }
+        layout.push((inter, act_len));
+        act_len += g.rows * inter;
+        at = g.start + g.rows;
+    }
+    // (group, first row, rows) chunks.
+    let chunks: Vec<(usize, usize, usize)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(gi, g)| {
+            (g.start..g.start + g.rows)
+                .step_by(GROUP_TASK_ROWS)
+                .map(move |first| (gi, first, (g.start + g.rows - first).min(GROUP_TASK_ROWS)))
+        })
+        .collect();
+    let mut act = vec![0f32; act_len];
+    let mut out = vec![0f32; total * hidden];
+    let (act_dst, out_dst) = (SharedOut(act.as_mut_ptr()), SharedOut(out.as_mut_ptr()));
+    with_f32(xs, |xs| -> Result<()> {
+        // Pass 1: activations.
+        let tasks1: Vec<(usize, usize, usize, usize)> = chunks
+            .iter()
+            .flat_map(|&(gi, first, rows)| {
+                (0..layout[gi].0)
+                    .step_by(LINEAR_BLOCK)
+                    .map(move |c0| (gi, first, rows, c0))
+            })
+            .collect();
+        tasks1.into_par_iter().try_for_each_init(
+            Vec::new,
+            |buf, (gi, first, rows, c0)| -> Result<()> {
+                let (g, (inter, act_start)) = (&groups[gi], layout[gi]);
+                let cols = (inter - c0).min(LINEAR_BLOCK);
                 let x = &xs[first * hidden..(first + rows) * hidden];
-                with_f32(g.gate_up, |gu_w| {
-                    with_f32(g.down, |down_w| {
-                        let mut gu = vec![0f32; rows * 2 * inter];
-                        simd::products(x, rows, gu_w, 2 * inter, hidden, &mut gu, 2 * inter);
-                        let mut act = vec![0f32; rows * inter];
-                        for (a, row) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter))
-                        {
-                            let (gate, up) = row.split_at(inter);
-                            for ((a, &g), &u) in a.iter_mut().zip(gate).zip(up) {
-                                *a = g / (1.0 + (-g).exp()) * u;
-                            }
+                with_f32(g.gate_up, |w| {
+                    buf.clear();
+                    buf.resize(2 * rows * cols, 0.0);
+                    let (gate, up) = buf.split_at_mut(rows * cols);
+                    let gate_w = &w[c0 * hidden..(c0 + cols) * hidden];
+                    let up_w = &w[(inter + c0) * hidden..(inter + c0 + cols) * hidden];
+                    simd::products(x, rows, gate_w, cols, hidden, gate, cols);
+                    simd::products(x, rows, up_w, cols, hidden, up, cols);
+                    let base = act_start + (first - g.start) * inter + c0;
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            let (a, u) = (gate[r * cols + c], up[r * cols + c]);
+                            // SAFETY: row r, columns c0..c0 + cols of this chunk's
+                            // activations belong to this task alone.
+                            unsafe {
+                                *act_dst.at(base + r * inter + c) = a / (1.0 + (-a).exp()) * u
+                            };
                         }
-                        simd::products(&act, rows, down_w, hidden, inter, y, hidden);
-                        for (r, yr) in y.chunks_exact_mut(hidden).enumerate() {
-                            let w = row_weights[first + r];
-                            yr.iter_mut().for_each(|v| *v *= w);
+                    }
+                })
+            },
+        )?;
+        // Pass 2: down projection and routing weight.
+        let act = &act;
+        let tasks2: Vec<(usize, usize, usize, usize)> = chunks
+            .iter()
+            .flat_map(|&(gi, first, rows)| {
+                (0..hidden)
+                    .step_by(LINEAR_BLOCK)
+                    .map(move |d0| (gi, first, rows, d0))
+            })
+            .collect();
+        tasks2
+            .into_par_iter()
+            .try_for_each(|(gi, first, rows, d0)| -> Result<()> {
+                let (g, (inter, act_start)) = (&groups[gi], layout[gi]);
+                let cols = (hidden - d0).min(LINEAR_BLOCK);
+                let a0 = act_start + (first - g.start) * inter;
+                let a = &act[a0..a0 + rows * inter];
+                with_f32(g.down, |w| {
+                    let down_w = &w[d0 * inter..(d0 + cols) * inter];
+                    let o = out_dst.at(first * hidden + d0);
+                    // SAFETY: rows first..first + rows, columns d0..d0 + cols of the output
+                    // belong to this task alone.
+                    unsafe { simd::products_to(a, rows, down_w, cols, inter, o, hidden) };
+                    for r in 0..rows {
+                        let weight = row_weights[first + r];
+                        for c in 0..cols {
+                            // SAFETY: as above.
+                            unsafe { *o.add(r * hidden + c) *= weight };
                         }
-                    })
-                })??;
-                Ok(())
+                    }
+                })
             })
     })??;
     Tensor::from_vec(out, (total, hidden), &Device::Cpu)
@@ -322,16 +375,19 @@ mod tests {
     #[test]
     fn grouped_swiglu_equals_per_expert_candle() {
         let dev = Device::Cpu;
-        let (h, i) = (40, 24);
-        let experts: Vec<(Tensor, Tensor)> = (0..3)
-            .map(|_| {
+        // Intermediate sizes of routed experts and of a wider shared expert; one group
+        // longer than a task and one intermediate size longer than a column block.
+        let (h, inters) = (40, [24usize, 24, 24, 48, 70]);
+        let experts: Vec<(Tensor, Tensor)> = inters
+            .iter()
+            .map(|&i| {
                 (
                     Tensor::randn(0f32, 0.3, (2 * i, h), &dev).unwrap(),
                     Tensor::randn(0f32, 0.3, (h, i), &dev).unwrap(),
                 )
             })
             .collect();
-        let rows = [2usize, 0, 3];
+        let rows = [2usize, 0, 3, GROUP_TASK_ROWS + 5, 1];
         let total: usize = rows.iter().sum();
         let xs = Tensor::randn(0f32, 1., (total, h), &dev).unwrap();
         let weights: Vec<f32> = (0..total).map(|r| 0.5 + r as f32 * 0.1).collect();
@@ -360,6 +416,57 @@ mod tests {
         }
         let want = Tensor::cat(&want, 0).unwrap();
         let got = grouped_swiglu(&xs, &groups, &weights).unwrap();
-        assert!(max_diff(&got, &want) < 1e-5);
+        let scale = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            max_diff(&got, &want) < 1e-5 * scale.max(1.0),
+            "{} vs scale {scale}",
+            max_diff(&got, &want)
+        );
+        // A row of the long group (in its second task) computes the same bits alone.
+        let last = 2 + 3 + GROUP_TASK_ROWS + 2;
+        let alone = grouped_swiglu(
+            &xs.narrow(0, last, 1).unwrap(),
+            &[ExpertGroup {
+                start: 0,
+                rows: 1,
+                gate_up: &experts[3].0,
+                down: &experts[3].1,
+            }],
+            &weights[last..],
+        )
+        .unwrap();
+        let in_group: Vec<f32> = got
+            .narrow(0, last, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let alone: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(in_group, alone);
+        // Overlapping groups are refused.
+        let overlap = [
+            ExpertGroup {
+                start: 0,
+                rows: 3,
+                gate_up: &experts[0].0,
+                down: &experts[0].1,
+            },
+            ExpertGroup {
+                start: 2,
+                rows: 1,
+                gate_up: &experts[0].0,
+                down: &experts[0].1,
+            },
+        ];
+        assert!(grouped_swiglu(&xs, &overlap, &weights).is_err());
     }
 }
