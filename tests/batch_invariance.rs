@@ -1,0 +1,87 @@
+//! On a CPU whose products run in the AVX-512 tiles, every f32 inference product sums each
+//! output in a fixed order: a sequence's logits are then the same bits whether it runs
+//! alone or in a batch, and whether its prompt is prefilled at once or in chunks beside
+//! other sequences' decode steps.
+
+mod common;
+
+use common::*;
+use esft::model::cpu_kernels;
+use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, SeqCache, SeqInput};
+
+fn alone(model: &DeepSeekV2, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    let mut batch = [SeqInput {
+        tokens: ids,
+        cache: &mut cache,
+        experts: None,
+        logits: LogitsWanted::All,
+    }];
+    model
+        .forward(&mut batch, None)
+        .unwrap()
+        .logits
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[test]
+fn logits_do_not_depend_on_batch_or_chunking() {
+    if !cpu_kernels::tiled() {
+        eprintln!("skipped: this CPU has no AVX-512, so product kernels change with batch size");
+        return;
+    }
+    for name in ["lite-yarn", "v2-grouped"] {
+        let model = DeepSeekV2::load_dir(&fixture(name), &LoadOptions::default()).unwrap();
+        let r = reference(name);
+        let prompts: Vec<Vec<u32>> = r["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| u32s(&p["ids"]))
+            .collect();
+        let target = &prompts[0];
+        let want = alone(&model, target);
+
+        // The target prefilled in chunks of 5 while the others prefill, then decode.
+        let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
+        let mut got: Vec<Vec<f32>> = Vec::new();
+        let mut done = vec![0usize; prompts.len()];
+        while done[0] < target.len() {
+            let mut batch: Vec<SeqInput<'_>> = Vec::new();
+            let mut target_rows = None;
+            for (i, (p, cache)) in prompts.iter().zip(caches.iter_mut()).enumerate() {
+                let take = if i == 0 { 5 } else { 3 + i };
+                let end = (done[i] + take).min(p.len());
+                let tokens = if done[i] < p.len() {
+                    &p[done[i]..end]
+                } else {
+                    &p[p.len() - 1..]
+                };
+                if i == 0 {
+                    target_rows = Some(tokens.len());
+                }
+                done[i] = end;
+                batch.push(SeqInput {
+                    tokens,
+                    cache,
+                    experts: None,
+                    logits: LogitsWanted::All,
+                });
+            }
+            let out = model.forward(&mut batch, None).unwrap();
+            let logits: Vec<Vec<f32>> = out.logits.unwrap().to_vec2().unwrap();
+            assert_eq!(out.rows[0].len(), target_rows.unwrap());
+            got.extend(logits[out.rows[0].clone()].iter().cloned());
+        }
+        assert_eq!(got.len(), want.len());
+        for (pos, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g == w,
+                "{name}: position {pos} differs by {}",
+                max_abs_diff(g, w)
+            );
+        }
+    }
+}
