@@ -11,8 +11,11 @@
 //!   so both sides compute the LM head for one row per sequence.
 //!
 //! Every decode step feeds each sequence the argmax of its previous logits (host-side, like a
-//! greedy sampler). Each measurement is warmed up once, then the median of the repetitions is
-//! reported. Prints a table, the ratios, and one JSON line at the end.
+//! greedy sampler). Both models stay loaded and the passes run in rounds (one warm-up round,
+//! then `ESFT_BENCH_REPS`): each round runs every batch size of ours and the reference once,
+//! in turn. Medians over rounds are reported, and the ratios are medians of per-round ratios,
+//! so a slow minute of a shared machine counts against both sides of a ratio alike. Prints a
+//! table, the ratios, and one JSON line at the end.
 //!
 //! Environment knobs (for a quick smoke run): `ESFT_BENCH_STEPS` (decode steps, 32),
 //! `ESFT_BENCH_REPS` (timed repetitions, 3), `ESFT_BENCH_PROMPT` (prompt tokens, 128),
@@ -157,7 +160,7 @@ fn foreign_load(before: Option<(f64, f64)>, after: Option<(f64, f64)>, wall: f64
     Some((((all1 - all0) - (me1 - me0)) / wall).max(0.0))
 }
 
-/// Warm-up plus `reps` timed passes; medians of prefill and decode tokens/s.
+/// Medians of one contender's timed passes.
 struct Measured {
     batch: usize,
     prefill_tok_s: f64,
@@ -167,34 +170,71 @@ struct Measured {
     /// Cores kept busy by other processes during the measurement, if known.
     other_load: Option<f64>,
     first_logits: Vec<f32>,
+    /// Decode seconds of each timed round (for per-round ratios).
+    decode_s: Vec<f64>,
 }
 
-fn measure(
+/// Something measured: a name, its batch size and one pass.
+struct Contender<'a> {
+    name: &'static str,
     batch: usize,
+    pass: Box<dyn FnMut() -> AnyResult<Pass> + 'a>,
+}
+
+/// One warm-up round, then `reps` rounds; each round runs every contender's pass once, in
+/// turn, so that a slow phase of a shared machine (its memory bandwidth moves by tens of
+/// percent between minutes here) reaches every contender alike and the per-round ratios
+/// compare like with like.
+fn measure_rounds(
+    contenders: &mut [Contender<'_>],
     prompt_len: usize,
     steps: usize,
     reps: usize,
-    mut pass: impl FnMut() -> AnyResult<Pass>,
-) -> AnyResult<Measured> {
-    let warm = pass()?;
+) -> AnyResult<Vec<Measured>> {
+    let mut first = Vec::with_capacity(contenders.len());
+    for c in contenders.iter_mut() {
+        first.push((c.pass)()?.first_logits);
+    }
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
-    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    let mut times = vec![(Vec::new(), Vec::new()); contenders.len()];
     for _ in 0..reps {
-        let p = pass()?;
-        pre.push(p.prefill.as_secs_f64());
-        dec.push(p.decode.as_secs_f64());
+        for (c, (pre, dec)) in contenders.iter_mut().zip(times.iter_mut()) {
+            let p = (c.pass)()?;
+            pre.push(p.prefill.as_secs_f64());
+            dec.push(p.decode.as_secs_f64());
+        }
     }
     let other_load = foreign_load(cpu0, cpu_seconds(), t0.elapsed().as_secs_f64());
-    let (pre, dec) = (median(pre), median(dec));
-    Ok(Measured {
-        batch,
-        prefill_tok_s: (batch * prompt_len) as f64 / pre,
-        decode_tok_s: (batch * steps) as f64 / dec,
-        prefill_ms: pre * 1e3,
-        decode_step_ms: dec * 1e3 / steps as f64,
-        other_load,
-        first_logits: warm.first_logits,
-    })
+    Ok(contenders
+        .iter()
+        .zip(times)
+        .zip(first)
+        .map(|((c, (pre, dec)), first_logits)| {
+            let (p, d) = (median(pre), median(dec.clone()));
+            Measured {
+                batch: c.batch,
+                prefill_tok_s: (c.batch * prompt_len) as f64 / p,
+                decode_tok_s: (c.batch * steps) as f64 / d,
+                prefill_ms: p * 1e3,
+                decode_step_ms: d * 1e3 / steps as f64,
+                other_load,
+                first_logits,
+                decode_s: dec,
+            }
+        })
+        .collect())
+}
+
+/// Median over rounds of `(tokens of a per decode second) / (tokens of b per decode
+/// second)`.
+fn round_ratio(a: &Measured, b: &Measured) -> f64 {
+    let per_round: Vec<f64> = a
+        .decode_s
+        .iter()
+        .zip(&b.decode_s)
+        .map(|(ta, tb)| (a.batch as f64 / ta) / (b.batch as f64 / tb))
+        .collect();
+    median(per_round)
 }
 
 fn load_reference(dir: &Path, config: &serde_json::Value) -> AnyResult<deepseek2::DeepSeekV2> {
@@ -264,51 +304,59 @@ fn main() -> AnyResult<()> {
         })
         .collect();
 
-    let mut ours = Vec::new();
-    for &b in &batches {
-        let t = Instant::now();
-        let m = measure(b, prompt_len, steps, reps, || {
-            ours_pass(&model, &prompts[..b], steps)
-        })?;
-        eprintln!(
-            "ours batch {b}: prefill {:.0} tok/s, decode {:.1} tok/s ({:.1}s)",
-            m.prefill_tok_s,
-            m.decode_tok_s,
-            t.elapsed().as_secs_f64()
-        );
-        ours.push(m);
-    }
-    drop(model);
-
-    let reference: Result<Measured, String> = if !with_reference {
-        Err("skipped (ESFT_BENCH_REFERENCE=0)".into())
-    } else {
+    let mut reference_model = if with_reference {
         let t = Instant::now();
         match load_reference(dir.path(), &config) {
-            Err(e) => Err(format!("candle-transformers deepseek2 failed to load: {e}")),
-            Ok(mut rm) => {
+            Ok(m) => {
                 eprintln!(
                     "candle-transformers: loaded in {:.1}s",
                     t.elapsed().as_secs_f64()
                 );
-                let t = Instant::now();
-                let r = measure(1, prompt_len, steps, reps, || {
-                    reference_pass(&mut rm, &prompts[0], steps)
-                })
-                .map_err(|e| format!("candle-transformers deepseek2 failed to run: {e}"));
-                if let Ok(m) = &r {
-                    eprintln!(
-                        "candle-transformers batch 1: prefill {:.0} tok/s, decode {:.1} tok/s \
-                         ({:.1}s)",
-                        m.prefill_tok_s,
-                        m.decode_tok_s,
-                        t.elapsed().as_secs_f64()
-                    );
-                }
-                r
+                Ok(m)
             }
+            Err(e) => Err(format!("candle-transformers deepseek2 failed to load: {e}")),
         }
+    } else {
+        Err("skipped (ESFT_BENCH_REFERENCE=0)".to_string())
     };
+    let mut contenders: Vec<Contender<'_>> = batches
+        .iter()
+        .map(|&b| Contender {
+            name: "esft",
+            batch: b,
+            pass: Box::new({
+                let (model, prompts) = (&model, &prompts);
+                move || ours_pass(model, &prompts[..b], steps)
+            }),
+        })
+        .collect();
+    if let Ok(rm) = reference_model.as_mut() {
+        let prompt = &prompts[0];
+        contenders.push(Contender {
+            name: "candle-transformers",
+            batch: 1,
+            pass: Box::new(move || reference_pass(rm, prompt, steps)),
+        });
+    }
+    let t = Instant::now();
+    let mut measured = measure_rounds(&mut contenders, prompt_len, steps, reps)?;
+    eprintln!(
+        "measured {} contenders x {reps} rounds in {:.1}s",
+        contenders.len(),
+        t.elapsed().as_secs_f64()
+    );
+    for (c, m) in contenders.iter().zip(&measured) {
+        eprintln!(
+            "{} batch {}: prefill {:.0} tok/s, decode {:.1} tok/s",
+            c.name, c.batch, m.prefill_tok_s, m.decode_tok_s
+        );
+    }
+    drop(contenders);
+    let reference: Result<Measured, String> = match reference_model {
+        Ok(_) => Ok(measured.pop().expect("the reference was measured")),
+        Err(why) => Err(why),
+    };
+    let ours = measured;
 
     println!();
     println!(
@@ -350,14 +398,8 @@ fn main() -> AnyResult<()> {
     };
     let ours1 = at(1);
     let reference_ok = reference.as_ref().ok();
-    let batch_scaling = ratio(
-        at(32).map(|m| m.decode_tok_s),
-        ours1.map(|m| m.decode_tok_s),
-    );
-    let decode_vs_ref = ratio(
-        ours1.map(|m| m.decode_tok_s),
-        reference_ok.map(|m| m.decode_tok_s),
-    );
+    let batch_scaling = at(32).zip(ours1).map(|(a, b)| round_ratio(a, b));
+    let decode_vs_ref = ours1.zip(reference_ok).map(|(a, b)| round_ratio(a, b));
     let prefill_vs_ref = ratio(
         ours1.map(|m| m.prefill_tok_s),
         reference_ok.map(|m| m.prefill_tok_s),
