@@ -58,7 +58,7 @@ impl LatentAttention {
         let rows = q.dim(0)?;
         let total = kv.dim(0)?;
         let len = rows / self.heads;
-        let mut scores = (q.matmul(&kv.t()?)? * self.scale)?;
+        let mut scores = (super::cpu_kernels::product(q, &kv.t()?)? * self.scale)?;
         if len > 1 {
             let mask = super::attention::causal_mask(len, self.past, &scores)?;
             scores = scores
@@ -120,7 +120,7 @@ impl CustomOp2 for LatentAttention {
         let dp = grad.matmul(&kv.narrow(1, 0, self.v_dim)?.t()?)?;
         let row_dot = (&grad * &out)?.sum_keepdim(1)?;
         let ds = (&p * dp.broadcast_sub(&row_dot)?)?;
-        let dq = (ds.matmul(&kv)? * self.scale)?;
+        let dq = (super::cpu_kernels::product(&ds, &kv)? * self.scale)?;
         let dk = (ds.t()?.matmul(&q)? * self.scale)?;
         let dv = p.t()?.matmul(&grad)?;
         let dv = if self.v_dim < d {

@@ -9,6 +9,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, D};
 
+use super::cpu_kernels::product;
 use super::moe::Mlp;
 use super::ops::{swiglu, Ops};
 
@@ -81,8 +82,8 @@ fn frozen_experts(
     let mut pre = Vec::with_capacity(layout.len());
     let mut outs = Vec::with_capacity(layout.len());
     for (start, rows, mlp) in &layout {
-        let h = xs.narrow(0, *start, *rows)?.matmul(&mlp.gate_up.t()?)?;
-        outs.push(swiglu(&h)?.matmul(&mlp.down.t()?)?);
+        let h = product(&xs.narrow(0, *start, *rows)?, &mlp.gate_up.t()?)?;
+        outs.push(product(&swiglu(&h)?, &mlp.down.t()?)?);
         pre.push(h);
     }
     drop(xs);
@@ -155,7 +156,7 @@ impl CustomOp2 for FrozenExperts {
         let mut grad_xs = Vec::with_capacity(self.layout.len());
         for (start, rows, mlp) in &self.layout {
             let inter = mlp.inter();
-            let g_act = gh.narrow(0, *start, *rows)?.matmul(&mlp.down)?;
+            let g_act = product(&gh.narrow(0, *start, *rows)?, &mlp.down)?;
             let h = self.gate_up_pre.narrow(0, *start, *rows)?;
             let gate = h.narrow(1, 0, inter)?;
             let up = h.narrow(1, inter, inter)?;
@@ -165,7 +166,7 @@ impl CustomOp2 for FrozenExperts {
             let dsilu = (&sig * ((&gate * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
             let g_gate = ((&g_act * &up)? * dsilu)?;
             let g_up = (&g_act * silu)?;
-            grad_xs.push(Tensor::cat(&[g_gate, g_up], 1)?.matmul(&mlp.gate_up)?);
+            grad_xs.push(product(&Tensor::cat(&[g_gate, g_up], 1)?, &mlp.gate_up)?);
         }
         let grad_xs = Tensor::cat(&grad_xs, 0)?;
         let grad_x = x

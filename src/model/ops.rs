@@ -4,7 +4,9 @@
 //! the trainer and the server run the same model code.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ops {
@@ -26,16 +28,22 @@ impl Ops {
         }
     }
 
-    /// `x @ w` where `w` is a weight (any batch dims). When training and `w` is frozen, the
-    /// product carries a gradient path to `x` only: candle's own matmul backward would also
-    /// compute, and allocate, a gradient for the frozen weight, which is a third of the
-    /// backward work and a full copy of the model in gradient memory.
+    /// `x @ w` where `w` is a weight (any batch dims). When training on the CPU it is one
+    /// autograd node whose forward and backward products run in the CPU kernels; a frozen
+    /// `w` gets a gradient path to `x` only (candle's own matmul backward would also
+    /// compute, and allocate, a gradient for the frozen weight: a third of the backward
+    /// work and a full copy of the model in gradient memory).
     pub fn matmul_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        if self.differentiable && x.track_op() && !w.track_op() && x.device().is_cpu() {
-            x.apply_op1(FrozenRhs { w: w.clone() })
-        } else {
-            x.matmul(w)
+        if self.differentiable && x.device().is_cpu() {
+            if w.track_op() {
+                return x.apply_op2(w, WeightProduct);
+            }
+            if x.track_op() {
+                return x.apply_op1(FrozenRhs { w: w.clone() });
+            }
+            return super::cpu_kernels::product(x, w);
         }
+        x.matmul(w)
     }
 
     /// `w * x / sqrt(mean(x^2) + eps)` over the last dimension.
@@ -93,26 +101,79 @@ impl CustomOp1 for FrozenRhs {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, x_layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = (x_layout.dims(), self.w.dims());
-        let d = a.len();
-        if d < 2 || b.len() != d || a[d - 1] != b[d - 2] || a[..d - 2] != b[..d - 2] {
-            candle_core::bail!("frozen-rhs-matmul: cannot multiply {a:?} by {b:?}");
-        }
-        let (m, k, n) = (a[d - 2], a[d - 1], b[d - 1]);
-        let batch: usize = a[..d - 2].iter().product();
         let (w, w_layout) = self.w.storage_and_layout();
         let Storage::Cpu(w) = &*w else {
             candle_core::bail!("frozen-rhs-matmul: the weight is not on the CPU");
         };
-        let out = x.matmul(w, (batch, m, n, k), x_layout, w_layout)?;
-        let mut shape = a[..d - 2].to_vec();
-        shape.extend([m, n]);
-        Ok((out, Shape::from(shape)))
+        cpu_product(x, x_layout, w, w_layout)
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w.t()?)?))
+        Ok(Some(super::cpu_kernels::product(grad, &self.w.t()?)?))
     }
+}
+
+/// Autograd node for `x @ w` with a trainable `w`: products in the CPU kernels, gradients
+/// `grad @ w^T` for `x` (when something below trains) and `x^T @ grad` for `w`.
+struct WeightProduct;
+
+impl CustomOp2 for WeightProduct {
+    fn name(&self) -> &'static str {
+        "weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_product(x, x_layout, w, w_layout)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        use super::cpu_kernels::product;
+        let r = x.rank();
+        let grad_x = match x.track_op() {
+            true => Some(product(grad, &w.t()?)?),
+            false => None,
+        };
+        let x_t = x.transpose(r - 2, r - 1)?.contiguous()?;
+        Ok((grad_x, Some(product(&x_t, grad)?)))
+    }
+}
+
+/// `x @ w` on CPU storage: the tiled kernels where the layouts and the CPU allow, candle's
+/// matmul otherwise.
+fn cpu_product(
+    x: &CpuStorage,
+    x_layout: &Layout,
+    w: &CpuStorage,
+    w_layout: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (a, b) = (x_layout.dims(), w_layout.dims());
+    let d = a.len();
+    if d < 2 || b.len() != d || a[d - 1] != b[d - 2] || a[..d - 2] != b[..d - 2] {
+        candle_core::bail!("weight matmul: cannot multiply {a:?} by {b:?}");
+    }
+    if super::cpu_kernels::tiled() {
+        if let Some(out) = super::cpu_kernels::matmul_storage(x, x_layout, w, w_layout)? {
+            return Ok(out);
+        }
+    }
+    let (m, k, n) = (a[d - 2], a[d - 1], b[d - 1]);
+    let batch: usize = a[..d - 2].iter().product();
+    let out = x.matmul(w, (batch, m, n, k), x_layout, w_layout)?;
+    let mut shape = a[..d - 2].to_vec();
+    shape.extend([m, n]);
+    Ok((out, Shape::from(shape)))
 }
 
 /// `silu(gate) * up` where `gate_up` holds both halves side by side: `[n, 2i]` -> `[n, i]`.
@@ -210,6 +271,64 @@ mod tests {
         let r = 12.5f32.sqrt();
         let want = Tensor::new(&[[3. / r, 8. / r]], &dev).unwrap();
         close(&fast.rms_norm(&x, &w, 0.).unwrap(), &want, 1e-6);
+    }
+
+    #[test]
+    fn weight_products_give_candle_values_and_gradients() {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let ops = Ops {
+            differentiable: true,
+        };
+        // Batched and plain shapes; weights stored as given and as transposed views.
+        for (xs, ws, transposed) in [
+            (vec![37usize, 48], vec![48usize, 70], false),
+            (vec![37, 48], vec![70, 48], true),
+            (vec![3, 20, 16], vec![3, 16, 24], false),
+        ] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1., xs.as_slice(), &dev).unwrap()).unwrap();
+            let stored = Tensor::randn(0f32, 1., ws.as_slice(), &dev).unwrap();
+            let r = ws.len();
+            let view = |t: &Tensor| {
+                if transposed {
+                    t.transpose(r - 2, r - 1).unwrap()
+                } else {
+                    t.clone()
+                }
+            };
+            for trainable in [false, true] {
+                let w = Var::from_tensor(&stored).unwrap();
+                let wt = if trainable {
+                    view(w.as_tensor())
+                } else {
+                    view(&stored)
+                };
+                let got = ops.matmul_weight(x.as_tensor(), &wt).unwrap();
+                let want = x.as_tensor().matmul(&wt).unwrap();
+                close(&got, &want, 1e-4);
+                // A loss that weights every output differently.
+                let mix = Tensor::randn(0f32, 1., got.shape(), &dev).unwrap();
+                let g_got = (&got * &mix)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let g_want = (&want * &mix)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                close(g_got.get(&x).unwrap(), g_want.get(&x).unwrap(), 1e-4);
+                if trainable {
+                    close(g_got.get(&w).unwrap(), g_want.get(&w).unwrap(), 1e-4);
+                } else {
+                    assert!(g_got.get(&w).is_none());
+                }
+            }
+        }
     }
 
     #[test]

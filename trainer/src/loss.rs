@@ -13,6 +13,7 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use esft::model::cpu_kernels::product;
 use rayon::prelude::*;
 
 /// Rows whose logits exist at once: `CHUNK_ROWS x vocab` values (32 MB at 32k vocab, f32).
@@ -78,7 +79,7 @@ impl HeadNll {
         for start in (0..rows).step_by(CHUNK_ROWS) {
             let len = CHUNK_ROWS.min(rows - start);
             let hc = h.narrow(0, start, len)?;
-            let logits = hc.matmul(&self.w.t()?)?;
+            let logits = product(&hc, &self.w.t()?)?;
             let targets = &self.targets[start..start + len];
             if !self.want_h && !self.want_w {
                 // Evaluation: the loss alone.
@@ -111,7 +112,7 @@ impl HeadNll {
             drop(logits);
             loss += part;
             let d = Tensor::from_vec(d, (len, vocab), &Device::Cpu)?;
-            grad_h.push(d.matmul(&self.w)?);
+            grad_h.push(product(&d, &self.w)?);
             if self.want_w {
                 let part = d.t()?.matmul(&hc)?;
                 grad_w = Some(match grad_w {

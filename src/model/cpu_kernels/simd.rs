@@ -111,21 +111,63 @@ pub fn weighted_sum(
 ) {
     assert!(p.len() >= m * rows && out.len() >= m * width && width <= ldc);
     assert!(rows == 0 || c.len() >= (rows - 1) * ldc + width);
+    // SAFETY: the asserts bound every access; `out` is exclusively borrowed.
+    unsafe {
+        weighted_to(
+            p.as_ptr(),
+            rows,
+            m,
+            c.as_ptr(),
+            ldc,
+            rows,
+            width,
+            out.as_mut_ptr(),
+            width,
+            false,
+        )
+    }
+}
+
+/// `out[r * ldo + d] (+)= sum_{j < n} a[r * lda + j] * b[j * ldb + d]` for `r < m`,
+/// `d < width`: the product `a @ b` with `b` stored row-major (the layout whose rows are
+/// not the dot-product rows of [`products`]). The sum over `j` runs in order; with
+/// `accumulate` it continues from the values already in `out`, so splitting `n` into
+/// consecutive chunks gives the same bits as one call.
+///
+/// # Safety
+/// `a` must be valid for reads at `r * lda + j`, `b` at `j * ldb + d` and `out` for reads
+/// and writes at `r * ldo + d` over those ranges, with nothing else writing them.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn weighted_to(
+    a: *const f32,
+    lda: usize,
+    m: usize,
+    b: *const f32,
+    ldb: usize,
+    n: usize,
+    width: usize,
+    out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was just detected; the asserts bound every access.
-            unsafe { avx512::weighted_sum(p, m, c, rows, ldc, width, out) };
+            // SAFETY: the feature was just detected; the rest is the caller's promise.
+            unsafe { avx512::weighted_to(a, lda, m, b, ldb, n, width, out, ldo, accumulate) };
             return;
         }
     }
-    out[..m * width].fill(0.0);
     for r in 0..m {
-        let o = &mut out[r * width..(r + 1) * width];
-        for j in 0..rows {
-            let a = p[r * rows + j];
-            for (od, cd) in o.iter_mut().zip(&c[j * ldc..j * ldc + width]) {
-                *od += a * cd;
+        for d in 0..width {
+            // SAFETY: the caller's promise.
+            unsafe {
+                let o = out.add(r * ldo + d);
+                let mut acc = if accumulate { *o } else { 0.0 };
+                for j in 0..n {
+                    acc += *a.add(r * lda + j) * *b.add(j * ldb + d);
+                }
+                *o = acc;
             }
         }
     }
@@ -228,42 +270,50 @@ mod avx512 {
         }
     }
 
-    /// See [`super::weighted_sum`]; the caller has checked the feature and the lengths.
+    /// See [`super::weighted_to`]; the caller has checked the feature and the ranges.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn weighted_sum(
-        p: &[f32],
+    pub unsafe fn weighted_to(
+        a: *const f32,
+        lda: usize,
         m: usize,
-        c: &[f32],
-        rows: usize,
-        ldc: usize,
+        b: *const f32,
+        ldb: usize,
+        n: usize,
         width: usize,
-        out: &mut [f32],
+        out: *mut f32,
+        ldo: usize,
+        accumulate: bool,
     ) {
         let mut r = 0;
         while r < m {
             let rb = (m - r).min(4);
-            let (pr, or) = (p.as_ptr().add(r * rows), out.as_mut_ptr().add(r * width));
+            let (ar, or) = (a.add(r * lda), out.add(r * ldo));
             match rb {
-                4 => weighted_tile::<4>(pr, rows, c.as_ptr(), ldc, width, or),
-                3 => weighted_tile::<3>(pr, rows, c.as_ptr(), ldc, width, or),
-                2 => weighted_tile::<2>(pr, rows, c.as_ptr(), ldc, width, or),
-                _ => weighted_tile::<1>(pr, rows, c.as_ptr(), ldc, width, or),
+                4 => weighted_tile::<4>(ar, lda, b, ldb, n, width, or, ldo, accumulate),
+                3 => weighted_tile::<3>(ar, lda, b, ldb, n, width, or, ldo, accumulate),
+                2 => weighted_tile::<2>(ar, lda, b, ldb, n, width, or, ldo, accumulate),
+                _ => weighted_tile::<1>(ar, lda, b, ldb, n, width, or, ldo, accumulate),
             }
             r += rb;
         }
     }
 
-    /// `R` probability rows against the rows of `c`, 64 columns (4 vectors per row) at a
-    /// time with the last vector masked.
+    /// `R` rows of `a` against the rows of `b`, 64 columns (4 vectors per row) at a time
+    /// with the last vector masked.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn weighted_tile<const R: usize>(
-        p: *const f32,
-        rows: usize,
-        c: *const f32,
-        ldc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        n: usize,
         width: usize,
         out: *mut f32,
+        ldo: usize,
+        accumulate: bool,
     ) {
         let mut d = 0;
         while d < width {
@@ -273,20 +323,27 @@ mod avx512 {
                 ((1u32 << have) - 1) as u16
             });
             let mut acc = [[_mm512_setzero_ps(); 4]; R];
-            for j in 0..rows {
-                let row = c.add(j * ldc + d);
-                let cv: [__m512; 4] =
-                    std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], row.add(16 * v)));
-                for (rr, a) in acc.iter_mut().enumerate() {
-                    let pv = _mm512_set1_ps(*p.add(rr * rows + j));
-                    for (av, c) in a.iter_mut().zip(&cv) {
-                        *av = _mm512_fmadd_ps(pv, *c, *av);
+            if accumulate {
+                for (rr, row) in acc.iter_mut().enumerate() {
+                    for (v, av) in row.iter_mut().enumerate() {
+                        *av = _mm512_maskz_loadu_ps(masks[v], out.add(rr * ldo + d + 16 * v));
                     }
                 }
             }
-            for (rr, a) in acc.iter().enumerate() {
-                for (v, av) in a.iter().enumerate() {
-                    _mm512_mask_storeu_ps(out.add(rr * width + d + 16 * v), masks[v], *av);
+            for j in 0..n {
+                let row = b.add(j * ldb + d);
+                let bv: [__m512; 4] =
+                    std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], row.add(16 * v)));
+                for (rr, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(rr * lda + j));
+                    for (acc_v, b_v) in row.iter_mut().zip(&bv) {
+                        *acc_v = _mm512_fmadd_ps(av, *b_v, *acc_v);
+                    }
+                }
+            }
+            for (rr, row) in acc.iter().enumerate() {
+                for (v, av) in row.iter().enumerate() {
+                    _mm512_mask_storeu_ps(out.add(rr * ldo + d + 16 * v), masks[v], *av);
                 }
             }
             d += lanes;
@@ -464,6 +521,59 @@ mod tests {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             assert_eq!(unsafe { dot_avx2(&a, &b) }, want);
+        }
+    }
+
+    #[test]
+    fn weighted_to_in_chunks_equals_one_call_and_strides_hold() {
+        let (m, n, width, lda, ldb, ldo) = (6, 37, 70, 40, 75, 72);
+        let (a, b) = (values(m * lda, 7), values(n * ldb, 8));
+        let mut whole = vec![0f32; m * ldo];
+        let mut parts = vec![0f32; m * ldo];
+        // SAFETY: the buffers hold every position the calls touch.
+        unsafe {
+            weighted_to(
+                a.as_ptr(),
+                lda,
+                m,
+                b.as_ptr(),
+                ldb,
+                n,
+                width,
+                whole.as_mut_ptr(),
+                ldo,
+                false,
+            );
+            let mut j0 = 0;
+            for chunk in [10, 1, 26] {
+                weighted_to(
+                    a.as_ptr().add(j0),
+                    lda,
+                    m,
+                    b.as_ptr().add(j0 * ldb),
+                    ldb,
+                    chunk,
+                    width,
+                    parts.as_mut_ptr(),
+                    ldo,
+                    j0 > 0,
+                );
+                j0 += chunk;
+            }
+        }
+        assert_eq!(whole, parts);
+        for r in 0..m {
+            for d in 0..ldo {
+                let got = whole[r * ldo + d];
+                if d >= width {
+                    assert_eq!(got, 0.0, "wrote outside the width at {r},{d}");
+                    continue;
+                }
+                let want: f64 = (0..n)
+                    .map(|j| a[r * lda + j] as f64 * b[j * ldb + d] as f64)
+                    .sum();
+                assert!((got as f64 - want).abs() < 1e-4, "{r},{d}: {got} vs {want}");
+            }
         }
     }
 

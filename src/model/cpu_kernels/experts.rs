@@ -1,0 +1,262 @@
+//! The routed (and shared) experts of an MoE layer in one call: SwiGLU products for the
+//! rows of every expert, grouped by expert.
+
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+use super::{simd, with_f32, SharedOut, LINEAR_BLOCK};
+
+/// One expert's rows of a grouped MoE product.
+pub struct ExpertGroup<'a> {
+    /// First row in the sorted inputs, and number of rows.
+    pub start: usize,
+    pub rows: usize,
+    /// `[2 * inter, hidden]` and `[hidden, inter]`.
+    pub gate_up: &'a Tensor,
+    pub down: &'a Tensor,
+}
+
+/// Rows per task of [`grouped_swiglu`]: a larger expert group is split, so that one busy
+/// expert (a long prompt) still spreads over the threads and its rows stay in L2.
+const GROUP_TASK_ROWS: usize = 128;
+
+/// For the rows `xs [total, hidden]` sorted by expert:
+/// `y_r = weight_r * down(silu(gate x_r) * up x_r)`.
+///
+/// Two parallel passes, each split into small tasks so that the threads stay balanced
+/// even when one expert is larger than the others (the shared experts, a long prompt):
+/// the activations per (expert, up to `GROUP_TASK_ROWS` rows, `LINEAR_BLOCK` intermediate
+/// columns), then the down projection per (expert, rows, `LINEAR_BLOCK` output columns).
+/// Every output is the same sum whatever the split, so a row's result does not depend on
+/// how many rows its expert has.
+pub fn grouped_swiglu(
+    xs: &Tensor,
+    groups: &[ExpertGroup<'_>],
+    row_weights: &[f32],
+) -> Result<Tensor> {
+    let (total, hidden) = xs.dims2()?;
+    if row_weights.len() < total {
+        candle_core::bail!(
+            "grouped_swiglu: {} weights for {total} rows",
+            row_weights.len()
+        );
+    }
+    // Per group: its intermediate size and where its activations start.
+    let mut at = 0;
+    let mut act_len = 0;
+    let mut layout = Vec::with_capacity(groups.len());
+    for g in groups {
+        if g.start < at || g.start + g.rows > total {
+            candle_core::bail!("grouped_swiglu: groups overlap or run past {total} rows");
+        }
+        let (h2, inter) = g.down.dims2()?;
+        if h2 != hidden || g.gate_up.dims2()? != (2 * inter, hidden) {
+            candle_core::bail!("grouped_swiglu: expert shapes do not match hidden {hidden}");
+        }
+        layout.push((inter, act_len));
+        act_len += g.rows * inter;
+        at = g.start + g.rows;
+    }
+    // (group, first row, rows) chunks.
+    let chunks: Vec<(usize, usize, usize)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(gi, g)| {
+            (g.start..g.start + g.rows)
+                .step_by(GROUP_TASK_ROWS)
+                .map(move |first| (gi, first, (g.start + g.rows - first).min(GROUP_TASK_ROWS)))
+        })
+        .collect();
+    let mut act = vec![0f32; act_len];
+    let mut out = vec![0f32; total * hidden];
+    let (act_dst, out_dst) = (SharedOut(act.as_mut_ptr()), SharedOut(out.as_mut_ptr()));
+    with_f32(xs, |xs| -> Result<()> {
+        // Pass 1: activations.
+        let tasks1: Vec<(usize, usize, usize, usize)> = chunks
+            .iter()
+            .flat_map(|&(gi, first, rows)| {
+                (0..layout[gi].0)
+                    .step_by(LINEAR_BLOCK)
+                    .map(move |c0| (gi, first, rows, c0))
+            })
+            .collect();
+        tasks1.into_par_iter().try_for_each_init(
+            Vec::new,
+            |buf, (gi, first, rows, c0)| -> Result<()> {
+                let (g, (inter, act_start)) = (&groups[gi], layout[gi]);
+                let cols = (inter - c0).min(LINEAR_BLOCK);
+                let x = &xs[first * hidden..(first + rows) * hidden];
+                with_f32(g.gate_up, |w| {
+                    buf.clear();
+                    buf.resize(2 * rows * cols, 0.0);
+                    let (gate, up) = buf.split_at_mut(rows * cols);
+                    let gate_w = &w[c0 * hidden..(c0 + cols) * hidden];
+                    let up_w = &w[(inter + c0) * hidden..(inter + c0 + cols) * hidden];
+                    simd::products(x, rows, gate_w, cols, hidden, gate, cols);
+                    simd::products(x, rows, up_w, cols, hidden, up, cols);
+                    let base = act_start + (first - g.start) * inter + c0;
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            let (a, u) = (gate[r * cols + c], up[r * cols + c]);
+                            // SAFETY: row r, columns c0..c0 + cols of this chunk's
+                            // activations belong to this task alone.
+                            unsafe {
+                                *act_dst.at(base + r * inter + c) = a / (1.0 + (-a).exp()) * u
+                            };
+                        }
+                    }
+                })
+            },
+        )?;
+        // Pass 2: down projection and routing weight.
+        let act = &act;
+        let tasks2: Vec<(usize, usize, usize, usize)> = chunks
+            .iter()
+            .flat_map(|&(gi, first, rows)| {
+                (0..hidden)
+                    .step_by(LINEAR_BLOCK)
+                    .map(move |d0| (gi, first, rows, d0))
+            })
+            .collect();
+        tasks2
+            .into_par_iter()
+            .try_for_each(|(gi, first, rows, d0)| -> Result<()> {
+                let (g, (inter, act_start)) = (&groups[gi], layout[gi]);
+                let cols = (hidden - d0).min(LINEAR_BLOCK);
+                let a0 = act_start + (first - g.start) * inter;
+                let a = &act[a0..a0 + rows * inter];
+                with_f32(g.down, |w| {
+                    let down_w = &w[d0 * inter..(d0 + cols) * inter];
+                    let o = out_dst.at(first * hidden + d0);
+                    // SAFETY: rows first..first + rows, columns d0..d0 + cols of the output
+                    // belong to this task alone.
+                    unsafe { simd::products_to(a, rows, down_w, cols, inter, o, hidden) };
+                    for r in 0..rows {
+                        let weight = row_weights[first + r];
+                        for c in 0..cols {
+                            // SAFETY: as above.
+                            unsafe { *o.add(r * hidden + c) *= weight };
+                        }
+                    }
+                })
+            })
+    })??;
+    Tensor::from_vec(out, (total, hidden), &Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn grouped_swiglu_equals_per_expert_candle() {
+        let dev = Device::Cpu;
+        // Intermediate sizes of routed experts and of a wider shared expert; one group
+        // longer than a task and one intermediate size longer than a column block.
+        let (h, inters) = (40, [24usize, 24, 24, 48, 70]);
+        let experts: Vec<(Tensor, Tensor)> = inters
+            .iter()
+            .map(|&i| {
+                (
+                    Tensor::randn(0f32, 0.3, (2 * i, h), &dev).unwrap(),
+                    Tensor::randn(0f32, 0.3, (h, i), &dev).unwrap(),
+                )
+            })
+            .collect();
+        let rows = [2usize, 0, 3, GROUP_TASK_ROWS + 5, 1];
+        let total: usize = rows.iter().sum();
+        let xs = Tensor::randn(0f32, 1., (total, h), &dev).unwrap();
+        let weights: Vec<f32> = (0..total).map(|r| 0.5 + r as f32 * 0.1).collect();
+        let mut groups = Vec::new();
+        let mut want = Vec::new();
+        let mut start = 0;
+        for (e, &n) in rows.iter().enumerate() {
+            if n > 0 {
+                groups.push(ExpertGroup {
+                    start,
+                    rows: n,
+                    gate_up: &experts[e].0,
+                    down: &experts[e].1,
+                });
+                let x = xs.narrow(0, start, n).unwrap();
+                let gu = x.matmul(&experts[e].0.t().unwrap()).unwrap();
+                let act = crate::model::ops::swiglu(&gu).unwrap();
+                let y = act.matmul(&experts[e].1.t().unwrap()).unwrap();
+                let w = Tensor::new(&weights[start..start + n], &dev)
+                    .unwrap()
+                    .reshape((n, 1))
+                    .unwrap();
+                want.push(y.broadcast_mul(&w).unwrap());
+            }
+            start += n;
+        }
+        let want = Tensor::cat(&want, 0).unwrap();
+        let got = grouped_swiglu(&xs, &groups, &weights).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            max_diff(&got, &want) < 1e-5 * scale.max(1.0),
+            "{} vs scale {scale}",
+            max_diff(&got, &want)
+        );
+        // A row of the long group (in its second task) computes the same bits alone.
+        let last = 2 + 3 + GROUP_TASK_ROWS + 2;
+        let alone = grouped_swiglu(
+            &xs.narrow(0, last, 1).unwrap(),
+            &[ExpertGroup {
+                start: 0,
+                rows: 1,
+                gate_up: &experts[3].0,
+                down: &experts[3].1,
+            }],
+            &weights[last..],
+        )
+        .unwrap();
+        let in_group: Vec<f32> = got
+            .narrow(0, last, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let alone: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(in_group, alone);
+        // Overlapping groups are refused.
+        let overlap = [
+            ExpertGroup {
+                start: 0,
+                rows: 3,
+                gate_up: &experts[0].0,
+                down: &experts[0].1,
+            },
+            ExpertGroup {
+                start: 2,
+                rows: 1,
+                gate_up: &experts[0].0,
+                down: &experts[0].1,
+            },
+        ];
+        assert!(grouped_swiglu(&xs, &overlap, &weights).is_err());
+    }
+}
