@@ -99,12 +99,20 @@ impl HeadNll {
                     .zip(x.par_chunks(vocab))
                     .zip(targets.par_iter())
                     .map(|((d, row), &t)| {
-                        let lse = row_lse(row);
+                        // One exponential per logit: exp(v - max) is kept and normalised.
+                        let max = row_max(row);
+                        let mut sum = 0f64;
                         for (d, &v) in d.iter_mut().zip(row) {
-                            *d = T::from_f64((v.to_f64() - lse).exp());
+                            let e = (v.to_f64() - max).exp();
+                            sum += e;
+                            *d = T::from_f64(e);
+                        }
+                        let inv = 1.0 / sum;
+                        for d in d.iter_mut() {
+                            *d = T::from_f64(d.to_f64() * inv);
                         }
                         d[t as usize] = T::from_f64(d[t as usize].to_f64() - 1.0);
-                        lse - row[t as usize].to_f64()
+                        max + sum.ln() - row[t as usize].to_f64()
                     })
                     .sum();
                 (part, d)
@@ -130,12 +138,16 @@ impl HeadNll {
     }
 }
 
+/// The largest value of one row.
+fn row_max<T: WithDType>(row: &[T]) -> f64 {
+    row.iter()
+        .map(|v| v.to_f64())
+        .fold(f64::NEG_INFINITY, f64::max)
+}
+
 /// `log sum exp` of one row, accumulated in f64.
 fn row_lse<T: WithDType>(row: &[T]) -> f64 {
-    let max = row
-        .iter()
-        .map(|v| v.to_f64())
-        .fold(f64::NEG_INFINITY, f64::max);
+    let max = row_max(row);
     let sum: f64 = row.iter().map(|v| (v.to_f64() - max).exp()).sum();
     max + sum.ln()
 }
