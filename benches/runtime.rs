@@ -18,7 +18,7 @@
 //! table, the ratios, and one JSON line at the end.
 //!
 //! Environment knobs (for a quick smoke run): `ESFT_BENCH_STEPS` (decode steps, 32),
-//! `ESFT_BENCH_REPS` (timed repetitions, 3), `ESFT_BENCH_PROMPT` (prompt tokens, 128),
+//! `ESFT_BENCH_REPS` (timed rounds, 5), `ESFT_BENCH_PROMPT` (prompt tokens, 128),
 //! `ESFT_BENCH_BATCHES` (comma-separated, "1,8,32"), `ESFT_BENCH_LAYERS` (8),
 //! `ESFT_BENCH_REFERENCE` (0 skips candle-transformers).
 //!
@@ -265,7 +265,7 @@ fn row_json(m: &Measured) -> serde_json::Value {
 fn main() -> AnyResult<()> {
     esft::util::pin_thread_count();
     let steps = env_usize("ESFT_BENCH_STEPS", 32).max(1);
-    let reps = env_usize("ESFT_BENCH_REPS", 3).max(1);
+    let reps = env_usize("ESFT_BENCH_REPS", 5).max(1);
     let prompt_len = env_usize("ESFT_BENCH_PROMPT", 128).max(1);
     let layers = env_usize("ESFT_BENCH_LAYERS", 8).max(2);
     let with_reference = env_usize("ESFT_BENCH_REFERENCE", 1) != 0;
@@ -330,13 +330,19 @@ fn main() -> AnyResult<()> {
             }),
         })
         .collect();
+    // The reference runs right after ours at batch 1, so the two passes of a round's
+    // batch-1 ratio are seconds apart.
+    let reference_at = batches.iter().position(|&b| b == 1).map_or(0, |i| i + 1);
     if let Ok(rm) = reference_model.as_mut() {
         let prompt = &prompts[0];
-        contenders.push(Contender {
-            name: "candle-transformers",
-            batch: 1,
-            pass: Box::new(move || reference_pass(rm, prompt, steps)),
-        });
+        contenders.insert(
+            reference_at,
+            Contender {
+                name: "candle-transformers",
+                batch: 1,
+                pass: Box::new(move || reference_pass(rm, prompt, steps)),
+            },
+        );
     }
     let t = Instant::now();
     let mut measured = measure_rounds(&mut contenders, prompt_len, steps, reps)?;
@@ -353,7 +359,7 @@ fn main() -> AnyResult<()> {
     }
     drop(contenders);
     let reference: Result<Measured, String> = match reference_model {
-        Ok(_) => Ok(measured.pop().expect("the reference was measured")),
+        Ok(_) => Ok(measured.remove(reference_at)),
         Err(why) => Err(why),
     };
     let ours = measured;
