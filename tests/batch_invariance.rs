@@ -9,23 +9,6 @@ use common::*;
 use esft::model::cpu_kernels;
 use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, SeqCache, SeqInput};
 
-fn alone(model: &DeepSeekV2, ids: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
-    let mut batch = [SeqInput {
-        tokens: ids,
-        cache: &mut cache,
-        experts: None,
-        logits: LogitsWanted::All,
-    }];
-    model
-        .forward(&mut batch, None)
-        .unwrap()
-        .logits
-        .unwrap()
-        .to_vec2()
-        .unwrap()
-}
-
 #[test]
 fn logits_do_not_depend_on_batch_or_chunking() {
     if !cpu_kernels::tiled() {
@@ -42,7 +25,7 @@ fn logits_do_not_depend_on_batch_or_chunking() {
             .map(|p| u32s(&p["ids"]))
             .collect();
         let target = &prompts[0];
-        let want = alone(&model, target);
+        let want = logits_all(&model, target, None);
 
         // The target prefilled in chunks of 5 while the others prefill, then decode.
         let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();

@@ -146,21 +146,9 @@ pub fn grouped_swiglu(
 
 #[cfg(test)]
 mod tests {
+    use super::super::max_diff;
     use super::*;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn grouped_swiglu_equals_per_expert_candle() {

@@ -264,21 +264,9 @@ pub fn heads_linear(x: &Tensor, w: &Tensor, rows: std::ops::Range<usize>) -> Res
 
 #[cfg(test)]
 mod tests {
+    use super::super::max_diff;
     use super::*;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     #[test]
     fn linear_equals_candle_matmul() {

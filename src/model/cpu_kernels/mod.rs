@@ -89,3 +89,11 @@ impl SharedOut {
 /// Weight rows (output columns) per parallel task of the products: a block of the weight
 /// stays in L2 while the rows of `x` pass over it.
 const LINEAR_BLOCK: usize = 64;
+
+/// Largest absolute difference of two tensors (the kernel tests' measure).
+#[cfg(test)]
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar())
+        .unwrap_or(f32::INFINITY)
+}
