@@ -18,12 +18,7 @@ fn logits_do_not_depend_on_batch_or_chunking() {
     for name in ["lite-yarn", "v2-grouped"] {
         let model = DeepSeekV2::load_dir(&fixture(name), &LoadOptions::default()).unwrap();
         let r = reference(name);
-        let prompts: Vec<Vec<u32>> = r["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| u32s(&p["ids"]))
-            .collect();
+        let prompts = prompt_ids(&r);
         let target = &prompts[0];
         let want = logits_all(&model, target, None);
 

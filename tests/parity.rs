@@ -111,12 +111,7 @@ fn check_routing(name: &str) {
 fn check_batch_equals_alone(name: &str) {
     let model = load(name);
     let r = reference(name);
-    let prompts: Vec<Vec<u32>> = r["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| u32s(&p["ids"]))
-        .collect();
+    let prompts = prompt_ids(&r);
     let mut together: Vec<Sequence> = prompts
         .iter()
         .map(|p| greedy_sequence(&model, p.clone(), 16))

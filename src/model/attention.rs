@@ -192,11 +192,11 @@ impl Attention {
         .reshape((n, nh, nope + rope))?;
         let q_nope = q.narrow(D::Minus1, 0, nope)?;
         let q_pe = ops.rope_interleaved(&q.narrow(D::Minus1, nope, rope)?, cos, sin)?;
-        // The CPU kernels where they apply (and the per-head row layout exists).
-        let kernel_rows = self
-            .w_uk_rows
-            .as_ref()
-            .filter(|_| !ops.differentiable && cpu_kernels::applies(x));
+        // The CPU kernels where they are the faster path (and the per-head row layout
+        // exists), on the same terms as the projections.
+        let kernel_rows = self.w_uk_rows.as_ref().filter(|_| {
+            !ops.differentiable && cpu_kernels::applies(x) && cpu_kernels::linear_wins(n)
+        });
         // Absorb W_uk into the query: [nh, n, nope] x [nh, nope, kvr] -> [n, nh, kvr].
         let q_nope_heads = q_nope.transpose(0, 1)?.contiguous()?;
         let q_lat = match kernel_rows {

@@ -158,22 +158,14 @@ fn cpu_product(
     w: &CpuStorage,
     w_layout: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
-    let (a, b) = (x_layout.dims(), w_layout.dims());
-    let d = a.len();
-    if d < 2 || b.len() != d || a[d - 1] != b[d - 2] || a[..d - 2] != b[..d - 2] {
-        candle_core::bail!("weight matmul: cannot multiply {a:?} by {b:?}");
-    }
-    if super::cpu_kernels::tiled() {
-        if let Some(out) = super::cpu_kernels::matmul_storage(x, x_layout, w, w_layout)? {
+    use super::cpu_kernels::{matmul_storage, product_dims, tiled};
+    if tiled() {
+        if let Some(out) = matmul_storage(x, x_layout, w, w_layout)? {
             return Ok(out);
         }
     }
-    let (m, k, n) = (a[d - 2], a[d - 1], b[d - 1]);
-    let batch: usize = a[..d - 2].iter().product();
-    let out = x.matmul(w, (batch, m, n, k), x_layout, w_layout)?;
-    let mut shape = a[..d - 2].to_vec();
-    shape.extend([m, n]);
-    Ok((out, Shape::from(shape)))
+    let ((batch, m, k, n), shape) = product_dims(x_layout.dims(), w_layout.dims())?;
+    Ok((x.matmul(w, (batch, m, n, k), x_layout, w_layout)?, shape))
 }
 
 /// `silu(gate) * up` where `gate_up` holds both halves side by side: `[n, 2i]` -> `[n, i]`.

@@ -31,6 +31,16 @@ pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+/// The token ids of every reference prompt.
+pub fn prompt_ids(r: &serde_json::Value) -> Vec<Vec<u32>> {
+    r["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| u32s(&p["ids"]))
+        .collect()
+}
+
 pub fn f32s(v: &serde_json::Value) -> Vec<f32> {
     v.as_array()
         .unwrap()

@@ -6,9 +6,10 @@
 //! then the probability-weighted sum of the `c_kv` parts. Nothing score-sized outlives a
 //! task, so a long prompt needs no `[tokens * heads, tokens]` buffer.
 
-use candle_core::{Device, Result, Storage, Tensor};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_f32;
 use super::simd::{products, weighted_sum};
 
 /// One sequence of the batch: its new tokens are rows `start .. start + len` of the
@@ -39,10 +40,7 @@ pub fn latent_attention(
     }
     let q = q.contiguous()?;
     let (q_storage, q_layout) = q.storage_and_layout();
-    let Storage::Cpu(q_cpu) = &*q_storage else {
-        candle_core::bail!("latent attention on a non-CPU tensor");
-    };
-    let q_all = &q_cpu.as_slice::<f32>()?[q_layout.start_offset()..][..n * heads * width];
+    let q_all = cpu_f32(&q_storage, q_layout, n * heads * width)?;
 
     // Each sequence's cache rows, and the token -> sequence table.
     let kvs: Vec<Tensor> = seqs
@@ -53,9 +51,6 @@ pub fn latent_attention(
     let mut caches: Vec<&[f32]> = Vec::with_capacity(seqs.len());
     let mut owner = vec![usize::MAX; n];
     for (si, (s, (storage, layout))) in seqs.iter().zip(&guards).enumerate() {
-        let Storage::Cpu(cpu) = &**storage else {
-            candle_core::bail!("latent attention on a non-CPU cache");
-        };
         let (rows, w) = kvs[si].dims2()?;
         if w != width || rows < s.len || s.start + s.len > n {
             candle_core::bail!(
@@ -65,7 +60,7 @@ pub fn latent_attention(
                 s.start
             );
         }
-        caches.push(&cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * width]);
+        caches.push(cpu_f32(storage, layout, rows * width)?);
         owner[s.start..s.start + s.len].fill(si);
     }
     if owner.contains(&usize::MAX) {

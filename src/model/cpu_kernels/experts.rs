@@ -4,7 +4,7 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{simd, with_f32, SharedOut, LINEAR_BLOCK};
+use super::{cpu_f32, simd, with_f32, SharedOut, LINEAR_BLOCK};
 
 /// One expert's rows of a grouped MoE product.
 pub struct ExpertGroup<'a> {
@@ -67,10 +67,29 @@ pub fn grouped_swiglu(
                 .map(move |first| (gi, first, (g.start + g.rows - first).min(GROUP_TASK_ROWS)))
         })
         .collect();
+    // Every expert's weights as slices, resolved once for all tasks.
+    let weights: Vec<(Tensor, Tensor)> = groups
+        .iter()
+        .map(|g| Ok((g.gate_up.contiguous()?, g.down.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let guards: Vec<_> = weights
+        .iter()
+        .map(|(gu, d)| (gu.storage_and_layout(), d.storage_and_layout()))
+        .collect();
+    let slices: Vec<(&[f32], &[f32])> = guards
+        .iter()
+        .zip(&weights)
+        .map(|(((gs, gl), (ds, dl)), (gu, d))| {
+            Ok((
+                cpu_f32(gs, gl, gu.elem_count())?,
+                cpu_f32(ds, dl, d.elem_count())?,
+            ))
+        })
+        .collect::<Result<_>>()?;
     let mut act = vec![0f32; act_len];
     let mut out = vec![0f32; total * hidden];
     let (act_dst, out_dst) = (SharedOut(act.as_mut_ptr()), SharedOut(out.as_mut_ptr()));
-    with_f32(xs, |xs| -> Result<()> {
+    with_f32(xs, |xs| {
         // Pass 1: activations.
         let tasks1: Vec<(usize, usize, usize, usize)> = chunks
             .iter()
@@ -80,34 +99,30 @@ pub fn grouped_swiglu(
                     .map(move |c0| (gi, first, rows, c0))
             })
             .collect();
-        tasks1.into_par_iter().try_for_each_init(
-            Vec::new,
-            |buf, (gi, first, rows, c0)| -> Result<()> {
+        tasks1
+            .into_par_iter()
+            .for_each_init(Vec::new, |buf, (gi, first, rows, c0)| {
                 let (g, (inter, act_start)) = (&groups[gi], layout[gi]);
                 let cols = (inter - c0).min(LINEAR_BLOCK);
                 let x = &xs[first * hidden..(first + rows) * hidden];
-                with_f32(g.gate_up, |w| {
-                    buf.clear();
-                    buf.resize(2 * rows * cols, 0.0);
-                    let (gate, up) = buf.split_at_mut(rows * cols);
-                    let gate_w = &w[c0 * hidden..(c0 + cols) * hidden];
-                    let up_w = &w[(inter + c0) * hidden..(inter + c0 + cols) * hidden];
-                    simd::products(x, rows, gate_w, cols, hidden, gate, cols);
-                    simd::products(x, rows, up_w, cols, hidden, up, cols);
-                    let base = act_start + (first - g.start) * inter + c0;
-                    for r in 0..rows {
-                        for c in 0..cols {
-                            let (a, u) = (gate[r * cols + c], up[r * cols + c]);
-                            // SAFETY: row r, columns c0..c0 + cols of this chunk's
-                            // activations belong to this task alone.
-                            unsafe {
-                                *act_dst.at(base + r * inter + c) = a / (1.0 + (-a).exp()) * u
-                            };
-                        }
+                let w = slices[gi].0;
+                buf.clear();
+                buf.resize(2 * rows * cols, 0.0);
+                let (gate, up) = buf.split_at_mut(rows * cols);
+                let gate_w = &w[c0 * hidden..(c0 + cols) * hidden];
+                let up_w = &w[(inter + c0) * hidden..(inter + c0 + cols) * hidden];
+                simd::products(x, rows, gate_w, cols, hidden, gate, cols);
+                simd::products(x, rows, up_w, cols, hidden, up, cols);
+                let base = act_start + (first - g.start) * inter + c0;
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let (a, u) = (gate[r * cols + c], up[r * cols + c]);
+                        // SAFETY: row r, columns c0..c0 + cols of this chunk's activations
+                        // belong to this task alone.
+                        unsafe { *act_dst.at(base + r * inter + c) = a / (1.0 + (-a).exp()) * u };
                     }
-                })
-            },
-        )?;
+                }
+            });
         // Pass 2: down projection and routing weight.
         let act = &act;
         let tasks2: Vec<(usize, usize, usize, usize)> = chunks
@@ -118,29 +133,25 @@ pub fn grouped_swiglu(
                     .map(move |d0| (gi, first, rows, d0))
             })
             .collect();
-        tasks2
-            .into_par_iter()
-            .try_for_each(|(gi, first, rows, d0)| -> Result<()> {
-                let (g, (inter, act_start)) = (&groups[gi], layout[gi]);
-                let cols = (hidden - d0).min(LINEAR_BLOCK);
-                let a0 = act_start + (first - g.start) * inter;
-                let a = &act[a0..a0 + rows * inter];
-                with_f32(g.down, |w| {
-                    let down_w = &w[d0 * inter..(d0 + cols) * inter];
-                    let o = out_dst.at(first * hidden + d0);
-                    // SAFETY: rows first..first + rows, columns d0..d0 + cols of the output
-                    // belong to this task alone.
-                    unsafe { simd::products_to(a, rows, down_w, cols, inter, o, hidden) };
-                    for r in 0..rows {
-                        let weight = row_weights[first + r];
-                        for c in 0..cols {
-                            // SAFETY: as above.
-                            unsafe { *o.add(r * hidden + c) *= weight };
-                        }
-                    }
-                })
-            })
-    })??;
+        tasks2.into_par_iter().for_each(|(gi, first, rows, d0)| {
+            let (g, (inter, act_start)) = (&groups[gi], layout[gi]);
+            let cols = (hidden - d0).min(LINEAR_BLOCK);
+            let a0 = act_start + (first - g.start) * inter;
+            let a = &act[a0..a0 + rows * inter];
+            let down_w = &slices[gi].1[d0 * inter..(d0 + cols) * inter];
+            let o = out_dst.at(first * hidden + d0);
+            // SAFETY: rows first..first + rows, columns d0..d0 + cols of the output belong
+            // to this task alone.
+            unsafe { simd::products_to(a, rows, down_w, cols, inter, o, hidden) };
+            for r in 0..rows {
+                let weight = row_weights[first + r];
+                for c in 0..cols {
+                    // SAFETY: as above.
+                    unsafe { *o.add(r * hidden + c) *= weight };
+                }
+            }
+        });
+    })?;
     Tensor::from_vec(out, (total, hidden), &Device::Cpu)
 }
 

@@ -2,7 +2,7 @@
 //! `a @ b` for either layout of `b` (`matmul`, the training products), and MLA's per-head
 //! absorbed projections (`heads_linear`).
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::{simd, with_f32, SharedOut, LINEAR_BLOCK};
@@ -121,46 +121,35 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, (m, n), &Device::Cpu)
 }
 
-/// How `b` (`[.., k, n]`) is laid out, if it is one of the layouts of [`RhsRows`]: the
-/// tensor whose contiguous data to pass, and which layout that is.
-pub fn rhs_rows(b: &Tensor) -> Result<Option<(Tensor, RhsRows)>> {
-    if b.rank() < 2 {
-        return Ok(None);
+/// The sizes of `a @ b` for shapes `[.., m, k]` and `[.., k, n]` with equal batch
+/// dimensions: `(batch, m, k, n)` and the output shape.
+pub fn product_dims(ad: &[usize], bd: &[usize]) -> Result<((usize, usize, usize, usize), Shape)> {
+    let r = ad.len();
+    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
+        candle_core::bail!("matmul: cannot multiply {ad:?} by {bd:?}");
     }
-    if b.is_contiguous() {
-        return Ok(Some((b.clone(), RhsRows::Plain)));
-    }
-    let bt = b.transpose(b.rank() - 2, b.rank() - 1)?;
-    if bt.is_contiguous() {
-        return Ok(Some((bt, RhsRows::Transposed)));
-    }
-    Ok(None)
+    let mut shape = ad[..r - 2].to_vec();
+    shape.extend([ad[r - 2], bd[r - 1]]);
+    let batch = ad[..r - 2].iter().product();
+    Ok(((batch, ad[r - 2], ad[r - 1], bd[r - 1]), Shape::from(shape)))
 }
 
 /// `a @ b` for f32 CPU tensors of rank 2 or more with equal batch dimensions, where `b` is
 /// contiguous or the transpose of a contiguous tensor ([`RhsRows`]); `None` for any other
 /// layout (the caller multiplies with candle).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    let (ad, bd) = (a.dims(), b.dims());
-    let r = ad.len();
-    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
-        candle_core::bail!("matmul: cannot multiply {ad:?} by {bd:?}");
-    }
-    let Some((data, rows)) = rhs_rows(b)? else {
+    let a = a.contiguous()?;
+    let (a_storage, a_layout) = a.storage_and_layout();
+    let (b_storage, b_layout) = b.storage_and_layout();
+    let (Storage::Cpu(av), Storage::Cpu(bv)) = (&*a_storage, &*b_storage) else {
         return Ok(None);
     };
-    let (batch, m, k, n) = (
-        ad[..r - 2].iter().product(),
-        ad[r - 2],
-        ad[r - 1],
-        bd[r - 1],
-    );
-    let out = with_f32(a, |av| {
-        with_f32(&data, |bv| matmul_slices(av, (batch, m, k), bv, n, rows))
-    })??;
-    let mut shape = ad[..r - 2].to_vec();
-    shape.extend([m, n]);
-    Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
+    match matmul_storage(av, a_layout, bv, b_layout)? {
+        Some((CpuStorage::F32(out), shape)) => {
+            Ok(Some(Tensor::from_vec(out, shape, &Device::Cpu)?))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// `a @ b` with the tiled kernels where they are the faster product (f32 on a CPU with
@@ -182,17 +171,14 @@ pub fn matmul_storage(
     b: &CpuStorage,
     b_layout: &Layout,
 ) -> Result<Option<(CpuStorage, Shape)>> {
-    let (ad, bd) = (a_layout.dims(), b_layout.dims());
-    let r = ad.len();
-    if r < 2 || bd.len() != r || ad[..r - 2] != bd[..r - 2] || ad[r - 1] != bd[r - 2] {
-        candle_core::bail!("matmul: cannot multiply {ad:?} by {bd:?}");
-    }
+    let ((batch, m, k, n), shape) = product_dims(a_layout.dims(), b_layout.dims())?;
     let (CpuStorage::F32(av), CpuStorage::F32(bv)) = (a, b) else {
         return Ok(None);
     };
     let Some((a0, a1)) = a_layout.contiguous_offsets() else {
         return Ok(None);
     };
+    let r = shape.rank();
     let rows = if b_layout.is_contiguous() {
         RhsRows::Plain
     } else if b_layout.transpose(r - 2, r - 1)?.is_contiguous() {
@@ -200,12 +186,6 @@ pub fn matmul_storage(
     } else {
         return Ok(None);
     };
-    let (batch, m, k, n) = (
-        ad[..r - 2].iter().product(),
-        ad[r - 2],
-        ad[r - 1],
-        bd[r - 1],
-    );
     let b0 = b_layout.start_offset();
     let out = matmul_slices(
         &av[a0..a1],
@@ -214,9 +194,7 @@ pub fn matmul_storage(
         n,
         rows,
     );
-    let mut shape = ad[..r - 2].to_vec();
-    shape.extend([m, n]);
-    Ok(Some((CpuStorage::F32(out), Shape::from(shape))))
+    Ok(Some((CpuStorage::F32(out), shape)))
 }
 
 /// Per head `h`: `x[h] [n, k] @ w[h][rows]^T`, written token-major: `x [heads, n, k]`,

@@ -1,13 +1,13 @@
-//! CPU kernels for the small-row products of decoding: `x W^T` for a few dozen rows, the
-//! grouped SwiGLU experts of an MoE layer in one call, and attention against the latent
-//! caches of a whole batch in one call.
+//! CPU kernels for f32 products: `x W^T` and `a @ b` for any number of rows (inference
+//! and the training products), the grouped SwiGLU experts of an MoE layer in one call, and
+//! attention against the latent caches of a whole batch in one call.
 //!
 //! candle's general matmul packs the weight matrix on every call and, on stable Rust, runs
 //! 8-wide AVX2 microkernels. These kernels read each weight row once, straight from the
 //! tensor, multiply it with up to 4 rows at a time in AVX-512 registers ([`simd`]), and
-//! split the work across threads by output columns (linear), by expert (MoE) or by query
-//! token (attention). They are used only for f32 inference on CPU; everything else goes
-//! through candle.
+//! split the work across threads by output tiles (products), by expert rows and columns
+//! (MoE) or by query token and heads (attention). Without AVX-512 they fall back to one
+//! dot product per output, and callers use them only where that still wins.
 
 mod attention;
 mod experts;
@@ -16,8 +16,9 @@ mod simd;
 
 pub use attention::{latent_attention, LatentSeq};
 pub use experts::{grouped_swiglu, ExpertGroup};
-pub use matmul::{heads_linear, linear, matmul, matmul_slices, matmul_storage, product, RhsRows};
-pub use simd::dot;
+pub use matmul::{
+    heads_linear, linear, matmul, matmul_slices, matmul_storage, product, product_dims, RhsRows,
+};
 
 use candle_core::{DType, Result, Storage, Tensor};
 
@@ -56,18 +57,29 @@ pub fn grouped_wins(largest: usize) -> bool {
     tiled() || largest <= DOT_GROUPED_ROWS
 }
 
+/// The `len` f32 values of a CPU storage from the start of `layout`.
+fn cpu_f32<'a>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+    len: usize,
+) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => {
+            let start = layout.start_offset();
+            match cpu.as_slice::<f32>()?.get(start..start + len) {
+                Some(data) => Ok(data),
+                None => candle_core::bail!("cpu kernel: storage shorter than its layout"),
+            }
+        }
+        _ => candle_core::bail!("cpu kernel on a non-CPU tensor"),
+    }
+}
+
 /// Runs `f` on the contiguous f32 data of `t`.
 fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => {
-            let data = cpu.as_slice::<f32>()?;
-            let start = layout.start_offset();
-            Ok(f(&data[start..start + t.elem_count()]))
-        }
-        _ => candle_core::bail!("cpu kernel on a non-CPU tensor"),
-    }
+    Ok(f(cpu_f32(&storage, layout, t.elem_count())?))
 }
 
 /// An output buffer that parallel tasks fill at disjoint positions.
