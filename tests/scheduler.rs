@@ -49,13 +49,7 @@ fn request(prompt: &[u32], adapter: Option<&str>, n: usize) -> GenerateRequest {
 }
 
 fn prompts() -> Vec<Vec<u32>> {
-    let r = reference("lite");
-    r["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| u32s(&p["ids"]))
-        .collect()
+    prompt_ids(&reference("lite"))
 }
 
 /// Runs each request alone, one after the other.
