@@ -3,13 +3,19 @@
 
 mod common;
 
+use candle_core::DType;
 use common::*;
 use esft::engine::{generate_all, SamplingParams, Sequence};
 use esft::model::tokenizer::TextTokenizer;
 use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, RoutingRecord, SeqInput};
 
-fn load(name: &str) -> DeepSeekV2 {
-    DeepSeekV2::load_dir(&fixture(name), &LoadOptions::default()).unwrap()
+/// Loads a fixture with f32 compute and its weight matrices in `matrices` (`None`: f32).
+fn load(name: &str, matrices: Option<DType>) -> DeepSeekV2 {
+    let opts = LoadOptions {
+        matrix_dtype: matrices,
+        ..LoadOptions::default()
+    };
+    DeepSeekV2::load_dir(&fixture(name), &opts).unwrap()
 }
 
 fn full_logits(
@@ -42,8 +48,8 @@ fn greedy_sequence(model: &DeepSeekV2, prompt: Vec<u32>, n: usize) -> Sequence {
     )
 }
 
-fn check_logits(name: &str) {
-    let model = load(name);
+fn check_logits(name: &str, matrices: Option<DType>) {
+    let model = load(name, matrices);
     let r = reference(name);
     for p in r["prompts"].as_array().unwrap() {
         let ids = u32s(&p["ids"]);
@@ -61,8 +67,8 @@ fn check_logits(name: &str) {
     }
 }
 
-fn check_greedy(name: &str) {
-    let model = load(name);
+fn check_greedy(name: &str, matrices: Option<DType>) {
+    let model = load(name, matrices);
     let r = reference(name);
     for p in r["prompts"].as_array().unwrap() {
         let want = u32s(&p["greedy"]["new_ids"]);
@@ -72,8 +78,8 @@ fn check_greedy(name: &str) {
     }
 }
 
-fn check_routing(name: &str) {
-    let model = load(name);
+fn check_routing(name: &str, matrices: Option<DType>) {
+    let model = load(name, matrices);
     let r = reference(name);
     let ids = u32s(&r["prompts"][0]["ids"]);
     let mut record = RoutingRecord::default();
@@ -108,8 +114,8 @@ fn check_routing(name: &str) {
     }
 }
 
-fn check_batch_equals_alone(name: &str) {
-    let model = load(name);
+fn check_batch_equals_alone(name: &str, matrices: Option<DType>) {
+    let model = load(name, matrices);
     let r = reference(name);
     let prompts = prompt_ids(&r);
     let mut together: Vec<Sequence> = prompts
@@ -132,22 +138,48 @@ fn check_batch_equals_alone(name: &str) {
 }
 
 macro_rules! parity_tests {
-    ($($module:ident => $name:literal),* $(,)?) => {$(
+    ($($module:ident => $name:literal, $matrices:expr);* $(;)?) => {$(
         mod $module {
-            #[test] fn logits_last4() { super::check_logits($name) }
-            #[test] fn greedy_16() { super::check_greedy($name) }
-            #[test] fn routing_prompt0() { super::check_routing($name) }
-            #[test] fn batch_equals_alone() { super::check_batch_equals_alone($name) }
+            use super::*;
+            #[test] fn logits_last4() { check_logits($name, $matrices) }
+            #[test] fn greedy_16() { check_greedy($name, $matrices) }
+            #[test] fn routing_prompt0() { check_routing($name, $matrices) }
+            #[test] fn batch_equals_alone() { check_batch_equals_alone($name, $matrices) }
         }
     )*};
 }
 
 parity_tests! {
-    lite => "lite",
-    lite_yarn => "lite-yarn",
-    v2_grouped => "v2-grouped",
-    lite_bf16 => "lite-bf16",
-    lite_yarn_sharded => "lite-yarn-sharded",
+    lite => "lite", None;
+    lite_yarn => "lite-yarn", None;
+    v2_grouped => "v2-grouped", None;
+    lite_bf16 => "lite-bf16", None;
+    // The bf16 checkpoint with its matrices kept in bf16 (widened by the CPU kernels).
+    lite_bf16_matrices_in_bf16 => "lite-bf16", Some(DType::BF16);
+    lite_yarn_sharded => "lite-yarn-sharded", None;
+}
+
+#[test]
+fn bf16_matrices_stay_bf16_and_give_the_logits_of_f32_matrices() {
+    let (wide, narrow) = (
+        load("lite-bf16", None),
+        load("lite-bf16", Some(DType::BF16)),
+    );
+    assert_eq!(narrow.lm_head().dtype(), DType::BF16);
+    assert_eq!(wide.lm_head().dtype(), DType::F32);
+    let ids = u32s(&reference("lite-bf16")["prompts"][0]["ids"]);
+    let (a, b) = (
+        full_logits(&wide, &ids, None),
+        full_logits(&narrow, &ids, None),
+    );
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0f32, f32::max);
+    // The same f32 products of the same values; only the product paths may differ (below
+    // AVX-512 the f32 model takes candle's matmul for prefill).
+    assert!(d <= 1e-5, "bf16-kept matrices change the logits by {d}");
 }
 
 #[test]
@@ -193,7 +225,7 @@ fn tokenizer_and_chat_template_match_reference() {
 fn differentiable_forward_matches_the_reference_too() {
     // The trainer runs the model with autograd-friendly ops; they must compute the same.
     for name in ["v2-grouped", "lite-yarn"] {
-        let mut model = load(name);
+        let mut model = load(name, None);
         model.set_differentiable(true);
         let r = reference(name);
         let p = &r["prompts"][0];

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::config::Config;
 use super::cpu_kernels;
-use super::load::WeightStore;
+use super::load::{Precision, WeightStore};
 use super::ops::{tensor_like, Ops};
 
 /// The weights of one attention layer.
@@ -50,14 +50,15 @@ impl Attention {
         cfg: &Config,
         w: &WeightStore,
         prefix: &str,
-        dtype: DType,
+        precision: Precision,
         dev: &Device,
     ) -> super::error::Result<Self> {
         let h = cfg.hidden_size;
         let nh = cfg.num_attention_heads;
         let qk = cfg.qk_head_dim();
-        let get =
-            |name: &str, shape: &[usize]| w.get(&format!("{prefix}{name}"), shape, dtype, dev);
+        let get = |name: &str, shape: &[usize]| {
+            w.weight(&format!("{prefix}{name}"), shape, precision, dev)
+        };
         let q = match cfg.q_lora_rank {
             None => QueryProj::Full(get("q_proj.weight", &[nh * qk, h])?),
             Some(r) => QueryProj::LoRA {
@@ -72,7 +73,7 @@ impl Attention {
             &[nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvr],
         )?;
         let (w_uk, w_uv_t) = absorb(&kv_b, nh, cfg.qk_nope_head_dim, cfg.v_head_dim)?;
-        let w_uk_rows = kernel_rows(&w_uk)?;
+        let w_uk_rows = kernel_rows(&w_uk, precision.compute)?;
         Ok(Self {
             q,
             kv_a: get(
@@ -163,7 +164,8 @@ impl Attention {
     /// they stay on its gradient path).
     pub fn refresh_absorbed(&mut self) -> Result<()> {
         let (uk, uv) = absorb(&self.kv_b, self.heads, self.nope, self.v_dim)?;
-        self.w_uk_rows = kernel_rows(&uk)?;
+        // The norm weights are in the compute dtype.
+        self.w_uk_rows = kernel_rows(&uk, self.kv_a_norm.dtype())?;
         self.w_uk = uk;
         self.w_uv_t = uv;
         Ok(())
@@ -192,11 +194,12 @@ impl Attention {
         .reshape((n, nh, nope + rope))?;
         let q_nope = q.narrow(D::Minus1, 0, nope)?;
         let q_pe = ops.rope_interleaved(&q.narrow(D::Minus1, nope, rope)?, cos, sin)?;
-        // The CPU kernels where they are the faster path (and the per-head row layout
-        // exists), on the same terms as the projections.
-        let kernel_rows = self.w_uk_rows.as_ref().filter(|_| {
-            !ops.differentiable && cpu_kernels::applies(x) && cpu_kernels::linear_wins(n)
-        });
+        // The CPU kernels where they are the faster path or the only one (and the per-head
+        // row layout exists), on the same terms as the projections.
+        let kernel_rows = self
+            .w_uk_rows
+            .as_ref()
+            .filter(|_| !ops.differentiable && cpu_kernels::takes_linear(x, &self.kv_b, n));
         // Absorb W_uk into the query: [nh, n, nope] x [nh, nope, kvr] -> [n, nh, kvr].
         let q_nope_heads = q_nope.transpose(0, 1)?.contiguous()?;
         let q_lat = match kernel_rows {
@@ -301,9 +304,10 @@ fn absorb(kv_b: &Tensor, nh: usize, nope: usize, v: usize) -> Result<(Tensor, Te
     Ok((w_uk, w_uv_t))
 }
 
-/// `W_uk` `[nh, nope, kvr]` as rows `[nh, kvr, nope]` for the CPU kernels, where they apply.
-fn kernel_rows(w_uk: &Tensor) -> Result<Option<Tensor>> {
-    if cpu_kernels::applies(w_uk) {
+/// `W_uk` `[nh, nope, kvr]` as rows `[nh, kvr, nope]` for the CPU kernels, where they apply
+/// (f32 compute, weights on the CPU).
+fn kernel_rows(w_uk: &Tensor, compute: DType) -> Result<Option<Tensor>> {
+    if compute == DType::F32 && cpu_kernels::holds_rows(w_uk) {
         Ok(Some(w_uk.transpose(1, 2)?.contiguous()?.detach()))
     } else {
         Ok(None)

@@ -8,7 +8,7 @@ use std::path::Path;
 use super::attention::{Attention, LatentCache};
 use super::config::Config;
 use super::error::ModelError;
-use super::load::WeightStore;
+use super::load::{Precision, WeightStore};
 use super::moe::{ExpertMap, MapSpan, Mlp, Moe, RoutingRecord};
 use super::ops::Ops;
 use super::rope::Rope;
@@ -19,6 +19,10 @@ pub struct LoadOptions {
     pub device: Device,
     /// Compute dtype; weights stored in any float dtype are converted to it once at load.
     pub dtype: DType,
+    /// The dtype the weight matrices are kept in, when not the compute dtype: bf16 or f16
+    /// under f32 compute on the CPU (half the memory, and half the bytes a decode step
+    /// reads). `None` keeps them in the compute dtype.
+    pub matrix_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
@@ -26,7 +30,28 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            matrix_dtype: None,
         }
+    }
+}
+
+impl LoadOptions {
+    /// The dtypes to load in, or why this combination cannot run.
+    pub fn precision(&self) -> super::error::Result<Precision> {
+        let compute = self.dtype;
+        let matrices = self.matrix_dtype.unwrap_or(compute);
+        if matrices != compute
+            && !(self.device.is_cpu()
+                && compute == DType::F32
+                && matches!(matrices, DType::BF16 | DType::F16))
+        {
+            return Err(ModelError::Invalid(format!(
+                "weight matrices in {matrices:?} under {compute:?} compute on {:?}: narrower \
+                 matrices run only under f32 compute on the CPU, in bf16 or f16",
+                self.device
+            )));
+        }
+        Ok(Precision { compute, matrices })
     }
 }
 
@@ -193,6 +218,7 @@ impl DeepSeekV2 {
 
     pub fn load(cfg: Config, w: &WeightStore, opts: &LoadOptions) -> super::error::Result<Self> {
         let (dt, dev) = (opts.dtype, &opts.device);
+        let precision = opts.precision()?;
         if dev.is_cpu() && dt == DType::BF16 {
             return Err(ModelError::Invalid(
                 "bf16 compute is not supported on CPU (candle's CPU matmul has no bf16 kernel); \
@@ -205,20 +231,20 @@ impl DeepSeekV2 {
             .map(|i| {
                 let p = format!("model.layers.{i}.");
                 let ffn = if cfg.is_moe_layer(i) {
-                    FeedForward::Moe(Moe::load(&cfg, w, &format!("{p}mlp."), dt, dev)?)
+                    FeedForward::Moe(Moe::load(&cfg, w, &format!("{p}mlp."), precision, dev)?)
                 } else {
                     FeedForward::Dense(Mlp::load(
                         w,
                         &format!("{p}mlp."),
                         h,
                         cfg.intermediate_size,
-                        dt,
+                        precision,
                         dev,
                     )?)
                 };
                 Ok(Layer {
                     input_norm: w.get(&format!("{p}input_layernorm.weight"), &[h], dt, dev)?,
-                    attn: Attention::load(&cfg, w, &format!("{p}self_attn."), dt, dev)?,
+                    attn: Attention::load(&cfg, w, &format!("{p}self_attn."), precision, dev)?,
                     post_attn_norm: w.get(
                         &format!("{p}post_attention_layernorm.weight"),
                         &[h],
@@ -229,11 +255,16 @@ impl DeepSeekV2 {
                 })
             })
             .collect::<super::error::Result<Vec<_>>>()?;
-        let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h], dt, dev)?;
+        let embed = w.weight(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, h],
+            precision,
+            dev,
+        )?;
         let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
             embed.clone()
         } else {
-            w.get("lm_head.weight", &[cfg.vocab_size, h], dt, dev)?
+            w.weight("lm_head.weight", &[cfg.vocab_size, h], precision, dev)?
         };
         Ok(Self {
             rope: Rope::new(&cfg),
@@ -481,7 +512,8 @@ impl DeepSeekV2 {
 
         let mut x = self
             .embed
-            .index_select(&Tensor::from_slice(&tokens, n, dev)?, 0)?;
+            .index_select(&Tensor::from_slice(&tokens, n, dev)?, 0)?
+            .to_dtype(self.dtype)?;
         let eps = self.cfg.rms_norm_eps;
         let mut balance_loss: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {

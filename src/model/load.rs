@@ -14,6 +14,35 @@ use std::path::{Path, PathBuf};
 
 use super::error::{ModelError, Result};
 
+/// The dtypes a model is loaded in: `compute` for activations and every vector weight
+/// (norms), `matrices` for the weight matrices. A narrower `matrices` (bf16 or f16 under
+/// f32 compute, CPU only) keeps a bf16 checkpoint at its size in memory; the CPU kernels
+/// widen the values as they read them, so the products are the same f32 products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    pub compute: DType,
+    pub matrices: DType,
+}
+
+impl Precision {
+    /// Both the same dtype.
+    pub fn uniform(dtype: DType) -> Self {
+        Self {
+            compute: dtype,
+            matrices: dtype,
+        }
+    }
+
+    /// The dtype a weight of this shape is loaded in.
+    pub fn of(&self, shape: &[usize]) -> DType {
+        if shape.len() >= 2 {
+            self.matrices
+        } else {
+            self.compute
+        }
+    }
+}
+
 /// One memory-mapped safetensors file with its parsed header.
 pub struct SafetensorsFile {
     path: PathBuf,
@@ -207,6 +236,18 @@ impl WeightStore {
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.file_of(name)?.info(name).map(|i| i.shape.as_slice())
+    }
+
+    /// Loads the model weight `name`, checking that it has `shape`, in the dtype
+    /// `precision` gives that shape.
+    pub fn weight(
+        &self,
+        name: &str,
+        shape: &[usize],
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.get(name, shape, precision.of(shape), device)
     }
 
     /// Loads `name`, checking that it has `shape`, converted to `dtype` on `device`.

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::{Config, TopkMethod};
 use super::cpu_kernels;
-use super::load::WeightStore;
+use super::load::{Precision, WeightStore};
 use super::moe_grad;
 use super::ops::{swiglu, Ops};
 
@@ -29,10 +29,10 @@ impl Mlp {
         prefix: &str,
         hidden: usize,
         inter: usize,
-        dtype: DType,
+        precision: Precision,
         dev: &Device,
     ) -> super::error::Result<Self> {
-        let get = |n: &str, s: &[usize]| w.get(&format!("{prefix}{n}"), s, dtype, dev);
+        let get = |n: &str, s: &[usize]| w.weight(&format!("{prefix}{n}"), s, precision, dev);
         let gate = get("gate_proj.weight", &[inter, hidden])?;
         let up = get("up_proj.weight", &[inter, hidden])?;
         let down = get("down_proj.weight", &[hidden, inter])?;
@@ -332,20 +332,20 @@ impl Moe {
         cfg: &Config,
         w: &WeightStore,
         prefix: &str,
-        dtype: DType,
+        precision: Precision,
         dev: &Device,
     ) -> super::error::Result<Self> {
         let h = cfg.hidden_size;
-        let gate = w.get(
+        let gate = w.weight(
             &format!("{prefix}gate.weight"),
             &[cfg.n_routed_experts, h],
-            dtype,
+            precision,
             dev,
         )?;
         let slots = (0..cfg.n_routed_experts)
             .map(|e| {
                 let p = format!("{prefix}experts.{e}.");
-                Mlp::load(w, &p, h, cfg.moe_intermediate_size, dtype, dev)
+                Mlp::load(w, &p, h, cfg.moe_intermediate_size, precision, dev)
             })
             .collect::<super::error::Result<Vec<_>>>()?;
         let shared = match cfg.n_shared_experts {
@@ -355,7 +355,7 @@ impl Moe {
                 &format!("{prefix}shared_experts."),
                 h,
                 cfg.moe_intermediate_size * s,
-                dtype,
+                precision,
                 dev,
             )?)],
         };
@@ -505,11 +505,12 @@ impl Moe {
                 .collect::<Result<Vec<_>>>()?;
             moe_grad::routed_experts(ops, x, &token_order, &w, &groups)?
         } else if cpu_kernels::applies(x)
-            && cpu_kernels::grouped_wins(used.iter().map(|u| u.2).max().unwrap_or(0).max(n))
+            && (cpu_kernels::grouped_wins(used.iter().map(|u| u.2).max().unwrap_or(0).max(n))
+                || self.gate.dtype() != x.dtype())
         {
             // One parallel call for the routed pairs and every token once more through its
             // shared experts (weight 1): the index_add then sums both in the order the
-            // separate paths would.
+            // separate paths would. Always taken for experts stored narrower than `x`.
             let mut rows = token_order;
             let mut w: Vec<f32> = pair_order.iter().map(|&p| weights[p as usize]).collect();
             let mut groups = used

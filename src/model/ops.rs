@@ -15,13 +15,10 @@ pub struct Ops {
 
 impl Ops {
     /// `x [m, k] @ w[n, k]^T`: the CPU kernel where it is the faster product (every size
-    /// with AVX-512, decode-sized inputs without), candle's matmul otherwise (and always when
-    /// gradients are needed).
+    /// with AVX-512, decode-sized inputs without) or the only one (a bf16 or f16 `w` under
+    /// f32 compute), candle's matmul otherwise (and always when gradients are needed).
     pub fn linear(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        if !self.differentiable
-            && super::cpu_kernels::applies(x)
-            && super::cpu_kernels::linear_wins(x.dim(0)?)
-        {
+        if !self.differentiable && super::cpu_kernels::takes_linear(x, w, x.dim(0)?) {
             super::cpu_kernels::linear(x, w)
         } else {
             self.matmul_weight(x, &w.t()?)

@@ -21,6 +21,8 @@ pub struct ServerConfig {
     pub model_id: String,
     pub device: String,
     pub dtype: String,
+    /// The dtype weight matrices stay in (`bf16`, `f16`); empty = the compute dtype.
+    pub weight_dtype: String,
     pub engine: EngineSection,
     pub limits: Limits,
     pub shutdown: Shutdown,
@@ -38,6 +40,7 @@ impl Default for ServerConfig {
             model_id: String::new(),
             device: "cpu".into(),
             dtype: "f32".into(),
+            weight_dtype: String::new(),
             engine: EngineSection::default(),
             limits: Limits::default(),
             shutdown: Shutdown::default(),

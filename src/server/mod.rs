@@ -112,6 +112,7 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
     let opts = crate::cli::DeviceArgs {
         device: config.device.clone(),
         dtype: config.dtype.clone(),
+        weight_dtype: Some(config.weight_dtype.clone()),
     }
     .load_options()?;
     let dtype = opts.dtype;

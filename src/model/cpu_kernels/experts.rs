@@ -4,14 +4,15 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_f32, simd, with_f32, SharedOut, LINEAR_BLOCK};
+use super::{cpu_stored, on_stored, simd, with_f32, SharedOut, StoredRows, LINEAR_BLOCK};
 
 /// One expert's rows of a grouped MoE product.
 pub struct ExpertGroup<'a> {
     /// First row in the sorted inputs, and number of rows.
     pub start: usize,
     pub rows: usize,
-    /// `[2 * inter, hidden]` and `[hidden, inter]`.
+    /// `[2 * inter, hidden]` and `[hidden, inter]`, stored in f32, bf16 or f16 (each
+    /// expert its own: an adapter's f32 experts beside a bf16 base).
     pub gate_up: &'a Tensor,
     pub down: &'a Tensor,
 }
@@ -76,13 +77,13 @@ pub fn grouped_swiglu(
         .iter()
         .map(|(gu, d)| (gu.storage_and_layout(), d.storage_and_layout()))
         .collect();
-    let slices: Vec<(&[f32], &[f32])> = guards
+    let slices: Vec<(StoredRows<'_>, StoredRows<'_>)> = guards
         .iter()
         .zip(&weights)
         .map(|(((gs, gl), (ds, dl)), (gu, d))| {
             Ok((
-                cpu_f32(gs, gl, gu.elem_count())?,
-                cpu_f32(ds, dl, d.elem_count())?,
+                cpu_stored(gs, gl, gu.elem_count())?,
+                cpu_stored(ds, dl, d.elem_count())?,
             ))
         })
         .collect::<Result<_>>()?;
@@ -105,14 +106,15 @@ pub fn grouped_swiglu(
                 let (g, (inter, act_start)) = (&groups[gi], layout[gi]);
                 let cols = (inter - c0).min(LINEAR_BLOCK);
                 let x = &xs[first * hidden..(first + rows) * hidden];
-                let w = slices[gi].0;
                 buf.clear();
                 buf.resize(2 * rows * cols, 0.0);
                 let (gate, up) = buf.split_at_mut(rows * cols);
-                let gate_w = &w[c0 * hidden..(c0 + cols) * hidden];
-                let up_w = &w[(inter + c0) * hidden..(inter + c0 + cols) * hidden];
-                simd::products(x, rows, gate_w, cols, hidden, gate, cols);
-                simd::products(x, rows, up_w, cols, hidden, up, cols);
+                on_stored!(slices[gi].0, |w| {
+                    let gate_w = &w[c0 * hidden..(c0 + cols) * hidden];
+                    let up_w = &w[(inter + c0) * hidden..(inter + c0 + cols) * hidden];
+                    simd::products(x, rows, gate_w, cols, hidden, gate, cols);
+                    simd::products(x, rows, up_w, cols, hidden, up, cols);
+                });
                 let base = act_start + (first - g.start) * inter + c0;
                 for r in 0..rows {
                     for c in 0..cols {
@@ -138,11 +140,13 @@ pub fn grouped_swiglu(
             let cols = (hidden - d0).min(LINEAR_BLOCK);
             let a0 = act_start + (first - g.start) * inter;
             let a = &act[a0..a0 + rows * inter];
-            let down_w = &slices[gi].1[d0 * inter..(d0 + cols) * inter];
             let o = out_dst.at(first * hidden + d0);
-            // SAFETY: rows first..first + rows, columns d0..d0 + cols of the output belong
-            // to this task alone.
-            unsafe { simd::products_to(a, rows, down_w, cols, inter, o, hidden) };
+            on_stored!(slices[gi].1, |w| {
+                let down_w = &w[d0 * inter..(d0 + cols) * inter];
+                // SAFETY: rows first..first + rows, columns d0..d0 + cols of the output
+                // belong to this task alone.
+                unsafe { simd::products_to(a, rows, down_w, cols, inter, o, hidden) };
+            });
             for r in 0..rows {
                 let weight = row_weights[first + r];
                 for c in 0..cols {
@@ -159,7 +163,55 @@ pub fn grouped_swiglu(
 mod tests {
     use super::super::max_diff;
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn narrow_experts_give_the_bits_of_their_f32_values() {
+        let dev = Device::Cpu;
+        let (h, inter, rows) = (48, 40, [3usize, 1, 5]);
+        let total: usize = rows.iter().sum();
+        let xs = Tensor::randn(0f32, 1., (total, h), &dev).unwrap();
+        let weights: Vec<f32> = (0..total).map(|r| 0.25 + r as f32 * 0.05).collect();
+        // A bf16 expert, an f16 one and an f32 one (an adapter's) in one call.
+        let stored: Vec<(Tensor, Tensor)> = [DType::BF16, DType::F16, DType::F32]
+            .iter()
+            .map(|&dt| {
+                let gu = Tensor::randn(0f32, 0.3, (2 * inter, h), &dev).unwrap();
+                let d = Tensor::randn(0f32, 0.3, (h, inter), &dev).unwrap();
+                (gu.to_dtype(dt).unwrap(), d.to_dtype(dt).unwrap())
+            })
+            .collect();
+        let wide: Vec<(Tensor, Tensor)> = stored
+            .iter()
+            .map(|(gu, d)| {
+                (
+                    gu.to_dtype(DType::F32).unwrap(),
+                    d.to_dtype(DType::F32).unwrap(),
+                )
+            })
+            .collect();
+        let run = |experts: &[(Tensor, Tensor)]| {
+            let mut start = 0;
+            let groups: Vec<ExpertGroup<'_>> = rows
+                .iter()
+                .zip(experts)
+                .map(|(&n, (gu, d))| {
+                    let g = ExpertGroup {
+                        start,
+                        rows: n,
+                        gate_up: gu,
+                        down: d,
+                    };
+                    start += n;
+                    g
+                })
+                .collect();
+            let y = grouped_swiglu(&xs, &groups, &weights).unwrap();
+            let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(&stored), run(&wide));
+    }
 
     #[test]
     fn grouped_swiglu_equals_per_expert_candle() {

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{simd, with_f32, SharedOut, LINEAR_BLOCK};
+use super::{on_stored, simd, with_f32, with_stored, SharedOut, LINEAR_BLOCK};
 
 /// Multiply-adds below which a product runs on the calling thread: waking the pool costs
 /// more than the work (a decode token's `kv_a_proj` is 82k).
@@ -31,9 +31,7 @@ pub enum RhsRows {
 }
 
 /// `a [batch, m, k] @ b [batch, k, n] -> [batch, m, n]`, `a` row-major and `b` stored as
-/// `rows` says. Threads split the output into tiles of `LINEAR_ROWS` rows by
-/// `LINEAR_BLOCK` columns of one batch entry. Every output is the same sum in the same
-/// order whatever `m` is, so a row's result does not depend on what else is in the batch.
+/// `rows` says (see [`output_tiles`] for the split and the batch invariance).
 ///
 /// Panics if a slice is shorter than the sizes say.
 pub fn matmul_slices(
@@ -47,48 +45,26 @@ pub fn matmul_slices(
         a.len() >= batch * m * k && b.len() >= batch * k * n,
         "matmul: short operands"
     );
-    let mut out = vec![0f32; batch * m * n];
-    let dst = SharedOut(out.as_mut_ptr());
-    let (row_tiles, col_tiles) = (m.div_ceil(LINEAR_ROWS), n.div_ceil(LINEAR_BLOCK));
-    let task = |t: usize| {
-        // Column-major over tiles: consecutive tasks share a block of `b`.
-        let (bi, rest) = (t / (row_tiles * col_tiles), t % (row_tiles * col_tiles));
-        let (rt, ct) = (rest % row_tiles, rest / row_tiles);
-        let (r0, c0) = (rt * LINEAR_ROWS, ct * LINEAR_BLOCK);
-        let (tr, tc) = ((m - r0).min(LINEAR_ROWS), (n - c0).min(LINEAR_BLOCK));
-        let ab = &a[bi * m * k..(bi + 1) * m * k];
-        let bb = &b[bi * k * n..(bi + 1) * k * n];
-        let o = dst.at(bi * m * n + r0 * n + c0);
+    output_tiles((batch, m, k, n), |t: Tile| {
+        let ab = &a[t.batch * m * k..(t.batch + 1) * m * k];
+        let bb = &b[t.batch * k * n..(t.batch + 1) * k * n];
         match rows {
-            RhsRows::Transposed => {
-                // SAFETY: this task writes rows r0..r0 + tr, columns c0..c0 + tc of batch
-                // entry bi, which no other task writes.
-                unsafe {
-                    simd::products_to(
-                        &ab[r0 * k..(r0 + tr) * k],
-                        tr,
-                        &bb[c0 * k..(c0 + tc) * k],
-                        tc,
-                        k,
-                        o,
-                        n,
-                    )
-                }
-            }
+            // SAFETY: the tile's output positions are its own (`output_tiles`).
+            RhsRows::Transposed => unsafe { transposed_tile(ab, bb, k, n, &t) },
             RhsRows::Plain => {
                 for j0 in (0..k).step_by(K_CHUNK) {
                     let kc = (k - j0).min(K_CHUNK);
                     // SAFETY: as above; the reads stay inside `ab` and `bb`.
                     unsafe {
                         simd::weighted_to(
-                            ab.as_ptr().add(r0 * k + j0),
+                            ab.as_ptr().add(t.r0 * k + j0),
                             k,
-                            tr,
-                            bb.as_ptr().add(j0 * n + c0),
+                            t.rows,
+                            bb.as_ptr().add(j0 * n + t.c0),
                             n,
                             kc,
-                            tc,
-                            o,
+                            t.cols,
+                            t.out,
                             n,
                             j0 > 0,
                         )
@@ -96,17 +72,76 @@ pub fn matmul_slices(
                 }
             }
         }
+    })
+}
+
+/// One output tile of a product: rows `r0..r0 + rows`, columns `c0..c0 + cols` of batch
+/// entry `batch`, written at `out` with the output's row stride.
+struct Tile {
+    batch: usize,
+    r0: usize,
+    rows: usize,
+    c0: usize,
+    cols: usize,
+    out: *mut f32,
+}
+
+/// Runs `task` on every tile of a `[batch, m, n]` product with inner size `k` and returns
+/// the output. Threads split it into tiles of `LINEAR_ROWS` rows by `LINEAR_BLOCK` columns
+/// of one batch entry; each task writes its own tile alone. Every output is the same sum in
+/// the same order whatever `m` is, so a row's result does not depend on what else is in
+/// the batch.
+fn output_tiles(
+    (batch, m, k, n): (usize, usize, usize, usize),
+    task: impl Fn(Tile) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; batch * m * n];
+    let dst = SharedOut(out.as_mut_ptr());
+    let (row_tiles, col_tiles) = (m.div_ceil(LINEAR_ROWS), n.div_ceil(LINEAR_BLOCK));
+    let run = |t: usize| {
+        // Column-major over tiles: consecutive tasks share a block of `b`.
+        let (bi, rest) = (t / (row_tiles * col_tiles), t % (row_tiles * col_tiles));
+        let (rt, ct) = (rest % row_tiles, rest / row_tiles);
+        let (r0, c0) = (rt * LINEAR_ROWS, ct * LINEAR_BLOCK);
+        task(Tile {
+            batch: bi,
+            r0,
+            rows: (m - r0).min(LINEAR_ROWS),
+            c0,
+            cols: (n - c0).min(LINEAR_BLOCK),
+            out: dst.at(bi * m * n + r0 * n + c0),
+        })
     };
     let tasks = batch * row_tiles * col_tiles;
     if batch * m * n * k <= INLINE_WORK {
-        (0..tasks).for_each(task);
+        (0..tasks).for_each(run);
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        (0..tasks).into_par_iter().for_each(run);
     }
     out
 }
 
-/// `x [m, k] @ w[n, k]^T -> [m, n]` (see [`matmul_slices`]).
+/// One tile of `a @ b^T` with `b` stored as `n` rows of `k` (any stored dtype).
+///
+/// # Safety
+/// The tile's output positions must be valid and written by nothing else meanwhile.
+unsafe fn transposed_tile<W: simd::Stored>(a: &[f32], b: &[W], k: usize, n: usize, t: &Tile) {
+    // SAFETY: the caller's promise; the slices are bounded by the tile.
+    unsafe {
+        simd::products_to(
+            &a[t.r0 * k..(t.r0 + t.rows) * k],
+            t.rows,
+            &b[t.c0 * k..(t.c0 + t.cols) * k],
+            t.cols,
+            k,
+            t.out,
+            n,
+        )
+    }
+}
+
+/// `x [m, k] @ w[n, k]^T -> [m, n]` for an f32 `x` and a weight stored in f32, bf16 or
+/// f16 (see [`output_tiles`]).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (n, k2) = w.dims2()?;
@@ -114,8 +149,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         candle_core::bail!("linear: x has {k} columns, weight has {k2}");
     }
     let out = with_f32(x, |xs| {
-        with_f32(w, |ws| {
-            matmul_slices(xs, (1, m, k), ws, n, RhsRows::Transposed)
+        with_stored(w, |ws| {
+            on_stored!(ws, |ws| output_tiles((1, m, k, n), |t: Tile| {
+                // SAFETY: the tile's output positions are its own (`output_tiles`).
+                unsafe { transposed_tile(xs, ws, k, n, &t) }
+            }))
         })
     })??;
     Tensor::from_vec(out, (m, n), &Device::Cpu)
@@ -216,25 +254,27 @@ pub fn heads_linear(x: &Tensor, w: &Tensor, rows: std::ops::Range<usize>) -> Res
     let dst = SharedOut(out.as_mut_ptr());
     let col_tiles = width.div_ceil(LINEAR_BLOCK);
     with_f32(x, |xs| {
-        with_f32(w, |ws| {
-            let task = |tile: usize| {
-                let (h, ct) = (tile / col_tiles, tile % col_tiles);
-                let c0 = ct * LINEAR_BLOCK;
-                let cols = (width - c0).min(LINEAR_BLOCK);
-                let xh = &xs[h * n * k..(h + 1) * n * k];
-                let first = h * o + rows.start + c0;
-                let wt = &ws[first * k..(first + cols) * k];
-                // SAFETY: this task writes columns h * width + c0 .. + cols of every token
-                // row of the n x (heads * width) buffer, which no other task writes.
-                unsafe {
-                    simd::products_to(xh, n, wt, cols, k, dst.at(h * width + c0), heads * width)
+        with_stored(w, |ws| {
+            on_stored!(ws, |ws| {
+                let task = |tile: usize| {
+                    let (h, ct) = (tile / col_tiles, tile % col_tiles);
+                    let c0 = ct * LINEAR_BLOCK;
+                    let cols = (width - c0).min(LINEAR_BLOCK);
+                    let xh = &xs[h * n * k..(h + 1) * n * k];
+                    let first = h * o + rows.start + c0;
+                    let wt = &ws[first * k..(first + cols) * k];
+                    // SAFETY: this task writes columns h * width + c0 .. + cols of every token
+                    // row of the n x (heads * width) buffer, which no other task writes.
+                    unsafe {
+                        simd::products_to(xh, n, wt, cols, k, dst.at(h * width + c0), heads * width)
+                    };
                 };
-            };
-            if n * heads * width * k <= INLINE_WORK {
-                (0..heads * col_tiles).for_each(task);
-            } else {
-                (0..heads * col_tiles).into_par_iter().for_each(task);
-            }
+                if n * heads * width * k <= INLINE_WORK {
+                    (0..heads * col_tiles).for_each(task);
+                } else {
+                    (0..heads * col_tiles).into_par_iter().for_each(task);
+                }
+            })
         })
     })??;
     Tensor::from_vec(out, (n, heads, width), &Device::Cpu)
@@ -322,6 +362,45 @@ mod tests {
                 bits(&all_plain.narrow(0, row, 1).unwrap())
             );
         }
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    #[test]
+    fn narrow_weights_give_the_bits_of_their_f32_values() {
+        let dev = Device::Cpu;
+        for dtype in [DType::BF16, DType::F16] {
+            for (m, k, n) in [(1, 512, 70), (37, 100, 131)] {
+                let x = Tensor::randn(0f32, 1., (m, k), &dev).unwrap();
+                let w = Tensor::randn(0f32, 1., (n, k), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let wide = w.to_dtype(DType::F32).unwrap();
+                assert_eq!(
+                    bits(&linear(&x, &w).unwrap()),
+                    bits(&linear(&x, &wide).unwrap()),
+                    "{dtype:?} {m}x{k}x{n}"
+                );
+            }
+            let x = Tensor::randn(0f32, 1., (3, 5, 40), &dev).unwrap();
+            let w = Tensor::randn(0f32, 1., (3, 70, 40), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let wide = w.to_dtype(DType::F32).unwrap();
+            assert_eq!(
+                bits(&heads_linear(&x, &w, 10..30).unwrap()),
+                bits(&heads_linear(&x, &wide, 10..30).unwrap())
+            );
+        }
+        // Weights in a dtype the kernels do not read are refused, not misread.
+        let x = Tensor::randn(0f32, 1., (2, 8), &dev).unwrap();
+        let w = Tensor::zeros((3, 8), DType::F64, &dev).unwrap();
+        assert!(linear(&x, &w).is_err());
     }
 
     #[test]

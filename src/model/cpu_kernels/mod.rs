@@ -7,7 +7,9 @@
 //! tensor, multiply it with up to 4 rows at a time in AVX-512 registers ([`simd`]), and
 //! split the work across threads by output tiles (products), by expert rows and columns
 //! (MoE) or by query token and heads (attention). Without AVX-512 they fall back to one
-//! dot product per output, and callers use them only where that still wins.
+//! dot product per output, and callers use them only where that still wins, or where the
+//! weights are stored narrower than f32: weight rows may be bf16 or f16 (widened as they
+//! are read, [`simd::Stored`]), which candle's matmul cannot multiply with f32 inputs.
 
 mod attention;
 mod experts;
@@ -20,7 +22,9 @@ pub use matmul::{
     heads_linear, linear, matmul, matmul_slices, matmul_storage, product, product_dims, RhsRows,
 };
 
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use half::{bf16, f16};
 
 /// Without AVX-512: most rows for which [`linear`] beats candle's gemm (measured on the
 /// runtime benchmark's shapes), and most rows per expert for which [`grouped_swiglu`]
@@ -51,6 +55,17 @@ pub fn linear_wins(rows: usize) -> bool {
     tiled() || rows <= DOT_LINEAR_ROWS
 }
 
+/// Whether the weight `w` may be a kernel's weight rows: on the CPU in f32, bf16 or f16.
+pub fn holds_rows(w: &Tensor) -> bool {
+    w.device().is_cpu() && matches!(w.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// Whether `x [rows, k] @ w^T` runs in [`linear`]: where it is the faster product, and
+/// always for a weight stored narrower than `x` (candle multiplies equal dtypes only).
+pub fn takes_linear(x: &Tensor, w: &Tensor, rows: usize) -> bool {
+    applies(x) && holds_rows(w) && (linear_wins(rows) || w.dtype() != DType::F32)
+}
+
 /// Whether [`grouped_swiglu`] is the faster expert product when no expert has more than
 /// `largest` rows.
 pub fn grouped_wins(largest: usize) -> bool {
@@ -73,6 +88,53 @@ fn cpu_f32<'a>(
         }
         _ => candle_core::bail!("cpu kernel on a non-CPU tensor"),
     }
+}
+
+/// The values of a weight, in the dtype it is stored in.
+#[derive(Clone, Copy)]
+enum StoredRows<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+}
+
+/// Evaluates `$body` with `$s` bound to the typed slice of a [`StoredRows`] (one
+/// instantiation of the generic kernels per stored dtype).
+macro_rules! on_stored {
+    ($rows:expr, |$s:ident| $body:expr) => {
+        match $rows {
+            $crate::model::cpu_kernels::StoredRows::F32($s) => $body,
+            $crate::model::cpu_kernels::StoredRows::Bf16($s) => $body,
+            $crate::model::cpu_kernels::StoredRows::F16($s) => $body,
+        }
+    };
+}
+use on_stored;
+
+/// The `len` values of a CPU weight storage from the start of `layout`.
+fn cpu_stored<'a>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+    len: usize,
+) -> Result<StoredRows<'a>> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("cpu kernel on a non-CPU tensor")
+    };
+    let range = layout.start_offset()..layout.start_offset() + len;
+    let short = || candle_core::Error::Msg("cpu kernel: storage shorter than its layout".into());
+    Ok(match cpu {
+        CpuStorage::F32(v) => StoredRows::F32(v.get(range).ok_or_else(short)?),
+        CpuStorage::BF16(v) => StoredRows::Bf16(v.get(range).ok_or_else(short)?),
+        CpuStorage::F16(v) => StoredRows::F16(v.get(range).ok_or_else(short)?),
+        other => candle_core::bail!("cpu kernel: weights in {:?}", other.dtype()),
+    })
+}
+
+/// Runs `f` on the contiguous values of the weight `t`, in its stored dtype.
+fn with_stored<R>(t: &Tensor, f: impl FnOnce(StoredRows<'_>) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    Ok(f(cpu_stored(&storage, layout, t.elem_count())?))
 }
 
 /// Runs `f` on the contiguous f32 data of `t`.
