@@ -1,8 +1,9 @@
 //! Random DeepSeek-V2 checkpoints in Hugging Face layout: `config.json` plus one
 //! `model.safetensors` holding every tensor the loader expects, under the hub names.
 //!
-//! Used by the benchmark and by the trainer's `init` command. Weights are f32 and fully
-//! determined by the seed: linear weights and embeddings are normal with std 0.02 (the
+//! Used by the benchmark and by the trainer's `init` command. Weights are stored in the
+//! config's `torch_dtype` (`float32` when absent, `bfloat16` or `float16`, each value the
+//! f32 draw rounded to nearest) and fully determined by the seed: linear weights and embeddings are normal with std 0.02 (the
 //! DeepSeek `initializer_range`), norm weights are 1. Each tensor draws from its own ChaCha8
 //! stream, chosen by a stable hash of its name, so a tensor's values depend only on the seed,
 //! its name and its shape. Tensors are generated one at a time while the file is written.
@@ -33,6 +34,7 @@ struct LazyTensor {
     fill: Fill,
     seed: u64,
     stream: u64,
+    dtype: Dtype,
 }
 
 impl LazyTensor {
@@ -43,7 +45,7 @@ impl LazyTensor {
 
 impl View for LazyTensor {
     fn dtype(&self) -> Dtype {
-        Dtype::F32
+        self.dtype
     }
 
     fn shape(&self) -> &[usize] {
@@ -52,11 +54,17 @@ impl View for LazyTensor {
 
     fn data(&self) -> Cow<'_, [u8]> {
         let n = self.elems();
-        let mut bytes = Vec::with_capacity(n * 4);
+        let mut bytes = Vec::with_capacity(self.data_len());
+        let dtype = self.dtype;
+        let mut put = |v: f32| match dtype {
+            Dtype::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+            Dtype::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            _ => bytes.extend_from_slice(&v.to_le_bytes()),
+        };
         match self.fill {
             Fill::Const(v) => {
                 for _ in 0..n {
-                    bytes.extend_from_slice(&v.to_le_bytes());
+                    put(v);
                 }
             }
             Fill::Normal(std) => {
@@ -66,7 +74,7 @@ impl View for LazyTensor {
                 while written < n {
                     let (a, b) = box_muller(&mut rng);
                     for z in [a, b].into_iter().take(n - written) {
-                        bytes.extend_from_slice(&(z * std).to_le_bytes());
+                        put(z * std);
                         written += 1;
                     }
                 }
@@ -76,7 +84,7 @@ impl View for LazyTensor {
     }
 
     fn data_len(&self) -> usize {
-        self.elems() * 4
+        self.elems() * self.dtype.bitsize() / 8
     }
 }
 
@@ -186,7 +194,8 @@ fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `out_dir/config.json` (the given config, pretty-printed) and
-/// `out_dir/model.safetensors` with random f32 weights determined by `seed`. The config is
+/// `out_dir/model.safetensors` with random weights determined by `seed`, in the config's
+/// `torch_dtype`. The config is
 /// validated first; an unsupported one is refused and nothing is written. Both files are
 /// replaced atomically (written to a temporary file in `out_dir`, then renamed).
 pub fn write_random_checkpoint(
@@ -195,6 +204,16 @@ pub fn write_random_checkpoint(
     out_dir: &Path,
 ) -> Result<()> {
     let cfg = Config::from_json(&config_json.to_string())?;
+    let dtype = match config_json.get("torch_dtype").and_then(|v| v.as_str()) {
+        None | Some("float32") => Dtype::F32,
+        Some("bfloat16") => Dtype::BF16,
+        Some("float16") => Dtype::F16,
+        Some(other) => {
+            return Err(ModelError::Invalid(format!(
+                "torch_dtype {other}: random checkpoints are float32, bfloat16 or float16"
+            )))
+        }
+    };
     std::fs::create_dir_all(out_dir)?;
 
     let tensors = checkpoint_tensors(&cfg)
@@ -208,6 +227,7 @@ pub fn write_random_checkpoint(
                     fill,
                     seed,
                     stream,
+                    dtype,
                 },
             )
         });
@@ -269,6 +289,36 @@ mod tests {
     }
 
     #[test]
+    fn torch_dtype_picks_the_stored_dtype_of_the_same_draws() {
+        let load = |torch_dtype: &str| {
+            let mut config = lite_json();
+            config["torch_dtype"] = torch_dtype.into();
+            let dir = tempfile::tempdir().unwrap();
+            write_random_checkpoint(&config, 3, dir.path()).unwrap();
+            let w = crate::model::load::WeightStore::open_dir(dir.path()).unwrap();
+            let name = "model.layers.1.mlp.experts.2.up_proj.weight";
+            let shape = w.shape(name).unwrap().to_vec();
+            let info_dtype = w.file_of(name).unwrap().info(name).unwrap().dtype;
+            let t = w
+                .get(name, &shape, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+            (info_dtype, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        };
+        let (d32, wide) = load("float32");
+        let (d16, narrow) = load("bfloat16");
+        assert_eq!((d32, d16), (Dtype::F32, Dtype::BF16));
+        let rounded: Vec<f32> = wide
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        assert_eq!(narrow, rounded);
+        let mut bad = lite_json();
+        bad["torch_dtype"] = "int8".into();
+        let dir = tempfile::tempdir().unwrap();
+        assert!(write_random_checkpoint(&bad, 3, dir.path()).is_err());
+    }
+
+    #[test]
     fn same_seed_same_bytes_other_seed_differs() {
         let read = |seed: u64| {
             let dir = tempfile::tempdir().unwrap();
@@ -302,6 +352,7 @@ mod tests {
             fill: Fill::Normal(INIT_STD),
             seed: 3,
             stream: stable_hash("x"),
+            dtype: Dtype::F32,
         };
         let bytes = t.data();
         let v: Vec<f32> = bytes
