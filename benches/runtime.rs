@@ -1,7 +1,13 @@
-//! Runtime benchmark on CPU, f32: our batched DeepSeek-V2 against candle-transformers'
+//! Runtime benchmark on CPU, f32 compute: our batched DeepSeek-V2 against candle-transformers'
 //! `deepseek2` on the same random weights (a model of the DeepSeek-V2 architecture, hidden 512,
 //! 8 layers, 64 routed experts top-6 + 2 shared, vocab 32000: `benches/bench_model.json`,
 //! written once per run with `write_random_checkpoint`).
+//!
+//! Two checkpoints of the same draws: stored in f32, and stored in bf16 (as DeepSeek's own
+//! checkpoints are). On the bf16 one, ours keeps the weight matrices in bf16 and widens them
+//! in its kernels (`LoadOptions::matrix_dtype`); candle-transformers loads them as f32 (its
+//! CPU bf16 matmul widens both operands to f32 on every call, so f32 is its fast setting).
+//! Both then compute in f32 on the same values.
 //!
 //! Measured:
 //! - ours at batch 1, 8, 32: prefill (B prompts of 128 tokens in one `forward`, last-position
@@ -20,7 +26,8 @@
 //! Environment knobs (for a quick smoke run): `ESFT_BENCH_STEPS` (decode steps, 32),
 //! `ESFT_BENCH_REPS` (timed rounds, 5), `ESFT_BENCH_PROMPT` (prompt tokens, 128),
 //! `ESFT_BENCH_BATCHES` (comma-separated, "1,8,32"), `ESFT_BENCH_LAYERS` (8),
-//! `ESFT_BENCH_REFERENCE` (0 skips candle-transformers).
+//! `ESFT_BENCH_REFERENCE` (0 skips candle-transformers), `ESFT_BENCH_WEIGHTS` (checkpoints,
+//! "f32,bf16").
 //!
 //! The process environment is used as given, like the server's. Note that candle 0.11 works
 //! out its thread count on every matmul, parsing `/proc/cpuinfo` each time, unless
@@ -176,7 +183,7 @@ struct Measured {
 
 /// Something measured: a name, its batch size and one pass.
 struct Contender<'a> {
-    name: &'static str,
+    name: String,
     batch: usize,
     pass: Box<dyn FnMut() -> AnyResult<Pass> + 'a>,
 }
@@ -262,6 +269,130 @@ fn row_json(m: &Measured) -> serde_json::Value {
     })
 }
 
+/// One checkpoint of the bench model (the same seed, stored in `weights`) and both
+/// implementations loaded from it. Ours keeps the matrices in the stored dtype; the
+/// reference computes in f32 (its CPU bf16 matmul widens both operands to f32 on every
+/// call), so on the bf16 checkpoint both multiply the same values in f32.
+struct Suite {
+    weights: &'static str,
+    ours: DeepSeekV2,
+    reference: Result<deepseek2::DeepSeekV2, String>,
+    _dir: tempfile::TempDir,
+}
+
+fn load_suite(
+    weights: &'static str,
+    layers: usize,
+    with_reference: bool,
+    threads: usize,
+) -> AnyResult<Suite> {
+    let (torch_dtype, matrices) = match weights {
+        "f32" => ("float32", None),
+        "bf16" => ("bfloat16", Some(DType::BF16)),
+        other => anyhow::bail!("ESFT_BENCH_WEIGHTS: {other} (expected f32 or bf16)"),
+    };
+    let mut config = bench_config(layers);
+    config["torch_dtype"] = torch_dtype.into();
+    let dir = tempfile::tempdir()?;
+    let t = Instant::now();
+    write_random_checkpoint(&config, 0, dir.path())?;
+    let file_mb = std::fs::metadata(dir.path().join("model.safetensors"))?.len() as f64 / 1e6;
+    eprintln!(
+        "{weights} checkpoint: {file_mb:.0} MB written in {:.1}s ({layers} layers, {threads} \
+         threads)",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let opts = LoadOptions {
+        matrix_dtype: matrices,
+        ..LoadOptions::default()
+    };
+    let ours = DeepSeekV2::load_dir(dir.path(), &opts)?;
+    eprintln!("ours: loaded in {:.1}s", t.elapsed().as_secs_f64());
+    let reference = if with_reference {
+        let t = Instant::now();
+        load_reference(dir.path(), &config)
+            .inspect(|_| {
+                eprintln!(
+                    "candle-transformers: loaded in {:.1}s",
+                    t.elapsed().as_secs_f64()
+                )
+            })
+            .map_err(|e| format!("candle-transformers deepseek2 failed to load: {e}"))
+    } else {
+        Err("skipped (ESFT_BENCH_REFERENCE=0)".to_string())
+    };
+    Ok(Suite {
+        weights,
+        ours,
+        reference,
+        _dir: dir,
+    })
+}
+
+/// One suite's measurements and ratios.
+struct SuiteResult {
+    weights: &'static str,
+    ours: Vec<Measured>,
+    reference: Result<Measured, String>,
+}
+
+impl SuiteResult {
+    fn at(&self, batch: usize) -> Option<&Measured> {
+        self.ours.iter().find(|m| m.batch == batch)
+    }
+
+    fn batch_scaling(&self) -> Option<f64> {
+        self.at(32).zip(self.at(1)).map(|(a, b)| round_ratio(a, b))
+    }
+
+    fn decode_vs_reference(&self) -> Option<f64> {
+        let r = self.reference.as_ref().ok()?;
+        Some(round_ratio(self.at(1)?, r))
+    }
+
+    fn prefill_vs_reference(&self) -> Option<f64> {
+        let r = self.reference.as_ref().ok()?;
+        Some(self.at(1)?.prefill_tok_s / r.prefill_tok_s)
+    }
+
+    /// Same weights, same prompt: the last-position prefill logits should agree. Returns
+    /// the largest difference, the largest logit and whether the argmax agrees.
+    fn parity(&self) -> Option<(f32, f32, bool)> {
+        let (a, b) = (self.at(1)?, self.reference.as_ref().ok()?);
+        let diff = a
+            .first_logits
+            .iter()
+            .zip(&b.first_logits)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let scale = a.first_logits.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        Some((
+            diff,
+            scale,
+            argmax(&a.first_logits) == argmax(&b.first_logits),
+        ))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "weights": self.weights,
+            "ours": self.ours.iter().map(row_json).collect::<Vec<_>>(),
+            "candle_transformers": match &self.reference {
+                Ok(m) => row_json(m),
+                Err(why) => json!({ "error": why }),
+            },
+            "ratios": {
+                "ours_decode_b32_over_b1": self.batch_scaling(),
+                "decode_b1_ours_over_candle_transformers": self.decode_vs_reference(),
+                "prefill_b1_ours_over_candle_transformers": self.prefill_vs_reference(),
+            },
+            "parity_max_abs_diff": self.parity().map(|p| p.0),
+            "parity_same_argmax": self.parity().map(|p| p.2),
+        })
+    }
+}
+
 fn main() -> AnyResult<()> {
     esft::util::pin_thread_count();
     let steps = env_usize("ESFT_BENCH_STEPS", 32).max(1);
@@ -269,31 +400,32 @@ fn main() -> AnyResult<()> {
     let prompt_len = env_usize("ESFT_BENCH_PROMPT", 128).max(1);
     let layers = env_usize("ESFT_BENCH_LAYERS", 8).max(2);
     let with_reference = env_usize("ESFT_BENCH_REFERENCE", 1) != 0;
-    let batches: Vec<usize> = std::env::var("ESFT_BENCH_BATCHES")
-        .unwrap_or_else(|_| "1,8,32".into())
-        .split(',')
+    let list = |name: &str, default: &str| -> Vec<String> {
+        std::env::var(name)
+            .unwrap_or_else(|_| default.into())
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect()
+    };
+    let batches: Vec<usize> = list("ESFT_BENCH_BATCHES", "1,8,32")
+        .iter()
         .map(|s| {
-            s.trim()
-                .parse()
+            s.parse()
                 .expect("ESFT_BENCH_BATCHES: comma-separated sizes")
         })
         .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    let config = bench_config(layers);
-    let dir = tempfile::tempdir()?;
-    let t = Instant::now();
-    write_random_checkpoint(&config, 0, dir.path())?;
-    let file_mb = std::fs::metadata(dir.path().join("model.safetensors"))?.len() as f64 / 1e6;
-    eprintln!(
-        "checkpoint: {file_mb:.0} MB written in {:.1}s ({layers} layers, {threads} threads)",
-        t.elapsed().as_secs_f64()
-    );
-
-    let t = Instant::now();
-    let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default())?;
-    eprintln!("ours: loaded in {:.1}s", t.elapsed().as_secs_f64());
-    let vocab = model.config().vocab_size as u32;
+    let mut suites = Vec::new();
+    for w in list("ESFT_BENCH_WEIGHTS", "f32,bf16") {
+        let weights = match w.as_str() {
+            "f32" => "f32",
+            "bf16" => "bf16",
+            other => anyhow::bail!("ESFT_BENCH_WEIGHTS: {other} (expected f32 or bf16)"),
+        };
+        suites.push(load_suite(weights, layers, with_reference, threads)?);
+    }
+    let vocab = bench_config(layers)["vocab_size"].as_u64().unwrap_or(32000) as u32;
     let max_batch = batches.iter().copied().max().unwrap_or(1);
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let prompts: Vec<Vec<u32>> = (0..max_batch)
@@ -304,48 +436,36 @@ fn main() -> AnyResult<()> {
         })
         .collect();
 
-    let mut reference_model = if with_reference {
-        let t = Instant::now();
-        match load_reference(dir.path(), &config) {
-            Ok(m) => {
-                eprintln!(
-                    "candle-transformers: loaded in {:.1}s",
-                    t.elapsed().as_secs_f64()
-                );
-                Ok(m)
+    // Every suite's contenders in one list, so that each round runs them all. The
+    // reference runs right after ours at batch 1, so the two passes of a round's batch-1
+    // ratio are seconds apart.
+    let mut contenders: Vec<Contender<'_>> = Vec::new();
+    let mut owners: Vec<(usize, bool)> = Vec::new(); // (suite, is the reference)
+    for (si, suite) in suites.iter_mut().enumerate() {
+        let (model, prompts) = (&suite.ours, &prompts);
+        let mut reference = suite.reference.as_mut().ok();
+        for &b in &batches {
+            contenders.push(Contender {
+                name: format!("esft ({} weights)", suite.weights),
+                batch: b,
+                pass: Box::new(move || ours_pass(model, &prompts[..b], steps)),
+            });
+            owners.push((si, false));
+            if b == 1 {
+                if let Some(rm) = reference.take() {
+                    let prompt = &prompts[0];
+                    contenders.push(Contender {
+                        name: format!("candle-transformers ({} weights)", suite.weights),
+                        batch: 1,
+                        pass: Box::new(move || reference_pass(rm, prompt, steps)),
+                    });
+                    owners.push((si, true));
+                }
             }
-            Err(e) => Err(format!("candle-transformers deepseek2 failed to load: {e}")),
         }
-    } else {
-        Err("skipped (ESFT_BENCH_REFERENCE=0)".to_string())
-    };
-    let mut contenders: Vec<Contender<'_>> = batches
-        .iter()
-        .map(|&b| Contender {
-            name: "esft",
-            batch: b,
-            pass: Box::new({
-                let (model, prompts) = (&model, &prompts);
-                move || ours_pass(model, &prompts[..b], steps)
-            }),
-        })
-        .collect();
-    // The reference runs right after ours at batch 1, so the two passes of a round's
-    // batch-1 ratio are seconds apart.
-    let reference_at = batches.iter().position(|&b| b == 1).map_or(0, |i| i + 1);
-    if let Ok(rm) = reference_model.as_mut() {
-        let prompt = &prompts[0];
-        contenders.insert(
-            reference_at,
-            Contender {
-                name: "candle-transformers",
-                batch: 1,
-                pass: Box::new(move || reference_pass(rm, prompt, steps)),
-            },
-        );
     }
     let t = Instant::now();
-    let mut measured = measure_rounds(&mut contenders, prompt_len, steps, reps)?;
+    let measured = measure_rounds(&mut contenders, prompt_len, steps, reps)?;
     eprintln!(
         "measured {} contenders x {reps} rounds in {:.1}s",
         contenders.len(),
@@ -358,21 +478,39 @@ fn main() -> AnyResult<()> {
         );
     }
     drop(contenders);
-    let reference: Result<Measured, String> = match reference_model {
-        Ok(_) => Ok(measured.remove(reference_at)),
-        Err(why) => Err(why),
-    };
-    let ours = measured;
+    let mut results: Vec<SuiteResult> = suites
+        .iter()
+        .map(|s| SuiteResult {
+            weights: s.weights,
+            ours: Vec::new(),
+            reference: match &s.reference {
+                Ok(_) => Err("not measured".to_string()),
+                Err(why) => Err(why.clone()),
+            },
+        })
+        .collect();
+    for (m, &(si, is_reference)) in measured.into_iter().zip(&owners) {
+        if is_reference {
+            results[si].reference = Ok(m);
+        } else {
+            results[si].ours.push(m);
+        }
+    }
 
     println!();
     println!(
         "DeepSeek-V2 random model: hidden 512, {layers} layers, 64 experts top-6 + 2 shared, \
-         vocab 32000, f32 CPU, {threads} threads; prompt {prompt_len}, {steps} decode steps, \
-         median of {reps}"
+         vocab 32000, f32 compute on the CPU, {threads} threads; prompt {prompt_len}, {steps} \
+         decode steps, median of {reps} rounds"
     );
     println!(
-        "{:<20} {:>5} {:>14} {:>11} {:>13} {:>15} {:>11}",
+        "weights: the checkpoint's dtype (the same draws; bf16 = each rounded). On bf16 ours \
+         keeps the matrices in bf16, candle-transformers converts them to f32 at load."
+    );
+    println!(
+        "{:<20} {:>7} {:>5} {:>14} {:>11} {:>13} {:>15} {:>11}",
         "implementation",
+        "weights",
         "batch",
         "prefill tok/s",
         "prefill ms",
@@ -380,58 +518,34 @@ fn main() -> AnyResult<()> {
         "decode ms/step",
         "other load"
     );
-    let print_row = |name: &str, m: &Measured| {
+    let print_row = |name: &str, weights: &str, m: &Measured| {
         let load = m
             .other_load
             .map_or("n/a".into(), |l| format!("{l:.2} cores"));
         println!(
-            "{:<20} {:>5} {:>14.1} {:>11.1} {:>13.1} {:>15.2} {:>11}",
-            name, m.batch, m.prefill_tok_s, m.prefill_ms, m.decode_tok_s, m.decode_step_ms, load
+            "{:<20} {:>7} {:>5} {:>14.1} {:>11.1} {:>13.1} {:>15.2} {:>11}",
+            name,
+            weights,
+            m.batch,
+            m.prefill_tok_s,
+            m.prefill_ms,
+            m.decode_tok_s,
+            m.decode_step_ms,
+            load
         );
     };
-    for m in &ours {
-        print_row("esft", m);
-    }
-    match &reference {
-        Ok(m) => print_row("candle-transformers", m),
-        Err(why) => println!("{:<20} {why}", "candle-transformers"),
-    }
-
-    let at = |b: usize| ours.iter().find(|m| m.batch == b);
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    };
-    let ours1 = at(1);
-    let reference_ok = reference.as_ref().ok();
-    let batch_scaling = at(32).zip(ours1).map(|(a, b)| round_ratio(a, b));
-    let decode_vs_ref = ours1.zip(reference_ok).map(|(a, b)| round_ratio(a, b));
-    let prefill_vs_ref = ratio(
-        ours1.map(|m| m.prefill_tok_s),
-        reference_ok.map(|m| m.prefill_tok_s),
-    );
-    // Same weights, same prompt: the last-position prefill logits should agree.
-    let parity = match (ours1, reference_ok) {
-        (Some(a), Some(b)) => {
-            let diff = a
-                .first_logits
-                .iter()
-                .zip(&b.first_logits)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            let scale = a.first_logits.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            Some((
-                diff,
-                scale,
-                argmax(&a.first_logits) == argmax(&b.first_logits),
-            ))
+    for r in &results {
+        for m in &r.ours {
+            print_row("esft", r.weights, m);
         }
-        _ => None,
-    };
-
-    let busiest = ours
+        match &r.reference {
+            Ok(m) => print_row("candle-transformers", r.weights, m),
+            Err(why) => println!("{:<20} {:>7} {why}", "candle-transformers", r.weights),
+        }
+    }
+    let busiest = results
         .iter()
-        .chain(reference.as_ref().ok())
+        .flat_map(|r| r.ours.iter().chain(r.reference.as_ref().ok()))
         .filter_map(|m| m.other_load)
         .fold(0f64, f64::max);
     if busiest > 0.2 {
@@ -441,48 +555,40 @@ fn main() -> AnyResult<()> {
         );
     }
     let show = |r: Option<f64>| r.map_or("n/a".to_string(), |r| format!("{r:.2}"));
-    println!();
-    println!(
-        "ratio decode batch 32 / batch 1 (ours):            {} (goal >= 10)",
-        show(batch_scaling)
-    );
-    println!(
-        "ratio decode batch 1 ours / candle-transformers:   {} (goal >= 1.5)",
-        show(decode_vs_ref)
-    );
-    println!(
-        "ratio prefill batch 1 ours / candle-transformers:  {}",
-        show(prefill_vs_ref)
-    );
-    if let Some((diff, scale, same)) = parity {
+    for r in &results {
+        let w = r.weights;
+        println!();
         println!(
-            "parity: prefill last logits max |diff| {diff:.2e} (max |logit| {scale:.2e}), \
-             same argmax: {same}"
+            "{w:>4} ratio decode batch 32 / batch 1 (ours):            {} (goal >= 10)",
+            show(r.batch_scaling())
         );
+        println!(
+            "{w:>4} ratio decode batch 1 ours / candle-transformers:   {} (goal >= 1.5)",
+            show(r.decode_vs_reference())
+        );
+        println!(
+            "{w:>4} ratio prefill batch 1 ours / candle-transformers:  {}",
+            show(r.prefill_vs_reference())
+        );
+        if let Some((diff, scale, same)) = r.parity() {
+            println!(
+                "{w:>4} parity: prefill last logits max |diff| {diff:.2e} (max |logit| \
+                 {scale:.2e}), same argmax: {same}"
+            );
+        }
     }
 
     let summary = json!({
         "bench": "runtime",
         "device": "cpu",
-        "dtype": "f32",
+        "compute_dtype": "f32",
         "threads": threads,
         "rayon_num_threads_env": std::env::var("RAYON_NUM_THREADS").ok(),
         "layers": layers,
         "prompt_tokens": prompt_len,
         "decode_steps": steps,
         "reps": reps,
-        "ours": ours.iter().map(row_json).collect::<Vec<_>>(),
-        "candle_transformers": match &reference {
-            Ok(m) => row_json(m),
-            Err(why) => json!({ "error": why }),
-        },
-        "ratios": {
-            "ours_decode_b32_over_b1": batch_scaling,
-            "decode_b1_ours_over_candle_transformers": decode_vs_ref,
-            "prefill_b1_ours_over_candle_transformers": prefill_vs_ref,
-        },
-        "parity_max_abs_diff": parity.map(|p| p.0),
-        "parity_same_argmax": parity.map(|p| p.2),
+        "suites": results.iter().map(SuiteResult::json).collect::<Vec<_>>(),
     });
     println!("{summary}");
     Ok(())

@@ -582,3 +582,42 @@ impl DeepSeekV2 {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn precision(dtype: DType, matrices: Option<DType>) -> super::super::error::Result<Precision> {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype,
+            matrix_dtype: matrices,
+        }
+        .precision()
+    }
+
+    #[test]
+    fn matrices_may_be_narrower_only_under_f32_compute() {
+        let p = precision(DType::F32, Some(DType::BF16)).unwrap();
+        assert_eq!((p.compute, p.matrices), (DType::F32, DType::BF16));
+        assert_eq!(p.of(&[64, 32]), DType::BF16);
+        assert_eq!(
+            p.of(&[64]),
+            DType::F32,
+            "norm weights stay in the compute dtype"
+        );
+        assert_eq!(
+            precision(DType::F16, None).unwrap(),
+            Precision::uniform(DType::F16)
+        );
+        assert!(precision(DType::F32, Some(DType::F16)).is_ok());
+        for (compute, matrices) in [
+            (DType::F16, DType::BF16),
+            (DType::F32, DType::F64),
+            (DType::BF16, DType::F32),
+        ] {
+            let err = precision(compute, Some(matrices)).unwrap_err().to_string();
+            assert!(err.contains("f32 compute"), "{err}");
+        }
+    }
+}

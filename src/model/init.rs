@@ -300,9 +300,17 @@ mod tests {
             let shape = w.shape(name).unwrap().to_vec();
             let info_dtype = w.file_of(name).unwrap().info(name).unwrap().dtype;
             let t = w
-                .get(name, &shape, candle_core::DType::F32, &candle_core::Device::Cpu)
+                .get(
+                    name,
+                    &shape,
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )
                 .unwrap();
-            (info_dtype, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            (
+                info_dtype,
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
         };
         let (d32, wide) = load("float32");
         let (d16, narrow) = load("bfloat16");
