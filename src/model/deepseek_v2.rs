@@ -447,6 +447,15 @@ impl DeepSeekV2 {
         batch: &mut [SeqInput<'_>],
         record: Option<&mut RoutingRecord>,
     ) -> Result<ForwardOutput> {
+        on_compute_pool(|| self.forward_here(batch, record))
+    }
+
+    /// [`forward`](Self::forward) on the calling thread.
+    fn forward_here(
+        &self,
+        batch: &mut [SeqInput<'_>],
+        record: Option<&mut RoutingRecord>,
+    ) -> Result<ForwardOutput> {
         let out = self.forward_hidden(batch, record)?;
         let logits = match out.hidden {
             Some(h) => {
@@ -580,6 +589,18 @@ impl DeepSeekV2 {
             rows,
             balance_loss,
         })
+    }
+}
+
+/// Runs `f` on a thread of the compute pool (rayon's global pool, which the CPU kernels
+/// split their work over), or right here when already on one. From a pool thread every
+/// parallel section of the forward starts and joins inside the pool; from outside, each
+/// one would also hand the caller's thread to the kernel and wake it up afterwards.
+fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
     }
 }
 
