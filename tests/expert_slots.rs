@@ -4,26 +4,57 @@
 
 mod common;
 
+use candle_core::DType;
 use common::*;
+use esft::model::moe::Mlp;
 use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LogitsWanted, SeqInput};
 
 fn load() -> DeepSeekV2 {
-    DeepSeekV2::load_dir(&fixture("v2-grouped"), &LoadOptions::default()).unwrap()
+    load_fixture("v2-grouped", None)
+}
+
+fn load_fixture(name: &str, matrices: Option<DType>) -> DeepSeekV2 {
+    let opts = LoadOptions {
+        matrix_dtype: matrices,
+        ..LoadOptions::default()
+    };
+    DeepSeekV2::load_dir(&fixture(name), &opts).unwrap()
 }
 
 #[test]
 fn remapped_expert_equals_replaced_weights_in_a_mixed_batch() {
-    let r = reference("v2-grouped");
+    remap_case("v2-grouped", None, None);
+}
+
+#[test]
+fn f32_adapter_slots_beside_bf16_base_matrices() {
+    // An adapter's experts are loaded in the compute dtype (f32) while the base keeps its
+    // matrices in bf16: one forward multiplies both kinds.
+    remap_case("lite-bf16", Some(DType::BF16), Some(DType::F32));
+}
+
+/// Model A gets extra slots holding copies of expert 3 (in `copy_dtype`, else as stored)
+/// and a map sending every other expert to them; model B has every expert overwritten
+/// with expert 3. A remapped sequence in a mixed batch on A must equal B.
+fn remap_case(name: &str, matrices: Option<DType>, copy_dtype: Option<DType>) {
+    let r = reference(name);
     let ids = u32s(&r["prompts"][0]["ids"]);
+    let load = || load_fixture(name, matrices);
     let cfg_layers: Vec<usize> = load().config().moe_layers().collect();
 
-    // Model A: extra slots holding copies of expert 3, and a map sending expert e -> them.
     let mut a = load();
     let mut map = ExpertMap::identity(a.config());
     let cfg = a.config().clone();
     for &layer in &cfg_layers {
         let moe = a.moe_mut(layer).unwrap();
-        let copy = moe.slot(3).unwrap().clone();
+        let mut copy = moe.slot(3).unwrap().clone();
+        if let Some(dt) = copy_dtype {
+            copy = Mlp {
+                gate_up: copy.gate_up.to_dtype(dt).unwrap(),
+                down: copy.down.to_dtype(dt).unwrap(),
+            };
+            assert_ne!(Some(moe.slot(3).unwrap().down.dtype()), copy_dtype);
+        }
         let slot = moe.slot_count();
         moe.set_slot(slot, Some(copy));
         let slot = slot as u32;
@@ -34,7 +65,6 @@ fn remapped_expert_equals_replaced_weights_in_a_mixed_batch() {
             }
         }
     }
-    // Model B: every expert's weights overwritten with expert 3's.
     let mut b = load();
     for &layer in &cfg_layers {
         let moe = b.moe_mut(layer).unwrap();

@@ -15,6 +15,7 @@ fn model_f64() -> DeepSeekV2 {
     let opts = LoadOptions {
         device: Device::Cpu,
         dtype: DType::F64,
+        matrix_dtype: None,
     };
     let mut m = DeepSeekV2::load_dir(&dir, &opts).unwrap();
     // candle's fused kernels have no f64 version.
