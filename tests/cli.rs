@@ -126,6 +126,31 @@ fn seeded_sampling_is_reproducible() {
 }
 
 #[test]
+fn bf16_checkpoint_with_bf16_matrices_generates_the_reference_tokens() {
+    let name = "lite-bf16";
+    let p = &reference(name)["prompts"][1];
+    let ids: Vec<String> = u32s(&p["ids"]).iter().map(u32::to_string).collect();
+    let dir = fixture(name);
+    let (ok, out, err) = generate(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--weight-dtype",
+        "bf16",
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        u32s(&json_line(&out)["new_ids"]),
+        u32s(&p["greedy"]["new_ids"])
+    );
+}
+
+#[test]
 fn bad_arguments_fail_with_a_message() {
     let dir = fixture("lite");
     let d = dir.to_str().unwrap();
@@ -140,4 +165,17 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!ok && err.contains("required"), "{err}");
     let (ok, _, err) = generate(&["--model", "/nonexistent/model", "--prompt", "x"]);
     assert!(!ok && err.contains("config.json"), "{err}");
+    let (ok, _, err) = generate(&["--model", d, "--prompt", "x", "--weight-dtype", "int4"]);
+    assert!(!ok && err.contains("--weight-dtype int4"), "{err}");
+    let (ok, _, err) = generate(&[
+        "--model",
+        d,
+        "--prompt",
+        "x",
+        "--dtype",
+        "f16",
+        "--weight-dtype",
+        "bf16",
+    ]);
+    assert!(!ok && err.contains("f32 compute"), "{err}");
 }
