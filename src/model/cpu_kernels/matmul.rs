@@ -7,9 +7,11 @@ use rayon::prelude::*;
 
 use super::{on_stored, simd, with_f32, with_stored, SharedOut, LINEAR_BLOCK};
 
-/// Multiply-adds below which a product runs on the calling thread: waking the pool costs
-/// more than the work (a decode token's `kv_a_proj` is 82k).
-const INLINE_WORK: usize = 1 << 18;
+/// Multiply-adds below which a product runs on the calling thread: sharing it costs more
+/// than the work. With the forward on the compute pool, sharing is cheap enough that a
+/// decode token's 1 MB `o_proj` (262k) and 330 KB `kv_a_proj` (82k) gain from both
+/// threads: batch-1 decode was faster than with 1 << 18 in 6 of 7 alternating runs.
+const INLINE_WORK: usize = 1 << 16;
 
 /// Rows of `x` per parallel task of [`linear`] (512 KB at hidden 512: fits L2 beside the
 /// weight block).
