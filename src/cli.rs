@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate a completion for one prompt and print it.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Serve the OpenAI-compatible HTTP API.
     Serve(ServeArgs),
     /// Read an API key on standard input and print its SHA-256 (for the config file).

@@ -180,7 +180,11 @@ fn bf16_matrices_stay_bf16_and_give_the_logits_of_f32_matrices() {
     // The same f32 products of the same values: with AVX-512 every product of both runs in
     // the same kernels, bit for bit; below it the f32 model takes candle's matmul for
     // prefill, a different summation order.
-    let limit = if esft::model::cpu_kernels::tiled() { 0.0 } else { 1e-5 };
+    let limit = if esft::model::cpu_kernels::tiled() {
+        0.0
+    } else {
+        1e-5
+    };
     assert!(d <= limit, "bf16-kept matrices change the logits by {d}");
 }
 
