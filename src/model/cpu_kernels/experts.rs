@@ -161,7 +161,7 @@ pub fn grouped_swiglu(
 
 #[cfg(test)]
 mod tests {
-    use super::super::max_diff;
+    use super::super::{bits, max_diff};
     use super::*;
     use candle_core::{DType, Device};
 
@@ -206,9 +206,7 @@ mod tests {
                     g
                 })
                 .collect();
-            let y = grouped_swiglu(&xs, &groups, &weights).unwrap();
-            let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            v.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+            bits(&grouped_swiglu(&xs, &groups, &weights).unwrap())
         };
         assert_eq!(run(&stored), run(&wide));
     }

@@ -284,7 +284,7 @@ pub fn heads_linear(x: &Tensor, w: &Tensor, rows: std::ops::Range<usize>) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::super::max_diff;
+    use super::super::{bits, max_diff};
     use super::*;
     use candle_core::Device;
 
@@ -346,15 +346,6 @@ mod tests {
         let all_plain = matmul(&x, &wt).unwrap().unwrap();
         for row in [0, 5, LINEAR_ROWS + 3] {
             let one = x.narrow(0, row, 1).unwrap();
-            let bits = |t: &Tensor| -> Vec<u32> {
-                t.flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect()
-            };
             assert_eq!(
                 bits(&linear(&one, &w).unwrap()),
                 bits(&all.narrow(0, row, 1).unwrap())
@@ -364,11 +355,6 @@ mod tests {
                 bits(&all_plain.narrow(0, row, 1).unwrap())
             );
         }
-    }
-
-    fn bits(t: &Tensor) -> Vec<u32> {
-        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        v.iter().map(|f| f.to_bits()).collect()
     }
 
     #[test]

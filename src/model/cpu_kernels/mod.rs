@@ -164,6 +164,16 @@ impl SharedOut {
 /// stays in L2 while the rows of `x` pass over it.
 const LINEAR_BLOCK: usize = 64;
 
+/// The bits of every value of an f32 tensor (the kernel tests' identity check).
+#[cfg(test)]
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v = t.flatten_all().and_then(|f| f.to_vec1::<f32>());
+    v.expect("an f32 tensor")
+        .iter()
+        .map(|f| f.to_bits())
+        .collect()
+}
+
 /// Largest absolute difference of two tensors (the kernel tests' measure).
 #[cfg(test)]
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
