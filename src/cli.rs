@@ -223,7 +223,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         Some(dir) => Some(crate::adapter::apply_adapter_dir(
             &mut loaded,
             dir,
-            opts.dtype,
+            opts.matrices(),
         )?),
         None => None,
     };

@@ -41,16 +41,21 @@ struct Srv {
 /// A server on the `lite` fixture with adapters `open-a`, `acme-a` (acme's), `globex-a`
 /// (globex's) and `shared` (public), and keys when `keyed`.
 fn server(keyed: bool, edit: impl FnOnce(&mut ServerConfig)) -> Srv {
+    server_on("lite", keyed, edit)
+}
+
+/// [`server`] on the fixture `model`.
+fn server_on(model: &str, keyed: bool, edit: impl FnOnce(&mut ServerConfig)) -> Srv {
     let dir = tempfile::tempdir().unwrap();
     let adapters = dir.path().join("adapters");
     for (i, name) in ["open-a", "acme-a", "globex-a", "shared"]
         .iter()
         .enumerate()
     {
-        write_native_adapter(&fixture("lite"), &adapters.join(name), &spec(i as u64));
+        write_native_adapter(&fixture(model), &adapters.join(name), &spec(i as u64));
     }
     let mut config = ServerConfig {
-        model: Some(fixture("lite")),
+        model: Some(fixture(model)),
         adapters: adapters.clone(),
         ..ServerConfig::default()
     };
@@ -649,6 +654,54 @@ async fn completions_match_the_reference_with_exact_usage() {
         )
         .await;
     assert_eq!(v["usage"]["prompt_tokens"], prompt_ids(0).len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_matrices_serve_the_base_and_adapters() {
+    let s = server_on("lite-bf16", false, |c| c.weight_dtype = "bf16".into());
+    let r = reference("lite-bf16");
+    let ids = u32s(&r["prompts"][0]["ids"]);
+    let want = u32s(&r["prompts"][0]["greedy"]["new_ids"]);
+    let tok = &s.state.served().unwrap().engine.tokenizer;
+    let req = |model: &str| {
+        json!({"model": model, "prompt": ids, "max_tokens": want.len(), "temperature": 0,
+               "ignore_eos": true})
+    };
+    let (st, v) = s.post("/v1/completions", None, req("lite-bf16")).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], tok.decode(&want, true).unwrap());
+
+    // The adapter served in the batch equals the adapter applied directly to a model
+    // loaded the same way (its experts held in bf16 like the base's).
+    let opts = esft::model::LoadOptions {
+        matrix_dtype: Some(candle_core::DType::BF16),
+        ..Default::default()
+    };
+    let mut direct = esft::model::LoadedModel::load(&fixture("lite-bf16"), &opts).unwrap();
+    let map =
+        esft::adapter::apply_adapter_dir(&mut direct, &s.adapters.join("open-a"), opts.matrices())
+            .unwrap();
+    let mut seq = [esft::engine::Sequence::new(
+        ids.clone(),
+        esft::engine::SamplingParams {
+            ignore_eos: true,
+            ..esft::engine::SamplingParams::greedy(want.len())
+        },
+        direct.model.new_cache(),
+        &direct.model.config().eos_token_ids,
+        usize::MAX,
+    )];
+    seq[0].experts = Some(map);
+    esft::engine::generate_all(&direct.model, None, &mut seq, 512).unwrap();
+    let (st, v) = s.post("/v1/completions", None, req("open-a")).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(text, tok.decode(seq[0].generated(), true).unwrap());
+    assert_ne!(
+        seq[0].generated(),
+        want.as_slice(),
+        "the adapter changes the output"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,7 +246,8 @@ impl BaseModel {
     }
 }
 
-/// A validated adapter in host memory, in the compute dtype.
+/// A validated adapter in host memory, in the dtype it was loaded in (when served, the
+/// dtype of the base model's weight matrices).
 pub struct AdapterWeights {
     pub name: String,
     pub manifest: Manifest,

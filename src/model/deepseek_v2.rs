@@ -36,10 +36,15 @@ impl Default for LoadOptions {
 }
 
 impl LoadOptions {
+    /// The dtype weight matrices are held in, the base's and (so that an adapter's expert
+    /// costs what the base's does) every adapter's.
+    pub fn matrices(&self) -> DType {
+        self.matrix_dtype.unwrap_or(self.dtype)
+    }
+
     /// The dtypes to load in, or why this combination cannot run.
     pub fn precision(&self) -> super::error::Result<Precision> {
-        let compute = self.dtype;
-        let matrices = self.matrix_dtype.unwrap_or(compute);
+        let (compute, matrices) = (self.dtype, self.matrices());
         if matrices != compute
             && !(self.device.is_cpu()
                 && compute == DType::F32

@@ -41,6 +41,7 @@ pub struct Served {
     pub base_id: String,
     pub max_context: usize,
     pub created: u64,
+    /// The dtype adapter experts are loaded in (the base's matrix dtype).
     pub dtype: DType,
 }
 
@@ -115,7 +116,8 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
         weight_dtype: Some(config.weight_dtype.clone()),
     }
     .load_options()?;
-    let dtype = opts.dtype;
+    // Adapters' experts are held like the base's matrices.
+    let dtype = opts.matrices();
     let loaded =
         LoadedModel::load(&dir, &opts).with_context(|| format!("loading {}", dir.display()))?;
     let model_ctx = loaded.max_context();
