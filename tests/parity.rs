@@ -247,3 +247,51 @@ fn differentiable_forward_matches_the_reference_too() {
         }
     }
 }
+
+#[test]
+fn f16_matrices_give_the_logits_of_their_f32_values() {
+    // The lite fixture rewritten in f16: loaded with its matrices kept in f16, and widened
+    // to f32 at load, the model computes the same f32 products of the same values.
+    let dir = copy_fixture("lite");
+    let w = esft::model::load::WeightStore::open_dir(dir.path()).unwrap();
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> = w
+        .names()
+        .map(|n| {
+            let shape = w.shape(n).unwrap().to_vec();
+            let t = w.get(n, &shape, DType::F16, &candle_core::Device::Cpu);
+            (n.to_string(), t.unwrap())
+        })
+        .collect();
+    drop(w);
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    let load_with = |matrices: Option<DType>| {
+        let opts = LoadOptions {
+            matrix_dtype: matrices,
+            ..LoadOptions::default()
+        };
+        DeepSeekV2::load_dir(dir.path(), &opts).unwrap()
+    };
+    let (wide, narrow) = (load_with(None), load_with(Some(DType::F16)));
+    assert_eq!(narrow.lm_head().dtype(), DType::F16);
+    let ids = u32s(&reference("lite")["prompts"][1]["ids"]);
+    let (a, b) = (
+        full_logits(&wide, &ids, None),
+        full_logits(&narrow, &ids, None),
+    );
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0f32, f32::max);
+    let limit = if esft::model::cpu_kernels::tiled() {
+        0.0
+    } else {
+        1e-5
+    };
+    assert!(d <= limit, "f16-kept matrices change the logits by {d}");
+    // And f16 rounding really moved the model off the f32 reference (so the equality above
+    // is between two f16 models, not two copies of the f32 one).
+    let f32_model = load("lite", None);
+    let c = full_logits(&f32_model, &ids, None);
+    assert!(max_abs_diff(a.last().unwrap(), c.last().unwrap()) > 0.0);
+}

@@ -301,10 +301,10 @@ mod tests {
             let x = Tensor::randn(0f32, 1., (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
             let want = x.matmul(&w.t().unwrap()).unwrap();
-            assert!(
-                max_diff(&linear(&x, &w).unwrap(), &want) < 1e-4,
-                "{m}x{k}x{n}"
-            );
+            // Two summation orders of k products of unit normals round differently, by an
+            // amount that grows with k (past 1e-4 at k = 512 now and then).
+            let d = max_diff(&linear(&x, &w).unwrap(), &want);
+            assert!(d < 2e-5 * k as f32 / 8.0, "{m}x{k}x{n}: {d}");
         }
     }
 
