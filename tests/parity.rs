@@ -168,24 +168,31 @@ fn bf16_matrices_stay_bf16_and_give_the_logits_of_f32_matrices() {
     assert_eq!(narrow.lm_head().dtype(), DType::BF16);
     assert_eq!(wide.lm_head().dtype(), DType::F32);
     let ids = u32s(&reference("lite-bf16")["prompts"][0]["ids"]);
-    let (a, b) = (
-        full_logits(&wide, &ids, None),
-        full_logits(&narrow, &ids, None),
-    );
+    assert_narrow_matches_wide(&wide, &narrow, &ids);
+}
+
+/// Asserts that `narrow` (matrices kept narrow) gives the logits of `wide` (the same values
+/// widened to f32 at load) on `ids`, and returns them. The same f32 products of the same
+/// values: with AVX-512 every product of both runs in the same kernels, bit for bit; below
+/// it the f32 model takes candle's matmul for prefill, another summation order.
+fn assert_narrow_matches_wide(
+    wide: &DeepSeekV2,
+    narrow: &DeepSeekV2,
+    ids: &[u32],
+) -> Vec<Vec<f32>> {
+    let (a, b) = (full_logits(wide, ids, None), full_logits(narrow, ids, None));
     let d = a
         .iter()
         .zip(&b)
         .map(|(x, y)| max_abs_diff(x, y))
         .fold(0f32, f32::max);
-    // The same f32 products of the same values: with AVX-512 every product of both runs in
-    // the same kernels, bit for bit; below it the f32 model takes candle's matmul for
-    // prefill, a different summation order.
     let limit = if esft::model::cpu_kernels::tiled() {
         0.0
     } else {
         1e-5
     };
-    assert!(d <= limit, "bf16-kept matrices change the logits by {d}");
+    assert!(d <= limit, "narrow matrices change the logits by {d}");
+    a
 }
 
 #[test]
@@ -274,21 +281,7 @@ fn f16_matrices_give_the_logits_of_their_f32_values() {
     let (wide, narrow) = (load_with(None), load_with(Some(DType::F16)));
     assert_eq!(narrow.lm_head().dtype(), DType::F16);
     let ids = u32s(&reference("lite")["prompts"][1]["ids"]);
-    let (a, b) = (
-        full_logits(&wide, &ids, None),
-        full_logits(&narrow, &ids, None),
-    );
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0f32, f32::max);
-    let limit = if esft::model::cpu_kernels::tiled() {
-        0.0
-    } else {
-        1e-5
-    };
-    assert!(d <= limit, "f16-kept matrices change the logits by {d}");
+    let a = assert_narrow_matches_wide(&wide, &narrow, &ids);
     // And f16 rounding really moved the model off the f32 reference (so the equality above
     // is between two f16 models, not two copies of the f32 one).
     let f32_model = load("lite", None);
