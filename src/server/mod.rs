@@ -321,7 +321,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         let config = config.clone();
         tokio::task::spawn_blocking(move || match load(&config) {
             Ok(s) => {
-                tracing::info!(model = %s.base_id, max_context = s.max_context, "model loaded, ready");
+                tracing::info!(model = %s.base_id, max_context = s.max_context, weight_dtype = ?s.dtype, "model loaded, ready");
                 state.set_served(Arc::new(s));
                 Ok(())
             }
