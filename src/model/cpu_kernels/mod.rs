@@ -78,15 +78,9 @@ fn cpu_f32<'a>(
     layout: &candle_core::Layout,
     len: usize,
 ) -> Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) => {
-            let start = layout.start_offset();
-            match cpu.as_slice::<f32>()?.get(start..start + len) {
-                Some(data) => Ok(data),
-                None => candle_core::bail!("cpu kernel: storage shorter than its layout"),
-            }
-        }
-        _ => candle_core::bail!("cpu kernel on a non-CPU tensor"),
+    match cpu_stored(storage, layout, len)? {
+        StoredRows::F32(data) => Ok(data),
+        _ => candle_core::bail!("cpu kernel: expected f32 values"),
     }
 }
 
