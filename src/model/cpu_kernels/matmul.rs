@@ -114,13 +114,18 @@ fn output_tiles(
             out: dst.at(bi * m * n + r0 * n + c0),
         })
     };
-    let tasks = batch * row_tiles * col_tiles;
-    if batch * m * n * k <= INLINE_WORK {
-        (0..tasks).for_each(run);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    run_tasks(batch * row_tiles * col_tiles, batch * m * n * k, run);
     out
+}
+
+/// Runs `task(0..tasks)`: on the calling thread when the whole product is `work`
+/// multiply-adds or fewer, else across the pool.
+fn run_tasks(tasks: usize, work: usize, task: impl Fn(usize) + Sync + Send) {
+    if work <= INLINE_WORK {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
 }
 
 /// One tile of `a @ b^T` with `b` stored as `n` rows of `k` (any stored dtype).
@@ -271,11 +276,7 @@ pub fn heads_linear(x: &Tensor, w: &Tensor, rows: std::ops::Range<usize>) -> Res
                         simd::products_to(xh, n, wt, cols, k, dst.at(h * width + c0), heads * width)
                     };
                 };
-                if n * heads * width * k <= INLINE_WORK {
-                    (0..heads * col_tiles).for_each(task);
-                } else {
-                    (0..heads * col_tiles).into_par_iter().for_each(task);
-                }
+                run_tasks(heads * col_tiles, n * heads * width * k, task);
             })
         })
     })??;
