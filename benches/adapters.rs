@@ -13,7 +13,9 @@ mod common;
 
 use candle_core::DType;
 use common::{bench_config, env_usize, median, write_random_adapter};
-use esft::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel, DeviceSlots, Install};
+use esft::adapter::{
+    AdapterKey, AdapterRegistry, AdapterStats, AdapterStore, BaseModel, DeviceSlots, Install,
+};
 use esft::model::init::write_random_checkpoint;
 use esft::model::{
     DeepSeekV2, ExpertMap, LoadOptions, LogitsWanted, RoutingRecord, SeqCache, SeqInput,
@@ -143,7 +145,10 @@ fn main() {
     for i in 0..ADAPTERS {
         let registry = make_registry();
         let t0 = Instant::now();
-        let w = registry.load(&format!("task{i}")).unwrap();
+        let v = registry
+            .resolve(&[AdapterKey::shared(&format!("task{i}"))])
+            .unwrap();
+        let w = registry.load(&v).unwrap();
         let map = match slots.install(&mut model, &w).unwrap() {
             Install::Ready(m) => m,
             Install::NoRoom => unreachable!("unbounded budget"),

@@ -4,7 +4,10 @@
 mod common;
 
 use common::*;
-use esft::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel, DeviceSlots, Install};
+use esft::adapter::{
+    AdapterError, AdapterKey, AdapterRegistry, AdapterStats, AdapterStore, AdapterWeights,
+    BaseModel, DeviceSlots, Install,
+};
 use esft::model::{LoadOptions, LoadedModel};
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +29,15 @@ fn registry(root: &Path) -> AdapterRegistry {
         1 << 30,
         Arc::new(AdapterStats::default()),
     )
+}
+
+/// Reads and validates the current version of the shared adapter `name`.
+fn load(reg: &AdapterRegistry, name: &str) -> Result<Arc<AdapterWeights>, AdapterError> {
+    let key = AdapterKey::parse(name)?;
+    let v = reg
+        .resolve(&[key])
+        .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+    reg.load(&v)
 }
 
 /// Writes a good adapter named `name` into `root`, then lets `breakit` damage it.
@@ -59,6 +71,21 @@ fn each_broken_adapter_is_refused_with_a_clear_message_and_others_keep_working()
 
     type Case<'a> = (&'a str, Box<dyn FnOnce(&Path)>, &'a str);
     let cases: Vec<Case> = vec![
+        (
+            // Same byte size as the F32 data it labels: only the declared dtype is wrong.
+            "int-dtype",
+            Box::new(|d: &Path| {
+                let p = d.join("adapter.safetensors");
+                let mut b = std::fs::read(&p).unwrap();
+                let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+                let header = String::from_utf8(b[8..8 + n].to_vec()).unwrap();
+                let edited = header.replacen("\"F32\"", "\"I32\"", 1);
+                assert_ne!(header, edited);
+                b[8..8 + n].copy_from_slice(edited.as_bytes());
+                std::fs::write(&p, b).unwrap();
+            }),
+            "is declared I32; adapter weights must be F32, F16 or BF16",
+        ),
         (
             "truncated",
             Box::new(|d: &Path| {
@@ -167,7 +194,7 @@ fn each_broken_adapter_is_refused_with_a_clear_message_and_others_keep_working()
     let reg = registry(root);
     for (name, breakit, expect) in cases {
         broken(root, name, breakit);
-        let err = match reg.load(name) {
+        let err = match load(&reg, name) {
             Ok(_) => panic!("{name} was accepted"),
             Err(e) => e.to_string(),
         };
@@ -176,10 +203,14 @@ fn each_broken_adapter_is_refused_with_a_clear_message_and_others_keep_working()
             err.contains(name),
             "{name}: the message names the adapter: {err}"
         );
-        assert!(!reg.in_host(name));
+        assert!(
+            !err.contains(&*root.to_string_lossy()),
+            "{name}: no server paths: {err}"
+        );
     }
     // The good adapter still loads, and serves next to the base.
-    let good = reg.load("good").unwrap();
+    let good = load(&reg, "good").unwrap();
+    assert!(reg.in_host(good.version));
     let mut loaded = LoadedModel::load(&fixture("lite"), &LoadOptions::default()).unwrap();
     let mut slots = DeviceSlots::new(&loaded.model, usize::MAX, Arc::new(AdapterStats::default()));
     assert!(matches!(
@@ -192,11 +223,11 @@ fn each_broken_adapter_is_refused_with_a_clear_message_and_others_keep_working()
 fn names_with_path_separators_are_refused_before_touching_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let reg = registry(tmp.path());
-    for bad in ["../lite", "a/b", "..", "x\\y"] {
-        let err = reg.load(bad).err().unwrap().to_string();
+    for bad in ["../lite", "a/b/c", "..", "x\\y", "/etc", "a/.."] {
+        let err = load(&reg, bad).err().unwrap().to_string();
         assert!(err.contains("invalid adapter name"), "{bad}: {err}");
     }
-    let err = reg.load("absent").err().unwrap().to_string();
+    let err = load(&reg, "absent").err().unwrap().to_string();
     assert!(err.contains("not found"), "{err}");
 }
 

@@ -25,6 +25,17 @@ pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 pub const REFERENCE_CONFIG_FILE: &str = "expert_cfg.json";
 pub const ARCHITECTURE: &str = "DeepseekV2ForCausalLM";
 
+/// Identifies one version of an adapter's weights within this process: caches and device
+/// slots are keyed by it, never by name.
+pub type VersionId = u64;
+
+static NEXT_VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A version id no other version in this process has.
+pub fn next_version_id() -> VersionId {
+    NEXT_VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The ESFT reference expert config: which routed experts (per model layer) were trained,
 /// and whether shared experts and non-expert modules were too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,18 +132,16 @@ pub enum AdapterError {
     BadName { name: String, reason: &'static str },
     #[error("adapter {0:?} not found")]
     NotFound(String),
-    #[error("{0} is not an adapter directory (expected adapter.json or expert_cfg.json)")]
-    NotAnAdapter(PathBuf),
+    #[error("adapter {0}: neither adapter.json nor expert_cfg.json is there")]
+    NotAnAdapter(String),
+    #[error("the name {name:?} is reserved for tenant {tenant} by the configuration")]
+    Reserved { name: String, tenant: String },
     #[error("adapter {name}: {message}")]
     Invalid { name: String, message: String },
     #[error("adapter {name} was made for a different base model: {reason}")]
     WrongBase { name: String, reason: String },
-    #[error("adapter {name}: {source}")]
-    Weights {
-        name: String,
-        #[source]
-        source: crate::model::ModelError,
-    },
+    #[error("the base model: {0}")]
+    Base(#[source] crate::model::ModelError),
     #[error("adapter {0} is in use by running requests")]
     InUse(String),
     #[error("adapter {name} needs {needed} bytes of expert slots; the budget is {budget} bytes")]
@@ -249,6 +258,8 @@ impl BaseModel {
 /// A validated adapter in host memory, in the dtype it was loaded in (when served, the
 /// dtype of the base model's weight matrices).
 pub struct AdapterWeights {
+    /// The version these weights are of (a fresh id when read outside a store).
+    pub version: VersionId,
     pub name: String,
     pub manifest: Manifest,
     /// `(layer, expert, weights)` for every replaced routed expert.
@@ -368,7 +379,7 @@ pub fn load_adapter(
         };
         (manifest, files)
     } else {
-        return Err(AdapterError::NotAnAdapter(dir.to_path_buf()));
+        return Err(AdapterError::NotAnAdapter(name.to_string()));
     };
 
     let cfg = &base.config;
@@ -389,10 +400,8 @@ pub fn load_adapter(
     let ec = &manifest.expert_config;
     ec.validate(cfg).map_err(invalid)?;
 
-    let store = WeightStore::open_files(&weight_files).map_err(|source| AdapterError::Weights {
-        name: name.into(),
-        source,
-    })?;
+    let store = WeightStore::open_files(&weight_files).map_err(|e| weights_error(name, e))?;
+    check_dtypes(&store).map_err(invalid)?;
     let file_bytes: u64 = weight_files
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
@@ -440,10 +449,7 @@ pub fn load_adapter(
         let shape = base.store.shape(canon).unwrap_or_default().to_vec();
         let t = store
             .get(stored, &shape, DType::F32, &Device::Cpu)
-            .map_err(|source| AdapterError::Weights {
-                name: name.into(),
-                source,
-            })?;
+            .map_err(|e| weights_error(name, e))?;
         let values = t
             .flatten_all()
             .and_then(|f| f.to_vec1::<f32>())
@@ -507,6 +513,7 @@ pub fn load_adapter(
             .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
             .sum::<usize>();
     Ok(AdapterWeights {
+        version: next_version_id(),
         name: name.to_string(),
         manifest,
         experts,
@@ -515,6 +522,68 @@ pub fn load_adapter(
         bytes,
         file_bytes,
     })
+}
+
+/// An error reading weight files, without the server's paths: files are named by their
+/// name inside the adapter.
+fn weights_error(name: &str, e: crate::model::ModelError) -> AdapterError {
+    use crate::model::ModelError as M;
+    let file = |p: &Path| {
+        p.file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into_owned())
+    };
+    let message = match e {
+        M::BadSafetensors { path, message } => {
+            format!("invalid safetensors file {}: {message}", file(&path))
+        }
+        M::MissingFile { path, what, .. } => format!("{what} {} is missing", file(&path)),
+        M::Io(e) => format!("reading its weights: {}", e.kind()),
+        other => other.to_string(),
+    };
+    AdapterError::Invalid {
+        name: name.to_string(),
+        message,
+    }
+}
+
+/// Floating-point types weights may be stored in.
+const WEIGHT_DTYPES: [safetensors::Dtype; 3] = [
+    safetensors::Dtype::F32,
+    safetensors::Dtype::F16,
+    safetensors::Dtype::BF16,
+];
+
+/// Every tensor is declared in a float type the model can use, and holds exactly the bytes
+/// its dtype and shape take.
+fn check_dtypes(store: &WeightStore) -> Result<(), String> {
+    for name in store.names() {
+        let Some(info) = store.file_of(name).and_then(|f| f.info(name)) else {
+            continue;
+        };
+        if !WEIGHT_DTYPES.contains(&info.dtype) {
+            return Err(format!(
+                "tensor {name} is declared {:?}; adapter weights must be F32, F16 or BF16",
+                info.dtype
+            ));
+        }
+        let elems = info
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| format!("tensor {name} has an impossible shape {:?}", info.shape))?;
+        let want = elems.checked_mul(info.dtype.bitsize() / 8);
+        let (start, end) = info.data_offsets;
+        if want != end.checked_sub(start) {
+            return Err(format!(
+                "tensor {name} holds {} bytes; {:?} of shape {:?} takes {}",
+                end.saturating_sub(start),
+                info.dtype,
+                info.shape,
+                want.map_or_else(|| "more".to_string(), |w| w.to_string())
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Builds the manifest of a new adapter replacing `tensor_names` of `base`.

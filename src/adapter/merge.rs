@@ -70,10 +70,7 @@ pub fn merge_checkpoint(
     out_dir: &Path,
 ) -> Result<(), AdapterError> {
     let io = |e: std::io::Error| AdapterError::Io("merge".into(), e);
-    let base = BaseModel::open(model_dir).map_err(|source| AdapterError::Weights {
-        name: "base".into(),
-        source,
-    })?;
+    let base = BaseModel::open(model_dir).map_err(AdapterError::Base)?;
     let name = adapter_dir
         .file_name()
         .and_then(|n| n.to_str())

@@ -1,5 +1,6 @@
 //! What an adapter is and where it lives: the on-disk format, the disk tier (the adapters
-//! directory), the host tier (a byte-budget cache) and the device tier (expert slots).
+//! directory, its namespaces and versions), the host tier (a byte-budget cache) and the
+//! device tier (expert slots). Every tier above the disk is keyed by version, not name.
 
 pub mod format;
 pub mod merge;
@@ -8,8 +9,10 @@ pub mod slots;
 pub mod stats;
 pub mod store;
 
-pub use format::{load_adapter, AdapterError, AdapterWeights, BaseModel, ExpertConfig, Manifest};
+pub use format::{
+    load_adapter, AdapterError, AdapterWeights, BaseModel, ExpertConfig, Manifest, VersionId,
+};
 pub use registry::AdapterRegistry;
 pub use slots::{apply_adapter_dir, DeviceSlots, Install};
 pub use stats::{AdapterStats, Tier};
-pub use store::AdapterStore;
+pub use store::{AdapterKey, AdapterStore, Installed, Policy, Staging, Version};

@@ -1,20 +1,22 @@
-//! Disk and host tiers together: finds an adapter by name, reads and validates it once, and
-//! keeps validated adapters in a byte-budget host cache (moka, LRU-like TinyLFU).
-//! Safe to use from loader threads; the device tier lives with the scheduler.
+//! Disk and host tiers together: finds an adapter's current version, reads and validates
+//! a version once, and keeps validated versions in a byte-budget host cache (moka,
+//! LRU-like TinyLFU) keyed by version id. Installs and deletes go through here so that a
+//! retired version's host copy is dropped with it. Safe to use from loader threads; the
+//! device tier lives with the scheduler.
 
 use candle_core::DType;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::format::{load_adapter, AdapterError, AdapterWeights, BaseModel};
+use super::format::{load_adapter, AdapterError, AdapterWeights, BaseModel, VersionId};
 use super::stats::{AdapterStats, Tier};
-use super::store::AdapterStore;
+use super::store::{AdapterKey, AdapterStore, Installed, Staging, Version};
 
 pub struct AdapterRegistry {
     pub store: AdapterStore,
     pub base: Arc<BaseModel>,
-    host: moka::sync::Cache<String, Arc<AdapterWeights>>,
+    host: moka::sync::Cache<VersionId, Arc<AdapterWeights>>,
     dtype: DType,
     pub stats: Arc<AdapterStats>,
 }
@@ -30,7 +32,7 @@ impl AdapterRegistry {
         let evict_stats = stats.clone();
         let host = moka::sync::Cache::builder()
             // Weigh in KiB so adapters above 4 GiB still fit the u32 weigher.
-            .weigher(|_: &String, a: &Arc<AdapterWeights>| (a.bytes / 1024).max(1) as u32)
+            .weigher(|_: &VersionId, a: &Arc<AdapterWeights>| (a.bytes / 1024).max(1) as u32)
             .max_capacity((host_budget_bytes / 1024).max(1))
             .eviction_listener(move |_, _, cause| {
                 if cause.was_evicted() {
@@ -47,18 +49,29 @@ impl AdapterRegistry {
         }
     }
 
-    /// The adapter in host memory, reading and validating it from disk on a miss.
-    pub fn load(&self, name: &str) -> Result<Arc<AdapterWeights>, AdapterError> {
-        if let Some(a) = self.host.get(name) {
+    /// The dtype adapters are held in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The current version of the first of `keys` that has one (a disk-tier lookup).
+    pub fn resolve(&self, keys: &[AdapterKey]) -> Option<Arc<Version>> {
+        let v = self.store.resolve_first(keys);
+        self.stats.lookup(Tier::Disk, v.is_some());
+        v
+    }
+
+    /// The version in host memory, reading and validating it from disk on a miss.
+    pub fn load(&self, v: &Version) -> Result<Arc<AdapterWeights>, AdapterError> {
+        if let Some(a) = self.host.get(&v.id()) {
             self.stats.lookup(Tier::Host, true);
             return Ok(a);
         }
         self.stats.lookup(Tier::Host, false);
-        let path = self.store.path(name);
-        self.stats.lookup(Tier::Disk, path.is_ok());
-        let path = path?;
         let started = Instant::now();
-        let loaded = load_adapter(&path, name, &self.base, self.dtype);
+        let loaded = v
+            .read(|dir| load_adapter(dir, v.name(), &self.base, self.dtype))
+            .and_then(|r| r);
         match &loaded {
             Ok(_) => {
                 self.stats.disk.loads.fetch_add(1, Ordering::Relaxed);
@@ -72,20 +85,46 @@ impl AdapterRegistry {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        let a = Arc::new(loaded?);
-        self.host.insert(name.to_string(), a.clone());
+        let mut w = loaded?;
+        w.version = v.id();
+        let a = Arc::new(w);
+        // A version retired while it loaded is not cached: nobody new can ask for it.
+        if !v.is_retired() {
+            self.host.insert(v.id(), a.clone());
+        }
         self.publish();
         Ok(a)
     }
 
-    /// Drops an adapter from host memory (after a delete or re-upload).
-    pub fn forget(&self, name: &str) {
-        self.host.invalidate(name);
+    /// Installs a staged adapter as `key`'s current version (see [`AdapterStore::install`]).
+    pub fn install(
+        &self,
+        key: &AdapterKey,
+        staging: Staging,
+        public: bool,
+    ) -> Result<Installed, AdapterError> {
+        let done = self.store.install(key, staging, public)?;
+        if let Some(old) = &done.replaced {
+            self.forget(old.id());
+        }
+        Ok(done)
+    }
+
+    /// Deletes `key`'s adapter (see [`AdapterStore::delete`]).
+    pub fn delete(&self, key: &AdapterKey) -> Result<Arc<Version>, AdapterError> {
+        let old = self.store.delete(key)?;
+        self.forget(old.id());
+        Ok(old)
+    }
+
+    /// Drops a version from host memory.
+    pub fn forget(&self, id: VersionId) {
+        self.host.invalidate(&id);
         self.publish();
     }
 
-    pub fn in_host(&self, name: &str) -> bool {
-        self.host.contains_key(name)
+    pub fn in_host(&self, id: VersionId) -> bool {
+        self.host.contains_key(&id)
     }
 
     fn publish(&self) {

@@ -1,16 +1,18 @@
 //! The device tier: adapter experts copied into expert slots of the model's MoE layers,
-//! under a byte budget. An adapter used by a running sequence is pinned; when room is
-//! needed the least recently used unpinned adapter is evicted.
+//! under a byte budget, keyed by version id (two versions of one name are two residents).
+//! A version used by a running sequence is pinned; when room is needed the least recently
+//! used unpinned version is evicted.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::format::{AdapterError, AdapterWeights};
+use super::format::{AdapterError, AdapterWeights, VersionId};
 use super::stats::{AdapterStats, Tier};
 use crate::model::{DeepSeekV2, ExpertMap};
 
 struct Resident {
+    name: String,
     map: Arc<ExpertMap>,
     routed: Vec<(usize, usize)>,
     shared: Vec<(usize, usize)>,
@@ -29,7 +31,7 @@ pub enum Install {
 pub struct DeviceSlots {
     budget_bytes: usize,
     used_bytes: usize,
-    resident: HashMap<String, Resident>,
+    resident: HashMap<VersionId, Resident>,
     /// Free routed / shared slot indices per model layer.
     free_routed: HashMap<usize, Vec<usize>>,
     free_shared: HashMap<usize, Vec<usize>>,
@@ -73,23 +75,23 @@ impl DeviceSlots {
         self.used_bytes
     }
 
-    pub fn is_resident(&self, name: &str) -> bool {
-        self.resident.contains_key(name)
+    pub fn is_resident(&self, id: VersionId) -> bool {
+        self.resident.contains_key(&id)
     }
 
-    pub fn resident_names(&self) -> Vec<String> {
-        self.resident.keys().cloned().collect()
+    pub fn resident_versions(&self) -> Vec<VersionId> {
+        self.resident.keys().copied().collect()
     }
 
-    pub fn pins(&self, name: &str) -> usize {
-        self.resident.get(name).map_or(0, |r| r.pins)
+    pub fn pins(&self, id: VersionId) -> usize {
+        self.resident.get(&id).map_or(0, |r| r.pins)
     }
 
-    /// The map of a resident adapter (a device-tier lookup).
-    pub fn lookup(&mut self, name: &str) -> Option<Arc<ExpertMap>> {
+    /// The map of a resident version (a device-tier lookup).
+    pub fn lookup(&mut self, id: VersionId) -> Option<Arc<ExpertMap>> {
         self.clock += 1;
         let clock = self.clock;
-        let hit = self.resident.get_mut(name).map(|r| {
+        let hit = self.resident.get_mut(&id).map(|r| {
             r.last_used = clock;
             r.map.clone()
         });
@@ -97,14 +99,14 @@ impl DeviceSlots {
         hit
     }
 
-    pub fn pin(&mut self, name: &str) {
-        if let Some(r) = self.resident.get_mut(name) {
+    pub fn pin(&mut self, id: VersionId) {
+        if let Some(r) = self.resident.get_mut(&id) {
             r.pins += 1;
         }
     }
 
-    pub fn unpin(&mut self, name: &str) {
-        if let Some(r) = self.resident.get_mut(name) {
+    pub fn unpin(&mut self, id: VersionId) {
+        if let Some(r) = self.resident.get_mut(&id) {
             r.pins = r.pins.saturating_sub(1);
         }
     }
@@ -115,7 +117,7 @@ impl DeviceSlots {
         model: &mut DeepSeekV2,
         w: &AdapterWeights,
     ) -> Result<Install, AdapterError> {
-        if let Some(map) = self.lookup(&w.name) {
+        if let Some(map) = self.lookup(w.version) {
             return Ok(Install::Ready(map));
         }
         if !w.others.is_empty() {
@@ -172,8 +174,9 @@ impl DeviceSlots {
             .device_slots_used
             .fetch_add(routed.len() as u64, Ordering::Relaxed);
         self.resident.insert(
-            w.name.clone(),
+            w.version,
             Resident {
+                name: w.name.clone(),
                 map: map.clone(),
                 routed,
                 shared,
@@ -194,21 +197,21 @@ impl DeviceSlots {
             .iter()
             .filter(|(_, r)| r.pins == 0)
             .min_by_key(|(_, r)| r.last_used)
-            .map(|(n, _)| n.clone());
+            .map(|(&id, _)| id);
         match victim {
-            Some(name) => self.remove(model, &name).is_ok(),
+            Some(id) => self.remove(model, id).is_ok(),
             None => false,
         }
     }
 
-    /// Frees an adapter's slots; refused while it is pinned.
-    pub fn remove(&mut self, model: &mut DeepSeekV2, name: &str) -> Result<bool, AdapterError> {
-        match self.resident.get(name) {
+    /// Frees a version's slots; refused while it is pinned.
+    pub fn remove(&mut self, model: &mut DeepSeekV2, id: VersionId) -> Result<bool, AdapterError> {
+        match self.resident.get(&id) {
             None => return Ok(false),
-            Some(r) if r.pins > 0 => return Err(AdapterError::InUse(name.to_string())),
+            Some(r) if r.pins > 0 => return Err(AdapterError::InUse(r.name.clone())),
             Some(_) => {}
         }
-        let Some(r) = self.resident.remove(name) else {
+        let Some(r) = self.resident.remove(&id) else {
             return Ok(false);
         };
         for &(layer, slot) in &r.routed {

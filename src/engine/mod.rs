@@ -8,5 +8,7 @@ pub mod stop;
 
 pub use batch::{generate_all, step};
 pub use sampler::{Sampler, SamplingParams, TokenLogprobs, MAX_TOP_LOGPROBS};
-pub use scheduler::{Completed, Engine, EngineConfig, Event, GenerateRequest, RequestHandle};
+pub use scheduler::{
+    AdapterLoad, Completed, Engine, EngineConfig, Event, GenerateRequest, RequestHandle,
+};
 pub use sequence::{FinishReason, Sequence, TokenEvent};

@@ -3,10 +3,18 @@
 //! finished or cancelled ones leave, adapters load on loader threads while everyone else
 //! keeps decoding.
 //!
-//! Admission is FIFO. A request whose adapter is still loading from disk is passed over (it
-//! does not hold up those behind it). A request whose adapter is loaded but finds every
-//! device slot pinned blocks the admission of later requests that would pin *other*
-//! adapters, so busy adapters drain, get evicted, and no adapter can be starved.
+//! A request carries the adapter version it was bound to when the server accepted it, and
+//! keeps it to the end: host copies, loads and device slots are keyed by version id, so a
+//! replaced or deleted adapter never serves a request bound to another version. A retired
+//! version's slots are freed once its last request ends.
+//!
+//! Admission is FIFO within fair shares: while requests of several tenants wait, a tenant
+//! running its share of `max_running` (split evenly among the tenants with requests) or
+//! more waits for the others; `max_running_per_tenant` caps it outright. A request whose
+//! adapter is still loading from disk is passed over (it does not hold up those behind it).
+//! A request whose adapter is loaded but finds every device slot pinned blocks the admission
+//! of later requests that would pin *other* adapters, so busy adapters drain, get evicted,
+//! and no adapter can be starved.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +27,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use super::batch::step;
 use super::sampler::SamplingParams;
 use super::sequence::{FinishReason, Sequence, TokenEvent};
-use crate::adapter::{AdapterError, AdapterRegistry, AdapterWeights, DeviceSlots, Install};
+use crate::adapter::{
+    AdapterError, AdapterRegistry, AdapterWeights, DeviceSlots, Install, Version, VersionId,
+};
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::{DeepSeekV2, ExpertMap};
 
@@ -35,6 +45,8 @@ pub struct EngineConfig {
     pub device_slot_bytes: usize,
     /// Longest sequence (prompt + output).
     pub max_context: usize,
+    /// Most running sequences of one tenant; 0 = only the fair share applies.
+    pub max_running_per_tenant: usize,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +57,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             device_slot_bytes: 1 << 30,
             max_context: 4096,
+            max_running_per_tenant: 0,
         }
     }
 }
@@ -54,8 +67,16 @@ impl Default for EngineConfig {
 pub struct GenerateRequest {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
-    /// `None` for the base model.
-    pub adapter: Option<String>,
+    /// The adapter version to run with; `None` for the base model.
+    pub adapter: Option<Arc<Version>>,
+    /// Who asked: admission is fair among tenants (`None`: callers without a tenant).
+    pub tenant: Option<String>,
+}
+
+impl GenerateRequest {
+    fn version(&self) -> Option<VersionId> {
+        self.adapter.as_ref().map(|v| v.id())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -130,19 +151,28 @@ pub struct EngineStats {
     pub batch_sequences: AtomicU64,
     pub batch_tokens: AtomicU64,
     pub kv_cache_bytes: AtomicU64,
-    /// Per adapter (base = ""), (running, waiting).
-    pub per_adapter: Mutex<HashMap<String, (u64, u64)>>,
-    /// Adapters resident in device slots.
-    pub device_adapters: Mutex<Vec<String>>,
+    /// Per adapter by qualified name (base = "").
+    pub per_adapter: Mutex<HashMap<String, AdapterLoad>>,
+    /// Adapter versions resident in device slots.
+    pub device_versions: Mutex<Vec<VersionId>>,
+}
+
+/// Requests of one adapter in the engine now.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterLoad {
+    pub running: u64,
+    pub waiting: u64,
+    /// Whether every tenant may know of it (the base, public adapters).
+    pub public: bool,
 }
 
 enum Command {
     Submit(Box<Pending>),
-    Loaded(String, Result<Arc<AdapterWeights>, AdapterError>),
-    /// Frees an adapter's device slots (refused while in use).
-    Unload(String, Sender<Result<bool, AdapterError>>),
-    /// Makes an adapter device-resident now.
-    Load(String, Sender<Result<(), String>>),
+    Loaded(Arc<Version>, Result<Arc<AdapterWeights>, AdapterError>),
+    /// Frees a version's device slots (refused while in use).
+    Unload(Arc<Version>, Sender<Result<bool, AdapterError>>),
+    /// Makes a version device-resident now.
+    Load(Arc<Version>, Sender<Result<(), String>>),
     Shutdown,
 }
 
@@ -197,6 +227,7 @@ impl Engine {
             loading: HashSet::new(),
             loaded: HashMap::new(),
             pending_loads: Vec::new(),
+            resident: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("esft-scheduler".into())
@@ -244,9 +275,6 @@ impl Engine {
                 ),
             ));
         }
-        if let Some(name) = &req.adapter {
-            crate::adapter::format::validate_name(name).map_err(|e| ("model", e.to_string()))?;
-        }
         let (etx, erx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -265,29 +293,25 @@ impl Engine {
         })
     }
 
-    /// Frees an adapter's device slots and drops it from host memory; `Ok(false)` if it
+    /// Frees a version's device slots and drops it from host memory; `Ok(false)` if it
     /// was not device-resident. Refused while requests for it run or wait.
-    pub fn unload_adapter(&self, name: &str) -> Result<bool, AdapterError> {
+    pub fn unload_adapter(&self, v: &Arc<Version>) -> Result<bool, AdapterError> {
+        let stopped = || AdapterError::Invalid {
+            name: v.name().into(),
+            message: "engine stopped".into(),
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         self.tx
-            .send(Command::Unload(name.to_string(), tx))
-            .map_err(|_| AdapterError::Invalid {
-                name: name.into(),
-                message: "engine stopped".into(),
-            })?;
-        rx.recv().unwrap_or_else(|_| {
-            Err(AdapterError::Invalid {
-                name: name.into(),
-                message: "engine stopped".into(),
-            })
-        })
+            .send(Command::Unload(v.clone(), tx))
+            .map_err(|_| stopped())?;
+        rx.recv().unwrap_or_else(|_| Err(stopped()))
     }
 
-    /// Loads an adapter into device slots now (blocking).
-    pub fn load_adapter(&self, name: &str) -> Result<(), String> {
+    /// Loads a version into device slots now (blocking).
+    pub fn load_adapter(&self, v: &Arc<Version>) -> Result<(), String> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.tx
-            .send(Command::Load(name.to_string(), tx))
+            .send(Command::Load(v.clone(), tx))
             .map_err(|_| "engine stopped".to_string())?;
         rx.recv().unwrap_or_else(|_| Err("engine stopped".into()))
     }
@@ -313,12 +337,14 @@ struct Scheduler {
     eos: Vec<u32>,
     waiting: VecDeque<Pending>,
     running: Vec<Running>,
-    /// Adapters being read from disk by a loader thread.
-    loading: HashSet<String>,
-    /// Adapters read and validated, not yet in device slots.
-    loaded: HashMap<String, Arc<AdapterWeights>>,
-    /// `Load` commands waiting for their adapter.
-    pending_loads: Vec<(String, Sender<Result<(), String>>)>,
+    /// Versions being read from disk by a loader thread.
+    loading: HashSet<VersionId>,
+    /// Versions read and validated, not yet in device slots.
+    loaded: HashMap<VersionId, (Arc<Version>, Arc<AdapterWeights>)>,
+    /// `Load` commands waiting for their version.
+    pending_loads: Vec<(VersionId, Sender<Result<(), String>>)>,
+    /// The versions in device slots.
+    resident: HashMap<VersionId, Arc<Version>>,
 }
 
 impl Scheduler {
@@ -344,71 +370,77 @@ impl Scheduler {
                 }
             }
             self.drop_cancelled();
+            self.reap_retired();
             self.admit();
             self.step();
             self.publish();
         }
     }
 
+    /// Fails every waiting request and `Load` command of version `id`.
+    fn fail_version(&mut self, id: VersionId, msg: &str) {
+        self.waiting.retain(|p| {
+            let hit = p.req.version() == Some(id);
+            if hit {
+                let _ = p.events.send(Event::Error(msg.to_string()));
+            }
+            !hit
+        });
+        self.pending_loads.retain(|(v, reply)| {
+            let hit = *v == id;
+            if hit {
+                let _ = reply.send(Err(msg.to_string()));
+            }
+            !hit
+        });
+    }
+
+    fn is_wanted(&self, id: VersionId) -> bool {
+        self.waiting.iter().any(|p| p.req.version() == Some(id))
+            || self.pending_loads.iter().any(|(v, _)| *v == id)
+    }
+
     /// Returns false on shutdown.
     fn handle(&mut self, c: Command) -> bool {
         match c {
             Command::Submit(p) => self.waiting.push_back(*p),
-            Command::Loaded(name, result) => {
-                self.loading.remove(&name);
+            Command::Loaded(v, result) => {
+                let id = v.id();
+                self.loading.remove(&id);
                 match result {
                     Ok(w) => {
-                        self.loaded.insert(name.clone(), w);
-                        self.finish_pending_loads(&name);
+                        self.loaded.insert(id, (v, w));
+                        self.finish_pending_loads(id);
                     }
-                    Err(e) => {
-                        let msg = e.to_string();
-                        self.waiting.retain(|p| {
-                            if p.req.adapter.as_deref() == Some(name.as_str()) {
-                                let _ = p.events.send(Event::Error(msg.clone()));
-                                false
-                            } else {
-                                true
-                            }
-                        });
-                        self.pending_loads.retain(|(n, reply)| {
-                            if *n == name {
-                                let _ = reply.send(Err(msg.clone()));
-                                false
-                            } else {
-                                true
-                            }
-                        });
-                    }
+                    Err(e) => self.fail_version(id, &e.to_string()),
                 }
             }
-            Command::Unload(name, reply) => {
-                let queued = self
-                    .waiting
-                    .iter()
-                    .any(|p| p.req.adapter.as_deref() == Some(name.as_str()));
-                let r = if queued || self.pending_loads.iter().any(|(n, _)| *n == name) {
-                    Err(AdapterError::InUse(name.clone()))
+            Command::Unload(v, reply) => {
+                let id = v.id();
+                let r = if self.is_wanted(id) {
+                    Err(AdapterError::InUse(v.name().to_string()))
                 } else {
-                    self.slots.remove(&mut self.model, &name)
+                    self.slots.remove(&mut self.model, id)
                 };
                 if r.is_ok() {
-                    self.loaded.remove(&name);
-                    self.registry.forget(&name);
+                    self.loaded.remove(&id);
+                    self.resident.remove(&id);
+                    self.registry.forget(id);
                 }
                 // Published before replying: whoever asks next sees the new state.
                 self.publish_device();
                 let _ = reply.send(r);
             }
-            Command::Load(name, reply) => {
-                if self.slots.is_resident(&name) {
+            Command::Load(v, reply) => {
+                let id = v.id();
+                if self.slots.is_resident(id) {
                     let _ = reply.send(Ok(()));
                 } else {
-                    self.pending_loads.push((name.clone(), reply));
-                    if self.loaded.contains_key(&name) {
-                        self.finish_pending_loads(&name);
+                    self.pending_loads.push((id, reply));
+                    if self.loaded.contains_key(&id) {
+                        self.finish_pending_loads(id);
                     } else {
-                        self.start_load(&name);
+                        self.start_load(&v);
                     }
                 }
             }
@@ -417,14 +449,15 @@ impl Scheduler {
         true
     }
 
-    fn finish_pending_loads(&mut self, name: &str) {
-        if !self.pending_loads.iter().any(|(n, _)| n == name) {
+    fn finish_pending_loads(&mut self, id: VersionId) {
+        if !self.pending_loads.iter().any(|(v, _)| *v == id) {
             return;
         }
-        let result = match self.loaded.get(name).cloned() {
-            Some(w) => match self.slots.install(&mut self.model, &w) {
+        let result = match self.loaded.get(&id).cloned() {
+            Some((v, w)) => match self.slots.install(&mut self.model, &w) {
                 Ok(Install::Ready(_)) => {
-                    self.loaded.remove(name);
+                    self.loaded.remove(&id);
+                    self.resident.insert(id, v);
                     Ok(())
                 }
                 Ok(Install::NoRoom) => {
@@ -435,8 +468,8 @@ impl Scheduler {
             None => Err("adapter is not loaded".into()),
         };
         self.publish_device();
-        self.pending_loads.retain(|(n, reply)| {
-            if n == name {
+        self.pending_loads.retain(|(v, reply)| {
+            if *v == id {
                 let _ = reply.send(result.clone());
                 false
             } else {
@@ -445,26 +478,25 @@ impl Scheduler {
         });
     }
 
-    fn start_load(&mut self, name: &str) {
-        if !self.loading.insert(name.to_string()) {
+    fn start_load(&mut self, v: &Arc<Version>) {
+        if !self.loading.insert(v.id()) {
             return;
         }
         let registry = self.registry.clone();
         let tx = self.tx.clone();
-        let name = name.to_string();
         let spawned = std::thread::Builder::new()
             .name("esft-adapter-load".into())
             .spawn({
-                let name = name.clone();
+                let v = v.clone();
                 move || {
-                    let r = registry.load(&name);
-                    let _ = tx.send(Command::Loaded(name, r));
+                    let r = registry.load(&v);
+                    let _ = tx.send(Command::Loaded(v, r));
                 }
             });
         if let Err(e) = spawned {
             let _ = self.tx.send(Command::Loaded(
-                name.clone(),
-                Err(AdapterError::Io(name, e)),
+                v.clone(),
+                Err(AdapterError::Io(v.name().to_string(), e)),
             ));
         }
     }
@@ -480,47 +512,96 @@ impl Scheduler {
         self.retire();
     }
 
+    /// Frees what retired versions hold once no request needs them: device slots (when
+    /// their last running sequence has ended) and validated copies nobody waits for.
+    fn reap_retired(&mut self) {
+        let done: Vec<VersionId> = self
+            .resident
+            .iter()
+            .filter(|(&id, v)| v.is_retired() && self.slots.pins(id) == 0 && !self.is_wanted(id))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            if matches!(self.slots.remove(&mut self.model, id), Ok(true)) {
+                tracing::debug!(version = id, "freed the slots of a retired adapter version");
+            }
+            self.resident.remove(&id);
+            self.registry.forget(id);
+        }
+        let unwanted: Vec<VersionId> = self
+            .loaded
+            .iter()
+            .filter(|(&id, (v, _))| v.is_retired() && !self.is_wanted(id))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in unwanted {
+            self.loaded.remove(&id);
+        }
+    }
+
+    /// Whether a request of `tenant` may start now: under the hard cap, and under its fair
+    /// share unless no other tenant under its own share is waiting.
+    fn fair(&self, tenant: &Option<String>, counts: &HashMap<Option<String>, usize>) -> bool {
+        let running = counts.get(tenant).copied().unwrap_or(0);
+        let cap = self.config.max_running_per_tenant;
+        if cap > 0 && running >= cap {
+            return false;
+        }
+        let mut active: HashSet<&Option<String>> = counts.keys().collect();
+        active.extend(self.waiting.iter().map(|p| &p.req.tenant));
+        let share = (self.config.max_running / active.len().max(1)).max(1);
+        if running < share {
+            return true;
+        }
+        !self.waiting.iter().any(|p| {
+            p.req.tenant != *tenant && counts.get(&p.req.tenant).copied().unwrap_or(0) < share
+        })
+    }
+
     fn admit(&mut self) {
-        let mut blocked_for_room: Option<String> = None;
+        let mut counts: HashMap<Option<String>, usize> = HashMap::new();
+        for r in &self.running {
+            *counts.entry(r.pending.req.tenant.clone()).or_default() += 1;
+        }
+        let mut blocked_for_room: Option<VersionId> = None;
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.config.max_running {
+            let tenant = self.waiting[i].req.tenant.clone();
+            if !self.fair(&tenant, &counts) {
+                i += 1;
+                continue;
+            }
             let adapter = self.waiting[i].req.adapter.clone();
             let map: Option<Arc<ExpertMap>> = match &adapter {
                 None => None,
-                Some(name) => {
-                    if blocked_for_room.as_ref().is_some_and(|b| b != name) {
+                Some(v) => {
+                    let id = v.id();
+                    if blocked_for_room.is_some_and(|b| b != id) {
                         i += 1;
                         continue;
                     }
-                    match self.slots.lookup(name) {
+                    match self.slots.lookup(id) {
                         Some(m) => Some(m),
-                        None => match self.loaded.get(name).cloned() {
+                        None => match self.loaded.get(&id).cloned() {
                             None => {
-                                self.start_load(name);
+                                self.start_load(v);
                                 i += 1;
                                 continue;
                             }
-                            Some(w) => match self.slots.install(&mut self.model, &w) {
+                            Some((v, w)) => match self.slots.install(&mut self.model, &w) {
                                 Ok(Install::Ready(m)) => {
-                                    self.loaded.remove(name);
+                                    self.loaded.remove(&id);
+                                    self.resident.insert(id, v);
                                     Some(m)
                                 }
                                 Ok(Install::NoRoom) => {
-                                    blocked_for_room.get_or_insert_with(|| name.clone());
+                                    blocked_for_room.get_or_insert(id);
                                     i += 1;
                                     continue;
                                 }
                                 Err(e) => {
-                                    self.loaded.remove(name);
-                                    let msg = e.to_string();
-                                    let name = name.clone();
-                                    self.waiting.retain(|p| {
-                                        let hit = p.req.adapter.as_deref() == Some(name.as_str());
-                                        if hit {
-                                            let _ = p.events.send(Event::Error(msg.clone()));
-                                        }
-                                        !hit
-                                    });
+                                    self.loaded.remove(&id);
+                                    self.fail_version(id, &e.to_string());
                                     continue;
                                 }
                             },
@@ -531,9 +612,10 @@ impl Scheduler {
             let Some(p) = self.waiting.remove(i) else {
                 break;
             };
-            if let Some(name) = &adapter {
-                self.slots.pin(name);
+            if let Some(v) = &adapter {
+                self.slots.pin(v.id());
             }
+            *counts.entry(tenant).or_default() += 1;
             let mut seq = Sequence::new(
                 p.req.prompt.clone(),
                 p.req.params.clone(),
@@ -629,8 +711,8 @@ impl Scheduler {
                     prompt_tokens: r.seq.prompt().len(),
                     completion_tokens: r.seq.generated().len(),
                 });
-                if let Some(name) = &r.pending.req.adapter {
-                    self.slots.unpin(name);
+                if let Some(id) = r.pending.req.version() {
+                    self.slots.unpin(id);
                 }
             } else {
                 i += 1;
@@ -653,9 +735,9 @@ impl Scheduler {
     }
 
     fn publish_device(&self) {
-        if let Ok(mut d) = self.stats.device_adapters.lock() {
+        if let Ok(mut d) = self.stats.device_versions.lock() {
             d.clear();
-            d.extend(self.slots.resident_names());
+            d.extend(self.slots.resident_versions());
             d.sort();
         }
     }
@@ -675,15 +757,20 @@ impl Scheduler {
         self.publish_device();
         if let Ok(mut m) = s.per_adapter.lock() {
             m.clear();
-            for r in &self.running {
-                m.entry(r.pending.req.adapter.clone().unwrap_or_default())
-                    .or_default()
-                    .0 += 1;
-            }
-            for p in &self.waiting {
-                m.entry(p.req.adapter.clone().unwrap_or_default())
-                    .or_default()
-                    .1 += 1;
+            let rows = (self.running.iter().map(|r| (&r.pending.req, true)))
+                .chain(self.waiting.iter().map(|p| (&p.req, false)));
+            for (req, running) in rows {
+                let (key, public) = match &req.adapter {
+                    Some(v) => (v.qualified(), v.is_public()),
+                    None => (String::new(), true),
+                };
+                let e = m.entry(key).or_default();
+                e.public = public;
+                if running {
+                    e.running += 1;
+                } else {
+                    e.waiting += 1;
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Adapter administration: list, describe, upload (a tar of the adapter directory), load
-//! into device slots, unload, delete. A tenant manages only its own adapters; adapters it
-//! may not see are "not found".
+//! into device slots, unload, delete. A tenant manages only its own namespace; adapters it
+//! may not see are "not found". Routes take `NAME` or `TENANT/NAME` (as two path segments,
+//! or one with the slash encoded as `%2F`).
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -15,13 +16,12 @@ use std::path::{Component, Path as FsPath, PathBuf};
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
-use super::auth::{Access, Caller, ACCESS_FILE};
+use super::auth::Caller;
 use super::errors::ApiError;
 use super::{AppState, Served};
-use crate::adapter::format::{
-    load_adapter, validate_name, ExpertConfig, Manifest, MANIFEST_FILE, REFERENCE_CONFIG_FILE,
-};
-use crate::adapter::AdapterError;
+use crate::adapter::format::{load_adapter, validate_name, MANIFEST_FILE, REFERENCE_CONFIG_FILE};
+use crate::adapter::store::ACCESS_FILE;
+use crate::adapter::{AdapterError, AdapterKey, Version};
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
@@ -31,118 +31,88 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("worker failed: {e}")))
 }
 
-/// The adapter's manifest as stored, and its expert config.
-fn read_manifest(dir: &FsPath) -> Result<(&'static str, Value, ExpertConfig), String> {
-    if let Ok(text) = std::fs::read_to_string(dir.join(MANIFEST_FILE)) {
-        let m: Manifest =
-            serde_json::from_str(&text).map_err(|e| format!("{MANIFEST_FILE}: {e}"))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        return Ok(("esft", v, m.expert_config));
-    }
-    let text = std::fs::read_to_string(dir.join(REFERENCE_CONFIG_FILE))
-        .map_err(|e| format!("{REFERENCE_CONFIG_FILE}: {e}"))?;
-    let c: ExpertConfig =
-        serde_json::from_str(&text).map_err(|e| format!("{REFERENCE_CONFIG_FILE}: {e}"))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    Ok(("reference", v, c))
-}
-
-fn dir_bytes(dir: &FsPath) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|it| {
-            it.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 impl Served {
-    fn tiers(&self, name: &str) -> Value {
+    fn tiers(&self, v: &Version) -> Value {
         let device = self
             .engine
             .stats
-            .device_adapters
+            .device_versions
             .lock()
-            .map(|d| d.iter().any(|n| n == name))
+            .map(|d| d.contains(&v.id()))
             .unwrap_or(false);
         json!({
-            "disk": true,
-            "host": self.engine.registry.in_host(name),
+            "disk": !v.is_retired(),
+            "host": self.engine.registry.in_host(v.id()),
             "device": device,
         })
     }
 
-    fn requests(&self, name: &str) -> Value {
-        let (running, waiting) = self
+    fn requests(&self, v: &Version) -> Value {
+        let load = self
             .engine
             .stats
             .per_adapter
             .lock()
             .ok()
-            .and_then(|m| m.get(name).copied())
-            .unwrap_or((0, 0));
-        json!({"running": running, "waiting": waiting})
+            .and_then(|m| m.get(&v.qualified()).copied())
+            .unwrap_or_default();
+        json!({"running": load.running, "waiting": load.waiting})
     }
 
-    /// The short description in listings.
-    fn summary(&self, name: &str, a: &Access) -> Value {
+    /// The short description in listings, under the name `caller` uses for it.
+    fn summary(&self, caller: &Caller, v: &Version) -> Value {
         json!({
-            "id": name,
+            "id": Self::shown_name(caller, v),
             "object": "adapter",
+            "name": v.name(),
+            "owner": v.tenant(),
+            "public": v.is_public(),
+            "version": v.id(),
+            "created": v.installed_at(),
             "parent": self.base_id,
-            "owner": a.owner,
-            "public": a.public,
-            "tiers": self.tiers(name),
+            "tiers": self.tiers(v),
         })
     }
 
-    /// Everything about one adapter (blocking: reads its directory).
-    fn describe(&self, name: &str, a: &Access) -> Result<Value, ApiError> {
-        let dir = self
-            .engine
-            .registry
-            .store
-            .path(name)
-            .map_err(|_| ApiError::adapter_not_found(name))?;
-        let (layout, manifest, ec) =
-            read_manifest(&dir).map_err(|e| ApiError::internal(format!("adapter {name}: {e}")))?;
-        let per_layer: BTreeMap<String, usize> = ec
-            .experts
-            .iter()
-            .map(|(l, e)| (l.to_string(), e.len()))
-            .collect();
-        let mut v = self.summary(name, a);
-        if let Value::Object(o) = &mut v {
-            o.insert("layout".into(), json!(layout));
-            o.insert("size_bytes".into(), json!(dir_bytes(&dir)));
-            o.insert("experts_per_layer".into(), json!(per_layer));
-            o.insert("expert_count".into(), json!(ec.expert_count()));
-            o.insert("shared_experts".into(), json!(ec.shared_experts));
-            o.insert("non_expert_modules".into(), json!(ec.non_expert_modules));
-            o.insert("requests".into(), self.requests(name));
-            o.insert("manifest".into(), manifest);
+    /// Everything about one version.
+    fn describe(&self, caller: &Caller, v: &Version) -> Value {
+        let mut out = self.summary(caller, v);
+        if let Value::Object(o) = &mut out {
+            o.insert("size_bytes".into(), json!(v.size_bytes()));
+            o.insert("requests".into(), self.requests(v));
+            match v.description() {
+                Ok(d) => {
+                    let ec = &d.expert_config;
+                    let per_layer: BTreeMap<String, usize> = ec
+                        .experts
+                        .iter()
+                        .map(|(l, e)| (l.to_string(), e.len()))
+                        .collect();
+                    o.insert("layout".into(), json!(d.layout));
+                    o.insert("experts_per_layer".into(), json!(per_layer));
+                    o.insert("expert_count".into(), json!(ec.expert_count()));
+                    o.insert("shared_experts".into(), json!(ec.shared_experts));
+                    o.insert("non_expert_modules".into(), json!(ec.non_expert_modules));
+                    o.insert("manifest".into(), d.manifest.clone());
+                }
+                Err(e) => {
+                    o.insert("invalid".into(), json!(e));
+                }
+            }
         }
-        Ok(v)
+        out
     }
-}
 
-/// The adapter `name` if the caller may manage it: 404 when it may not see it, 403 when
-/// it may see but not manage it.
-fn managed(
-    state: &AppState,
-    served: &Served,
-    caller: &Caller,
-    name: &str,
-) -> Result<Access, ApiError> {
-    match served.adapter_access(state, name) {
-        Some(a) if caller.can_manage(&a) => Ok(a),
-        Some(a) if caller.can_use(&a) => Err(ApiError::forbidden(format!(
-            "the adapter `{name}` is public but not yours to manage"
-        ))),
-        _ => Err(ApiError::adapter_not_found(name)),
+    /// The version `name` means to `caller` for management: 404 when it may not see it,
+    /// 403 when it may see but not manage it (blocking: may rescan the directory).
+    fn managed(&self, caller: &Caller, name: &str) -> Result<Arc<Version>, ApiError> {
+        match self.find(caller, name) {
+            Some(v) if caller.can_manage(&v) => Ok(v),
+            Some(_) => Err(ApiError::forbidden(format!(
+                "the adapter `{name}` is public but not yours to manage"
+            ))),
+            None => Err(ApiError::adapter_not_found(name)),
+        }
     }
 }
 
@@ -153,8 +123,18 @@ fn adapter_error(e: AdapterError) -> ApiError {
         ))
         .code("adapter_in_use"),
         AdapterError::NotFound(n) => ApiError::adapter_not_found(&n),
-        other => ApiError::internal(other.to_string()),
+        e @ AdapterError::Reserved { .. } => {
+            ApiError::conflict(e.to_string()).code("name_reserved")
+        }
+        e @ AdapterError::BadName { .. } => ApiError::invalid("name", e.to_string()),
+        AdapterError::Io(n, e) => ApiError::logged(&format!("storing the adapter `{n}`"), &e),
+        other => ApiError::bad_request(other.to_string()).code("invalid_adapter"),
     }
+}
+
+/// An adapter route's name (`NAME`, `TENANT/NAME`) from its path segments.
+fn joined(parts: &[String]) -> String {
+    parts.join("/")
 }
 
 pub async fn list(
@@ -162,89 +142,89 @@ pub async fn list(
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
-    let st = state.clone();
-    let s = served.clone();
     let data = blocking(move || {
-        s.visible_adapters(&st, &caller)
+        served
+            .visible_adapters(&caller)
             .iter()
-            .map(|(n, a)| s.summary(n, a))
+            .map(|(_, v)| served.summary(&caller, v))
             .collect::<Vec<_>>()
     })
     .await?;
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
+/// `GET /v1/adapters/{name}`, `GET /v1/adapters/{tenant}/{name}`.
 pub async fn get(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(name): Path<String>,
+    Path(parts): Path<Vec<String>>,
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
-    let st = state.clone();
-    blocking(move || match served.adapter_access(&st, &name) {
-        Some(a) if caller.can_use(&a) => served.describe(&name, &a).map(Json),
-        _ => Err(ApiError::adapter_not_found(&name)),
+    let name = joined(&parts);
+    blocking(move || match served.find(&caller, &name) {
+        Some(v) => Ok(Json(served.describe(&caller, &v))),
+        None => Err(ApiError::adapter_not_found(&name)),
     })
     .await?
 }
 
-pub async fn load(
+/// `POST /v1/adapters/{name}/{load|unload}`, `POST /v1/adapters/{tenant}/{name}/{load|unload}`.
+pub async fn action(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(name): Path<String>,
+    Path(mut parts): Path<Vec<String>>,
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
-    let st = state.clone();
+    let what = parts.pop().unwrap_or_default();
+    let name = joined(&parts);
+    if what != "load" && what != "unload" {
+        return Err(ApiError::not_found(format!(
+            "no route for POST /v1/adapters/{name}/{what}: the actions are load and unload"
+        ))
+        .code("unknown_url"));
+    }
     blocking(move || {
-        let a = managed(&st, &served, &caller, &name)?;
-        served.engine.load_adapter(&name).map_err(|msg| {
-            if msg.contains("no free device slots") {
-                ApiError::conflict(msg).code("no_free_slots")
-            } else {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_request_error",
-                    msg,
-                )
-                .code("invalid_adapter")
-            }
-        })?;
-        served.describe(&name, &a).map(Json)
+        let v = served.managed(&caller, &name)?;
+        if what == "load" {
+            served.engine.load_adapter(&v).map_err(|msg| {
+                if msg.contains("no free device slots") {
+                    ApiError::conflict(msg).code("no_free_slots")
+                } else {
+                    ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_request_error",
+                        msg,
+                    )
+                    .code("invalid_adapter")
+                }
+            })?;
+        } else {
+            served.engine.unload_adapter(&v).map_err(adapter_error)?;
+        }
+        Ok(Json(served.describe(&caller, &v)))
     })
     .await?
 }
 
-pub async fn unload(
-    State(state): State<Arc<AppState>>,
-    caller: Caller,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let served = state.served()?;
-    let st = state.clone();
-    blocking(move || {
-        let a = managed(&st, &served, &caller, &name)?;
-        served.engine.unload_adapter(&name).map_err(adapter_error)?;
-        served.describe(&name, &a).map(Json)
-    })
-    .await?
-}
-
+/// `DELETE /v1/adapters/{name}`: the adapter is gone for new requests at once; requests
+/// already running on it finish on it, and its slots and files go when they end.
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(name): Path<String>,
+    Path(parts): Path<Vec<String>>,
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
-    let st = state.clone();
+    let name = joined(&parts);
     blocking(move || {
-        managed(&st, &served, &caller, &name)?;
-        served.engine.unload_adapter(&name).map_err(adapter_error)?;
-        let registry = &served.engine.registry;
-        registry.store.delete(&name).map_err(adapter_error)?;
-        registry.forget(&name);
-        tracing::info!(adapter = %name, by = caller.label(), "adapter deleted");
+        let v = served.managed(&caller, &name)?;
+        let gone = served
+            .engine
+            .registry
+            .delete(v.key())
+            .map_err(adapter_error)?;
+        tracing::info!(adapter = %gone.key(), version = gone.id(), by = caller.label(), "adapter deleted");
         Ok(Json(
-            json!({"id": name, "object": "adapter", "deleted": true}),
+            json!({"id": name, "object": "adapter", "version": gone.id(), "deleted": true}),
         ))
     })
     .await?
@@ -257,14 +237,15 @@ pub struct UploadQuery {
     /// Whether every tenant may use it.
     #[serde(default)]
     pub public: bool,
-    /// The owning tenant (admins only; a tenant always uploads for itself).
+    /// The owning tenant (admins only; a tenant always uploads into its own namespace).
     pub owner: Option<String>,
 }
 
 /// `POST /v1/adapters`: the body is a tar archive of an adapter directory (ours or the
 /// reference layout; files at the top or under one directory). It is unpacked and fully
-/// validated in a staging directory inside the adapters directory and renamed into place
-/// only then, so a partial or invalid upload is never visible.
+/// validated in a staging directory inside the adapters directory, then installed in one
+/// step as the current version of its name in the owner's namespace (201 new, 200 replaced),
+/// so a partial or invalid upload is never visible.
 pub async fn upload(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -275,6 +256,7 @@ pub async fn upload(
     let served = state.served()?;
     let owner = match (&caller, &q.owner) {
         (Caller::Tenant(t), None) => Some(t.clone()),
+        (Caller::Tenant(t), Some(o)) if o == t => Some(t.clone()),
         (Caller::Tenant(_), Some(_)) => {
             return Err(ApiError::forbidden(
                 "only an admin may upload for another owner",
@@ -296,15 +278,13 @@ pub async fn upload(
     }
     let store = &served.engine.registry.store;
     let staging = store
-        .staging_dir()
-        .map_err(|e| ApiError::internal(format!("creating a staging directory: {e}")))?;
-    let package = staging.path().join("package.tar");
+        .staging()
+        .map_err(|e| ApiError::logged("creating a staging directory", &e))?;
+    let package = staging.scratch().join("package.tar");
     receive(body, &package, state.config.limits.max_upload_bytes).await?;
 
-    let st = state.clone();
-    let caller2 = caller.clone();
     let (status, v) = blocking(move || -> Result<(StatusCode, Value), ApiError> {
-        let staged = staging.path().join("adapter");
+        let staged = staging.dir();
         unpack(&package, &staged)?;
         let _ = std::fs::remove_file(&package);
         if !staged.join(MANIFEST_FILE).is_file() && !staged.join(REFERENCE_CONFIG_FILE).is_file()
@@ -315,9 +295,10 @@ pub async fn upload(
             .code("invalid_adapter"));
         }
         // The name in our manifest, if there is one (a broken manifest is reported below).
-        let inner = read_manifest(&staged)
+        let inner = std::fs::read(staged.join(MANIFEST_FILE))
             .ok()
-            .and_then(|(_, m, _)| m.get("name").and_then(Value::as_str).map(str::to_string));
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_string));
         let name = match (q.name.clone(), inner.clone()) {
             (Some(n), _) | (None, Some(n)) => n,
             (None, None) => {
@@ -354,34 +335,21 @@ pub async fn upload(
             .code("invalid_adapter"));
         }
         drop(w);
-        let replacing = match served.adapter_access(&st, &name) {
-            Some(a) if caller2.can_manage(&a) => true,
-            Some(_) => {
-                return Err(ApiError::conflict(format!(
-                    "the adapter name `{name}` is not available"
-                )))
-            }
-            None => false,
+        let key = AdapterKey {
+            tenant: owner,
+            name,
         };
-        let access = Access {
-            owner,
-            public: q.public,
+        let done = reg
+            .install(&key, staging, q.public)
+            .map_err(adapter_error)?;
+        let replaced = done.replaced.as_ref().map(|o| o.id());
+        tracing::info!(adapter = %key, version = done.version.id(), ?replaced, by = caller.label(), "adapter installed");
+        let status = if replaced.is_some() {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
         };
-        let access_json = serde_json::to_vec_pretty(&access)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        crate::util::write_atomic(&staged.join(ACCESS_FILE), &access_json)
-            .map_err(|e| ApiError::internal(format!("writing {ACCESS_FILE}: {e}")))?;
-        if replacing {
-            served.engine.unload_adapter(&name).map_err(adapter_error)?;
-        }
-        reg.store
-            .install_dir(staged, &name)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        reg.forget(&name);
-        tracing::info!(adapter = %name, by = caller2.label(), replacing, "adapter uploaded");
-        let v = served.describe(&name, &access)?;
-        Ok((if replacing { StatusCode::OK } else { StatusCode::CREATED }, v))
-        // `staging` (and anything left in it) is removed here.
+        Ok((status, served.describe(&caller, &done.version)))
     })
     .await??;
     Ok((status, Json(v)))
@@ -389,7 +357,7 @@ pub async fn upload(
 
 /// Streams the request body to `path`, refusing more than `limit` bytes (413).
 async fn receive(body: Body, path: &FsPath, limit: u64) -> Result<(), ApiError> {
-    let io = |e: std::io::Error| ApiError::internal(format!("storing the upload: {e}"));
+    let io = |e: std::io::Error| ApiError::logged("storing the upload", &e);
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
@@ -414,12 +382,11 @@ async fn receive(body: Body, path: &FsPath, limit: u64) -> Result<(), ApiError> 
     Ok(())
 }
 
-/// Unpacks a tar of plain files into `dest`, refusing links, absolute paths, `..`, nested
+/// Unpacks a tar of plain files into the empty directory `dest`, refusing links, absolute paths, `..`, nested
 /// directories, duplicates and the server's own `access.json`.
 fn unpack(package: &FsPath, dest: &FsPath) -> Result<(), ApiError> {
     let bad = |m: String| ApiError::bad_request(m).code("invalid_package");
-    let file = std::fs::File::open(package).map_err(|e| ApiError::internal(e.to_string()))?;
-    std::fs::create_dir(dest).map_err(|e| ApiError::internal(e.to_string()))?;
+    let file = std::fs::File::open(package).map_err(|e| ApiError::logged("unpacking", &e))?;
     let mut archive = tar::Archive::new(file);
     let entries = archive
         .entries()
@@ -476,7 +443,7 @@ fn unpack(package: &FsPath, dest: &FsPath) -> Result<(), ApiError> {
             .map_err(|e| bad(format!("entry {path:?}: {e}")))?;
         std::io::copy(&mut entry, &mut f).map_err(|e| bad(format!("entry {path:?}: {e}")))?;
         f.sync_all()
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+            .map_err(|e| ApiError::logged("unpacking", &e))?;
         files.push((parts, out));
     }
     if files.is_empty() {

@@ -1,19 +1,19 @@
 //! API keys and tenants. Keys are configured as SHA-256 digests only; a request's
-//! `Authorization: Bearer KEY` is hashed and looked up. Adapters belong to a tenant (or to
-//! nobody: admin only) and may be public.
+//! `Authorization: Bearer KEY` is hashed and looked up. Who may use and manage an adapter
+//! follows from its namespace (a tenant's, or the shared one: admin only) and whether it
+//! is public; the configuration's ownership lists become the store's [`Policy`].
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::Arc;
 
-use super::config::AuthConfig;
+use super::config::{AuthConfig, MetricsConfig};
 use super::errors::ApiError;
 use super::AppState;
+use crate::adapter::{Policy, Version};
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,18 +23,6 @@ pub enum Caller {
     Admin,
     Tenant(String),
 }
-
-/// Who an adapter belongs to, and whether every tenant may use it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Access {
-    #[serde(default)]
-    pub owner: Option<String>,
-    #[serde(default)]
-    pub public: bool,
-}
-
-/// Written into an uploaded adapter's directory.
-pub const ACCESS_FILE: &str = "access.json";
 
 impl Caller {
     pub fn tenant(&self) -> Option<&str> {
@@ -48,17 +36,19 @@ impl Caller {
         matches!(self, Caller::Open | Caller::Admin)
     }
 
-    pub fn can_use(&self, a: &Access) -> bool {
+    /// Its own adapters and public ones (a tenant); everything (an admin).
+    pub fn can_use(&self, v: &Version) -> bool {
         match self {
             Caller::Open | Caller::Admin => true,
-            Caller::Tenant(t) => a.public || a.owner.as_deref() == Some(t),
+            Caller::Tenant(t) => v.is_public() || v.tenant() == Some(t.as_str()),
         }
     }
 
-    pub fn can_manage(&self, a: &Access) -> bool {
+    /// Its own adapters (a tenant); everything (an admin).
+    pub fn can_manage(&self, v: &Version) -> bool {
         match self {
             Caller::Open | Caller::Admin => true,
-            Caller::Tenant(t) => a.owner.as_deref() == Some(t),
+            Caller::Tenant(t) => v.tenant() == Some(t.as_str()),
         }
     }
 
@@ -75,9 +65,10 @@ impl Caller {
 pub struct Auth {
     /// key digest (lowercase hex) -> caller
     keys: HashMap<String, Caller>,
-    public: HashSet<String>,
-    /// adapter -> owning tenant, from the config
-    owners: HashMap<String, String>,
+    /// Digests of keys that may only read `/metrics`.
+    metrics_keys: HashSet<String>,
+    /// Whether `/metrics` needs the admin key or a metrics key.
+    metrics_need_key: bool,
 }
 
 pub fn hash_key(key: &str) -> String {
@@ -85,24 +76,57 @@ pub fn hash_key(key: &str) -> String {
 }
 
 impl Auth {
-    pub fn new(c: &AuthConfig) -> Self {
+    pub fn new(c: &AuthConfig, m: &MetricsConfig) -> Self {
         let mut keys = HashMap::new();
         for k in &c.admin_key_sha256 {
             keys.insert(k.to_ascii_lowercase(), Caller::Admin);
         }
-        let mut owners = HashMap::new();
         for t in &c.tenants {
             for k in &t.key_sha256 {
                 keys.insert(k.to_ascii_lowercase(), Caller::Tenant(t.name.clone()));
             }
-            for a in &t.adapters {
-                owners.insert(a.clone(), t.name.clone());
-            }
         }
         Self {
             keys,
+            metrics_keys: m
+                .key_sha256
+                .iter()
+                .map(|k| k.to_ascii_lowercase())
+                .collect(),
+            metrics_need_key: m.require_admin,
+        }
+    }
+
+    /// The store's view of the configuration: names reserved for tenants, public adapters.
+    pub fn policy(c: &AuthConfig) -> Policy {
+        let mut reserved = HashMap::new();
+        for t in &c.tenants {
+            for a in &t.adapters {
+                reserved.insert(a.clone(), t.name.clone());
+            }
+        }
+        Policy {
+            reserved,
             public: c.public_adapters.iter().cloned().collect(),
-            owners,
+        }
+    }
+
+    /// Whether a `/metrics` request may read the metrics, and whether it may see every
+    /// adapter's name in them (an admin, a metrics key, or a server without keys).
+    pub fn scrape(&self, header: Option<&str>) -> Result<bool, ApiError> {
+        let key = header.and_then(bearer);
+        if key.is_some_and(|k| self.metrics_keys.contains(&hash_key(k))) {
+            return Ok(true);
+        }
+        if !self.metrics_need_key {
+            return Ok(self.is_open()
+                || header.is_some_and(|h| self.authenticate(Some(h)).is_ok_and(|c| c.is_admin())));
+        }
+        match self.authenticate(header)? {
+            c if c.is_admin() => Ok(true),
+            _ => Err(ApiError::forbidden(
+                "the metrics need an admin key or a metrics key",
+            )),
         }
     }
 
@@ -124,38 +148,26 @@ impl Auth {
                 "missing_api_key",
             ));
         };
-        let key = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .map(str::trim)
-            .unwrap_or("");
-        if key.is_empty() {
+        let Some(key) = bearer(value) else {
             return Err(unauthorized(
                 "no API key: send `Authorization: Bearer <key>`",
                 "missing_api_key",
             ));
-        }
+        };
         self.keys
             .get(&hash_key(key))
             .cloned()
             .ok_or_else(|| unauthorized("the API key is not valid", "invalid_api_key"))
     }
+}
 
-    /// Who `name` (a directory `dir` of the adapters directory) belongs to: the config
-    /// first, then the directory's `access.json`; neither: admin only, not public.
-    pub fn access(&self, name: &str, dir: &Path) -> Access {
-        let mut a: Access = std::fs::read(dir.join(ACCESS_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
-        if let Some(owner) = self.owners.get(name) {
-            a.owner = Some(owner.clone());
-        }
-        if self.public.contains(name) {
-            a.public = true;
-        }
-        a
-    }
+/// The key of an `Authorization: Bearer KEY` header value.
+fn bearer(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
 }
 
 impl FromRequestParts<Arc<AppState>> for Caller {
@@ -179,8 +191,8 @@ mod tests {
     use crate::server::config::TenantConfig;
 
     #[test]
-    fn keys_map_to_callers_and_access_follows_ownership() {
-        let auth = Auth::new(&AuthConfig {
+    fn keys_map_to_callers_and_the_metrics_need_a_key() {
+        let config = AuthConfig {
             admin_key_sha256: vec![hash_key("root")],
             public_adapters: vec!["shared".into()],
             tenants: vec![TenantConfig {
@@ -188,7 +200,12 @@ mod tests {
                 key_sha256: vec![hash_key("acme-key").to_uppercase()],
                 adapters: vec!["mine".into()],
             }],
-        });
+        };
+        let metrics = MetricsConfig {
+            key_sha256: vec![hash_key("scraper")],
+            ..MetricsConfig::default()
+        };
+        let auth = Auth::new(&config, &metrics);
         assert_eq!(
             auth.authenticate(Some("Bearer root")).unwrap(),
             Caller::Admin
@@ -201,20 +218,32 @@ mod tests {
                 StatusCode::UNAUTHORIZED
             );
         }
-        let dir = tempfile::tempdir().unwrap();
-        let mine = auth.access("mine", dir.path());
-        let shared = auth.access("shared", dir.path());
-        let other = auth.access("other", dir.path());
-        assert!(acme.can_use(&mine) && acme.can_manage(&mine));
-        assert!(acme.can_use(&shared) && !acme.can_manage(&shared));
-        assert!(!acme.can_use(&other));
-        assert!(Caller::Admin.can_manage(&other));
-        std::fs::write(
-            dir.path().join(ACCESS_FILE),
-            r#"{"owner": "acme", "public": false}"#,
-        )
-        .unwrap();
-        assert!(acme.can_manage(&auth.access("other", dir.path())));
-        assert!(Auth::new(&AuthConfig::default()).is_open());
+        // A metrics key reads the metrics and nothing else.
+        assert!(auth.authenticate(Some("Bearer scraper")).is_err());
+        assert_eq!(auth.scrape(Some("Bearer scraper")), Ok(true));
+        assert_eq!(auth.scrape(Some("Bearer root")), Ok(true));
+        assert_eq!(
+            auth.scrape(Some("Bearer acme-key")).unwrap_err().status,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            auth.scrape(None).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        // Turned off: anyone reads them, but only privileged scrapers see private names.
+        let open_metrics = MetricsConfig {
+            require_admin: false,
+            ..MetricsConfig::default()
+        };
+        let auth = Auth::new(&config, &open_metrics);
+        assert_eq!(auth.scrape(None), Ok(false));
+        assert_eq!(auth.scrape(Some("Bearer acme-key")), Ok(false));
+        assert_eq!(auth.scrape(Some("Bearer root")), Ok(true));
+        let policy = Auth::policy(&config);
+        assert_eq!(policy.reserved["mine"], "acme");
+        assert!(policy.public.contains("shared"));
+        let open = Auth::new(&AuthConfig::default(), &MetricsConfig::default());
+        assert!(open.is_open());
+        assert_eq!(open.scrape(None), Ok(true));
     }
 }

@@ -10,6 +10,7 @@ use super::errors::{ApiError, ApiJson};
 use super::generate::{respond_stream, respond_whole, submit, Kind, Reply};
 use super::openai::{Bounds, ChatRequest, CompletionRequest, Plan};
 use super::AppState;
+use crate::adapter::Version;
 
 /// Completions default to 16 tokens, as OpenAI's do.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -26,12 +27,13 @@ async fn run(
     state: Arc<AppState>,
     kind: Kind,
     model: String,
-    adapter: Option<String>,
+    caller: Caller,
+    adapter: Option<Arc<Version>>,
     plan: Plan,
     arrival: Instant,
 ) -> Result<Response, ApiError> {
     let served = state.served()?;
-    let handles = submit(&served.engine, &plan, adapter.as_deref())?;
+    let handles = submit(&served.engine, &plan, adapter.as_ref(), caller.tenant())?;
     let reply = Reply::new(kind, model, arrival, plan.params.logprobs);
     let tok = served.engine.tokenizer.clone();
     if plan.stream {
@@ -48,7 +50,7 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let served = state.served()?;
-    let adapter = served.resolve(&state, &caller, &req.model)?;
+    let adapter = served.resolve(&caller, &req.model)?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
     let prompt = req.prompt_ids(&served.engine.tokenizer)?;
@@ -58,7 +60,16 @@ pub async fn completions(
         Some(COMPLETIONS_DEFAULT_MAX_TOKENS),
         &bounds(&state, served.max_context),
     )?;
-    run(state, Kind::Completion, req.model, adapter, plan, arrival).await
+    run(
+        state,
+        Kind::Completion,
+        req.model,
+        caller,
+        adapter,
+        plan,
+        arrival,
+    )
+    .await
 }
 
 pub async fn chat(
@@ -68,7 +79,7 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let served = state.served()?;
-    let adapter = served.resolve(&state, &caller, &req.model)?;
+    let adapter = served.resolve(&caller, &req.model)?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
     let messages = req.messages()?;
@@ -84,5 +95,5 @@ pub async fn chat(
     let plan = req
         .common()?
         .plan(prompt, logprobs, None, &bounds(&state, served.max_context))?;
-    run(state, Kind::Chat, req.model, adapter, plan, arrival).await
+    run(state, Kind::Chat, req.model, caller, adapter, plan, arrival).await
 }

@@ -62,6 +62,8 @@ pub struct EngineSection {
     pub host_cache_bytes: u64,
     /// Longest sequence (prompt + output); 0 = the model's `max_position_embeddings`.
     pub max_context: usize,
+    /// Most running sequences of one tenant; 0 = no cap beyond the fair share.
+    pub max_running_per_tenant: usize,
 }
 
 impl Default for EngineSection {
@@ -73,6 +75,7 @@ impl Default for EngineSection {
             device_slot_bytes: 1 << 30,
             host_cache_bytes: 4 << 30,
             max_context: 0,
+            max_running_per_tenant: 0,
         }
     }
 }
@@ -121,7 +124,7 @@ impl Default for Shutdown {
 pub struct AuthConfig {
     /// SHA-256 (hex) of each admin key.
     pub admin_key_sha256: Vec<String>,
-    /// Adapters every tenant may use (unless their directory says otherwise).
+    /// Adapters every tenant may use: `NAME` (shared) or `TENANT/NAME`.
     pub public_adapters: Vec<String>,
     pub tenants: Vec<TenantConfig>,
 }
@@ -132,15 +135,19 @@ pub struct TenantConfig {
     pub name: String,
     /// SHA-256 (hex) of each of the tenant's keys.
     pub key_sha256: Vec<String>,
-    /// Adapters already in the adapters directory that this tenant owns.
+    /// Directories of the adapters directory's top level that belong to this tenant's
+    /// namespace (reserved: nobody else can put a shared adapter under these names).
     pub adapters: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Require an admin key for `GET /metrics` (adapter names appear in labels).
+    /// Require an admin key or a metrics key for `GET /metrics` (when keys are configured).
+    /// Without it anyone may read the metrics, and private adapters are not named in them.
     pub require_admin: bool,
+    /// SHA-256 (hex) of keys that may read `/metrics` and nothing else.
+    pub key_sha256: Vec<String>,
     /// Adapters with their own label in per-adapter metrics; the rest are summed as
     /// `adapter="(other)"`.
     pub max_adapter_labels: usize,
@@ -149,7 +156,8 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
-            require_admin: false,
+            require_admin: true,
+            key_sha256: Vec::new(),
             max_adapter_labels: 32,
         }
     }
@@ -226,15 +234,37 @@ impl ServerConfig {
             if t.name.is_empty() {
                 return Err("auth.tenants: every tenant needs a name".into());
             }
+            crate::adapter::format::validate_name(&t.name)
+                .map_err(|e| format!("auth.tenants: tenant {:?}: {e}", t.name))?;
+            for a in &t.adapters {
+                crate::adapter::format::validate_name(a)
+                    .map_err(|e| format!("auth.tenants.{}.adapters: {e}", t.name))?;
+            }
             if !names.insert(t.name.as_str()) {
                 return Err(format!("auth.tenants: tenant {:?} is listed twice", t.name));
             }
+        }
+        let mut reserved = std::collections::HashMap::new();
+        for t in &self.auth.tenants {
+            for a in &t.adapters {
+                if let Some(other) = reserved.insert(a.as_str(), t.name.as_str()) {
+                    return Err(format!(
+                        "auth.tenants: adapter {a:?} is listed by both {other:?} and {:?}",
+                        t.name
+                    ));
+                }
+            }
+        }
+        for p in &self.auth.public_adapters {
+            crate::adapter::AdapterKey::parse(p)
+                .map_err(|e| format!("auth.public_adapters: {e}"))?;
         }
         let all = self
             .auth
             .admin_key_sha256
             .iter()
-            .chain(self.auth.tenants.iter().flat_map(|t| t.key_sha256.iter()));
+            .chain(self.auth.tenants.iter().flat_map(|t| t.key_sha256.iter()))
+            .chain(self.metrics.key_sha256.iter());
         let mut seen = std::collections::HashSet::new();
         for k in all {
             if !hex(k) {

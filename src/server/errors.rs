@@ -75,6 +75,14 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
+    /// A 500 whose details (which may name server paths) go to the log, not the client.
+    pub fn logged(what: &str, e: &dyn std::fmt::Display) -> Self {
+        tracing::error!("{what}: {e}");
+        Self::internal(format!(
+            "internal error while {what}; the details are in the server's log"
+        ))
+    }
+
     pub fn param(mut self, p: &str) -> Self {
         self.param = Some(p.to_string());
         self

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::errors::ApiError;
 use super::openai::Plan;
 use super::AppState;
+use crate::adapter::Version;
 use crate::engine::{Engine, Event, FinishReason, GenerateRequest, RequestHandle, TokenLogprobs};
 use crate::model::tokenizer::TextTokenizer;
 
@@ -79,7 +80,8 @@ impl Reply {
 pub fn submit(
     engine: &Engine,
     plan: &Plan,
-    adapter: Option<&str>,
+    adapter: Option<&Arc<Version>>,
+    tenant: Option<&str>,
 ) -> Result<Vec<RequestHandle>, ApiError> {
     let mut handles = Vec::with_capacity(plan.n);
     for i in 0..plan.n {
@@ -88,7 +90,8 @@ pub fn submit(
         let req = GenerateRequest {
             prompt: plan.prompt.clone(),
             params,
-            adapter: adapter.map(str::to_string),
+            adapter: adapter.cloned(),
+            tenant: tenant.map(str::to_string),
         };
         let h = engine.submit(req).map_err(|(p, m)| match p {
             "engine" => ApiError::unavailable(m),

@@ -16,6 +16,8 @@ use std::sync::atomic::Ordering;
 use crate::adapter::stats::LOAD_SECONDS_BUCKETS;
 use crate::adapter::{AdapterStats, Tier};
 use crate::engine::scheduler::EngineStats;
+#[cfg(test)]
+use crate::engine::AdapterLoad;
 
 pub const BASE_LABEL: &str = "(base)";
 pub const OTHER_LABEL: &str = "(other)";
@@ -119,10 +121,11 @@ impl Metrics {
         engine: Option<&EngineStats>,
         adapters: Option<&AdapterStats>,
         max_adapter_labels: usize,
+        reveal_private: bool,
     ) -> Result<String, String> {
         let mut families = self.registry.gather();
         if let Some(e) = engine {
-            families.extend(engine_families(e, max_adapter_labels));
+            families.extend(engine_families(e, max_adapter_labels, reveal_private));
         }
         if let Some(a) = adapters {
             families.extend(adapter_families(a));
@@ -181,7 +184,7 @@ fn gauge(name: &str, help: &str, v: u64) -> MetricFamily {
     )
 }
 
-fn engine_families(e: &EngineStats, max_labels: usize) -> Vec<MetricFamily> {
+fn engine_families(e: &EngineStats, max_labels: usize, reveal_private: bool) -> Vec<MetricFamily> {
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut out = vec![
         gauge(
@@ -216,19 +219,26 @@ fn engine_families(e: &EngineStats, max_labels: usize) -> Vec<MetricFamily> {
             vec![counter_metric(vec![], get(&e.steps) as f64)],
         ),
     ];
-    // Per adapter, bounded: the busiest `max_labels` adapters by name, the rest summed.
-    let mut rows: Vec<(String, (u64, u64))> = e
-        .per_adapter
-        .lock()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
-        .unwrap_or_default();
+    // Per adapter, bounded: the busiest `max_labels` adapters by name, the rest summed;
+    // adapters that are not public are named only to scrapers that may see them all.
+    let mut rows: Vec<(String, (u64, u64))> = Vec::new();
+    let mut other = (0u64, 0u64);
+    if let Ok(m) = e.per_adapter.lock() {
+        for (k, v) in m.iter() {
+            if v.public || reveal_private {
+                rows.push((k.clone(), (v.running, v.waiting)));
+            } else {
+                other.0 += v.running;
+                other.1 += v.waiting;
+            }
+        }
+    }
     rows.sort_by(|a, b| {
         (b.1 .0 + b.1 .1)
             .cmp(&(a.1 .0 + a.1 .1))
             .then(a.0.cmp(&b.0))
     });
     let mut labelled: Vec<(String, (u64, u64))> = Vec::new();
-    let mut other = (0u64, 0u64);
     let mut named = 0;
     // The base model always has its row.
     if !rows.iter().any(|r| r.0.is_empty()) {
@@ -380,21 +390,32 @@ mod tests {
     #[test]
     fn per_adapter_labels_are_bounded() {
         let e = EngineStats::default();
+        let load = |running, waiting, public| AdapterLoad {
+            running,
+            waiting,
+            public,
+        };
         {
             let mut m = e.per_adapter.lock().unwrap();
-            m.insert(String::new(), (2, 1));
+            m.insert(String::new(), load(2, 1, true));
             for i in 0..10 {
-                m.insert(format!("a{i}"), (i, 0));
+                m.insert(format!("a{i}"), load(i, 0, true));
             }
+            m.insert("acme/secret".into(), load(100, 0, false));
         }
-        let text = Metrics::new().unwrap().render(Some(&e), None, 3).unwrap();
+        let text = Metrics::new()
+            .unwrap()
+            .render(Some(&e), None, 3, false)
+            .unwrap();
         let running: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("esft_adapter_requests_running{"))
             .collect();
-        // base, the 3 busiest (a9, a8, a7) and the rest summed: 0 + 1 + ... + 6 = 21.
+        // base, the 3 busiest public ones (a9, a8, a7) and the rest summed, the private
+        // one among them unnamed: 0 + 1 + ... + 6 + 100 = 121.
         assert_eq!(running.len(), 5, "{running:?}");
-        assert!(running.contains(&"esft_adapter_requests_running{adapter=\"(other)\"} 21"));
+        assert!(!text.contains("secret"));
+        assert!(running.contains(&"esft_adapter_requests_running{adapter=\"(other)\"} 121"));
         assert!(running.contains(&"esft_adapter_requests_running{adapter=\"a9\"} 9"));
         assert!(running.contains(&"esft_adapter_requests_running{adapter=\"(base)\"} 2"));
     }
@@ -404,7 +425,10 @@ mod tests {
         let a = AdapterStats::default();
         a.record_load(0.02);
         a.record_load(3.0);
-        let text = Metrics::new().unwrap().render(None, Some(&a), 8).unwrap();
+        let text = Metrics::new()
+            .unwrap()
+            .render(None, Some(&a), 8, true)
+            .unwrap();
         assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"5\"} 2"));
         assert!(text.contains("esft_adapter_load_duration_seconds_count 2"));

@@ -56,7 +56,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: ServerConfig) -> Result<Self, String> {
         Ok(Self {
-            auth: Auth::new(&config.auth),
+            auth: Auth::new(&config.auth, &config.metrics),
             metrics: Metrics::new().map_err(|e| e.to_string())?,
             config,
             served: OnceLock::new(),
@@ -129,12 +129,13 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
         loaded.model.config().clone(),
         loaded.store.clone(),
     ));
-    let store = AdapterStore::open(&config.adapters).with_context(|| {
-        format!(
-            "opening the adapters directory {}",
-            config.adapters.display()
-        )
-    })?;
+    let store = AdapterStore::open_with(&config.adapters, Auth::policy(&config.auth))
+        .with_context(|| {
+            format!(
+                "opening the adapters directory {}",
+                config.adapters.display()
+            )
+        })?;
     let registry = Arc::new(AdapterRegistry::new(
         store,
         base,
@@ -153,6 +154,7 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
             prefill_chunk: e.prefill_chunk,
             device_slot_bytes: usize::try_from(e.device_slot_bytes).unwrap_or(usize::MAX),
             max_context,
+            max_running_per_tenant: e.max_running_per_tenant,
         },
     );
     Ok(Served {
@@ -183,21 +185,19 @@ async fn metrics_text(
     State(state): State<Arc<AppState>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if state.config.metrics.require_admin {
-        let h = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        match state.auth.authenticate(h) {
-            Ok(c) if c.is_admin() => {}
-            Ok(_) => return ApiError::forbidden("the metrics need an admin key").into_response(),
-            Err(e) => return e.into_response(),
-        }
-    }
+    let h = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let reveal = match state.auth.scrape(h) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
     let served = state.served.get();
     let text = state.metrics.render(
         served.map(|s| s.engine.stats.as_ref()),
         served.map(|s| s.engine.registry.stats.as_ref()),
         state.config.metrics.max_adapter_labels,
+        reveal,
     );
     match text {
         Ok(t) => (
@@ -260,10 +260,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(completions::chat))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{id}", get(models::get))
+        .route("/v1/models/{tenant}/{name}", get(models::get))
         .route("/v1/adapters", get(admin::list).post(admin::upload))
-        .route("/v1/adapters/{name}", get(admin::get).delete(admin::delete))
-        .route("/v1/adapters/{name}/load", post(admin::load))
-        .route("/v1/adapters/{name}/unload", post(admin::unload))
+        .route("/v1/adapters/{a}", get(admin::get).delete(admin::delete))
+        .route(
+            "/v1/adapters/{a}/{b}",
+            get(admin::get).delete(admin::delete).post(admin::action),
+        )
+        .route("/v1/adapters/{a}/{b}/{c}", post(admin::action))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))

@@ -1,25 +1,24 @@
-//! `model` names: the base model's id, an adapter name, or `<base>:<adapter>`; and
-//! `GET /v1/models`, which lists what the caller may use.
+//! `model` names and what they mean to a caller: the base model's id, an adapter, or
+//! `<base>:<adapter>`; and `GET /v1/models`, which lists what the caller may use.
+//!
+//! An adapter is named `NAME` or `TENANT/NAME`. A bare `NAME` means the caller's own
+//! adapter (a tenant's), else the shared adapter `NAME` if the caller may use it; an admin's
+//! bare `NAME` is the shared one. Listings show each adapter under the name that reaches it
+//! for that caller. Anything the caller may not use is "not found".
 
 use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
-use super::auth::{Access, Caller};
+use super::auth::Caller;
 use super::errors::ApiError;
 use super::{AppState, Served};
-use crate::adapter::format::validate_name;
+use crate::adapter::{AdapterKey, Version};
 
 impl Served {
-    /// The adapter `model` names (`None`: the base), if the caller may use it. Anything
-    /// else, including another tenant's private adapter, is "not found".
-    pub fn resolve(
-        &self,
-        state: &AppState,
-        caller: &Caller,
-        model: &str,
-    ) -> Result<Option<String>, ApiError> {
+    /// The adapter version `model` names (`None`: the base), if the caller may use it.
+    pub fn resolve(&self, caller: &Caller, model: &str) -> Result<Option<Arc<Version>>, ApiError> {
         if model == self.base_id {
             return Ok(None);
         }
@@ -27,31 +26,51 @@ impl Served {
             .strip_prefix(self.base_id.as_str())
             .and_then(|rest| rest.strip_prefix(':'))
             .unwrap_or(model);
-        match self.adapter_access(state, name) {
-            Some(a) if caller.can_use(&a) => Ok(Some(name.to_string())),
-            _ => Err(ApiError::model_not_found(model)),
+        self.find(caller, name)
+            .map(Some)
+            .ok_or_else(|| ApiError::model_not_found(model))
+    }
+
+    /// The current version `name` means to `caller`, if it may use it.
+    pub fn find(&self, caller: &Caller, name: &str) -> Option<Arc<Version>> {
+        let key = AdapterKey::parse(name).ok()?;
+        let mut keys = Vec::with_capacity(2);
+        if let (None, Some(t)) = (&key.tenant, caller.tenant()) {
+            keys.push(AdapterKey::of_tenant(t, &key.name));
+        }
+        keys.push(key);
+        let v = self.engine.registry.resolve(&keys)?;
+        caller.can_use(&v).then_some(v)
+    }
+
+    /// How `caller` names `v`: bare for its own adapters and shared ones, `TENANT/NAME`
+    /// for another tenant's.
+    pub fn shown_name(caller: &Caller, v: &Version) -> String {
+        match (v.tenant(), caller.tenant()) {
+            (Some(t), Some(c)) if t == c => v.name().to_string(),
+            (None, _) => v.name().to_string(),
+            _ => v.qualified(),
         }
     }
 
-    /// Who owns `name`, if it is an adapter in the adapters directory.
-    pub fn adapter_access(&self, state: &AppState, name: &str) -> Option<Access> {
-        validate_name(name).ok()?;
-        let dir = self.engine.registry.store.path(name).ok()?;
-        Some(state.auth.access(name, &dir))
-    }
-
-    /// Adapters the caller may use, with their access, in name order.
-    pub fn visible_adapters(&self, state: &AppState, caller: &Caller) -> Vec<(String, Access)> {
-        let store = &self.engine.registry.store;
-        store
-            .rescan()
+    /// Adapters the caller may use, under the names that reach them, in name order.
+    /// (A shared adapter a tenant shadows with its own is left out: its name reaches the
+    /// tenant's own.)
+    pub fn visible_adapters(&self, caller: &Caller) -> Vec<(String, Arc<Version>)> {
+        let all = self.engine.registry.store.list();
+        let own: Vec<String> = all
+            .iter()
+            .filter(|v| caller.tenant().is_some() && v.tenant() == caller.tenant())
+            .map(|v| v.name().to_string())
+            .collect();
+        let mut out: Vec<(String, Arc<Version>)> = all
             .into_iter()
-            .filter_map(|name| {
-                let dir = store.path(&name).ok()?;
-                let a = state.auth.access(&name, &dir);
-                caller.can_use(&a).then_some((name, a))
-            })
-            .collect()
+            .filter(|v| caller.can_use(v))
+            .filter(|v| !(v.tenant().is_none() && own.iter().any(|n| n == v.name())))
+            .map(|v| (Self::shown_name(caller, &v), v))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     fn base_entry(&self) -> Value {
@@ -66,12 +85,12 @@ impl Served {
         })
     }
 
-    fn adapter_entry(&self, name: &str, a: &Access) -> Value {
+    fn adapter_entry(&self, id: &str, v: &Version) -> Value {
         json!({
-            "id": name,
+            "id": id,
             "object": "model",
-            "created": self.created,
-            "owned_by": a.owner.as_deref().unwrap_or("esft"),
+            "created": v.installed_at(),
+            "owned_by": v.tenant().unwrap_or("esft"),
             "root": self.base_id,
             "parent": self.base_id,
             "max_model_len": self.max_context,
@@ -85,28 +104,30 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
     let s = served.clone();
-    let st = state.clone();
-    let adapters = tokio::task::spawn_blocking(move || s.visible_adapters(&st, &caller))
+    let adapters = tokio::task::spawn_blocking(move || s.visible_adapters(&caller))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let mut data = vec![served.base_entry()];
-    data.extend(adapters.iter().map(|(n, a)| served.adapter_entry(n, a)));
+    data.extend(adapters.iter().map(|(n, v)| served.adapter_entry(n, v)));
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
+/// `GET /v1/models/{id}` and `GET /v1/models/{tenant}/{name}`.
 pub async fn get(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    Path(id): Path<String>,
+    Path(parts): Path<Vec<String>>,
 ) -> Result<Json<Value>, ApiError> {
+    let id = parts.join("/");
     let served = state.served()?;
-    match served.resolve(&state, &caller, &id)? {
+    let s = served.clone();
+    let c = caller.clone();
+    let q = id.clone();
+    let found = tokio::task::spawn_blocking(move || s.resolve(&c, &q))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    match found {
         None => Ok(Json(served.base_entry())),
-        Some(name) => {
-            let a = served
-                .adapter_access(&state, &name)
-                .ok_or_else(|| ApiError::model_not_found(&id))?;
-            Ok(Json(served.adapter_entry(&name, &a)))
-        }
+        Some(v) => Ok(Json(served.adapter_entry(&id, &v))),
     }
 }
