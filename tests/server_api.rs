@@ -1,161 +1,19 @@
 //! The HTTP API in process: every route, every refused input with its OpenAI-shaped error,
 //! tenants and adapter administration, metrics, and cancellation on disconnect.
 
+#[path = "common/app.rs"]
+mod app;
 mod common;
 
+use app::*;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use axum::Router;
 use common::*;
-use esft::server::auth::hash_key;
-use esft::server::config::{ServerConfig, TenantConfig};
-use esft::server::{load, router, AppState};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
-
-const ADMIN: &str = "admin-key";
-const ACME: &str = "acme-key";
-const GLOBEX: &str = "globex-key";
-
-fn spec(i: u64) -> AdapterSpec {
-    let e = |k: u64| ((i * 5 + k * 3) % 16) as usize;
-    AdapterSpec {
-        experts: vec![(1, vec![e(0), e(1), e(2)]), (2, vec![e(3), e(4)])],
-        shared: false,
-        seed: 10 + i,
-    }
-}
-
-struct Srv {
-    app: Router,
-    state: Arc<AppState>,
-    adapters: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// A server on the `lite` fixture with adapters `open-a`, `acme-a` (acme's), `globex-a`
-/// (globex's) and `shared` (public), and keys when `keyed`.
-fn server(keyed: bool, edit: impl FnOnce(&mut ServerConfig)) -> Srv {
-    server_on("lite", keyed, edit)
-}
-
-/// [`server`] on the fixture `model`.
-fn server_on(model: &str, keyed: bool, edit: impl FnOnce(&mut ServerConfig)) -> Srv {
-    let dir = tempfile::tempdir().unwrap();
-    let adapters = dir.path().join("adapters");
-    for (i, name) in ["open-a", "acme-a", "globex-a", "shared"]
-        .iter()
-        .enumerate()
-    {
-        write_native_adapter(&fixture(model), &adapters.join(name), &spec(i as u64));
-    }
-    let mut config = ServerConfig {
-        model: Some(fixture(model)),
-        adapters: adapters.clone(),
-        ..ServerConfig::default()
-    };
-    if keyed {
-        config.auth.admin_key_sha256 = vec![hash_key(ADMIN)];
-        config.auth.public_adapters = vec!["shared".into()];
-        config.auth.tenants = vec![
-            TenantConfig {
-                name: "acme".into(),
-                key_sha256: vec![hash_key(ACME)],
-                adapters: vec!["acme-a".into()],
-            },
-            TenantConfig {
-                name: "globex".into(),
-                key_sha256: vec![hash_key(GLOBEX)],
-                adapters: vec!["globex-a".into()],
-            },
-        ];
-    }
-    edit(&mut config);
-    config.validate().unwrap();
-    let state = Arc::new(AppState::new(config.clone()).unwrap());
-    state.set_served(Arc::new(load(&config).unwrap()));
-    Srv {
-        app: router(state.clone()),
-        state,
-        adapters,
-        _dir: dir,
-    }
-}
-
-impl Srv {
-    async fn raw(
-        &self,
-        method: Method,
-        uri: &str,
-        key: Option<&str>,
-        body: Body,
-    ) -> (StatusCode, Vec<u8>) {
-        let mut b = Request::builder().method(method).uri(uri);
-        if let Some(k) = key {
-            b = b.header("authorization", format!("Bearer {k}"));
-        }
-        let resp = self
-            .app
-            .clone()
-            .oneshot(b.body(body).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
-        (status, bytes)
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        uri: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let body = body.map_or_else(Body::empty, |v| Body::from(v.to_string()));
-        let (s, bytes) = self.raw(method, uri, key, body).await;
-        let v = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        (s, v)
-    }
-
-    async fn post(&self, uri: &str, key: Option<&str>, body: Value) -> (StatusCode, Value) {
-        self.call(Method::POST, uri, key, Some(body)).await
-    }
-
-    async fn get(&self, uri: &str, key: Option<&str>) -> (StatusCode, Value) {
-        self.call(Method::GET, uri, key, None).await
-    }
-}
-
-/// Asserts an OpenAI-shaped error body with this status (and param, when given).
-#[track_caller]
-fn assert_error(got: &(StatusCode, Value), status: StatusCode, param: Option<&str>) {
-    let (s, v) = got;
-    assert_eq!(*s, status, "{v}");
-    let e = v["error"]
-        .as_object()
-        .unwrap_or_else(|| panic!("not an error body: {v}"));
-    let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
-    keys.sort();
-    assert_eq!(keys, ["code", "message", "param", "type"], "{v}");
-    assert!(!e["message"].as_str().unwrap().is_empty());
-    assert!(e["type"].is_string());
-    if let Some(p) = param {
-        assert_eq!(e["param"], p, "{v}");
-    }
-}
 
 fn prompt_ids(i: usize) -> Vec<u32> {
     u32s(&reference("lite")["prompts"][i]["ids"])
@@ -444,11 +302,13 @@ async fn keys_and_tenants() {
     };
     let (st, models) = s.get("/v1/models", Some(ACME)).await;
     assert_eq!(st, StatusCode::OK);
+    // A tenant sees its own adapters (reserved for it by the config) and public ones by
+    // their bare names; the admin sees tenants' adapters as TENANT/NAME.
     assert_eq!(ids(&models), ["lite", "acme-a", "shared"]);
     assert!(models["data"][1]["parent"] == "lite" && models["data"][1]["owned_by"] == "acme");
     assert_eq!(
         ids(&s.get("/v1/models", Some(ADMIN)).await.1),
-        ["lite", "acme-a", "globex-a", "open-a", "shared"]
+        ["lite", "acme/acme-a", "globex/globex-a", "open-a", "shared"]
     );
     assert_eq!(
         ids(&s.get("/v1/adapters", Some(GLOBEX)).await.1),
@@ -456,14 +316,20 @@ async fn keys_and_tenants() {
     );
 
     // Own and public adapters work; another tenant's is "not found", as is an unowned one.
-    for m in ["lite", "acme-a", "lite:acme-a", "shared"] {
+    for m in ["lite", "acme-a", "lite:acme-a", "acme/acme-a", "shared"] {
         assert_eq!(
             s.post("/v1/completions", Some(ACME), body(m)).await.0,
             StatusCode::OK,
             "{m}"
         );
     }
-    for m in ["globex-a", "lite:globex-a", "open-a"] {
+    for m in [
+        "globex-a",
+        "lite:globex-a",
+        "globex/globex-a",
+        "open-a",
+        "x/y/z",
+    ] {
         let got = s.post("/v1/completions", Some(ACME), body(m)).await;
         assert_error(&got, StatusCode::NOT_FOUND, Some("model"));
         let missing = s
@@ -493,6 +359,10 @@ async fn keys_and_tenants() {
         (Method::DELETE, "/v1/adapters/globex-a"),
         (Method::POST, "/v1/adapters/globex-a/load"),
         (Method::POST, "/v1/adapters/globex-a/unload"),
+        (Method::GET, "/v1/adapters/globex/globex-a"),
+        (Method::GET, "/v1/adapters/globex%2Fglobex-a"),
+        (Method::DELETE, "/v1/adapters/globex/globex-a"),
+        (Method::POST, "/v1/adapters/globex/globex-a/load"),
     ] {
         assert_error(
             &s.call(m, uri, Some(ACME), None).await,
@@ -510,23 +380,56 @@ async fn keys_and_tenants() {
         s.get("/v1/adapters/shared", Some(ACME)).await.0,
         StatusCode::OK
     );
+    for uri in [
+        "/v1/adapters/acme-a/load",
+        "/v1/adapters/acme/acme-a/load",
+        "/v1/adapters/acme%2Facme-a/unload",
+    ] {
+        assert_eq!(
+            s.call(Method::POST, uri, Some(ACME), None).await.0,
+            StatusCode::OK,
+            "{uri}"
+        );
+    }
     assert_eq!(
-        s.call(Method::POST, "/v1/adapters/acme-a/load", Some(ACME), None)
-            .await
-            .0,
-        StatusCode::OK
+        s.get("/v1/models/acme/acme-a", Some(ACME)).await.1["id"],
+        "acme/acme-a"
     );
-    // The admin manages everything.
-    assert_eq!(
-        s.call(
+    // The admin manages everything, tenants' adapters by TENANT/NAME.
+    assert_error(
+        &s.call(
             Method::POST,
             "/v1/adapters/globex-a/load",
             Some(ADMIN),
-            None
+            None,
         )
-        .await
-        .0,
-        StatusCode::OK
+        .await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    let (st, v) = s
+        .call(
+            Method::POST,
+            "/v1/adapters/globex/globex-a/load",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["id"].as_str(), v["owner"].as_str()),
+        (Some("globex/globex-a"), Some("globex"))
+    );
+    assert_error(
+        &s.call(
+            Method::POST,
+            "/v1/adapters/globex/globex-a/reload",
+            Some(ADMIN),
+            None,
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+        None,
     );
     assert_eq!(
         s.call(Method::DELETE, "/v1/adapters/open-a", Some(ADMIN), None)
@@ -811,30 +714,13 @@ async fn stop_strings_seeds_n_and_adapters() {
     );
 }
 
-/// A tar of an adapter directory's files.
-fn tar_of(dir: &Path, prefix: &str) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        let name = format!("{prefix}{}", p.file_name().unwrap().to_str().unwrap());
-        b.append_path_with_name(&p, name).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
-fn leftovers(root: &Path) -> Vec<String> {
-    std::fs::read_dir(root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_upload_load_unload_delete() {
     let s = server(true, |c| c.limits.max_upload_bytes = 200_000);
     let src = tempfile::tempdir().unwrap();
     write_native_adapter(&fixture("lite"), &src.path().join("fresh"), &spec(7));
+    // Another adapter that calls itself `fresh`.
+    write_native_adapter(&fixture("lite"), &src.path().join("other/fresh"), &spec(8));
     let package = tar_of(&src.path().join("fresh"), "fresh/");
     let up = |key: &'static str, q: &str, body: Vec<u8>| {
         let uri = format!("/v1/adapters{q}");
@@ -877,7 +763,7 @@ async fn adapter_upload_load_unload_delete() {
     assert_error(&got, StatusCode::BAD_REQUEST, Some("name"));
     let got = json_of(up(ACME, "?owner=globex", package.clone()).await);
     assert_error(&got, StatusCode::FORBIDDEN, None);
-    assert!(!s.adapters.join("fresh").exists());
+    assert!(!s.adapters.join("@acme/fresh").exists());
     assert_eq!(leftovers(&s.adapters), Vec::<String>::new());
     assert_error(
         &s.post(
@@ -904,26 +790,45 @@ async fn adapter_upload_load_unload_delete() {
     assert_eq!(v["manifest"]["name"], "fresh");
     assert!(v["size_bytes"].as_u64().unwrap() > 0);
     assert_eq!(leftovers(&s.adapters), Vec::<String>::new());
-    // Another tenant cannot see it, nor take its name.
+    // Another tenant cannot see it; the same name in its own namespace is its own adapter
+    // (201, nothing said about acme's).
     assert_error(
         &s.get("/v1/adapters/fresh", Some(GLOBEX)).await,
         StatusCode::NOT_FOUND,
         None,
     );
-    assert_error(
-        &json_of(up(GLOBEX, "", package.clone()).await),
-        StatusCode::CONFLICT,
-        None,
+    let (st, g) = json_of(up(GLOBEX, "", tar_of(&src.path().join("other/fresh"), "")).await);
+    assert_eq!(st, StatusCode::CREATED, "{g}");
+    assert_eq!(
+        (g["id"].as_str(), g["owner"].as_str()),
+        (Some("fresh"), Some("globex"))
     );
-    // It serves, with the same output as the same adapter on disk from the start.
+    assert!(s.adapters.join("@acme/fresh").is_dir() && s.adapters.join("@globex/fresh").is_dir());
+    // Each serves its own, with the same output as the same adapter on disk from the start.
     let req = |m: &str| json!({"model": m, "prompt": prompt_ids(1), "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap().to_string();
     let (st, a) = s.post("/v1/completions", Some(ACME), req("fresh")).await;
     assert_eq!(st, StatusCode::OK, "{a}");
     write_native_adapter(&fixture("lite"), &s.adapters.join("fresh-copy"), &spec(7));
+    write_native_adapter(&fixture("lite"), &s.adapters.join("other-copy"), &spec(8));
     let (_, b) = s
         .post("/v1/completions", Some(ADMIN), req("fresh-copy"))
         .await;
-    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    assert_eq!(text(&a), text(&b));
+    let (_, g) = s.post("/v1/completions", Some(GLOBEX), req("fresh")).await;
+    let (_, o) = s
+        .post("/v1/completions", Some(ADMIN), req("other-copy"))
+        .await;
+    assert_eq!(text(&g), text(&o));
+    assert_ne!(text(&a), text(&g));
+    assert_eq!(
+        text(
+            &s.post("/v1/completions", Some(ADMIN), req("acme/fresh"))
+                .await
+                .1
+        ),
+        text(&a)
+    );
 
     // Load, unload, tiers.
     let (st, v) = s
@@ -939,7 +844,8 @@ async fn adapter_upload_load_unload_delete() {
         json!({"disk": true, "host": false, "device": false})
     );
 
-    // Delete is refused while a request uses the adapter, then succeeds.
+    // Delete while a request uses the adapter: the request goes on with the version it
+    // started on; unloading it is refused meanwhile; the name is free at once.
     let engine = s.state.served().unwrap().engine.clone();
     let mut long = req("fresh");
     long["max_tokens"] = json!(3000);
@@ -953,11 +859,14 @@ async fn adapter_upload_load_unload_delete() {
         let resp = app.oneshot(r).await.unwrap();
         let mut body = resp.into_body();
         // Hold the stream open until cancelled.
+        let mut bytes = 0;
         while let Some(f) = body.frame().await {
-            if f.is_err() {
-                break;
+            match f {
+                Ok(f) => bytes += f.data_ref().map_or(0, |d| d.len()),
+                Err(_) => break,
             }
         }
+        bytes
     });
     for _ in 0..200 {
         if engine.stats.running.load(Ordering::Relaxed) > 0 {
@@ -966,35 +875,16 @@ async fn adapter_upload_load_unload_delete() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let got = s
-        .call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None)
+        .call(Method::POST, "/v1/adapters/fresh/unload", Some(ACME), None)
         .await;
     assert_error(&got, StatusCode::CONFLICT, None);
     assert_eq!(got.1["error"]["code"], "adapter_in_use");
-    assert_error(
-        &s.call(Method::POST, "/v1/adapters/fresh/unload", Some(ACME), None)
-            .await,
-        StatusCode::CONFLICT,
-        None,
-    );
-    assert_error(
-        &json_of(up(ACME, "", package.clone()).await),
-        StatusCode::CONFLICT,
-        None,
-    );
-    running.abort();
-    let _ = running.await;
-    for _ in 0..200 {
-        if engine.stats.running.load(Ordering::Relaxed) == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     let (st, v) = s
         .call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None)
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["deleted"], true);
-    assert!(!s.adapters.join("fresh").exists());
+    assert!(!s.adapters.join("@acme/fresh").exists());
     assert_error(
         &s.get("/v1/adapters/fresh", Some(ACME)).await,
         StatusCode::NOT_FOUND,
@@ -1005,6 +895,27 @@ async fn adapter_upload_load_unload_delete() {
         StatusCode::NOT_FOUND,
         Some("model"),
     );
+    assert_eq!(
+        engine.stats.running.load(Ordering::Relaxed),
+        1,
+        "still running"
+    );
+    assert_error(
+        &s.call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None)
+            .await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
+    running.abort();
+    let _ = running.await;
+    for _ in 0..200 {
+        if engine.stats.running.load(Ordering::Relaxed) == 0 && leftovers(&s.adapters).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its last request gone, the deleted version's files go too.
+    assert_eq!(leftovers(&s.adapters), Vec::<String>::new());
     // The reference layout carries no name: `?name=` is needed.
     write_reference_adapter(&fixture("lite"), &src.path().join("ref"), &spec(3));
     let reference = tar_of(&src.path().join("ref"), "");
@@ -1023,7 +934,8 @@ async fn adapter_upload_load_unload_delete() {
         s.post("/v1/completions", Some(ACME), req("ref-a")).await.0,
         StatusCode::OK
     );
-    // Re-upload by the admin for a tenant, public: every tenant sees it.
+    // Re-upload by the admin for a tenant, public: replaces globex's, and every tenant
+    // may use it under globex's name.
     let (st, v) = json_of(
         up(
             ADMIN,
@@ -1032,21 +944,33 @@ async fn adapter_upload_load_unload_delete() {
         )
         .await,
     );
-    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(
-        (v["owner"].as_str(), v["public"].as_bool()),
-        (Some("globex"), Some(true))
-    );
-    assert_eq!(
-        s.post("/v1/completions", Some(ACME), req("fresh")).await.0,
-        StatusCode::OK
+        (v["id"].as_str(), v["owner"].as_str(), v["public"].as_bool()),
+        (Some("globex/fresh"), Some("globex"), Some(true))
     );
     assert_error(
-        &s.call(Method::DELETE, "/v1/adapters/fresh", Some(ACME), None)
-            .await,
+        &s.post("/v1/completions", Some(ACME), req("fresh")).await,
+        StatusCode::NOT_FOUND,
+        Some("model"),
+    );
+    let (st, v) = s
+        .post("/v1/completions", Some(ACME), req("globex/fresh"))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(text(&v), text(&a));
+    assert_error(
+        &s.call(
+            Method::DELETE,
+            "/v1/adapters/globex/fresh",
+            Some(ACME),
+            None,
+        )
+        .await,
         StatusCode::FORBIDDEN,
         None,
     );
+    assert_eq!(leftovers(&s.adapters), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
