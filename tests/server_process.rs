@@ -181,7 +181,18 @@ fn openai_python_client_end_to_end_then_promtool() {
             r.text()
         );
     }
-    let scrape = request(server.addr, "GET", "/metrics", &[], None).unwrap();
+    // With keys configured the metrics need the admin key.
+    let anonymous = request(server.addr, "GET", "/metrics", &[], None).unwrap();
+    assert_eq!(anonymous.status, 401, "{}", anonymous.text());
+    let admin = bearer(ADMIN);
+    let scrape = request(
+        server.addr,
+        "GET",
+        "/metrics",
+        &[("authorization", admin.as_str())],
+        None,
+    )
+    .unwrap();
     assert_eq!(scrape.status, 200);
     let text = scrape.text();
     for name in [
@@ -320,6 +331,94 @@ fn sigterm_cancels_what_outlives_the_drain_deadline() {
     assert!(status.success(), "{status:?}\n{}", server.log());
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
     assert!(server.log().contains("drain deadline reached"));
+}
+
+/// Hidden entries (staging, retired versions) of a directory.
+fn hidden(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_install_killed_at_any_moment_leaves_the_old_or_the_new_adapter_whole() {
+    let setup = setup("");
+    let src = tempfile::tempdir().unwrap();
+    let tars: Vec<Vec<u8>> = (0..2)
+        .map(|i| {
+            let d = src.path().join(i.to_string());
+            write_reference_adapter(&fixture("lite"), &d, &spec(10 + i));
+            let mut b = tar::Builder::new(Vec::new());
+            b.append_dir_all(".", &d).unwrap();
+            b.into_inner().unwrap()
+        })
+        .collect();
+    let acme = bearer(ACME);
+    let auth = [("authorization", acme.as_str())];
+    let upload = |addr, name: &str, tar: &[u8]| {
+        request(
+            addr,
+            "POST",
+            &format!("/v1/adapters?name={name}"),
+            &auth,
+            Some(tar),
+        )
+    };
+    let greedy = |s: &Server, model: &str| -> Option<String> {
+        let r = post(
+            s,
+            "/v1/completions",
+            ACME,
+            &json!({"model": model, "prompt": [5, 9, 13, 2, 7, 11], "max_tokens": 8,
+                    "temperature": 0, "ignore_eos": true}),
+        );
+        (r.status == 200).then(|| r.json()["choices"][0]["text"].as_str().unwrap().to_string())
+    };
+    let mut server = Server::start(Path::new(BIN), &setup.config, &[]);
+    let mut want = Vec::new();
+    for (i, tar) in tars.iter().enumerate() {
+        let name = format!("ref-{i}");
+        assert_eq!(upload(server.addr, &name, tar).unwrap().status, 201);
+        want.push(greedy(&server, &name).unwrap());
+    }
+    assert_ne!(want[0], want[1]);
+    assert_eq!(upload(server.addr, "x", &tars[0]).unwrap().status, 201);
+    for round in 0..6u64 {
+        // Replace `x` and kill the server (SIGKILL) somewhere along the way.
+        let addr = server.addr;
+        let tar = tars[(round as usize + 1) % 2].clone();
+        let auth = acme.clone();
+        let up = std::thread::spawn(move || {
+            let _ = request(
+                addr,
+                "POST",
+                "/v1/adapters?name=x",
+                &[("authorization", auth.as_str())],
+                Some(&tar),
+            );
+        });
+        std::thread::sleep(Duration::from_millis(3 * round));
+        drop(server);
+        up.join().unwrap();
+        server = Server::start(Path::new(BIN), &setup.config, &[]);
+        let got = greedy(&server, "x").unwrap_or_else(|| panic!("round {round}: x is gone"));
+        assert!(
+            got == want[0] || got == want[1],
+            "round {round}: neither version: {got:?}"
+        );
+        let root = setup.adapters();
+        assert_eq!(hidden(&root), Vec::<String>::new(), "round {round}");
+        assert_eq!(
+            hidden(&root.join("@acme")),
+            Vec::<String>::new(),
+            "round {round}"
+        );
+    }
 }
 
 #[test]

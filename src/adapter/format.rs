@@ -132,7 +132,9 @@ pub enum AdapterError {
     BadName { name: String, reason: &'static str },
     #[error("adapter {0:?} not found")]
     NotFound(String),
-    #[error("adapter {0}: neither adapter.json nor expert_cfg.json is there")]
+    #[error(
+        "adapter {0}: not an adapter directory (neither adapter.json nor expert_cfg.json is there)"
+    )]
     NotAnAdapter(String),
     #[error("the name {name:?} is reserved for tenant {tenant} by the configuration")]
     Reserved { name: String, tenant: String },

@@ -324,4 +324,30 @@ mod tests {
         c.auth.admin_key_sha256 = vec!["a".repeat(64), "A".repeat(64)];
         assert!(c.validate().unwrap_err().contains("twice"));
     }
+
+    #[test]
+    fn tenant_names_and_reservations_are_checked() {
+        let tenant = |name: &str, adapters: &[&str]| TenantConfig {
+            name: name.into(),
+            key_sha256: Vec::new(),
+            adapters: adapters.iter().map(|a| a.to_string()).collect(),
+        };
+        let mut c = ServerConfig {
+            model: Some("m".into()),
+            ..ServerConfig::default()
+        };
+        c.auth.tenants = vec![tenant("acme", &["x"]), tenant("globex", &["y"])];
+        assert!(c.validate().is_ok());
+        c.auth.tenants = vec![tenant("a/b", &[])];
+        assert!(c.validate().unwrap_err().contains("a/b"));
+        c.auth.tenants = vec![tenant("acme", &["x"]), tenant("globex", &["x"])];
+        assert!(c.validate().unwrap_err().contains("both"));
+        c.auth.tenants = vec![tenant("acme", &["../x"])];
+        assert!(c.validate().is_err());
+        c.auth.tenants = vec![];
+        c.auth.public_adapters = vec!["acme/x".into(), "shared".into()];
+        assert!(c.validate().is_ok());
+        c.auth.public_adapters = vec!["a/b/c".into()];
+        assert!(c.validate().is_err());
+    }
 }

@@ -48,7 +48,13 @@ def adapter_of(model):
 ids = [m.id for m in acme.models.list().data]
 check(ids == [BASE, "acme-a", "shared"], f"tenant models {ids}")
 admin_ids = [m.id for m in admin.models.list().data]
-check(set(admin_ids) == {BASE, "acme-a", "globex-a", "shared"}, f"admin models {admin_ids}")
+# The admin names tenants' adapters TENANT/NAME (each tenant has its own namespace).
+check(set(admin_ids) == {BASE, "acme/acme-a", "globex/globex-a", "shared"}, f"admin models {admin_ids}")
+want = generate("--prompt", PROMPT, "--max-tokens", str(N), "--ignore-eos", adapter="acme-a")
+r = admin.completions.create(
+    model="acme/acme-a", prompt=PROMPT, max_tokens=N, temperature=0, extra_body={"ignore_eos": True}
+)
+check(r.choices[0].text == want["text"], f"admin on acme/acme-a: {r.choices[0].text!r}")
 
 PROMPT = "The quick brown fox"
 N = 16

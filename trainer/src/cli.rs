@@ -304,7 +304,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd(&a),
         Command::Eval(a) => eval_cmd(&a),
         Command::Merge(a) => {
-            esft::adapter::merge::merge_checkpoint(&a.model, &a.adapter, &a.out)?;
+            esft::adapter::merge::merge_checkpoint(&a.model, &a.adapter, &a.out)
+                .with_context(|| format!("merging {}", a.adapter.display()))?;
             eprintln!("wrote {}", a.out.display());
             Ok(())
         }
