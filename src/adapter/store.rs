@@ -521,10 +521,13 @@ impl AdapterStore {
             }
         }
         for (key, path) in legacy {
-            if tenants.contains_key(&key) {
-                tracing::warn!(adapter = %key, "both {} and its namespaced directory exist: the namespaced one is served", path.display());
-            } else {
-                tenants.insert(key, path);
+            match tenants.entry(key) {
+                std::collections::btree_map::Entry::Occupied(e) => {
+                    tracing::warn!(adapter = %e.key(), "both {} and its namespaced directory exist: the namespaced one is served", path.display());
+                }
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(path);
+                }
             }
         }
         tenants
