@@ -7,15 +7,16 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Component, Path as FsPath, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 use super::auth::{Access, Caller, ACCESS_FILE};
+use super::body::next_chunk;
 use super::errors::ApiError;
 use super::{AppState, Served};
 use crate::adapter::format::{
@@ -299,7 +300,8 @@ pub async fn upload(
         .staging_dir()
         .map_err(|e| ApiError::internal(format!("creating a staging directory: {e}")))?;
     let package = staging.path().join("package.tar");
-    receive(body, &package, state.config.limits.max_upload_bytes).await?;
+    let idle = state.config.limits.body_read_timeout();
+    receive(body, &package, state.config.limits.max_upload_bytes, idle).await?;
 
     let st = state.clone();
     let caller2 = caller.clone();
@@ -387,14 +389,14 @@ pub async fn upload(
     Ok((status, Json(v)))
 }
 
-/// Streams the request body to `path`, refusing more than `limit` bytes (413).
-async fn receive(body: Body, path: &FsPath, limit: u64) -> Result<(), ApiError> {
+/// Streams the request body to `path`, refusing more than `limit` bytes (413) and a body
+/// that sends nothing for `idle` (408).
+async fn receive(body: Body, path: &FsPath, limit: u64, idle: Duration) -> Result<(), ApiError> {
     let io = |e: std::io::Error| ApiError::internal(format!("storing the upload: {e}"));
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
+    while let Some(chunk) = next_chunk(&mut stream, idle).await? {
         total += chunk.len() as u64;
         if total > limit {
             return Err(ApiError::new(

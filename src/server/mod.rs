@@ -4,10 +4,12 @@
 //! - [`auth`]: API keys, tenants, adapter ownership
 //! - [`openai`]: request bodies -> engine plans; [`generate`]: engine events -> JSON / SSE
 //! - [`completions`], [`models`], [`admin`]: the routes
-//! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors
+//! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors; [`body`]: reading
+//!   request bodies (size limit, idle timeout)
 
 pub mod admin;
 pub mod auth;
+pub mod body;
 pub mod completions;
 pub mod config;
 pub mod errors;
