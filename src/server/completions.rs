@@ -1,4 +1,6 @@
-//! `POST /v1/completions` and `POST /v1/chat/completions`.
+//! `POST /v1/completions` and `POST /v1/chat/completions`. Prompts are refused by length
+//! first (bounded work, see [`refuse_by_length`]), then tokenized (and chat templates
+//! rendered) on the blocking pool, never on the async workers that serve every connection.
 
 use axum::extract::State;
 use axum::response::Response;
@@ -8,7 +10,10 @@ use std::time::Instant;
 use super::auth::Caller;
 use super::errors::{ApiError, ApiJson};
 use super::generate::{respond_stream, respond_whole, submit, Kind, Reply};
-use super::openai::{Bounds, ChatRequest, CompletionRequest, Plan};
+use super::openai::{
+    encode_chat, encode_prompt, refuse_by_length, Bounds, ChatRequest, CompletionRequest, Plan,
+    Prompt,
+};
 use super::AppState;
 
 /// Completions default to 16 tokens, as OpenAI's do.
@@ -20,6 +25,15 @@ fn bounds(state: &AppState, max_context: usize) -> Bounds {
         max_n: state.config.limits.max_n,
         max_stop: state.config.limits.max_stop,
     }
+}
+
+/// Runs tokenizer work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError::internal("the tokenizer failed"))?
 }
 
 async fn run(
@@ -51,7 +65,14 @@ pub async fn completions(
     let adapter = served.resolve(&state, &caller, &req.model)?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
-    let prompt = req.prompt_ids(&served.engine.tokenizer)?;
+    let prompt = match req.take_prompt()? {
+        Prompt::Ids(ids) => ids,
+        Prompt::Text(text) => {
+            let tok = served.engine.tokenizer.clone();
+            refuse_by_length(&tok, text.len(), served.max_context, "prompt", "the prompt")?;
+            blocking(move || encode_prompt(&tok, &text)).await?
+        }
+    };
     let plan = req.common().plan(
         prompt,
         logprobs,
@@ -72,15 +93,14 @@ pub async fn chat(
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
     let messages = req.messages()?;
-    let tok = &served.engine.tokenizer;
+    let tok = served.engine.tokenizer.clone();
     if !tok.has_chat_template() {
         return Err(ApiError::bad_request(
             "the model has no chat template (tokenizer_config.json): use /v1/completions",
         ));
     }
-    let prompt = tok
-        .encode_chat(&messages, true)
-        .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
+    let max_context = served.max_context;
+    let prompt = blocking(move || encode_chat(&tok, &messages, max_context)).await?;
     let plan = req
         .common()?
         .plan(prompt, logprobs, None, &bounds(&state, served.max_context))?;
