@@ -40,7 +40,7 @@ use tower::ServiceExt;
 use super::config::Limits;
 use super::errors::ApiError;
 
-/// Most header fields in one head; hyper's own default, which it keeps.
+/// Most header fields in one head: hyper's own default, which it keeps.
 pub const MAX_HEADERS: usize = 100;
 /// Longest request method taken.
 const MAX_METHOD_BYTES: usize = 1024;
@@ -169,8 +169,9 @@ async fn connection<I>(
         }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
+    // Hyper's own count of header fields is MAX_HEADERS already (setting it would move
+    // hyper's parse to the heap); its own head timeout is replaced by ours.
     http.max_buf_size(limits.hyper_buffer())
-        .max_headers(MAX_HEADERS)
         .header_read_timeout(None);
     let mut conn = pin!(http.serve_connection(io, service));
     let mut stopping = false;
@@ -235,13 +236,17 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut s = self.0.lock();
-        s.in_flight = s.in_flight.saturating_sub(1);
-        if s.in_flight == 0 {
-            s.idle_since = Instant::now();
-            if let Some(w) = s.waker.take() {
-                w.wake();
+        let waker = {
+            let mut s = self.0.lock();
+            s.in_flight = s.in_flight.saturating_sub(1);
+            if s.in_flight > 0 {
+                return;
             }
+            s.idle_since = Instant::now();
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
         }
     }
 }
@@ -711,9 +716,15 @@ fn framing(req: &httparse::Request<'_, '_>) -> Result<Framing, ApiError> {
             if version != 1 {
                 return Err(malformed("Transfer-Encoding in an HTTP/1.0 request"));
             }
-            // As hyper: chunked must be the last coding of the last field.
+            // As hyper: chunked must be the last coding of the last field, whose value
+            // must be visible ASCII.
+            let visible = h
+                .value
+                .iter()
+                .all(|&b| b == b'\t' || (32..127).contains(&b));
             let last = std::str::from_utf8(h.value)
                 .ok()
+                .filter(|_| visible)
                 .and_then(|v| v.rsplit(',').next())
                 .map(str::trim);
             chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")));
@@ -904,6 +915,8 @@ mod tests {
         assert_eq!(refused(post(both)), (400, "malformed_request"));
         let not_last = "transfer-encoding: chunked, gzip\r\n";
         assert_eq!(refused(post(not_last)), (400, "malformed_request"));
+        let not_ascii = "transfer-encoding: \u{e9}, chunked\r\n";
+        assert_eq!(refused(post(not_ascii)), (400, "malformed_request"));
         let te10 = "POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n";
         assert_eq!(refused(head(te10)), (400, "malformed_request"));
         assert_eq!(refused(head("GARBAGE\r\n\r\n")), (400, "malformed_request"));
