@@ -14,8 +14,10 @@
 //!   is closed without an answer, as an idle keep-alive connection is).
 //!
 //! To find where the next head starts, request bodies are followed through their framing
-//! (`Content-Length`, or chunked with extensions and trailers, exactly as hyper decodes
-//! them). Hyper's own limits are set above these, so hyper never answers a head by itself;
+//! (`Content-Length`, or chunked with extensions and trailers, byte for byte as hyper
+//! decodes them; a body whose framing hyper rejects is passed on for hyper to reject, and
+//! the connection ends there). Hyper's own limits are set above these, so hyper never
+//! answers a head by itself;
 //! [`serve`] keeps `axum::serve`'s graceful shutdown: on the shutdown future it stops
 //! accepting and waits for the open connections to finish their requests and close.
 
