@@ -8,28 +8,21 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Component, Path as FsPath, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 use super::auth::Caller;
-use super::errors::ApiError;
+use super::body::next_chunk;
+use super::errors::{off_thread, ApiError};
 use super::{AppState, Served};
 use crate::adapter::format::{load_adapter, validate_name, MANIFEST_FILE, REFERENCE_CONFIG_FILE};
 use crate::adapter::store::ACCESS_FILE;
 use crate::adapter::{AdapterError, AdapterKey, Version};
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("worker failed: {e}")))
-}
 
 impl Served {
     fn tiers(&self, v: &Version) -> Value {
@@ -142,12 +135,12 @@ pub async fn list(
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
-    let data = blocking(move || {
-        served
+    let data = off_thread(move || {
+        Ok(served
             .visible_adapters(&caller)
             .iter()
             .map(|(_, v)| served.summary(&caller, v))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>())
     })
     .await?;
     Ok(Json(json!({"object": "list", "data": data})))
@@ -161,11 +154,11 @@ pub async fn get(
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
     let name = joined(&parts);
-    blocking(move || match served.find(&caller, &name) {
+    off_thread(move || match served.find(&caller, &name) {
         Some(v) => Ok(Json(served.describe(&caller, &v))),
         None => Err(ApiError::adapter_not_found(&name)),
     })
-    .await?
+    .await
 }
 
 /// `POST /v1/adapters/{name}/{load|unload}`, `POST /v1/adapters/{tenant}/{name}/{load|unload}`.
@@ -183,7 +176,7 @@ pub async fn action(
         ))
         .code("unknown_url"));
     }
-    blocking(move || {
+    off_thread(move || {
         let v = served.managed(&caller, &name)?;
         if what == "load" {
             served.engine.load_adapter(&v).map_err(|msg| {
@@ -203,7 +196,7 @@ pub async fn action(
         }
         Ok(Json(served.describe(&caller, &v)))
     })
-    .await?
+    .await
 }
 
 /// `DELETE /v1/adapters/{name}`: the adapter is gone for new requests at once; requests
@@ -215,7 +208,7 @@ pub async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
     let name = joined(&parts);
-    blocking(move || {
+    off_thread(move || {
         let v = served.managed(&caller, &name)?;
         let gone = served
             .engine
@@ -227,7 +220,7 @@ pub async fn delete(
             json!({"id": name, "object": "adapter", "version": gone.id(), "deleted": true}),
         ))
     })
-    .await?
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -281,9 +274,10 @@ pub async fn upload(
         .staging()
         .map_err(|e| ApiError::logged("creating a staging directory", &e))?;
     let package = staging.scratch().join("package.tar");
-    receive(body, &package, state.config.limits.max_upload_bytes).await?;
+    let idle = state.config.limits.body_read_timeout();
+    receive(body, &package, state.config.limits.max_upload_bytes, idle).await?;
 
-    let (status, v) = blocking(move || -> Result<(StatusCode, Value), ApiError> {
+    let (status, v) = off_thread(move || -> Result<(StatusCode, Value), ApiError> {
         let staged = staging.dir();
         unpack(&package, &staged)?;
         let _ = std::fs::remove_file(&package);
@@ -351,18 +345,18 @@ pub async fn upload(
         };
         Ok((status, served.describe(&caller, &done.version)))
     })
-    .await??;
+    .await?;
     Ok((status, Json(v)))
 }
 
-/// Streams the request body to `path`, refusing more than `limit` bytes (413).
-async fn receive(body: Body, path: &FsPath, limit: u64) -> Result<(), ApiError> {
+/// Streams the request body to `path`, refusing more than `limit` bytes (413) and a body
+/// that sends nothing for `idle` (408).
+async fn receive(body: Body, path: &FsPath, limit: u64, idle: Duration) -> Result<(), ApiError> {
     let io = |e: std::io::Error| ApiError::logged("storing the upload", &e);
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
+    while let Some(chunk) = next_chunk(&mut stream, idle).await? {
         total += chunk.len() as u64;
         if total > limit {
             return Err(ApiError::new(

@@ -1,4 +1,6 @@
-//! `POST /v1/completions` and `POST /v1/chat/completions`.
+//! `POST /v1/completions` and `POST /v1/chat/completions`. Prompts are refused by length
+//! first (bounded work, see [`refuse_by_length`]), then tokenized (and chat templates
+//! rendered) on the blocking pool, never on the async workers that serve every connection.
 
 use axum::extract::State;
 use axum::response::Response;
@@ -6,10 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::auth::Caller;
-use super::errors::{ApiError, ApiJson};
+use super::errors::{off_thread, ApiError, ApiJson};
 use super::generate::{respond_stream, respond_whole, submit, Kind, Reply};
-use super::openai::{Bounds, ChatRequest, CompletionRequest, Plan};
-use super::AppState;
+use super::openai::{
+    encode_chat, encode_prompt, refuse_by_length, Bounds, ChatRequest, CompletionRequest, Plan,
+    Prompt,
+};
+use super::{AppState, Served};
 use crate::adapter::Version;
 
 /// Completions default to 16 tokens, as OpenAI's do.
@@ -21,6 +26,18 @@ fn bounds(state: &AppState, max_context: usize) -> Bounds {
         max_n: state.config.limits.max_n,
         max_stop: state.config.limits.max_stop,
     }
+}
+
+/// Runs tokenizer work on the blocking pool.
+/// The adapter version `model` names (off the async workers: a name not known yet makes
+/// the store rescan the adapters directory).
+async fn resolve(
+    served: &Arc<Served>,
+    caller: &Caller,
+    model: &str,
+) -> Result<Option<Arc<Version>>, ApiError> {
+    let (s, c, m) = (served.clone(), caller.clone(), model.to_string());
+    off_thread(move || s.resolve(&c, &m)).await
 }
 
 async fn run(
@@ -50,10 +67,17 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let served = state.served()?;
-    let adapter = served.resolve(&caller, &req.model)?;
+    let adapter = resolve(&served, &caller, &req.model).await?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
-    let prompt = req.prompt_ids(&served.engine.tokenizer)?;
+    let prompt = match req.take_prompt()? {
+        Prompt::Ids(ids) => ids,
+        Prompt::Text(text) => {
+            let tok = served.engine.tokenizer.clone();
+            refuse_by_length(&tok, text.len(), served.max_context, "prompt", "the prompt")?;
+            off_thread(move || encode_prompt(&tok, &text)).await?
+        }
+    };
     let plan = req.common().plan(
         prompt,
         logprobs,
@@ -79,19 +103,18 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let served = state.served()?;
-    let adapter = served.resolve(&caller, &req.model)?;
+    let adapter = resolve(&served, &caller, &req.model).await?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
     let messages = req.messages()?;
-    let tok = &served.engine.tokenizer;
+    let tok = served.engine.tokenizer.clone();
     if !tok.has_chat_template() {
         return Err(ApiError::bad_request(
             "the model has no chat template (tokenizer_config.json): use /v1/completions",
         ));
     }
-    let prompt = tok
-        .encode_chat(&messages, true)
-        .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
+    let max_context = served.max_context;
+    let prompt = off_thread(move || encode_chat(&tok, &messages, max_context)).await?;
     let plan = req
         .common()?
         .plan(prompt, logprobs, None, &bounds(&state, served.max_context))?;

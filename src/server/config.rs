@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The model served when none is configured: the demo base shipped in the repository,
 /// relative to the working directory (its adapters are in `adapters/`).
@@ -91,6 +92,33 @@ pub struct Limits {
     pub max_n: usize,
     /// Most stop strings per request.
     pub max_stop: usize,
+    /// Largest request head (request line and header fields), 431 above it.
+    pub max_header_bytes: usize,
+    /// Longest request target (the URI in the request line), 414 above it.
+    pub max_uri_bytes: usize,
+    /// Seconds a request head may take to arrive once the connection waits for one.
+    pub header_read_timeout_seconds: f64,
+    /// Seconds a request body may go without a byte before it is refused (408).
+    pub body_read_timeout_seconds: f64,
+}
+
+/// Longest request target hyper itself takes; `limits.max_uri_bytes` may not exceed it.
+pub const MAX_URI_BYTES: usize = (u16::MAX - 1) as usize;
+
+impl Limits {
+    pub fn header_read_timeout(&self) -> Duration {
+        seconds(self.header_read_timeout_seconds)
+    }
+
+    pub fn body_read_timeout(&self) -> Duration {
+        seconds(self.body_read_timeout_seconds)
+    }
+}
+
+/// A validated number of seconds as a `Duration` (absurdly long ones are capped at a year).
+fn seconds(s: f64) -> Duration {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    Duration::try_from_secs_f64(s).map_or(YEAR, |d| d.min(YEAR))
 }
 
 impl Default for Limits {
@@ -100,6 +128,10 @@ impl Default for Limits {
             max_upload_bytes: 8 << 30,
             max_n: 16,
             max_stop: 16,
+            max_header_bytes: 64 << 10,
+            max_uri_bytes: 8 << 10,
+            header_read_timeout_seconds: 30.0,
+            body_read_timeout_seconds: 30.0,
         }
     }
 }
@@ -214,6 +246,8 @@ impl ServerConfig {
             ("engine.prefill_chunk", e.prefill_chunk),
             ("limits.max_n", self.limits.max_n),
             ("limits.max_body_bytes", self.limits.max_body_bytes),
+            ("limits.max_header_bytes", self.limits.max_header_bytes),
+            ("limits.max_uri_bytes", self.limits.max_uri_bytes),
         ] {
             if v == 0 {
                 return Err(format!("{k} must be at least 1"));
@@ -227,6 +261,25 @@ impl ServerConfig {
         }
         if !(self.shutdown.drain_seconds.is_finite() && self.shutdown.drain_seconds >= 0.0) {
             return Err("shutdown.drain_seconds must be >= 0".into());
+        }
+        if self.limits.max_uri_bytes > MAX_URI_BYTES {
+            return Err(format!(
+                "limits.max_uri_bytes must be at most {MAX_URI_BYTES}"
+            ));
+        }
+        for (k, v) in [
+            (
+                "limits.header_read_timeout_seconds",
+                self.limits.header_read_timeout_seconds,
+            ),
+            (
+                "limits.body_read_timeout_seconds",
+                self.limits.body_read_timeout_seconds,
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("{k} must be a number of seconds above 0"));
+            }
         }
         let hex = |k: &str| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit());
         let mut names = std::collections::HashSet::new();

@@ -1,11 +1,12 @@
 //! OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right
 //! status, and the JSON body extractor that reports bad input that way.
 
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
+
+use super::body::{read_body, BodyLimits};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -111,23 +112,32 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON request body. Refuses, OpenAI-style: bodies over the size limit (413), bytes that
-/// are not UTF-8, malformed JSON, and fields of the wrong type (naming the field).
+/// Runs `f` on the blocking pool (tokenizing, reading the adapters directory), off the
+/// async workers.
+pub async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("a worker failed: {e}")))?
+}
+
+/// A JSON request body. Refuses, OpenAI-style: bodies over the size limit (413) or that
+/// stall mid-way (408, see [`super::body`]), bytes that are not UTF-8, malformed JSON, and
+/// fields of the wrong type (naming the field).
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    BodyLimits: FromRef<S>,
+    T: DeserializeOwned,
+{
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            let status = r.status();
-            let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "the request body is larger than the server's limit".to_string()
-            } else {
-                format!("could not read the request body: {}", r.body_text())
-            };
-            ApiError::new(status, "invalid_request_error", msg)
-        })?;
+        let limits = BodyLimits::from_ref(state);
+        let bytes = read_body(req.into_body(), limits.max_bytes, limits.idle).await?;
         parse_json(&bytes).map(ApiJson)
     }
 }

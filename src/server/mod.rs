@@ -4,14 +4,18 @@
 //! - [`auth`]: API keys, tenants, adapter ownership
 //! - [`openai`]: request bodies -> engine plans; [`generate`]: engine events -> JSON / SSE
 //! - [`completions`], [`models`], [`admin`]: the routes
-//! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors
+//! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors; [`body`]: reading
+//!   request bodies (size limit, idle timeout)
+//! - [`listen`]: the accept loop and HTTP/1.1 connections, every request head checked
 
 pub mod admin;
 pub mod auth;
+pub mod body;
 pub mod completions;
 pub mod config;
 pub mod errors;
 pub mod generate;
+pub mod listen;
 pub mod metrics;
 pub mod models;
 pub mod openai;
@@ -367,8 +371,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         });
     };
     let app = router(state.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-    server.await?;
+    listen::serve(
+        listener,
+        app,
+        listen::HttpLimits::new(&config.limits),
+        shutdown,
+    )
+    .await?;
     if let Ok(e) = load_failed_rx.try_recv() {
         return Err(e.context("the model could not be loaded"));
     }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use std::sync::Arc;
 
 use super::auth::Caller;
-use super::errors::ApiError;
+use super::errors::{off_thread, ApiError};
 use super::{AppState, Served};
 use crate::adapter::{AdapterKey, Version};
 
@@ -104,9 +104,7 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
     let s = served.clone();
-    let adapters = tokio::task::spawn_blocking(move || s.visible_adapters(&caller))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let adapters = off_thread(move || Ok(s.visible_adapters(&caller))).await?;
     let mut data = vec![served.base_entry()];
     data.extend(adapters.iter().map(|(n, v)| served.adapter_entry(n, v)));
     Ok(Json(json!({"object": "list", "data": data})))
@@ -123,9 +121,7 @@ pub async fn get(
     let s = served.clone();
     let c = caller.clone();
     let q = id.clone();
-    let found = tokio::task::spawn_blocking(move || s.resolve(&c, &q))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let found = off_thread(move || s.resolve(&c, &q)).await?;
     match found {
         None => Ok(Json(served.base_entry())),
         Some(v) => Ok(Json(served.adapter_entry(&id, &v))),

@@ -142,18 +142,21 @@ impl CompletionRequest {
         }
     }
 
-    /// The prompt: text (tokenized, BOS added as the tokenizer does) or token ids (verbatim).
-    pub fn prompt_ids(&self, tok: &TextTokenizer) -> Result<Vec<u32>, ApiError> {
+    /// The prompt, taken out of the request: text (to tokenize) or token ids (verbatim).
+    pub fn take_prompt(&mut self) -> Result<Prompt, ApiError> {
         let bad = || {
             ApiError::invalid(
                 "prompt",
                 "prompt must be a string or an array of token ids (one prompt per request)",
             )
         };
-        match &self.prompt {
-            Value::String(s) => encode(tok, s),
-            Value::Array(items) if items.len() == 1 && items[0].is_string() => {
-                encode(tok, items[0].as_str().unwrap_or_default())
+        match std::mem::take(&mut self.prompt) {
+            Value::String(s) => Ok(Prompt::Text(s)),
+            Value::Array(mut items) if items.len() == 1 && items[0].is_string() => {
+                match items.pop() {
+                    Some(Value::String(s)) => Ok(Prompt::Text(s)),
+                    _ => Err(bad()),
+                }
             }
             Value::Array(items) => {
                 let ids: Option<Vec<u32>> = items
@@ -164,7 +167,7 @@ impl CompletionRequest {
                 if ids.is_empty() {
                     return Err(ApiError::invalid("prompt", "the prompt is empty"));
                 }
-                Ok(ids)
+                Ok(Prompt::Ids(ids))
             }
             _ => Err(bad()),
         }
@@ -201,7 +204,45 @@ impl CompletionRequest {
     }
 }
 
-fn encode(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
+/// A completion prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Text: tokenized, BOS added as the tokenizer does.
+    Text(String),
+    /// Token ids, used verbatim.
+    Ids(Vec<u32>),
+}
+
+/// Refuses, by its length alone, a text that cannot fit the context: no token stands for
+/// more than `tok.max_token_bytes()` bytes, so a text longer than that times `max_context`
+/// encodes to more tokens than the context holds (whatever the tokenizer adds, BOS or the
+/// chat template's text, only adds tokens). Never refuses a text that would fit; without a
+/// bound (see [`TextTokenizer::max_token_bytes`]) it refuses nothing.
+pub fn refuse_by_length(
+    tok: &TextTokenizer,
+    text_bytes: usize,
+    max_context: usize,
+    param: &str,
+    what: &str,
+) -> Result<(), ApiError> {
+    let Some(per_token) = tok.max_token_bytes() else {
+        return Ok(());
+    };
+    let most = per_token.saturating_mul(max_context);
+    if text_bytes <= most {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        param,
+        format!(
+            "{what} is {text_bytes} bytes long; the model's context is {max_context} tokens of at most {per_token} bytes each ({most} bytes), so it cannot fit"
+        ),
+    )
+    .code("context_length_exceeded"))
+}
+
+/// Tokenizes a completion prompt (blocking: run it off the async threads).
+pub fn encode_prompt(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>, ApiError> {
     let ids = tok
         .encode(text, true)
         .map_err(|e| ApiError::invalid("prompt", format!("could not tokenize the prompt: {e}")))?;
@@ -330,6 +371,26 @@ impl ChatRequest {
     }
 }
 
+/// Renders the chat template over `messages` and tokenizes the result, refusing by length
+/// ([`refuse_by_length`], param `messages`) a conversation that cannot fit before
+/// tokenizing it (blocking: run it off the async threads).
+pub fn encode_chat(
+    tok: &TextTokenizer,
+    messages: &[ChatMessage],
+    max_context: usize,
+) -> Result<Vec<u32>, ApiError> {
+    let failed = |e| ApiError::invalid("messages", format!("the chat template failed: {e}"));
+    let text = tok.render_chat(messages, true).map_err(failed)?;
+    refuse_by_length(
+        tok,
+        text.len(),
+        max_context,
+        "messages",
+        "the conversation (rendered with the chat template)",
+    )?;
+    tok.encode(&text, false).map_err(failed)
+}
+
 impl Common {
     /// Checks everything against the bounds and builds the plan. `default_max_tokens`:
     /// `None` = the rest of the context.
@@ -434,5 +495,122 @@ impl Common {
             stream,
             include_usage,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    fn lite() -> TextTokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lite");
+        TextTokenizer::from_dir(&dir, &[1]).unwrap()
+    }
+
+    fn bounds(max_context: usize) -> Bounds {
+        Bounds {
+            max_context,
+            max_n: 1,
+            max_stop: 1,
+        }
+    }
+
+    /// Texts made of the vocabulary's longest tokens, the densest text there is.
+    fn dense_texts(tok: &TextTokenizer) -> Vec<String> {
+        let per = tok.max_token_bytes().unwrap();
+        let longest: Vec<String> = (0..tok.vocab_size() as u32)
+            .filter_map(|id| tok.decode(&[id], false).ok())
+            .filter(|t| t.len() == per && !t.contains('\u{FFFD}'))
+            .collect();
+        assert!(!longest.is_empty());
+        let mut texts: Vec<String> = longest.iter().map(|t| t.repeat(40)).collect();
+        texts.push(longest.concat());
+        texts.push("the quick brown fox jumps over the lazy dog. ".repeat(30));
+        texts.push("日本語のテキスト、émigré naïve — ✓ 🎉".repeat(20));
+        texts
+    }
+
+    #[test]
+    fn no_text_is_shorter_in_tokens_than_the_length_bound_says() {
+        let tok = lite();
+        let per = tok.max_token_bytes().unwrap();
+        for text in dense_texts(&tok) {
+            let n = tok.encode(&text, false).unwrap().len();
+            assert!(
+                text.len() <= per * n,
+                "{} bytes in {n} tokens of at most {per} bytes",
+                text.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_prompt_right_at_the_length_bound_is_tokenized_not_refused() {
+        let tok = lite();
+        let per = tok.max_token_bytes().unwrap();
+        let ctx = 64;
+        let text = "a".repeat(per * ctx);
+        refuse_by_length(&tok, text.len(), ctx, "prompt", "the prompt").unwrap();
+        let ids = encode_prompt(&tok, &text).unwrap();
+        // Refused, but by its token count, with the message that always had.
+        let e = Common::default()
+            .plan(ids.clone(), None, Some(16), &bounds(ctx))
+            .unwrap_err();
+        let expected = format!(
+            "the prompt has {} tokens; the model's context is {ctx} tokens, which leaves no room to generate",
+            ids.len()
+        );
+        assert_eq!(e.message, expected);
+        assert_eq!(e.code, Some("context_length_exceeded"));
+
+        let e = refuse_by_length(&tok, text.len() + 1, ctx, "prompt", "the prompt").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        assert!(e.message.contains("bytes"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_conversation_is_refused_by_its_rendered_length() {
+        let tok = lite();
+        let per = tok.max_token_bytes().unwrap();
+        let ctx = 64;
+        let frame = tok
+            .render_chat(&[ChatMessage::new("user", "")], true)
+            .unwrap()
+            .len();
+        // Rendered right at the bound: tokenized.
+        let fits = ChatMessage::new("user", &"a".repeat(per * ctx - frame));
+        let ids = encode_chat(&tok, &[fits], ctx).unwrap();
+        assert!(ids.len() > 1);
+        // One byte over: refused without tokenizing.
+        let over = ChatMessage::new("user", &"a".repeat(per * ctx - frame + 1));
+        let e = encode_chat(&tok, &[over], ctx).unwrap_err();
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        assert_eq!(e.param.as_deref(), Some("messages"));
+    }
+
+    #[test]
+    fn the_prompt_is_taken_as_text_or_ids() {
+        let req = |p: Value| -> CompletionRequest {
+            serde_json::from_value(serde_json::json!({"model": "m", "prompt": p})).unwrap()
+        };
+        let take = |p: Value| req(p).take_prompt();
+        assert_eq!(take("hi".into()).unwrap(), Prompt::Text("hi".into()));
+        assert_eq!(
+            take(serde_json::json!(["hi"])).unwrap(),
+            Prompt::Text("hi".into())
+        );
+        assert_eq!(
+            take(serde_json::json!([1, 2])).unwrap(),
+            Prompt::Ids(vec![1, 2])
+        );
+        assert_eq!(
+            take(serde_json::json!([])).unwrap_err().param.as_deref(),
+            Some("prompt")
+        );
+        assert!(take(serde_json::json!(["a", "b"])).is_err());
+        assert!(take(serde_json::json!({"a": 1})).is_err());
     }
 }
