@@ -340,22 +340,31 @@ fn a_request_keeps_its_version_across_replacement_and_the_old_slots_are_freed() 
     eng.shutdown();
 }
 
-#[test]
-fn a_tenant_over_its_fair_share_waits_while_another_tenant_waits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let eng = engine(
-        tmp.path(),
+/// An engine with four running slots, at most `cap` of them for one tenant (0: no cap).
+fn four_slots(root: &Path, cap: usize) -> Arc<Engine> {
+    engine(
+        root,
         EngineConfig {
             max_running: 4,
             max_batch_tokens: 64,
+            max_running_per_tenant: cap,
             ..EngineConfig::default()
         },
-    );
-    let p = prompts();
-    let of = |tenant: &str, n: usize| GenerateRequest {
+    )
+}
+
+/// A request of `tenant` for `n` tokens.
+fn of(tenant: &str, n: usize) -> GenerateRequest {
+    GenerateRequest {
         tenant: Some(tenant.to_string()),
-        ..request(&p[0], None, n)
-    };
+        ..request(&prompts()[0], None, n)
+    }
+}
+
+#[test]
+fn a_tenant_over_its_fair_share_waits_while_another_tenant_waits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eng = four_slots(tmp.path(), 0);
     // Tenant a fills every running slot and queues four more.
     let mut a: Vec<_> = [10, 60, 60, 60, 8, 8, 8, 8]
         .iter()
@@ -389,20 +398,7 @@ fn a_tenant_over_its_fair_share_waits_while_another_tenant_waits() {
 #[test]
 fn the_per_tenant_cap_leaves_room_for_others() {
     let tmp = tempfile::tempdir().unwrap();
-    let eng = engine(
-        tmp.path(),
-        EngineConfig {
-            max_running: 4,
-            max_batch_tokens: 64,
-            max_running_per_tenant: 3,
-            ..EngineConfig::default()
-        },
-    );
-    let p = prompts();
-    let of = |tenant: &str, n: usize| GenerateRequest {
-        tenant: Some(tenant.to_string()),
-        ..request(&p[0], None, n)
-    };
+    let eng = four_slots(tmp.path(), 3);
     let mut a: Vec<_> = (0..4).map(|_| eng.submit(of("a", 80)).unwrap()).collect();
     assert!(matches!(a[0].events.blocking_recv(), Some(Event::Token(_))));
     // Only three of a's run: b starts at once and finishes long before them.

@@ -50,14 +50,15 @@ check(ids == [BASE, "acme-a", "shared"], f"tenant models {ids}")
 admin_ids = [m.id for m in admin.models.list().data]
 # The admin names tenants' adapters TENANT/NAME (each tenant has its own namespace).
 check(set(admin_ids) == {BASE, "acme/acme-a", "globex/globex-a", "shared"}, f"admin models {admin_ids}")
+
+PROMPT = "The quick brown fox"
+N = 16
 want = generate("--prompt", PROMPT, "--max-tokens", str(N), "--ignore-eos", adapter="acme-a")
 r = admin.completions.create(
     model="acme/acme-a", prompt=PROMPT, max_tokens=N, temperature=0, extra_body={"ignore_eos": True}
 )
 check(r.choices[0].text == want["text"], f"admin on acme/acme-a: {r.choices[0].text!r}")
-
-PROMPT = "The quick brown fox"
-N = 16
+check(admin.models.retrieve("acme/acme-a").owned_by == "acme", "admin retrieves acme/acme-a")
 for model in [BASE, "acme-a", "shared", BASE + ":shared"]:
     want = generate("--prompt", PROMPT, "--max-tokens", str(N), "--ignore-eos", adapter=adapter_of(model))
     r = acme.completions.create(
