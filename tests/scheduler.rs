@@ -365,26 +365,34 @@ fn of(tenant: &str, n: usize) -> GenerateRequest {
 fn a_tenant_over_its_fair_share_waits_while_another_tenant_waits() {
     let tmp = tempfile::tempdir().unwrap();
     let eng = four_slots(tmp.path(), 0);
-    // Tenant a fills every running slot and queues four more.
-    let mut a: Vec<_> = [10, 60, 60, 60, 8, 8, 8, 8]
+    // Tenant a fills every running slot and queues four more; then tenant b asks twice.
+    let mut a: Vec<_> = [200, 200, 200, 200, 8, 8, 8, 8]
         .iter()
         .map(|&n| eng.submit(of("a", n)).unwrap())
         .collect();
-    assert!(matches!(a[0].events.blocking_recv(), Some(Event::Token(_))));
-    // Then tenant b asks twice.
-    let mut b: Vec<_> = (0..2).map(|_| eng.submit(of("b", 5)).unwrap()).collect();
-    let b1 = b.remove(0).collect_blocking();
-    assert_eq!(b1.tokens.len(), 5);
-    // When b's first request was done, a's queued ones had not started: the slot a's
-    // first request freed went to b, and then the one b freed went to b again (first come
-    // first served would have given both to a).
-    for (i, h) in a.iter_mut().enumerate().skip(4) {
+    for h in &mut a[..4] {
+        assert!(matches!(h.events.blocking_recv(), Some(Event::Token(_))));
+    }
+    let mut b: Vec<_> = [5, 100]
+        .iter()
+        .map(|&n| eng.submit(of("b", n)).unwrap())
+        .collect();
+    while eng.stats.waiting.load(Ordering::Relaxed) < 6 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // A slot frees: it goes to b (first come first served would give it to a), and so does
+    // the one b's first request frees.
+    drop(a.remove(0));
+    assert!(matches!(b[1].events.blocking_recv(), Some(Event::Token(_))));
+    for (i, h) in a.iter_mut().enumerate().skip(3) {
         assert!(
             h.events.try_recv().is_err(),
-            "a's request {i} started before b's"
+            "a's queued request {i} started before b's"
         );
     }
-    assert_eq!(b.remove(0).collect_blocking().tokens.len(), 5);
+    for h in b {
+        assert_eq!(h.collect_blocking().finish, Some(FinishReason::Length));
+    }
     for (i, h) in a.into_iter().enumerate() {
         assert_eq!(
             h.collect_blocking().finish,
