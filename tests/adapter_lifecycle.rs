@@ -11,6 +11,7 @@ use app::*;
 use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
@@ -403,4 +404,35 @@ async fn metrics_need_a_key_and_never_name_private_adapters_to_others() {
         "{admin}"
     );
     running.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stops_sending_is_refused_and_leaves_nothing() {
+    let s = server(true, |c| c.limits.body_read_timeout_seconds = 0.3);
+    let p = packages(1);
+    let head = p.tars[0][..1024].to_vec();
+    // The first kilobyte, then nothing, ever.
+    let stalled = futures_util::stream::once(async move {
+        Ok::<_, std::io::Error>(axum::body::Bytes::from(head))
+    })
+    .chain(futures_util::stream::pending());
+    let t0 = std::time::Instant::now();
+    let (st, b) = s
+        .raw(
+            Method::POST,
+            "/v1/adapters?name=x",
+            Some(ACME),
+            Body::from_stream(stalled),
+        )
+        .await;
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    assert_error(&(st, v.clone()), StatusCode::REQUEST_TIMEOUT, None);
+    assert_eq!(v["error"]["code"], "body_read_timeout");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(settled_leftovers(&s.adapters), Vec::<String>::new());
+    assert_error(
+        &s.get("/v1/adapters/x", Some(ACME)).await,
+        StatusCode::NOT_FOUND,
+        None,
+    );
 }
