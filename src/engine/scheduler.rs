@@ -182,6 +182,15 @@ struct Pending {
     cancel: Arc<AtomicBool>,
 }
 
+/// Who runs and waits, per tenant, and each tenant's fair share of the running slots, as
+/// one admission pass sees them.
+#[derive(Default)]
+struct Share {
+    running: HashMap<Option<String>, usize>,
+    waiting: HashMap<Option<String>, usize>,
+    each: usize,
+}
+
 struct Running {
     pending: Pending,
     seq: Sequence,
@@ -541,33 +550,41 @@ impl Scheduler {
 
     /// Whether a request of `tenant` may start now: under the hard cap, and under its fair
     /// share unless no other tenant under its own share is waiting.
-    fn fair(&self, tenant: &Option<String>, counts: &HashMap<Option<String>, usize>) -> bool {
-        let running = counts.get(tenant).copied().unwrap_or(0);
+    fn fair(&self, tenant: &Option<String>, share: &Share) -> bool {
+        let running = share.running.get(tenant).copied().unwrap_or(0);
         let cap = self.config.max_running_per_tenant;
         if cap > 0 && running >= cap {
             return false;
         }
-        let mut active: HashSet<&Option<String>> = counts.keys().collect();
-        active.extend(self.waiting.iter().map(|p| &p.req.tenant));
-        let share = (self.config.max_running / active.len().max(1)).max(1);
-        if running < share {
-            return true;
-        }
-        !self.waiting.iter().any(|p| {
-            p.req.tenant != *tenant && counts.get(&p.req.tenant).copied().unwrap_or(0) < share
-        })
+        running < share.each
+            || !share.waiting.iter().any(|(t, &n)| {
+                n > 0 && t != tenant && share.running.get(t).copied().unwrap_or(0) < share.each
+            })
     }
 
     fn admit(&mut self) {
-        let mut counts: HashMap<Option<String>, usize> = HashMap::new();
+        let mut share = Share::default();
         for r in &self.running {
-            *counts.entry(r.pending.req.tenant.clone()).or_default() += 1;
+            *share
+                .running
+                .entry(r.pending.req.tenant.clone())
+                .or_default() += 1;
         }
+        for p in &self.waiting {
+            *share.waiting.entry(p.req.tenant.clone()).or_default() += 1;
+        }
+        let active = share
+            .running
+            .keys()
+            .chain(share.waiting.keys())
+            .collect::<HashSet<_>>()
+            .len();
+        share.each = (self.config.max_running / active.max(1)).max(1);
         let mut blocked_for_room: Option<VersionId> = None;
         let mut i = 0;
         while i < self.waiting.len() && self.running.len() < self.config.max_running {
             let tenant = self.waiting[i].req.tenant.clone();
-            if !self.fair(&tenant, &counts) {
+            if !self.fair(&tenant, &share) {
                 i += 1;
                 continue;
             }
@@ -615,7 +632,10 @@ impl Scheduler {
             if let Some(v) = &adapter {
                 self.slots.pin(v.id());
             }
-            *counts.entry(tenant).or_default() += 1;
+            if let Some(n) = share.waiting.get_mut(&tenant) {
+                *n = n.saturating_sub(1);
+            }
+            *share.running.entry(tenant).or_default() += 1;
             let mut seq = Sequence::new(
                 p.req.prompt.clone(),
                 p.req.params.clone(),
