@@ -95,6 +95,8 @@ fn setup(extra: &str) -> Setup {
         r#"
 model = {model:?}
 adapters = {adapters:?}
+[fine_tuning]
+data_dir = {data:?}
 [auth]
 admin_key_sha256 = ["{admin}"]
 public_adapters = ["shared"]
@@ -110,6 +112,7 @@ adapters = ["globex-a"]
 "#,
         model = fixture("lite").to_str().unwrap(),
         adapters = dir.path().join("adapters").to_str().unwrap(),
+        data = dir.path().join("data").to_str().unwrap(),
         admin = hash_key(ADMIN),
         acme = hash_key(ACME),
         globex = hash_key(GLOBEX),
