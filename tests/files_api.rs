@@ -634,3 +634,34 @@ async fn files_outlive_a_restart() {
     assert_eq!(left, want);
     assert!(Path::new(&dir).join("esft.db").is_file());
 }
+
+#[tokio::test]
+async fn files_beyond_the_json_body_limit_are_taken_up_to_max_file_bytes() {
+    let srv = server(true, |c| {
+        c.limits.max_body_bytes = 1 << 16;
+        c.fine_tuning.max_file_bytes = 1 << 20;
+    });
+    let big = TRAIN.repeat((1 << 19) / TRAIN.len());
+    assert!(big.len() > 1 << 16);
+    let (s, f) = upload(&srv, Some(ACME), big.as_bytes()).await;
+    assert_eq!(s, StatusCode::OK, "{f}");
+    assert_eq!(f["bytes"], big.len());
+    let id = f["id"].as_str().unwrap();
+    let (_, bytes) = send(
+        &srv,
+        Method::GET,
+        &format!("/v1/files/{id}/content"),
+        Some(ACME),
+        None,
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(bytes, big.as_bytes());
+    let bigger = TRAIN.repeat((1 << 20) / TRAIN.len() + 1);
+    assert_error(
+        &upload(&srv, Some(ACME), bigger.as_bytes()).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Some("file"),
+    );
+    assert_eq!(stored(&srv), vec![id.to_string()]);
+}
