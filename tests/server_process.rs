@@ -431,9 +431,10 @@ fn open_mode_warns_and_hash_key_prints_the_digest() {
     std::fs::write(
         &config,
         format!(
-            "model = {:?}\nadapters = {:?}\n",
+            "model = {:?}\nadapters = {:?}\n[fine_tuning]\ndata_dir = {:?}\n",
             fixture("lite").to_str().unwrap(),
-            dir.path().join("adapters").to_str().unwrap()
+            dir.path().join("adapters").to_str().unwrap(),
+            dir.path().join("data").to_str().unwrap()
         ),
     )
     .unwrap();
