@@ -151,9 +151,11 @@ fn main() {
     std::fs::write(
         &server_config,
         format!(
-            "model = {:?}\nadapters = {:?}\nmodel_id = \"bench\"\n[engine]\nmax_running = 64\n",
+            "model = {:?}\nadapters = {:?}\nmodel_id = \"bench\"\n[engine]\nmax_running = 64\n\
+             [fine_tuning]\ndata_dir = {:?}\n",
             model_dir.to_str().unwrap_or_default(),
-            adapters.to_str().unwrap_or_default()
+            adapters.to_str().unwrap_or_default(),
+            tmp.path().join("data").to_str().unwrap_or_default()
         ),
     )
     .expect("config");

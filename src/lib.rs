@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod cli;
 pub mod engine;
+pub mod jobs;
 pub mod model;
 pub mod server;
 pub mod util;

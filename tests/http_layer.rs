@@ -35,6 +35,8 @@ fn start() -> Setup {
             r#"
 model = {model:?}
 adapters = {adapters:?}
+[fine_tuning]
+data_dir = {data:?}
 [limits]
 max_body_bytes = 8388608
 header_read_timeout_seconds = {HEAD_TIMEOUT}
@@ -42,6 +44,7 @@ body_read_timeout_seconds = {BODY_TIMEOUT}
 "#,
             model = fixture("lite").to_str().unwrap(),
             adapters = dir.path().join("adapters").to_str().unwrap(),
+            data = dir.path().join("data").to_str().unwrap(),
         ),
     )
     .unwrap();

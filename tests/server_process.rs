@@ -95,6 +95,8 @@ fn setup(extra: &str) -> Setup {
         r#"
 model = {model:?}
 adapters = {adapters:?}
+[fine_tuning]
+data_dir = {data:?}
 [auth]
 admin_key_sha256 = ["{admin}"]
 public_adapters = ["shared"]
@@ -110,6 +112,7 @@ adapters = ["globex-a"]
 "#,
         model = fixture("lite").to_str().unwrap(),
         adapters = dir.path().join("adapters").to_str().unwrap(),
+        data = dir.path().join("data").to_str().unwrap(),
         admin = hash_key(ADMIN),
         acme = hash_key(ACME),
         globex = hash_key(GLOBEX),
@@ -428,9 +431,10 @@ fn open_mode_warns_and_hash_key_prints_the_digest() {
     std::fs::write(
         &config,
         format!(
-            "model = {:?}\nadapters = {:?}\n",
+            "model = {:?}\nadapters = {:?}\n[fine_tuning]\ndata_dir = {:?}\n",
             fixture("lite").to_str().unwrap(),
-            dir.path().join("adapters").to_str().unwrap()
+            dir.path().join("adapters").to_str().unwrap(),
+            dir.path().join("data").to_str().unwrap()
         ),
     )
     .unwrap();
@@ -473,4 +477,35 @@ fn open_mode_warns_and_hash_key_prints_the_digest() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SHA-256"));
+}
+
+#[test]
+fn serve_stops_with_a_message_when_the_files_database_cannot_open() {
+    let dir = tempfile::tempdir().unwrap();
+    // The data directory would have to be inside a regular file.
+    let blocker = dir.path().join("not-a-directory");
+    std::fs::write(&blocker, b"x").unwrap();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "model = {:?}\nadapters = {:?}\n[fine_tuning]\ndata_dir = {:?}\n",
+            fixture("lite").to_str().unwrap(),
+            dir.path().join("adapters").to_str().unwrap(),
+            blocker.join("data").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .args(["--host", "127.0.0.1", "--port", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("opening the fine-tuning data directory"),
+        "{stderr}"
+    );
 }

@@ -29,6 +29,7 @@ pub struct ServerConfig {
     pub shutdown: Shutdown,
     pub auth: AuthConfig,
     pub metrics: MetricsConfig,
+    pub fine_tuning: FineTuningConfig,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +48,7 @@ impl Default for ServerConfig {
             shutdown: Shutdown::default(),
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
+            fine_tuning: FineTuningConfig::default(),
         }
     }
 }
@@ -195,6 +197,27 @@ impl Default for MetricsConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FineTuningConfig {
+    /// Where uploaded files (`files/`) and the records database (`esft.db`) live.
+    pub data_dir: PathBuf,
+    /// Largest file `POST /v1/files` takes (413 above it).
+    pub max_file_bytes: u64,
+    /// Most bytes of files one owner (a tenant, or the admin) may keep (429 above it).
+    pub max_stored_bytes_per_tenant: u64,
+}
+
+impl Default for FineTuningConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            max_file_bytes: 512 << 20,
+            max_stored_bytes_per_tenant: 10 << 30,
+        }
+    }
+}
+
 /// Flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -248,10 +271,17 @@ impl ServerConfig {
             ("limits.max_body_bytes", self.limits.max_body_bytes),
             ("limits.max_header_bytes", self.limits.max_header_bytes),
             ("limits.max_uri_bytes", self.limits.max_uri_bytes),
+            (
+                "fine_tuning.max_file_bytes",
+                usize::try_from(self.fine_tuning.max_file_bytes).unwrap_or(usize::MAX),
+            ),
         ] {
             if v == 0 {
                 return Err(format!("{k} must be at least 1"));
             }
+        }
+        if self.fine_tuning.data_dir.as_os_str().is_empty() {
+            return Err("fine_tuning.data_dir must name a directory".into());
         }
         if e.max_batch_tokens < e.max_running {
             return Err(format!(

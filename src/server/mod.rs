@@ -3,7 +3,7 @@
 //! - [`config`]: the TOML file and flags
 //! - [`auth`]: API keys, tenants, adapter ownership
 //! - [`openai`]: request bodies -> engine plans; [`generate`]: engine events -> JSON / SSE
-//! - [`completions`], [`models`], [`admin`]: the routes
+//! - [`completions`], [`models`], [`admin`], [`files`]: the routes
 //! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors; [`body`]: reading
 //!   request bodies (size limit, idle timeout)
 //! - [`listen`]: the accept loop and HTTP/1.1 connections, every request head checked
@@ -14,6 +14,7 @@ pub mod body;
 pub mod completions;
 pub mod config;
 pub mod errors;
+pub mod files;
 pub mod generate;
 pub mod listen;
 pub mod metrics;
@@ -33,6 +34,7 @@ use std::time::Duration;
 
 use crate::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel};
 use crate::engine::{Engine, EngineConfig};
+use crate::jobs::files::FileStore;
 use crate::model::LoadedModel;
 use auth::Auth;
 use config::ServerConfig;
@@ -54,6 +56,9 @@ pub struct AppState {
     pub auth: Auth,
     pub metrics: Metrics,
     served: OnceLock<Arc<Served>>,
+    /// Uploaded files and their records, opened at the first use (`run` opens it at
+    /// startup).
+    files: tokio::sync::OnceCell<Arc<FileStore>>,
     draining: AtomicBool,
 }
 
@@ -64,8 +69,36 @@ impl AppState {
             metrics: Metrics::new().map_err(|e| e.to_string())?,
             config,
             served: OnceLock::new(),
+            files: tokio::sync::OnceCell::new(),
             draining: AtomicBool::new(false),
         })
+    }
+
+    /// The file store in `fine_tuning.data_dir`, opened (and swept) on first use.
+    pub async fn open_files(&self) -> anyhow::Result<Arc<FileStore>> {
+        let ft = &self.config.fine_tuning;
+        let store = self
+            .files
+            .get_or_try_init(|| async {
+                FileStore::open(&ft.data_dir, ft.max_stored_bytes_per_tenant)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "opening the fine-tuning data directory {}: {e}",
+                    ft.data_dir.display()
+                )
+            })?;
+        Ok(store.clone())
+    }
+
+    /// The file store, for a request: 500 (the details logged) when it cannot be opened.
+    pub async fn files(&self) -> Result<Arc<FileStore>, ApiError> {
+        self.open_files()
+            .await
+            .map_err(|e| ApiError::logged("opening the files database", &e))
     }
 
     /// The loaded model; 503 while it loads or once the server drains.
@@ -272,6 +305,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(admin::get).delete(admin::delete).post(admin::action),
         )
         .route("/v1/adapters/{a}/{b}/{c}", post(admin::action))
+        .route(
+            "/v1/files",
+            // Uploads have their own limit (`fine_tuning.max_file_bytes`).
+            post(files::upload)
+                .layer(DefaultBodyLimit::disable())
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::get).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -317,6 +359,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             "no API keys are configured: the server is open, anyone who can reach it may use and manage every adapter"
         );
     }
+    // The fine-tuning records must open before anything is served.
+    let files = state.open_files().await?;
+    drop(files);
     let addr = format!("{}:{}", config.host, config.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await

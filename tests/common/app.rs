@@ -57,6 +57,7 @@ pub fn server_on(model: &str, keyed: bool, edit: impl FnOnce(&mut ServerConfig))
         adapters: adapters.clone(),
         ..ServerConfig::default()
     };
+    config.fine_tuning.data_dir = dir.path().join("data");
     if keyed {
         config.auth.admin_key_sha256 = vec![hash_key(ADMIN)];
         config.auth.public_adapters = vec!["shared".into()];

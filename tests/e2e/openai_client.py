@@ -23,6 +23,9 @@ acme = OpenAI(base_url=URL + "/v1", api_key=os.environ["ESFT_TENANT_KEY"], max_r
 
 passed = 0
 
+PROMPT = "The quick brown fox"
+N = 16
+
 
 def check(cond, what):
     global passed
@@ -59,6 +62,7 @@ r = admin.completions.create(
 )
 check(r.choices[0].text == want["text"], f"admin on acme/acme-a: {r.choices[0].text!r}")
 check(admin.models.retrieve("acme/acme-a").owned_by == "acme", "admin retrieves acme/acme-a")
+
 for model in [BASE, "acme-a", "shared", BASE + ":shared"]:
     want = generate("--prompt", PROMPT, "--max-tokens", str(N), "--ignore-eos", adapter=adapter_of(model))
     r = acme.completions.create(
@@ -181,5 +185,45 @@ e = raises(openai.BadRequestError, lambda: acme.chat.completions.create(model=BA
 check(e.body["param"] == "messages", f"{e.body}")
 e = raises(openai.BadRequestError, lambda: acme.completions.create(model=BASE, prompt="x", n=1000), "n too large")
 check(e.body["param"] == "n", f"{e.body}")
+
+# Files: upload training data, list, retrieve, read back, delete; tenants see only theirs.
+import tempfile
+
+TRAIN = (
+    json.dumps({"messages": [{"role": "user", "content": "turn on the light"},
+                             {"role": "assistant", "content": "{\"intent\": \"on\"}"}]}) + "\n"
+    + json.dumps({"prompt": "2+2=", "completion": "4"}) + "\n"
+    + json.dumps({"text": "plain text to learn"}) + "\n"
+).encode()
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "train.jsonl")
+    with open(path, "wb") as f:
+        f.write(TRAIN)
+    with open(path, "rb") as f:
+        up = acme.files.create(file=f, purpose="fine-tune")
+    check(up.id.startswith("file-") and len(up.id) == 29, f"file id {up.id}")
+    check(up.object == "file" and up.purpose == "fine-tune", f"file object {up}")
+    check(up.bytes == len(TRAIN) and up.filename == "train.jsonl", f"file object {up}")
+    check(up.status == "processed", f"file status {up.status}")
+    listed = acme.files.list()
+    check([x.id for x in listed.data] == [up.id], f"files.list {listed.data}")
+    got = acme.files.retrieve(up.id)
+    check(got.id == up.id and got.bytes == up.bytes and got.created_at == up.created_at, f"retrieve {got}")
+    check(acme.files.content(up.id).read() == TRAIN, "file content equals the upload")
+    check(up.id in [x.id for x in admin.files.list().data], "the admin sees the tenant's file")
+    # Refusals, as the client raises them.
+    bad = os.path.join(tmp, "bad.jsonl")
+    with open(bad, "wb") as f:
+        f.write(TRAIN + b'{"messages": [{"role": "system", "content": "x"}]}\n')
+    with open(bad, "rb") as f:
+        e = raises(openai.BadRequestError, lambda: acme.files.create(file=f, purpose="fine-tune"), "bad line")
+    check(e.body["code"] == "invalid_file" and "line 4" in e.body["message"], f"{e.body}")
+    with open(path, "rb") as f:
+        e = raises(openai.BadRequestError, lambda: acme.files.create(file=f, purpose="assistants"), "wrong purpose")
+    check(e.body["param"] == "purpose", f"{e.body}")
+    d = acme.files.delete(up.id)
+    check(d.id == up.id and d.deleted, f"files.delete {d}")
+    raises(openai.NotFoundError, lambda: acme.files.retrieve(up.id), "deleted file")
+    check(acme.files.list().data == [], "no files left")
 
 print(f"{passed} checks passed")

@@ -5,12 +5,14 @@
 //! plain `{"prompt": ..., "completion": ...}` (only the completion is learned), or
 //! pretraining text `{"text": ...}` (every token is learned). Eval lines are the reference eval format
 //! `{"prompt": ..., "answers": [...]}`. Every problem is reported with its line number, and
-//! a whole file is checked before any work starts.
+//! a whole file is checked before any work starts. Reading the lines and their structural
+//! check are shared with the server (`esft::jobs::data`); this module tokenizes.
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
 
+use esft::jobs::data::{for_each_json_line, parse_train_line, Message, TrainLine};
 use esft::model::tokenizer::TextTokenizer;
 
 /// One tokenized training sample.
@@ -66,40 +68,20 @@ impl SpecialIds {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Message {
-    role: String,
-    content: String,
-    #[serde(default)]
-    mask: u8,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum TrainLine {
-    Chat { messages: Vec<Message> },
-    Plain { prompt: String, completion: String },
-    Text { text: String },
-}
-
 /// Raw JSON lines of `path` with their 1-based numbers (blank lines skipped); an empty file
-/// is an error.
+/// is an error. The line reading is the server's too ([`esft::jobs::data`]).
 pub(crate) fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))?;
-        out.push((i + 1, v));
-    }
-    if out.is_empty() {
-        bail!("{}: the file holds no samples", path.display());
-    }
+    for_each_json_line(std::io::BufReader::new(file), |line, v| {
+        out.push((line, v));
+        Ok(())
+    })
+    .map_err(|e| match e.line {
+        // "FILE line N: what", "FILE: what"
+        Some(_) => anyhow::anyhow!("{} {e}", path.display()),
+        None => anyhow::anyhow!("{}: {e}", path.display()),
+    })?;
     Ok(out)
 }
 
@@ -122,17 +104,7 @@ pub fn load_train(
     let mut out = Vec::new();
     for (line, v) in json_lines(path)? {
         let at = || format!("{} line {line}", path.display());
-        if !v.is_object() {
-            bail!("{}: expected a JSON object", at());
-        }
-        let parsed: TrainLine = serde_json::from_value(v.clone()).map_err(|_| {
-            anyhow::anyhow!(
-                "{}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}}, \
-                 {{\"prompt\": string, \"completion\": string}} or {{\"text\": string}}{}",
-                at(),
-                describe_mismatch(&v)
-            )
-        })?;
+        let parsed = parse_train_line(&v).map_err(|m| anyhow::anyhow!("{}: {m}", at()))?;
         let sample = match parsed {
             TrainLine::Chat { messages } => {
                 format_chat(&messages, tok, ids, line).with_context(at)?
@@ -160,59 +132,6 @@ pub fn load_train(
         out.push(sample);
     }
     Ok(out)
-}
-
-/// A hint at what is wrong with a line that matches neither training format.
-fn describe_mismatch(v: &serde_json::Value) -> String {
-    let Some(obj) = v.as_object() else {
-        return String::new();
-    };
-    if let Some(m) = obj.get("messages") {
-        let Some(list) = m.as_array() else {
-            return ": `messages` is not a list".into();
-        };
-        for (i, msg) in list.iter().enumerate() {
-            let Some(o) = msg.as_object() else {
-                return format!(": message {i} is not an object");
-            };
-            for field in ["role", "content"] {
-                match o.get(field) {
-                    None => return format!(": message {i} has no `{field}`"),
-                    Some(f) if !f.is_string() => {
-                        return format!(": message {i} `{field}` is not a string")
-                    }
-                    _ => {}
-                }
-            }
-            if let Some(k) = o
-                .keys()
-                .find(|k| !["role", "content", "mask"].contains(&k.as_str()))
-            {
-                return format!(": message {i} has an unknown field `{k}`");
-            }
-            if o.get("mask")
-                .is_some_and(|m| !matches!(m.as_u64(), Some(0 | 1)))
-            {
-                return format!(": message {i} `mask` must be 0 or 1");
-            }
-        }
-        return String::new();
-    }
-    if let Some(t) = obj.get("text") {
-        return if t.is_string() {
-            String::new()
-        } else {
-            ": `text` is not a string".into()
-        };
-    }
-    for field in ["prompt", "completion"] {
-        match obj.get(field) {
-            None => return format!(": missing field `{field}`"),
-            Some(f) if !f.is_string() => return format!(": `{field}` is not a string"),
-            _ => {}
-        }
-    }
-    String::new()
 }
 
 /// A user turn in the reference template: `User: {content}\n\nAssistant:` (the text after
@@ -278,9 +197,6 @@ fn format_plain(
 /// `{"text"}`: BOS + text + EOS, every token after BOS a target - language-model
 /// pretraining, where the whole text is the lesson.
 fn format_text(text: &str, tok: &TextTokenizer, ids: SpecialIds, line: usize) -> Result<Sample> {
-    if text.trim().is_empty() {
-        bail!("`text` is empty");
-    }
     // A completion with nothing before it.
     format_plain("", text, tok, ids, line)
 }

@@ -1,0 +1,366 @@
+//! OpenAI's files API: `POST /v1/files` (multipart: `file`, `purpose` = `fine-tune`),
+//! `GET /v1/files`, `GET /v1/files/{id}`, `GET /v1/files/{id}/content`,
+//! `DELETE /v1/files/{id}`. HTTP only: reading the multipart body (under the body read
+//! timeout and `fine_tuning.max_file_bytes`), who the owner is, and OpenAI's shapes; the
+//! records, the bytes and the checks of the data are [`crate::jobs::files`]'s. A tenant
+//! sees only its own files (another's answer 404, as an absent one does); the admin sees
+//! all of them and owns what it uploads.
+
+use axum::body::{Body, Bytes};
+use axum::extract::multipart::MultipartError;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::auth::Caller;
+use super::body::next_chunk;
+use super::errors::ApiError;
+use super::AppState;
+use crate::jobs::files::{FileRecord, FilesError, Order, PURPOSE_FINE_TUNE};
+
+/// Room for the multipart envelope (boundaries, part headers, `purpose`) beyond the file.
+const ENVELOPE_BYTES: u64 = 64 << 10;
+
+/// Largest `limit` of a listing.
+const MAX_LIST: usize = 10_000;
+
+impl Caller {
+    /// Who owns what this caller uploads: its tenant, or `None` (the admin).
+    fn owner(&self) -> Option<&str> {
+        self.tenant()
+    }
+
+    /// Whose files this caller sees: its tenant's, or every file (`None`, the admin).
+    fn viewer(&self) -> Option<&str> {
+        self.tenant()
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("No such File object: {id}"))
+        .param("id")
+        .code("file_not_found")
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        format!("the file is larger than the server's limit of {limit} bytes"),
+    )
+    .param("file")
+    .code("file_too_large")
+}
+
+fn files_error(e: FilesError) -> ApiError {
+    match e {
+        FilesError::Invalid(e) => {
+            ApiError::invalid("file", FilesError::Invalid(e).to_string()).code("invalid_file")
+        }
+        e @ FilesError::Quota { .. } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            format!("{e}: delete files you no longer need"),
+        )
+        .code("quota_exceeded"),
+        FilesError::NoSuchFile(id) => ApiError::invalid(
+            "after",
+            format!("`after` must be the id of a file in the list; there is no file `{id}`"),
+        ),
+        FilesError::Io(e) => ApiError::logged("storing files", &e),
+        FilesError::Db(e) => ApiError::logged("reading or writing the files database", &e),
+    }
+}
+
+/// The request body as a stream that gives up, recording why in `failure`, when no byte
+/// arrives for `idle` or more than `limit` bytes come.
+fn guarded(
+    body: Body,
+    idle: Duration,
+    limit: u64,
+    failure: Arc<Mutex<Option<ApiError>>>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let start = Some((body.into_data_stream(), 0u64));
+    futures_util::stream::unfold(start, move |state| {
+        let failure = failure.clone();
+        async move {
+            let (mut stream, total) = state?;
+            let fail = |e: ApiError| {
+                if let Ok(mut f) = failure.lock() {
+                    *f = Some(e);
+                }
+                Some((Err(std::io::Error::other("the upload was refused")), None))
+            };
+            match next_chunk(&mut stream, idle).await {
+                Ok(Some(b)) => {
+                    let total = total + b.len() as u64;
+                    if total > limit {
+                        return fail(too_large(limit.saturating_sub(ENVELOPE_BYTES)));
+                    }
+                    Some((Ok(b), Some((stream, total))))
+                }
+                Ok(None) => None,
+                Err(e) => fail(e),
+            }
+        }
+    })
+}
+
+/// The last component of a client's file name.
+fn base_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default().trim();
+    if base.is_empty() {
+        "file.jsonl".into()
+    } else {
+        base.chars().take(255).collect()
+    }
+}
+
+/// `POST /v1/files`: the file is streamed to the data directory, checked line by line as
+/// training data, and kept only when every line is good and the owner's quota allows it.
+pub async fn upload(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    req: Request,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.files().await?;
+    let max = state.config.fine_tuning.max_file_bytes;
+    let idle = state.config.limits.body_read_timeout();
+    let failure = Arc::new(Mutex::new(None::<ApiError>));
+    let (parts, body) = req.into_parts();
+    let body = Body::from_stream(guarded(
+        body,
+        idle,
+        max.saturating_add(ENVELOPE_BYTES),
+        failure.clone(),
+    ));
+    let mut form = Multipart::from_request(Request::from_parts(parts, body), &())
+        .await
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "send the file as multipart/form-data with the fields `file` and `purpose`: {}",
+                e.body_text()
+            ))
+        })?;
+    // Why reading the form failed: a refusal recorded by `guarded`, else a malformed form.
+    let why = |e: MultipartError| {
+        failure
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .unwrap_or_else(|| {
+                ApiError::bad_request(format!(
+                    "could not read the multipart form: {}",
+                    e.body_text()
+                ))
+            })
+    };
+    let io = |e: std::io::Error| ApiError::logged("storing an uploaded file", &e);
+    let mut purpose: Option<String> = None;
+    let mut staged = None;
+    while let Some(mut field) = form.next_field().await.map_err(why)? {
+        match field.name() {
+            Some("purpose") => {
+                purpose = Some(field.text().await.map_err(why)?);
+            }
+            Some("file") => {
+                if staged.is_some() {
+                    return Err(ApiError::invalid("file", "send one `file` per request"));
+                }
+                let filename = base_name(field.file_name().unwrap_or_default());
+                let tmp = store.staging().await.map_err(files_error)?;
+                let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(io)?);
+                let mut bytes = 0u64;
+                while let Some(chunk) = field.chunk().await.map_err(why)? {
+                    bytes += chunk.len() as u64;
+                    if bytes > max {
+                        return Err(too_large(max));
+                    }
+                    out.write_all(&chunk).await.map_err(io)?;
+                }
+                out.flush().await.map_err(io)?;
+                drop(out);
+                staged = Some((tmp, bytes, filename));
+            }
+            // Other fields are read and ignored.
+            _ => while field.chunk().await.map_err(why)?.is_some() {},
+        }
+    }
+    let purpose = purpose.ok_or_else(|| {
+        ApiError::invalid("purpose", "missing the `purpose` field: send `fine-tune`")
+    })?;
+    if purpose != PURPOSE_FINE_TUNE {
+        return Err(ApiError::invalid(
+            "purpose",
+            format!(
+                "the purpose {purpose:?} is not supported: this server takes files for `fine-tune`"
+            ),
+        ));
+    }
+    let (tmp, bytes, filename) = staged.ok_or_else(|| {
+        ApiError::invalid(
+            "file",
+            "missing the `file` field: send the training data as a file",
+        )
+    })?;
+    let record = store
+        .add(tmp, bytes, caller.owner(), &filename, &purpose)
+        .await
+        .map_err(files_error)?;
+    tracing::info!(file = %record.id, bytes, by = caller.label(), "file uploaded");
+    Ok(Json(record.to_openai()))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub purpose: Option<String>,
+    pub limit: Option<String>,
+    pub after: Option<String>,
+    pub order: Option<String>,
+}
+
+/// `GET /v1/files`: the caller's files (every file for the admin), newest first unless
+/// `order=asc`, `limit` (1-10000, default 10000) after the file `after`.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = match q.limit.as_deref() {
+        None => MAX_LIST,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIST).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("`limit` must be a whole number from 1 to {MAX_LIST}"),
+                )
+            })?,
+    };
+    let order = match q.order.as_deref() {
+        None | Some("desc") => Order::Desc,
+        Some("asc") => Order::Asc,
+        Some(o) => {
+            return Err(ApiError::invalid(
+                "order",
+                format!("`order` must be `asc` or `desc`, not {o:?}"),
+            ))
+        }
+    };
+    let store = state.files().await?;
+    let page = store
+        .list(
+            caller.viewer(),
+            q.purpose.as_deref(),
+            q.after.as_deref(),
+            limit,
+            order,
+        )
+        .await
+        .map_err(files_error)?;
+    let data: Vec<Value> = page.files.iter().map(FileRecord::to_openai).collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "has_more": page.has_more,
+        "first_id": page.files.first().map(|f| &f.id),
+        "last_id": page.files.last().map(|f| &f.id),
+    })))
+}
+
+/// `GET /v1/files/{id}`.
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.files().await?;
+    match store.get(caller.viewer(), &id).await.map_err(files_error)? {
+        Some(f) => Ok(Json(f.to_openai())),
+        None => Err(not_found(&id)),
+    }
+}
+
+/// `GET /v1/files/{id}/content`: the bytes as uploaded, streamed from the data directory.
+pub async fn content(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let store = state.files().await?;
+    let record = store
+        .get(caller.viewer(), &id)
+        .await
+        .map_err(files_error)?
+        .ok_or_else(|| not_found(&id))?;
+    let file = tokio::fs::File::open(store.blob_path(&record.id))
+        .await
+        .map_err(|e| ApiError::logged(&format!("reading the bytes of {}", record.id), &e))?;
+    let stream = futures_util::stream::unfold(Some(file), |state| async move {
+        let mut file = state?;
+        let mut buf = vec![0u8; 64 << 10];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), Some(file)))
+            }
+            Err(e) => {
+                tracing::error!("reading an uploaded file: {e}");
+                Some((Err(e), None))
+            }
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, record.bytes.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/files/{id}`.
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let store = state.files().await?;
+    match store
+        .delete(caller.viewer(), &id)
+        .await
+        .map_err(files_error)?
+    {
+        Some(f) => {
+            tracing::info!(file = %f.id, by = caller.label(), "file deleted");
+            Ok(Json(json!({"id": f.id, "object": "file", "deleted": true})))
+        }
+        None => Err(not_found(&id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_lose_their_directories() {
+        assert_eq!(base_name("/tmp/x/train.jsonl"), "train.jsonl");
+        assert_eq!(base_name("C:\\data\\t.jsonl"), "t.jsonl");
+        assert_eq!(base_name(""), "file.jsonl");
+        assert_eq!(base_name("dir/"), "file.jsonl");
+    }
+}

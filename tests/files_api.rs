@@ -1,0 +1,667 @@
+//! The files API in process: every route, every refusal, tenancy, pagination, the quota,
+//! and files that outlive the server.
+
+#[path = "common/app.rs"]
+mod app;
+mod common;
+
+use app::*;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use std::path::Path;
+use tower::ServiceExt;
+
+const BOUNDARY: &str = "esft-test-boundary-7MA4YWxkTrZu0gW";
+
+const TRAIN: &str = concat!(
+    r#"{"messages": [{"role": "user", "content": "turn on the light"}, {"role": "assistant", "content": "{\"intent\": \"on\"}"}]}"#,
+    "\n",
+    r#"{"prompt": "2+2=", "completion": "4"}"#,
+    "\n",
+    r#"{"text": "plain text to learn"}"#,
+    "\n",
+);
+
+/// A multipart/form-data body: `(name, file name, bytes)` per part.
+fn form(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, file, bytes) in parts {
+        b.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        match file {
+            Some(f) => b.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => b.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        b.extend_from_slice(bytes);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    b
+}
+
+async fn send(
+    srv: &Srv,
+    method: Method,
+    uri: &str,
+    key: Option<&str>,
+    ct: Option<&str>,
+    body: Body,
+) -> (StatusCode, Vec<u8>) {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    if let Some(c) = ct {
+        b = b.header("content-type", c);
+    }
+    let resp = srv
+        .app
+        .clone()
+        .oneshot(b.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    (status, bytes)
+}
+
+fn json(r: (StatusCode, Vec<u8>)) -> (StatusCode, Value) {
+    let v = serde_json::from_slice(&r.1)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.1).into_owned()));
+    (r.0, v)
+}
+
+async fn upload_parts(
+    srv: &Srv,
+    key: Option<&str>,
+    parts: &[(&str, Option<&str>, &[u8])],
+) -> (StatusCode, Value) {
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    json(
+        send(
+            srv,
+            Method::POST,
+            "/v1/files",
+            key,
+            Some(&ct),
+            Body::from(form(parts)),
+        )
+        .await,
+    )
+}
+
+async fn upload(srv: &Srv, key: Option<&str>, bytes: &[u8]) -> (StatusCode, Value) {
+    upload_parts(
+        srv,
+        key,
+        &[
+            ("purpose", None, b"fine-tune"),
+            ("file", Some("train.jsonl"), bytes),
+        ],
+    )
+    .await
+}
+
+async fn ok_upload(srv: &Srv, key: Option<&str>) -> String {
+    let (s, v) = upload(srv, key, TRAIN.as_bytes()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+async fn get(srv: &Srv, uri: &str, key: Option<&str>) -> (StatusCode, Value) {
+    json(send(srv, Method::GET, uri, key, None, Body::empty()).await)
+}
+
+async fn delete(srv: &Srv, uri: &str, key: Option<&str>) -> (StatusCode, Value) {
+    json(send(srv, Method::DELETE, uri, key, None, Body::empty()).await)
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// What is in the files directory (blobs and anything unfinished).
+fn stored(srv: &Srv) -> Vec<String> {
+    let dir = srv.state.config.fine_tuning.data_dir.join("files");
+    match std::fs::read_dir(&dir) {
+        Ok(r) => r
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn every_route_in_openai_shapes() {
+    let srv = server(true, |_| {});
+    let (s, f) = upload(&srv, Some(ACME), TRAIN.as_bytes()).await;
+    assert_eq!(s, StatusCode::OK, "{f}");
+    let id = f["id"].as_str().unwrap().to_string();
+    assert!(
+        id.starts_with("file-")
+            && id.len() == 29
+            && id[5..].bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{id}"
+    );
+    let mut keys: Vec<&str> = f.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "bytes",
+            "created_at",
+            "expires_at",
+            "filename",
+            "id",
+            "object",
+            "purpose",
+            "status",
+            "status_details"
+        ]
+    );
+    assert_eq!(f["object"], "file");
+    assert_eq!(f["bytes"], TRAIN.len());
+    assert_eq!(f["filename"], "train.jsonl");
+    assert_eq!(f["purpose"], "fine-tune");
+    assert_eq!(f["status"], "processed");
+    assert!(f["status_details"].is_null() && f["expires_at"].is_null());
+    assert!(f["created_at"].as_i64().unwrap() > 1_600_000_000);
+
+    assert_eq!(
+        get(&srv, &format!("/v1/files/{id}"), Some(ACME)).await,
+        (StatusCode::OK, f.clone())
+    );
+    let (s, list) = get(&srv, "/v1/files", Some(ACME)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"], serde_json::json!([f.clone()]));
+    assert_eq!(list["has_more"], false);
+    assert_eq!(
+        (list["first_id"].as_str(), list["last_id"].as_str()),
+        (Some(id.as_str()), Some(id.as_str()))
+    );
+    let (s, bytes) = send(
+        &srv,
+        Method::GET,
+        &format!("/v1/files/{id}/content"),
+        Some(ACME),
+        None,
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(bytes, TRAIN.as_bytes());
+
+    let (s, d) = delete(&srv, &format!("/v1/files/{id}"), Some(ACME)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        d,
+        serde_json::json!({"id": id, "object": "file", "deleted": true})
+    );
+    assert_error(
+        &get(&srv, &format!("/v1/files/{id}"), Some(ACME)).await,
+        StatusCode::NOT_FOUND,
+        Some("id"),
+    );
+    assert_error(
+        &delete(&srv, &format!("/v1/files/{id}"), Some(ACME)).await,
+        StatusCode::NOT_FOUND,
+        Some("id"),
+    );
+    let (_, list) = get(&srv, "/v1/files", Some(ACME)).await;
+    assert_eq!(list["data"], serde_json::json!([]));
+    assert!(list["first_id"].is_null() && list["last_id"].is_null());
+    assert!(stored(&srv).is_empty(), "{:?}", stored(&srv));
+
+    // Keys are needed as everywhere else.
+    assert_error(
+        &get(&srv, "/v1/files", None).await,
+        StatusCode::UNAUTHORIZED,
+        None,
+    );
+    assert_error(
+        &upload(&srv, Some("wrong"), TRAIN.as_bytes()).await,
+        StatusCode::UNAUTHORIZED,
+        None,
+    );
+    // Fine-tuning jobs do not exist yet: their routes are unknown like any other.
+    let (s, v) = get(&srv, "/v1/fine_tuning/jobs", Some(ACME)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "unknown_url");
+}
+
+#[tokio::test]
+async fn bad_uploads_are_refused_and_leave_nothing() {
+    let srv = server(true, |c| c.fine_tuning.max_file_bytes = 4096);
+    let good = TRAIN.as_bytes();
+    // Purpose: wrong or missing.
+    for parts in [
+        vec![
+            ("purpose", None, b"assistants".as_slice()),
+            ("file", Some("t.jsonl"), good),
+        ],
+        vec![("file", Some("t.jsonl"), good)],
+        vec![
+            ("file", Some("t.jsonl"), good),
+            ("purpose", None, b"batch".as_slice()),
+        ],
+    ] {
+        assert_error(
+            &upload_parts(&srv, Some(ACME), &parts).await,
+            StatusCode::BAD_REQUEST,
+            Some("purpose"),
+        );
+    }
+    // No file, two files.
+    assert_error(
+        &upload_parts(&srv, Some(ACME), &[("purpose", None, b"fine-tune")]).await,
+        StatusCode::BAD_REQUEST,
+        Some("file"),
+    );
+    assert_error(
+        &upload_parts(
+            &srv,
+            Some(ACME),
+            &[
+                ("purpose", None, b"fine-tune"),
+                ("file", Some("a"), good),
+                ("file", Some("b"), good),
+            ],
+        )
+        .await,
+        StatusCode::BAD_REQUEST,
+        Some("file"),
+    );
+    // Bad data: the first bad line is named.
+    let bad: Vec<(Vec<u8>, &str)> = vec![
+        (Vec::new(), "empty"),
+        (b"\n\n  \n".to_vec(), "no samples"),
+        ([good, b"this is not json\n"].concat(), "line 4: not JSON"),
+        (
+            [good, b"\xff\xfe\x00binary\n"].concat(),
+            "line 4: not UTF-8",
+        ),
+        (
+            [
+                good,
+                b"{\"messages\": [{\"role\": \"system\", \"content\": \"x\"}]}\n{\"x\": 1}\n",
+            ]
+            .concat(),
+            "line 4: message 0 has role \"system\"",
+        ),
+        (b"{\"prompt\": \"a\"}\n".to_vec(), "line 1: expected"),
+        (b"[1, 2, 3]\n".to_vec(), "line 1: expected a JSON object"),
+        (b"{\"messages\": []}\n".to_vec(), "`messages` is empty"),
+    ];
+    for (bytes, want) in bad {
+        let got = upload(&srv, Some(ACME), &bytes).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, Some("file"));
+        assert_eq!(got.1["error"]["code"], "invalid_file", "{}", got.1);
+        let msg = got.1["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{want}: {msg}");
+        assert!(
+            !msg.contains(srv.state.config.fine_tuning.data_dir.to_str().unwrap()),
+            "{msg}"
+        );
+    }
+    // Over the size limit: 413.
+    let big = TRAIN.repeat(4096 / TRAIN.len() + 1);
+    let got = upload(&srv, Some(ACME), big.as_bytes()).await;
+    assert_error(&got, StatusCode::PAYLOAD_TOO_LARGE, Some("file"));
+    // Not a multipart form at all.
+    let (s, v) = json(
+        send(
+            &srv,
+            Method::POST,
+            "/v1/files",
+            Some(ACME),
+            Some("application/json"),
+            Body::from("{}"),
+        )
+        .await,
+    );
+    assert_error(&(s, v), StatusCode::BAD_REQUEST, None);
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let (s, v) = json(
+        send(
+            &srv,
+            Method::POST,
+            "/v1/files",
+            Some(ACME),
+            Some(&ct),
+            Body::from("--nonsense"),
+        )
+        .await,
+    );
+    assert_error(&(s, v), StatusCode::BAD_REQUEST, None);
+    // Nothing of any of that was kept.
+    assert!(stored(&srv).is_empty(), "{:?}", stored(&srv));
+    let (_, list) = get(&srv, "/v1/files", Some(ADMIN)).await;
+    assert_eq!(list["data"], serde_json::json!([]));
+    // A good file still goes in.
+    ok_upload(&srv, Some(ACME)).await;
+}
+
+#[tokio::test]
+async fn a_stalled_upload_is_refused_with_408() {
+    let srv = server(true, |c| c.limits.body_read_timeout_seconds = 0.3);
+    let head = form(&[
+        ("purpose", None, b"fine-tune"),
+        ("file", Some("t.jsonl"), TRAIN.as_bytes()),
+    ]);
+    let half = head[..head.len() - 40].to_vec();
+    let stream =
+        futures_util::stream::iter([Ok::<_, std::io::Error>(axum::body::Bytes::from(half))])
+            .chain(futures_util::stream::pending());
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let t0 = std::time::Instant::now();
+    let got = json(
+        send(
+            &srv,
+            Method::POST,
+            "/v1/files",
+            Some(ACME),
+            Some(&ct),
+            Body::from_stream(stream),
+        )
+        .await,
+    );
+    assert_error(&got, StatusCode::REQUEST_TIMEOUT, None);
+    assert_eq!(got.1["error"]["code"], "body_read_timeout");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    assert!(stored(&srv).is_empty(), "{:?}", stored(&srv));
+}
+
+use futures_util::StreamExt as _;
+
+#[tokio::test]
+async fn tenants_see_only_their_files_and_the_admin_sees_all() {
+    let srv = server(true, |_| {});
+    let a = ok_upload(&srv, Some(ACME)).await;
+    let g = ok_upload(&srv, Some(GLOBEX)).await;
+    let admins = ok_upload(&srv, Some(ADMIN)).await;
+    let absent = "file-AAAAAAAAAAAAAAAAAAAAAAAA";
+    // Another tenant's file answers exactly like one that does not exist.
+    for (method, suffix) in [
+        (Method::GET, ""),
+        (Method::GET, "/content"),
+        (Method::DELETE, ""),
+    ] {
+        let theirs = json(
+            send(
+                &srv,
+                method.clone(),
+                &format!("/v1/files/{a}{suffix}"),
+                Some(GLOBEX),
+                None,
+                Body::empty(),
+            )
+            .await,
+        );
+        let nothing = json(
+            send(
+                &srv,
+                method.clone(),
+                &format!("/v1/files/{absent}{suffix}"),
+                Some(GLOBEX),
+                None,
+                Body::empty(),
+            )
+            .await,
+        );
+        assert_error(&theirs, StatusCode::NOT_FOUND, Some("id"));
+        let text = theirs.1.to_string().replace(&a, absent);
+        assert_eq!(text, nothing.1.to_string(), "{method} {suffix}");
+    }
+    // The admin's file is not a tenant's either.
+    assert_error(
+        &get(&srv, &format!("/v1/files/{admins}"), Some(ACME)).await,
+        StatusCode::NOT_FOUND,
+        Some("id"),
+    );
+    assert_eq!(
+        ids(&get(&srv, "/v1/files", Some(ACME)).await.1),
+        vec![a.clone()]
+    );
+    assert_eq!(
+        ids(&get(&srv, "/v1/files", Some(GLOBEX)).await.1),
+        vec![g.clone()]
+    );
+    // `after` naming another tenant's file is refused as an unknown one.
+    assert_error(
+        &get(&srv, &format!("/v1/files?after={a}"), Some(GLOBEX)).await,
+        StatusCode::BAD_REQUEST,
+        Some("after"),
+    );
+    // The admin sees, reads and deletes every file.
+    let mut all = ids(&get(&srv, "/v1/files", Some(ADMIN)).await.1);
+    all.sort();
+    let mut want = vec![a.clone(), g.clone(), admins.clone()];
+    want.sort();
+    assert_eq!(all, want);
+    let (s, bytes) = send(
+        &srv,
+        Method::GET,
+        &format!("/v1/files/{a}/content"),
+        Some(ADMIN),
+        None,
+        Body::empty(),
+    )
+    .await;
+    assert_eq!((s, bytes.as_slice()), (StatusCode::OK, TRAIN.as_bytes()));
+    assert_eq!(
+        delete(&srv, &format!("/v1/files/{g}"), Some(ADMIN)).await.0,
+        StatusCode::OK
+    );
+    assert!(ids(&get(&srv, "/v1/files", Some(GLOBEX)).await.1).is_empty());
+    // And acme's file survived globex's attempts.
+    assert_eq!(
+        get(&srv, &format!("/v1/files/{a}"), Some(ACME)).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn an_open_server_keeps_files_too() {
+    let srv = server(false, |_| {});
+    let id = ok_upload(&srv, None).await;
+    assert_eq!(ids(&get(&srv, "/v1/files", None).await.1), vec![id]);
+}
+
+#[tokio::test]
+async fn listings_page_with_after_limit_and_order() {
+    let srv = server(true, |_| {});
+    let mut made = Vec::new();
+    for _ in 0..5 {
+        made.push(ok_upload(&srv, Some(ACME)).await);
+    }
+    ok_upload(&srv, Some(GLOBEX)).await;
+    // Ascending, two at a time.
+    let (_, all_asc) = get(&srv, "/v1/files?order=asc", Some(ACME)).await;
+    let asc = ids(&all_asc);
+    assert_eq!(asc.len(), 5);
+    let mut sorted = made.clone();
+    sorted.sort();
+    let mut got = asc.clone();
+    got.sort();
+    assert_eq!(got, sorted);
+    let mut walked = Vec::new();
+    let mut uri = "/v1/files?order=asc&limit=2".to_string();
+    let mut pages = 0;
+    loop {
+        let (s, page) = get(&srv, &uri, Some(ACME)).await;
+        assert_eq!(s, StatusCode::OK, "{page}");
+        let these = ids(&page);
+        assert!(these.len() <= 2);
+        assert_eq!(page["first_id"].as_str(), these.first().map(String::as_str));
+        assert_eq!(page["last_id"].as_str(), these.last().map(String::as_str));
+        walked.extend(these.clone());
+        pages += 1;
+        if !page["has_more"].as_bool().unwrap() {
+            break;
+        }
+        uri = format!(
+            "/v1/files?order=asc&limit=2&after={}",
+            page["last_id"].as_str().unwrap()
+        );
+    }
+    assert_eq!(walked, asc);
+    assert_eq!(pages, 3);
+    // Newest first by default: the same, reversed.
+    let mut desc = ids(&get(&srv, "/v1/files", Some(ACME)).await.1);
+    desc.reverse();
+    assert_eq!(desc, asc);
+    let (_, first) = get(&srv, "/v1/files?limit=1", Some(ACME)).await;
+    assert_eq!(first["has_more"], true);
+    let (_, rest) = get(
+        &srv,
+        &format!("/v1/files?after={}", first["last_id"].as_str().unwrap()),
+        Some(ACME),
+    )
+    .await;
+    assert_eq!(ids(&rest).len(), 4);
+    assert_eq!(rest["has_more"], false);
+    // By purpose.
+    assert_eq!(
+        ids(&get(&srv, "/v1/files?purpose=fine-tune", Some(ACME)).await.1).len(),
+        5
+    );
+    assert!(ids(&get(&srv, "/v1/files?purpose=batch", Some(ACME)).await.1).is_empty());
+    // Bad parameters.
+    for (q, param) in [
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+        ("limit=two", "limit"),
+        ("limit=-1", "limit"),
+        ("order=sideways", "order"),
+        ("after=file-nope", "after"),
+    ] {
+        assert_error(
+            &get(&srv, &format!("/v1/files?{q}"), Some(ACME)).await,
+            StatusCode::BAD_REQUEST,
+            Some(param),
+        );
+    }
+    assert_eq!(
+        get(&srv, "/v1/files?limit=10000", Some(ACME)).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn the_quota_is_per_tenant_and_answers_429() {
+    let quota = 2 * TRAIN.len() as u64 + 10;
+    let srv = server(true, |c| c.fine_tuning.max_stored_bytes_per_tenant = quota);
+    let first = ok_upload(&srv, Some(ACME)).await;
+    ok_upload(&srv, Some(ACME)).await;
+    let got = upload(&srv, Some(ACME), TRAIN.as_bytes()).await;
+    assert_error(&got, StatusCode::TOO_MANY_REQUESTS, None);
+    assert_eq!(got.1["error"]["code"], "quota_exceeded");
+    assert_eq!(stored(&srv).len(), 2);
+    // Another tenant has its own quota; deleting frees room.
+    ok_upload(&srv, Some(GLOBEX)).await;
+    assert_eq!(
+        delete(&srv, &format!("/v1/files/{first}"), Some(ACME))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    ok_upload(&srv, Some(ACME)).await;
+}
+
+#[tokio::test]
+async fn files_outlive_a_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_path_buf();
+    let (id, admins) = {
+        let srv = server(true, |c| c.fine_tuning.data_dir = dir.clone());
+        let id = ok_upload(&srv, Some(ACME)).await;
+        let admins = ok_upload(&srv, Some(ADMIN)).await;
+        let gone = ok_upload(&srv, Some(ACME)).await;
+        assert_eq!(
+            delete(&srv, &format!("/v1/files/{gone}"), Some(ACME))
+                .await
+                .0,
+            StatusCode::OK
+        );
+        (id, admins)
+    };
+    // What a crash mid-upload leaves behind is cleaned up when the store opens again.
+    std::fs::write(dir.join("files/.upload-crashed"), b"half").unwrap();
+    std::fs::write(dir.join("files/file-orphanorphanorphanorphan"), TRAIN).unwrap();
+    let srv = server(true, |c| c.fine_tuning.data_dir = dir.clone());
+    let (s, f) = get(&srv, &format!("/v1/files/{id}"), Some(ACME)).await;
+    assert_eq!(s, StatusCode::OK, "{f}");
+    assert_eq!(f["bytes"], TRAIN.len());
+    let (_, bytes) = send(
+        &srv,
+        Method::GET,
+        &format!("/v1/files/{id}/content"),
+        Some(ACME),
+        None,
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(bytes, TRAIN.as_bytes());
+    assert_eq!(
+        ids(&get(&srv, "/v1/files", Some(ACME)).await.1),
+        vec![id.clone()]
+    );
+    let mut left = stored(&srv);
+    left.sort();
+    let mut want = vec![id, admins];
+    want.sort();
+    assert_eq!(left, want);
+    assert!(Path::new(&dir).join("esft.db").is_file());
+}
+
+#[tokio::test]
+async fn files_beyond_the_json_body_limit_are_taken_up_to_max_file_bytes() {
+    let srv = server(true, |c| {
+        c.limits.max_body_bytes = 1 << 16;
+        c.fine_tuning.max_file_bytes = 1 << 20;
+    });
+    let big = TRAIN.repeat((1 << 19) / TRAIN.len());
+    assert!(big.len() > 1 << 16);
+    let (s, f) = upload(&srv, Some(ACME), big.as_bytes()).await;
+    assert_eq!(s, StatusCode::OK, "{f}");
+    assert_eq!(f["bytes"], big.len());
+    let id = f["id"].as_str().unwrap();
+    let (_, bytes) = send(
+        &srv,
+        Method::GET,
+        &format!("/v1/files/{id}/content"),
+        Some(ACME),
+        None,
+        Body::empty(),
+    )
+    .await;
+    assert_eq!(bytes, big.as_bytes());
+    let bigger = TRAIN.repeat((1 << 20) / TRAIN.len() + 1);
+    assert_error(
+        &upload(&srv, Some(ACME), bigger.as_bytes()).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Some("file"),
+    );
+    assert_eq!(stored(&srv), vec![id.to_string()]);
+}
