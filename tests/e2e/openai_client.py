@@ -54,8 +54,6 @@ admin_ids = [m.id for m in admin.models.list().data]
 # The admin names tenants' adapters TENANT/NAME (each tenant has its own namespace).
 check(set(admin_ids) == {BASE, "acme/acme-a", "globex/globex-a", "shared"}, f"admin models {admin_ids}")
 
-PROMPT = "The quick brown fox"
-N = 16
 want = generate("--prompt", PROMPT, "--max-tokens", str(N), "--ignore-eos", adapter="acme-a")
 r = admin.completions.create(
     model="acme/acme-a", prompt=PROMPT, max_tokens=N, temperature=0, extra_body={"ignore_eos": True}
