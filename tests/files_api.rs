@@ -7,11 +7,9 @@ mod common;
 
 use app::*;
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::{Method, StatusCode};
 use serde_json::Value;
 use std::path::Path;
-use tower::ServiceExt;
 
 const BOUNDARY: &str = "esft-test-boundary-7MA4YWxkTrZu0gW";
 
@@ -56,28 +54,7 @@ async fn send(
     ct: Option<&str>,
     body: Body,
 ) -> (StatusCode, Vec<u8>) {
-    let mut b = Request::builder().method(method).uri(uri);
-    if let Some(k) = key {
-        b = b.header("authorization", format!("Bearer {k}"));
-    }
-    if let Some(c) = ct {
-        b = b.header("content-type", c);
-    }
-    let resp = srv
-        .app
-        .clone()
-        .oneshot(b.body(body).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = resp
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    (status, bytes)
+    srv.send(method, uri, key, ct, body).await
 }
 
 fn json(r: (StatusCode, Vec<u8>)) -> (StatusCode, Value) {

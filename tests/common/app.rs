@@ -94,9 +94,24 @@ impl Srv {
         key: Option<&str>,
         body: Body,
     ) -> (StatusCode, Vec<u8>) {
+        self.send(method, uri, key, None, body).await
+    }
+
+    /// A request with an optional key and content type: its status and body bytes.
+    pub async fn send(
+        &self,
+        method: Method,
+        uri: &str,
+        key: Option<&str>,
+        content_type: Option<&str>,
+        body: Body,
+    ) -> (StatusCode, Vec<u8>) {
         let mut b = Request::builder().method(method).uri(uri);
         if let Some(k) = key {
             b = b.header("authorization", format!("Bearer {k}"));
+        }
+        if let Some(c) = content_type {
+            b = b.header("content-type", c);
         }
         let resp = self
             .app
