@@ -104,6 +104,12 @@ async fn get(srv: &Srv, uri: &str, key: Option<&str>) -> (StatusCode, Value) {
     json(send(srv, Method::GET, uri, key, None, Body::empty()).await)
 }
 
+/// `GET /v1/files/{id}/content`: the status and the bytes.
+async fn content(srv: &Srv, id: &str, key: Option<&str>) -> (StatusCode, Vec<u8>) {
+    let uri = format!("/v1/files/{id}/content");
+    send(srv, Method::GET, &uri, key, None, Body::empty()).await
+}
+
 async fn delete(srv: &Srv, uri: &str, key: Option<&str>) -> (StatusCode, Value) {
     json(send(srv, Method::DELETE, uri, key, None, Body::empty()).await)
 }
@@ -177,15 +183,7 @@ async fn every_route_in_openai_shapes() {
         (list["first_id"].as_str(), list["last_id"].as_str()),
         (Some(id.as_str()), Some(id.as_str()))
     );
-    let (s, bytes) = send(
-        &srv,
-        Method::GET,
-        &format!("/v1/files/{id}/content"),
-        Some(ACME),
-        None,
-        Body::empty(),
-    )
-    .await;
+    let (s, bytes) = content(&srv, id.as_ref(), Some(ACME)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(bytes, TRAIN.as_bytes());
 
@@ -436,15 +434,7 @@ async fn tenants_see_only_their_files_and_the_admin_sees_all() {
     let mut want = vec![a.clone(), g.clone(), admins.clone()];
     want.sort();
     assert_eq!(all, want);
-    let (s, bytes) = send(
-        &srv,
-        Method::GET,
-        &format!("/v1/files/{a}/content"),
-        Some(ADMIN),
-        None,
-        Body::empty(),
-    )
-    .await;
+    let (s, bytes) = content(&srv, a.as_ref(), Some(ADMIN)).await;
     assert_eq!((s, bytes.as_slice()), (StatusCode::OK, TRAIN.as_bytes()));
     assert_eq!(
         delete(&srv, &format!("/v1/files/{g}"), Some(ADMIN)).await.0,
@@ -590,15 +580,7 @@ async fn files_outlive_a_restart() {
     let (s, f) = get(&srv, &format!("/v1/files/{id}"), Some(ACME)).await;
     assert_eq!(s, StatusCode::OK, "{f}");
     assert_eq!(f["bytes"], TRAIN.len());
-    let (_, bytes) = send(
-        &srv,
-        Method::GET,
-        &format!("/v1/files/{id}/content"),
-        Some(ACME),
-        None,
-        Body::empty(),
-    )
-    .await;
+    let (_, bytes) = content(&srv, id.as_ref(), Some(ACME)).await;
     assert_eq!(bytes, TRAIN.as_bytes());
     assert_eq!(
         ids(&get(&srv, "/v1/files", Some(ACME)).await.1),
@@ -624,15 +606,7 @@ async fn files_beyond_the_json_body_limit_are_taken_up_to_max_file_bytes() {
     assert_eq!(s, StatusCode::OK, "{f}");
     assert_eq!(f["bytes"], big.len());
     let id = f["id"].as_str().unwrap();
-    let (_, bytes) = send(
-        &srv,
-        Method::GET,
-        &format!("/v1/files/{id}/content"),
-        Some(ACME),
-        None,
-        Body::empty(),
-    )
-    .await;
+    let (_, bytes) = content(&srv, id.as_ref(), Some(ACME)).await;
     assert_eq!(bytes, big.as_bytes());
     let bigger = TRAIN.repeat((1 << 20) / TRAIN.len() + 1);
     assert_error(
