@@ -52,6 +52,36 @@ impl ExpertConfig {
         self.experts.values().map(Vec::len).sum()
     }
 
+    /// Parameters this config trains in `base`: the listed routed experts' weights, and
+    /// the shared experts' and every other weight when those are set (read from the
+    /// checkpoint's tensor shapes, so nothing is assumed about the architecture).
+    pub fn trainable_params(&self, base: &BaseModel) -> u64 {
+        let picks = |name: &str| -> bool {
+            let Some(rest) = name.strip_prefix("model.layers.") else {
+                return self.non_expert_modules;
+            };
+            let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
+            let layer: Option<usize> = layer.parse().ok();
+            if let Some(rest) = rest.strip_prefix("mlp.experts.") {
+                let expert: Option<usize> = rest.split('.').next().and_then(|e| e.parse().ok());
+                return match (layer, expert) {
+                    (Some(l), Some(e)) => self.experts.get(&l).is_some_and(|v| v.contains(&e)),
+                    _ => false,
+                };
+            }
+            if rest.starts_with("mlp.shared_experts.") {
+                return self.shared_experts;
+            }
+            self.non_expert_modules
+        };
+        base.store
+            .names()
+            .filter(|n| picks(n))
+            .filter_map(|n| base.store.shape(n))
+            .map(|shape| shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
     /// Checks the config against a model: MoE layers only, expert ids in range and listed
     /// once, shared experts only where the model has them.
     pub fn validate(&self, cfg: &Config) -> Result<(), String> {
@@ -173,11 +203,14 @@ pub fn validate_name(name: &str) -> Result<(), AdapterError> {
     if name.contains('/') || name.contains('\\') {
         return bad("must not contain path separators");
     }
+    if name.starts_with(':') {
+        return bad("must not start with ':'");
+    }
     if !name
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        .all(|c| c.is_ascii_alphanumeric() || "._-:".contains(c))
     {
-        return bad("may only contain ASCII letters, digits, '.', '_' and '-'");
+        return bad("may only contain ASCII letters, digits, '.', '_', '-' and ':'");
     }
     Ok(())
 }

@@ -96,6 +96,31 @@ impl AdapterRegistry {
         Ok(a)
     }
 
+    /// Everything serving an adapter would check, before it is installed: the adapter in
+    /// `dir` is read and validated against the base as `name`, replaces no non-expert
+    /// module (those cannot be applied per request) and fits `slot_budget` bytes of
+    /// expert slots. The error says what is wrong in words a client may see.
+    pub fn check_servable(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+        slot_budget: usize,
+    ) -> Result<(), String> {
+        let w = load_adapter(dir, name, &self.base, self.dtype).map_err(|e| e.to_string())?;
+        if !w.others.is_empty() {
+            return Err(format!(
+                "adapter {name} replaces non-expert modules, which cannot be served per request; merge it with `esft-train merge`"
+            ));
+        }
+        if w.slot_bytes() > slot_budget {
+            return Err(format!(
+                "adapter {name} needs {} bytes of expert slots; the server's budget is {slot_budget}",
+                w.slot_bytes()
+            ));
+        }
+        Ok(())
+    }
+
     /// Installs a staged adapter as `key`'s current version (see [`AdapterStore::install`]).
     pub fn install(
         &self,

@@ -28,7 +28,57 @@ const SCHEMA: &[&str] = &[
         created_at BIGINT NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS files_by_owner ON files (owner, created_at, id)",
+    "CREATE TABLE IF NOT EXISTS jobs (
+        id TEXT PRIMARY KEY,
+        owner TEXT,
+        model TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        started_at BIGINT,
+        finished_at BIGINT,
+        estimated_finish BIGINT,
+        training_file TEXT NOT NULL,
+        validation_file TEXT,
+        suffix TEXT,
+        seed BIGINT NOT NULL,
+        metadata TEXT,
+        spec TEXT NOT NULL,
+        adapter TEXT NOT NULL,
+        fine_tuned_model TEXT,
+        trained_tokens BIGINT,
+        error TEXT,
+        esft TEXT
+    )",
+    "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at, id)",
+    "CREATE TABLE IF NOT EXISTS job_events (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        level TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        data TEXT,
+        UNIQUE (job_id, seq)
+    )",
+    "CREATE TABLE IF NOT EXISTS job_checkpoints (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        step BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        metrics TEXT NOT NULL,
+        model TEXT NOT NULL,
+        UNIQUE (job_id, step)
+    )",
 ];
+
+/// Unix seconds now: the time every record carries.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
 
 /// Opens (creating if missing) the database in `data_dir` and brings its schema up.
 pub async fn open(data_dir: &Path) -> Result<Pool, sqlx::Error> {

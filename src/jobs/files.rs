@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::data::{check_train_file, LineError};
-use super::db::{self, Db, Pool};
+use super::db::{self, now, Db, Pool};
 
 /// The one purpose files are uploaded for today.
 pub const PURPOSE_FINE_TUNE: &str = "fine-tune";
@@ -84,6 +84,9 @@ pub enum FilesError {
     /// Storing the file would take its owner past the quota.
     #[error("storing {size} more bytes would exceed the quota of {limit} bytes ({used} stored)")]
     Quota { used: u64, size: u64, limit: u64 },
+    /// An active fine-tuning job (named) uses the file.
+    #[error("the file is used by the fine-tuning job {0}, which is still active: cancel it or wait for it to end")]
+    InUse(String),
     /// `after` names no file the caller may see.
     #[error("no file `{0}`")]
     NoSuchFile(String),
@@ -343,13 +346,30 @@ impl FileStore {
         let Some(record) = self.get(viewer, id).await? else {
             return Ok(None);
         };
-        // Fine-tuning jobs will name files: when they exist, a file that a queued or
-        // running job uses must be refused here (409, in the same transaction as the
-        // delete). Today no job exists, so every file may go.
-        sqlx::query("DELETE FROM files WHERE id = $1")
+        // One statement: the file goes only while no active job names it, so a job being
+        // created either sees the file or is refused (see `queue::JobStore::create`).
+        let deleted = sqlx::query(
+            "DELETE FROM files WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM jobs \
+             WHERE status IN ('validating_files', 'queued', 'running') \
+             AND (training_file = $1 OR validation_file = $1))",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if deleted.rows_affected() == 0 {
+            let job = sqlx::query(
+                "SELECT id FROM jobs WHERE status IN ('validating_files', 'queued', 'running') \
+                 AND (training_file = $1 OR validation_file = $1)",
+            )
             .bind(id)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
+            return match job {
+                Some(row) => Err(FilesError::InUse(row.try_get("id")?)),
+                // Deleted meanwhile by another request.
+                None => Ok(None),
+            };
+        }
         let path = self.blob_path(id);
         blocking(move || match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -363,6 +383,11 @@ impl FileStore {
         Ok(Some(record))
     }
 
+    /// The records database (jobs keep their records beside the files').
+    pub fn pool(&self) -> Pool {
+        self.pool.clone()
+    }
+
     /// Where the bytes of file `id` are.
     pub fn blob_path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
@@ -372,12 +397,6 @@ impl FileStore {
 /// `file-` and 24 random letters and digits.
 pub fn new_id() -> String {
     format!("file-{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Runs filesystem work on the blocking pool.

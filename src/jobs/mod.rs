@@ -1,12 +1,17 @@
-//! Fine-tuning: the durable records and blobs behind `/v1/files` (and, to come, the jobs
-//! that train adapters from them). Below the server: nothing here knows HTTP, tenancy
-//! beyond an owner name, or the engine.
+//! Fine-tuning: the durable records and blobs behind `/v1/files` and
+//! `/v1/fine_tuning/jobs`, and the runner that trains jobs into adapters. Below the
+//! server, above the adapter store (a finished job installs its adapter there): nothing
+//! here knows HTTP, tenancy beyond an owner name, or the engine.
 //!
 //! - [`data`]: the task-data JSONL formats and their per-line check (shared with
 //!   `esft-train`)
 //! - [`db`]: the records database (SQLite through sqlx, portable SQL)
 //! - [`files`]: uploaded files: their records and their bytes under the data directory
+//! - [`queue`]: fine-tuning jobs' records, events and checkpoints, and the queue order
+//! - [`runner`]: runs jobs as `esft-train` child processes and installs their adapters
 
 pub mod data;
 pub mod db;
 pub mod files;
+pub mod queue;
+pub mod runner;

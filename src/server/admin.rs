@@ -20,7 +20,7 @@ use super::auth::Caller;
 use super::body::next_chunk;
 use super::errors::{off_thread, ApiError};
 use super::{AppState, Served};
-use crate::adapter::format::{load_adapter, validate_name, MANIFEST_FILE, REFERENCE_CONFIG_FILE};
+use crate::adapter::format::{validate_name, MANIFEST_FILE, REFERENCE_CONFIG_FILE};
 use crate::adapter::store::ACCESS_FILE;
 use crate::adapter::{AdapterError, AdapterKey, Version};
 
@@ -311,24 +311,8 @@ pub async fn upload(
         }
         // Everything the engine would check, now, before anything is visible.
         let reg = &served.engine.registry;
-        let w = load_adapter(&staged, &name, &reg.base, served.dtype).map_err(|e| {
-            ApiError::bad_request(e.to_string()).code("invalid_adapter")
-        })?;
-        if !w.others.is_empty() {
-            return Err(ApiError::bad_request(format!(
-                "adapter {name} replaces non-expert modules, which cannot be served per request; merge it with `esft-train merge`"
-            ))
-            .code("invalid_adapter"));
-        }
-        let budget = served.engine.config.device_slot_bytes;
-        if w.slot_bytes() > budget {
-            return Err(ApiError::bad_request(format!(
-                "adapter {name} needs {} bytes of expert slots; the server's budget is {budget}",
-                w.slot_bytes()
-            ))
-            .code("invalid_adapter"));
-        }
-        drop(w);
+        reg.check_servable(&staged, &name, served.engine.config.device_slot_bytes)
+            .map_err(|e| ApiError::bad_request(e).code("invalid_adapter"))?;
         let key = AdapterKey {
             tenant: owner,
             name,

@@ -206,6 +206,48 @@ pub struct FineTuningConfig {
     pub max_file_bytes: u64,
     /// Most bytes of files one owner (a tenant, or the admin) may keep (429 above it).
     pub max_stored_bytes_per_tenant: u64,
+    /// The `esft-train` executable jobs run; empty: the one beside `esft-serve`.
+    pub trainer: PathBuf,
+    /// Jobs trained at once; the others wait in the queue.
+    pub max_concurrent_jobs: usize,
+    /// Compute threads of a training job; 0: half the cores (at least one).
+    pub training_threads: usize,
+    /// Niceness of training processes (0-19): serving keeps the upper hand.
+    pub training_nice: i32,
+    /// Most queued or running jobs of one owner (429 above it); 0: no limit.
+    pub max_active_jobs_per_tenant: u64,
+    /// A job saves a resumable state (a checkpoint) every this many steps.
+    pub save_every_steps: u64,
+    /// Fewest examples a training file must hold.
+    pub min_training_examples: usize,
+}
+
+impl FineTuningConfig {
+    /// The trainer executable: the configured one, or `esft-train` beside this program
+    /// (or one directory up, where test binaries live).
+    pub fn trainer_path(&self) -> PathBuf {
+        if !self.trainer.as_os_str().is_empty() {
+            return self.trainer.clone();
+        }
+        let name = format!("esft-train{}", std::env::consts::EXE_SUFFIX);
+        let exe = std::env::current_exe().unwrap_or_default();
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .map(|d| d.join(&name))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
+
+    /// Compute threads of a training job.
+    pub fn threads(&self) -> usize {
+        match self.training_threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get() / 2)
+                .max(1),
+            n => n,
+        }
+    }
 }
 
 impl Default for FineTuningConfig {
@@ -214,6 +256,13 @@ impl Default for FineTuningConfig {
             data_dir: PathBuf::from("data"),
             max_file_bytes: 512 << 20,
             max_stored_bytes_per_tenant: 10 << 30,
+            trainer: PathBuf::new(),
+            max_concurrent_jobs: 1,
+            training_threads: 0,
+            training_nice: 10,
+            max_active_jobs_per_tenant: 8,
+            save_every_steps: 25,
+            min_training_examples: 10,
         }
     }
 }
@@ -275,6 +324,18 @@ impl ServerConfig {
                 "fine_tuning.max_file_bytes",
                 usize::try_from(self.fine_tuning.max_file_bytes).unwrap_or(usize::MAX),
             ),
+            (
+                "fine_tuning.max_concurrent_jobs",
+                self.fine_tuning.max_concurrent_jobs,
+            ),
+            (
+                "fine_tuning.save_every_steps",
+                usize::try_from(self.fine_tuning.save_every_steps).unwrap_or(usize::MAX),
+            ),
+            (
+                "fine_tuning.min_training_examples",
+                self.fine_tuning.min_training_examples,
+            ),
         ] {
             if v == 0 {
                 return Err(format!("{k} must be at least 1"));
@@ -282,6 +343,9 @@ impl ServerConfig {
         }
         if self.fine_tuning.data_dir.as_os_str().is_empty() {
             return Err("fine_tuning.data_dir must name a directory".into());
+        }
+        if !(0..=19).contains(&self.fine_tuning.training_nice) {
+            return Err("fine_tuning.training_nice must be from 0 to 19".into());
         }
         if e.max_batch_tokens < e.max_running {
             return Err(format!(

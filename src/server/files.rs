@@ -71,6 +71,11 @@ fn files_error(e: FilesError) -> ApiError {
             format!("{e}: delete files you no longer need"),
         )
         .code("quota_exceeded"),
+        e @ FilesError::InUse(_) => {
+            ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())
+                .param("id")
+                .code("file_in_use")
+        }
         FilesError::NoSuchFile(id) => ApiError::invalid(
             "after",
             format!("`after` must be the id of a file in the list; there is no file `{id}`"),
@@ -227,6 +232,24 @@ pub struct ListQuery {
     pub order: Option<String>,
 }
 
+/// A listing's `limit` query parameter: `default` when absent, else a whole number from 1
+/// to `max`.
+pub fn page_limit(limit: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("`limit` must be a whole number from 1 to {max}"),
+                )
+            }),
+    }
+}
+
 /// `GET /v1/files`: the caller's files (every file for the admin), newest first unless
 /// `order=asc`, `limit` (1-10000, default 10000) after the file `after`.
 pub async fn list(
@@ -235,19 +258,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let limit = match q.limit.as_deref() {
-        None => MAX_LIST,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_LIST).contains(n))
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "limit",
-                    format!("`limit` must be a whole number from 1 to {MAX_LIST}"),
-                )
-            })?,
-    };
+    let limit = page_limit(q.limit.as_deref(), MAX_LIST, MAX_LIST)?;
     let order = match q.order.as_deref() {
         None | Some("desc") => Order::Desc,
         Some("asc") => Order::Asc,

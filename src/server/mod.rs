@@ -3,7 +3,7 @@
 //! - [`config`]: the TOML file and flags
 //! - [`auth`]: API keys, tenants, adapter ownership
 //! - [`openai`]: request bodies -> engine plans; [`generate`]: engine events -> JSON / SSE
-//! - [`completions`], [`models`], [`admin`], [`files`]: the routes
+//! - [`completions`], [`models`], [`admin`], [`files`], [`fine_tuning`]: the routes
 //! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors; [`body`]: reading
 //!   request bodies (size limit, idle timeout)
 //! - [`listen`]: the accept loop and HTTP/1.1 connections, every request head checked
@@ -15,6 +15,7 @@ pub mod completions;
 pub mod config;
 pub mod errors;
 pub mod files;
+pub mod fine_tuning;
 pub mod generate;
 pub mod listen;
 pub mod metrics;
@@ -35,6 +36,8 @@ use std::time::Duration;
 use crate::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel};
 use crate::engine::{Engine, EngineConfig};
 use crate::jobs::files::FileStore;
+use crate::jobs::queue::JobStore;
+use crate::jobs::runner::{Runner, RunnerConfig};
 use crate::model::LoadedModel;
 use auth::Auth;
 use config::ServerConfig;
@@ -59,6 +62,10 @@ pub struct AppState {
     /// Uploaded files and their records, opened at the first use (`run` opens it at
     /// startup).
     files: tokio::sync::OnceCell<Arc<FileStore>>,
+    /// Fine-tuning jobs' records (in the files' database).
+    jobs: tokio::sync::OnceCell<Arc<JobStore>>,
+    /// Runs jobs; started once the model is loaded.
+    runner: tokio::sync::OnceCell<Arc<Runner>>,
     draining: AtomicBool,
 }
 
@@ -70,6 +77,8 @@ impl AppState {
             config,
             served: OnceLock::new(),
             files: tokio::sync::OnceCell::new(),
+            jobs: tokio::sync::OnceCell::new(),
+            runner: tokio::sync::OnceCell::new(),
             draining: AtomicBool::new(false),
         })
     }
@@ -99,6 +108,50 @@ impl AppState {
         self.open_files()
             .await
             .map_err(|e| ApiError::logged("opening the files database", &e))
+    }
+
+    /// The jobs' records, for a request.
+    pub async fn jobs(&self) -> Result<Arc<JobStore>, ApiError> {
+        let files = self.files().await?;
+        let max = self.config.fine_tuning.max_active_jobs_per_tenant;
+        Ok(self
+            .jobs
+            .get_or_init(|| async move { Arc::new(JobStore::new(files.pool(), max)) })
+            .await
+            .clone())
+    }
+
+    /// The job runner, started on first use once the model is loaded (jobs a previous
+    /// process left running go back to the queue then); 503 while the model loads.
+    pub async fn runner(&self) -> Result<Arc<Runner>, ApiError> {
+        let served = self.served()?;
+        let runner = self
+            .runner
+            .get_or_try_init(|| async {
+                let ft = &self.config.fine_tuning;
+                let cfg = RunnerConfig {
+                    data_dir: ft.data_dir.clone(),
+                    trainer: ft.trainer_path(),
+                    model_dir: self.config.model.clone().unwrap_or_default(),
+                    max_concurrent: ft.max_concurrent_jobs,
+                    threads: ft.threads(),
+                    nice: ft.training_nice,
+                    save_every: ft.save_every_steps,
+                    slot_budget: served.engine.config.device_slot_bytes,
+                };
+                let jobs = self.jobs().await?;
+                let files = self.files().await?;
+                Runner::start(jobs, files, served.engine.registry.clone(), cfg)
+                    .await
+                    .map_err(|e| ApiError::logged("starting the fine-tuning runner", &e))
+            })
+            .await?;
+        Ok(runner.clone())
+    }
+
+    /// The runner if it has started.
+    pub fn started_runner(&self) -> Option<Arc<Runner>> {
+        self.runner.get().cloned()
     }
 
     /// The loaded model; 503 while it loads or once the server drains.
@@ -314,6 +367,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/files/{id}", get(files::get).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(fine_tuning::create).get(fine_tuning::list),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(fine_tuning::cancel),
+        )
+        .route("/v1/fine_tuning/jobs/{id}/events", get(fine_tuning::events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(fine_tuning::checkpoints),
+        )
+        .route(
+            "/v1/fine_tuning/expert_selection",
+            post(fine_tuning::expert_selection),
+        )
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
@@ -372,10 +443,19 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let loader = {
         let state = state.clone();
         let config = config.clone();
+        let rt = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || match load(&config) {
             Ok(s) => {
                 tracing::info!(model = %s.base_id, max_context = s.max_context, weight_dtype = ?s.dtype, "model loaded, ready");
                 state.set_served(Arc::new(s));
+                // Queued jobs (and those a crash interrupted) start without waiting for a
+                // request.
+                let st = state.clone();
+                rt.spawn(async move {
+                    if let Err(e) = st.runner().await {
+                        tracing::error!("the fine-tuning runner did not start: {}", e.message);
+                    }
+                });
                 Ok(())
             }
             Err(e) => Err(e),

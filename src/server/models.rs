@@ -22,11 +22,15 @@ impl Served {
         if model == self.base_id {
             return Ok(None);
         }
-        let name = model
-            .strip_prefix(self.base_id.as_str())
-            .and_then(|rest| rest.strip_prefix(':'))
-            .unwrap_or(model);
-        self.find(caller, name)
+        // Adapter names may hold ':' (`ft:<base>:<suffix>:<id>`): the whole name first,
+        // then `<base>:<adapter>`.
+        self.find(caller, model)
+            .or_else(|| {
+                let rest = model
+                    .strip_prefix(self.base_id.as_str())?
+                    .strip_prefix(':')?;
+                self.find(caller, rest)
+            })
             .map(Some)
             .ok_or_else(|| ApiError::model_not_found(model))
     }

@@ -1,0 +1,965 @@
+//! Fine-tuning jobs' records: the `jobs` table (what a job asked for, where it stands, what
+//! it produced), its append-only `job_events` and its `job_checkpoints`, and the queue
+//! order in which jobs are claimed.
+//!
+//! Every state change is one conditional `UPDATE` (`... WHERE status IN (...)`), so a
+//! cancel racing the runner's own transitions has exactly one winner, and a terminal
+//! status is never left again. A job names its files by id; while a job is active
+//! (`validating_files`, `queued`, `running`) the files it names cannot be deleted (see
+//! [`super::files::FileStore::delete`]). Owners and visibility follow the files: `None`
+//! is the admin, a viewer `None` sees every job. Knows nothing of HTTP or of how a job
+//! runs.
+
+use rand::distr::{Alphanumeric, SampleString};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::{QueryBuilder, Row};
+
+use super::db::{now, Db, Pool};
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    ValidatingFiles,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::ValidatingFiles,
+        Status::Queued,
+        Status::Running,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    /// The statuses of a job that may still run.
+    pub const ACTIVE: [Status; 3] = [Status::ValidatingFiles, Status::Queued, Status::Running];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::ValidatingFiles => "validating_files",
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_active(self) -> bool {
+        Self::ACTIVE.contains(&self)
+    }
+}
+
+/// How experts are scored for selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreFunction {
+    /// Token Selection Ratio.
+    Token,
+    /// Average Gate Score.
+    Gate,
+}
+
+impl ScoreFunction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScoreFunction::Token => "token",
+            ScoreFunction::Gate => "gate",
+        }
+    }
+}
+
+/// ESFT's choices of a job, resolved (no `auto` left).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EsftChoices {
+    pub score_function: ScoreFunction,
+    /// Cumulative score each layer's selected experts reach.
+    pub top_p: f64,
+    pub train_shared_experts: bool,
+    pub train_non_expert_modules: bool,
+    /// Optimizer steps; `None`: from `n_epochs`.
+    pub steps: Option<u64>,
+    /// The learning rate (the base rate times the multiplier unless given).
+    pub learning_rate: f64,
+    /// Tokens of the training data routed to score the experts.
+    pub scoring_tokens: u64,
+    /// Tokens per packed training row (also the longest sample); `None`: the longest
+    /// sample's length, rounded up.
+    pub seq_len: Option<usize>,
+}
+
+/// Training tokens per step when the batch size is automatic.
+pub const AUTO_BATCH_TOKENS: usize = 2048;
+
+/// What a job trains with, resolved at creation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub n_epochs: u32,
+    /// Packed rows of `esft.seq_len` tokens per optimizer step; `None`: as many as make
+    /// about [`AUTO_BATCH_TOKENS`] tokens.
+    pub batch_size: Option<u32>,
+    pub learning_rate_multiplier: f64,
+    pub esft: EsftChoices,
+}
+
+impl JobSpec {
+    /// OpenAI's `hyperparameters` object.
+    pub fn hyperparameters(&self) -> Value {
+        json!({
+            "n_epochs": self.n_epochs,
+            "batch_size": self.batch_size.map_or(json!("auto"), |b| json!(b)),
+            "learning_rate_multiplier": self.learning_rate_multiplier,
+        })
+    }
+
+    /// OpenAI's `method` object, esft's choices under `esft`.
+    pub fn method(&self) -> Value {
+        json!({
+            "type": "supervised",
+            "supervised": {"hyperparameters": self.hyperparameters()},
+            "esft": self.esft,
+        })
+    }
+}
+
+/// Why a job failed: OpenAI's job `error` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl JobError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_string(),
+            message: message.into(),
+            param: None,
+        }
+    }
+}
+
+/// A job's record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// `ftjob-` and 24 letters and digits.
+    pub id: String,
+    pub owner: Option<String>,
+    /// The base model's id.
+    pub model: String,
+    pub status: Status,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub estimated_finish: Option<i64>,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub suffix: Option<String>,
+    pub seed: i64,
+    pub metadata: Option<Value>,
+    pub spec: JobSpec,
+    /// The adapter name the job installs on success.
+    pub adapter: String,
+    /// `adapter`, once installed.
+    pub fine_tuned_model: Option<String>,
+    pub trained_tokens: Option<i64>,
+    pub error: Option<JobError>,
+    /// The expert selection (filled once selection is done).
+    pub esft: Option<Value>,
+}
+
+const COLUMNS: &str = "id, owner, model, status, created_at, started_at, finished_at, \
+    estimated_finish, training_file, validation_file, suffix, seed, metadata, spec, adapter, \
+    fine_tuned_model, trained_tokens, error, esft";
+
+fn json_column<T: serde::de::DeserializeOwned>(
+    row: &sqlx::sqlite::SqliteRow,
+    name: &str,
+) -> Result<Option<T>, sqlx::Error> {
+    let text: Option<String> = row.try_get(name)?;
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| sqlx::Error::ColumnDecode {
+            index: name.to_string(),
+            source: Box::new(e),
+        })
+    })
+    .transpose()
+}
+
+impl JobRecord {
+    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        let status: String = row.try_get("status")?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            owner: row.try_get("owner")?,
+            model: row.try_get("model")?,
+            status: Status::parse(&status).ok_or_else(|| sqlx::Error::ColumnDecode {
+                index: "status".into(),
+                source: format!("unknown job status {status:?}").into(),
+            })?,
+            created_at: row.try_get("created_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+            estimated_finish: row.try_get("estimated_finish")?,
+            training_file: row.try_get("training_file")?,
+            validation_file: row.try_get("validation_file")?,
+            suffix: row.try_get("suffix")?,
+            seed: row.try_get("seed")?,
+            metadata: json_column(row, "metadata")?,
+            spec: json_column(row, "spec")?.ok_or_else(|| sqlx::Error::ColumnDecode {
+                index: "spec".into(),
+                source: "no spec".into(),
+            })?,
+            adapter: row.try_get("adapter")?,
+            fine_tuned_model: row.try_get("fine_tuned_model")?,
+            trained_tokens: row.try_get("trained_tokens")?,
+            error: json_column(row, "error")?,
+            esft: json_column(row, "esft")?,
+        })
+    }
+
+    pub fn visible_to(&self, viewer: Option<&str>) -> bool {
+        viewer.is_none() || self.owner.as_deref() == viewer
+    }
+
+    /// OpenAI's `fine_tuning.job` object; `organization` names the owner.
+    pub fn to_openai(&self, organization: &str) -> Value {
+        json!({
+            "id": self.id,
+            "object": "fine_tuning.job",
+            "model": self.model,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+            "estimated_finish": self.estimated_finish,
+            "status": self.status.as_str(),
+            "fine_tuned_model": self.fine_tuned_model,
+            "organization_id": organization,
+            "training_file": self.training_file,
+            "validation_file": self.validation_file,
+            "hyperparameters": self.spec.hyperparameters(),
+            "method": self.spec.method(),
+            "seed": self.seed,
+            "suffix": self.suffix,
+            "trained_tokens": self.trained_tokens,
+            "result_files": [],
+            "error": self.error,
+            "metadata": self.metadata,
+            "integrations": [],
+            "user_provided_suffix": self.suffix,
+            "esft": self.esft_object(),
+        })
+    }
+
+    fn esft_object(&self) -> Value {
+        let mut out = json!({
+            "adapter": self.adapter,
+            "started_at": self.started_at,
+            "selection": self.esft,
+        });
+        if let (Some(o), Ok(Value::Object(choices))) =
+            (out.as_object_mut(), serde_json::to_value(&self.spec.esft))
+        {
+            o.extend(choices);
+        }
+        out
+    }
+}
+
+/// One event of a job's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobEvent {
+    /// `ftevent-` and 24 letters and digits.
+    pub id: String,
+    pub job_id: String,
+    /// Order within the job, from 1.
+    pub seq: i64,
+    pub created_at: i64,
+    pub level: Level,
+    pub kind: EventKind,
+    pub message: String,
+    pub data: Option<Value>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    fn as_str(self) -> &'static str {
+        match self {
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "warn" => Level::Warn,
+            "error" => Level::Error,
+            _ => Level::Info,
+        }
+    }
+}
+
+/// `message` (prose) or `metrics` (a training step's numbers in `data`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Message,
+    Metrics,
+}
+
+impl EventKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Message => "message",
+            EventKind::Metrics => "metrics",
+        }
+    }
+}
+
+impl JobEvent {
+    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        let level: String = row.try_get("level")?;
+        let kind: String = row.try_get("kind")?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            job_id: row.try_get("job_id")?,
+            seq: row.try_get("seq")?,
+            created_at: row.try_get("created_at")?,
+            level: Level::parse(&level),
+            kind: if kind == "metrics" {
+                EventKind::Metrics
+            } else {
+                EventKind::Message
+            },
+            message: row.try_get("message")?,
+            data: json_column(row, "data")?,
+        })
+    }
+
+    /// OpenAI's `fine_tuning.job.event` object.
+    pub fn to_openai(&self) -> Value {
+        json!({
+            "id": self.id,
+            "object": "fine_tuning.job.event",
+            "created_at": self.created_at,
+            "level": self.level.as_str(),
+            "message": self.message,
+            "type": self.kind.as_str(),
+            "data": self.data.clone().unwrap_or_else(|| json!({})),
+        })
+    }
+}
+
+/// A saved point of a job's training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// `ftckpt-` and 24 letters and digits.
+    pub id: String,
+    pub job_id: String,
+    pub step: i64,
+    pub created_at: i64,
+    pub metrics: Value,
+    /// The model name of the checkpoint.
+    pub model: String,
+}
+
+impl Checkpoint {
+    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            id: row.try_get("id")?,
+            job_id: row.try_get("job_id")?,
+            step: row.try_get("step")?,
+            created_at: row.try_get("created_at")?,
+            metrics: json_column(row, "metrics")?.unwrap_or_else(|| json!({})),
+            model: row.try_get("model")?,
+        })
+    }
+
+    /// OpenAI's `fine_tuning.job.checkpoint` object.
+    pub fn to_openai(&self) -> Value {
+        json!({
+            "id": self.id,
+            "object": "fine_tuning.job.checkpoint",
+            "created_at": self.created_at,
+            "fine_tuned_model_checkpoint": self.model,
+            "fine_tuning_job_id": self.job_id,
+            "metrics": self.metrics,
+            "step_number": self.step,
+        })
+    }
+}
+
+/// A job as created (everything the caller chose, resolved).
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub owner: Option<String>,
+    pub model: String,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    pub suffix: Option<String>,
+    pub seed: i64,
+    pub metadata: Option<Value>,
+    pub spec: JobSpec,
+    /// From [`new_job_id`].
+    pub id: String,
+    /// The adapter name the job installs on success.
+    pub adapter: String,
+}
+
+/// `ftjob-` and 24 random letters and digits.
+pub fn new_job_id() -> String {
+    format!("ftjob-{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// A file the job names does not exist or belongs to someone else.
+    #[error("no file `{id}`")]
+    NoSuchFile { param: &'static str, id: String },
+    /// `after` names nothing the caller may see.
+    #[error("no {what} `{id}`")]
+    NoSuchCursor { what: &'static str, id: String },
+    /// The owner has as many active jobs as it may.
+    #[error("{active} jobs are already queued or running; at most {limit} may be")]
+    Quota { active: u64, limit: u64 },
+    #[error("{0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub has_more: bool,
+}
+
+fn in_list(statuses: &[Status]) -> String {
+    let names: Vec<String> = statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    format!("({})", names.join(", "))
+}
+
+pub struct JobStore {
+    pool: Pool,
+    /// Most active jobs per owner (0: no limit).
+    max_active_per_owner: u64,
+    /// Serialises the quota check with the insert it allows.
+    create: tokio::sync::Mutex<()>,
+}
+
+impl JobStore {
+    pub fn new(pool: Pool, max_active_per_owner: u64) -> Self {
+        Self {
+            pool,
+            max_active_per_owner,
+            create: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Records a new job in `validating_files`: refused when a file it names is not the
+    /// owner's (or is gone) or when the owner already has its quota of active jobs.
+    pub async fn create(&self, new: NewJob) -> Result<JobRecord, JobsError> {
+        let _create = self.create.lock().await;
+        if self.max_active_per_owner > 0 {
+            let active = self.active_count(new.owner.as_deref()).await?;
+            if active >= self.max_active_per_owner {
+                return Err(JobsError::Quota {
+                    active,
+                    limit: self.max_active_per_owner,
+                });
+            }
+        }
+        let record = JobRecord {
+            id: new.id,
+            owner: new.owner,
+            model: new.model,
+            status: Status::ValidatingFiles,
+            created_at: now(),
+            started_at: None,
+            finished_at: None,
+            estimated_finish: None,
+            training_file: new.training_file,
+            validation_file: new.validation_file,
+            suffix: new.suffix,
+            seed: new.seed,
+            metadata: new.metadata,
+            spec: new.spec,
+            adapter: new.adapter,
+            fine_tuned_model: None,
+            trained_tokens: None,
+            error: None,
+            esft: None,
+        };
+        let spec =
+            serde_json::to_string(&record.spec).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let metadata = record.metadata.as_ref().map(Value::to_string);
+        // One statement: the row goes in only while the files exist and are the owner's,
+        // so a concurrent delete of a file either comes first (no job) or sees the job.
+        let mut q: QueryBuilder<Db> =
+            QueryBuilder::new(format!("INSERT INTO jobs ({COLUMNS}) SELECT "));
+        let mut values = q.separated(", ");
+        values.push_bind(record.id.clone());
+        values.push_bind(record.owner.clone());
+        values.push_bind(record.model.clone());
+        values.push_bind(record.status.as_str());
+        values.push_bind(record.created_at);
+        values.push("NULL, NULL, NULL");
+        values.push_bind(record.training_file.clone());
+        values.push_bind(record.validation_file.clone());
+        values.push_bind(record.suffix.clone());
+        values.push_bind(record.seed);
+        values.push_bind(metadata);
+        values.push_bind(spec);
+        values.push_bind(record.adapter.clone());
+        values.push("NULL, NULL, NULL, NULL");
+        let files = [
+            ("training_file", Some(&record.training_file)),
+            ("validation_file", record.validation_file.as_ref()),
+        ];
+        let owned = |q: &mut QueryBuilder<Db>, file: &String| {
+            q.push("EXISTS (SELECT 1 FROM files WHERE id = ")
+                .push_bind(file.clone());
+            match &record.owner {
+                Some(o) => q.push(" AND owner = ").push_bind(o.clone()),
+                None => &mut *q,
+            };
+            q.push(")");
+        };
+        q.push(" WHERE 1 = 1");
+        for (_, file) in &files {
+            if let Some(file) = file {
+                q.push(" AND ");
+                owned(&mut q, file);
+            }
+        }
+        if q.build().execute(&self.pool).await?.rows_affected() == 1 {
+            return Ok(record);
+        }
+        for (param, file) in files {
+            let Some(file) = file else { continue };
+            let mut q: QueryBuilder<Db> = QueryBuilder::new("SELECT ");
+            owned(&mut q, file);
+            q.push(" AS found");
+            let found: bool = q.build().fetch_one(&self.pool).await?.try_get("found")?;
+            if !found {
+                return Err(JobsError::NoSuchFile {
+                    param,
+                    id: file.clone(),
+                });
+            }
+        }
+        Err(JobsError::NoSuchFile {
+            param: "training_file",
+            id: record.training_file,
+        })
+    }
+
+    async fn active_count(&self, owner: Option<&str>) -> Result<u64, sqlx::Error> {
+        let mut q: QueryBuilder<Db> = QueryBuilder::new(format!(
+            "SELECT COUNT(*) AS n FROM jobs WHERE status IN {}",
+            in_list(&Status::ACTIVE)
+        ));
+        match owner {
+            Some(o) => q.push(" AND owner = ").push_bind(o.to_string()),
+            None => q.push(" AND owner IS NULL"),
+        };
+        let row = q.build().fetch_one(&self.pool).await?;
+        Ok(u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0))
+    }
+
+    /// The job `id`, if `viewer` may see it.
+    pub async fn get(
+        &self,
+        viewer: Option<&str>,
+        id: &str,
+    ) -> Result<Option<JobRecord>, JobsError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let record = row.as_ref().map(JobRecord::from_row).transpose()?;
+        Ok(record.filter(|r| r.visible_to(viewer)))
+    }
+
+    /// The jobs `viewer` may see, newest first, after the job `after`.
+    pub async fn list(
+        &self,
+        viewer: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        metadata: &[(String, String)],
+    ) -> Result<Page<JobRecord>, JobsError> {
+        let cursor = match after {
+            Some(a) => Some(
+                self.get(viewer, a)
+                    .await?
+                    .ok_or_else(|| JobsError::NoSuchCursor {
+                        what: "fine-tuning job",
+                        id: a.to_string(),
+                    })?,
+            ),
+            None => None,
+        };
+        let mut q: QueryBuilder<Db> =
+            QueryBuilder::new(format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1"));
+        if let Some(v) = viewer {
+            q.push(" AND owner = ").push_bind(v.to_string());
+        }
+        if let Some(c) = &cursor {
+            q.push(" AND (created_at < ")
+                .push_bind(c.created_at)
+                .push(" OR (created_at = ")
+                .push_bind(c.created_at)
+                .push(" AND id < ")
+                .push_bind(c.id.clone())
+                .push("))");
+        }
+        q.push(" ORDER BY created_at DESC, id DESC");
+        // Metadata filters are applied to the rows (metadata is a JSON text column).
+        let rows = q.build().fetch_all(&self.pool).await?;
+        let mut items = Vec::new();
+        let mut has_more = false;
+        for row in &rows {
+            let r = JobRecord::from_row(row)?;
+            let matches = metadata.iter().all(|(k, v)| {
+                r.metadata
+                    .as_ref()
+                    .and_then(|m| m.get(k))
+                    .and_then(Value::as_str)
+                    == Some(v.as_str())
+            });
+            if !matches {
+                continue;
+            }
+            if items.len() == limit {
+                has_more = true;
+                break;
+            }
+            items.push(r);
+        }
+        Ok(Page { items, has_more })
+    }
+
+    /// Moves `id` from one of `from` to `to`; false when it was in none of them (another
+    /// transition won).
+    pub async fn transition(
+        &self,
+        id: &str,
+        from: &[Status],
+        to: Status,
+    ) -> Result<bool, JobsError> {
+        let mut q: QueryBuilder<Db> = QueryBuilder::new("UPDATE jobs SET status = ");
+        q.push_bind(to.as_str());
+        if to == Status::Running {
+            q.push(", started_at = COALESCE(started_at, ")
+                .push_bind(now())
+                .push(")");
+        }
+        if !to.is_active() {
+            q.push(", finished_at = ").push_bind(now());
+            q.push(", estimated_finish = NULL");
+        }
+        q.push(" WHERE id = ")
+            .push_bind(id.to_string())
+            .push(format!(" AND status IN {}", in_list(from)));
+        Ok(q.build().execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    /// Ends an active job as failed with `error`; false when it was no longer active.
+    pub async fn fail(&self, id: &str, error: &JobError) -> Result<bool, JobsError> {
+        let text = serde_json::to_string(error).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET status = 'failed', finished_at = $1, estimated_finish = NULL, \
+             error = $2 WHERE id = $3 AND status IN {}",
+            in_list(&Status::ACTIVE)
+        ))
+        .bind(now())
+        .bind(text)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ends a running job as succeeded; false when it was no longer running (cancelled).
+    pub async fn succeed(
+        &self,
+        id: &str,
+        model: &str,
+        trained_tokens: i64,
+    ) -> Result<bool, JobsError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'succeeded', finished_at = $1, estimated_finish = NULL, \
+             fine_tuned_model = $2, trained_tokens = $3 WHERE id = $4 AND status = 'running'",
+        )
+        .bind(now())
+        .bind(model)
+        .bind(trained_tokens)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Cancels `id` if `viewer` may see it and it is active. `Ok(None)`: no such job;
+    /// `Ok(Some((record, false)))`: it had already ended (its record unchanged).
+    pub async fn cancel(
+        &self,
+        viewer: Option<&str>,
+        id: &str,
+    ) -> Result<Option<(JobRecord, bool)>, JobsError> {
+        if self.get(viewer, id).await?.is_none() {
+            return Ok(None);
+        }
+        let changed = self
+            .transition(id, &Status::ACTIVE, Status::Cancelled)
+            .await?;
+        Ok(self.get(viewer, id).await?.map(|r| (r, changed)))
+    }
+
+    /// Claims the oldest queued job for running.
+    pub async fn claim_next(&self) -> Result<Option<JobRecord>, JobsError> {
+        loop {
+            let row = sqlx::query(
+                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1",
+            )
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else { return Ok(None) };
+            let id: String = row.try_get("id")?;
+            if self
+                .transition(&id, &[Status::Queued], Status::Running)
+                .await?
+            {
+                return self.get(None, &id).await;
+            }
+        }
+    }
+
+    /// Jobs in `status`, oldest first.
+    pub async fn with_status(&self, status: Status) -> Result<Vec<JobRecord>, JobsError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM jobs WHERE status = $1 ORDER BY created_at, id"
+        ))
+        .bind(status.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(JobRecord::from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The job's current status.
+    pub async fn status(&self, id: &str) -> Result<Option<Status>, JobsError> {
+        let row = sqlx::query("SELECT status FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .map(|r| r.try_get::<String, _>("status"))
+            .transpose()?
+            .and_then(|s| Status::parse(&s)))
+    }
+
+    /// Records the expert selection of a job.
+    pub async fn set_selection(&self, id: &str, esft: &Value) -> Result<(), JobsError> {
+        sqlx::query("UPDATE jobs SET esft = $1 WHERE id = $2")
+            .bind(esft.to_string())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records how far a running job is.
+    pub async fn set_progress(
+        &self,
+        id: &str,
+        trained_tokens: i64,
+        estimated_finish: Option<i64>,
+    ) -> Result<(), JobsError> {
+        sqlx::query(
+            "UPDATE jobs SET trained_tokens = $1, estimated_finish = $2 \
+             WHERE id = $3 AND status = 'running'",
+        )
+        .bind(trained_tokens)
+        .bind(estimated_finish)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends an event to a job's log.
+    pub async fn event(
+        &self,
+        job_id: &str,
+        level: Level,
+        kind: EventKind,
+        message: &str,
+        data: Option<&Value>,
+    ) -> Result<(), JobsError> {
+        sqlx::query(
+            "INSERT INTO job_events (id, job_id, seq, created_at, level, kind, message, data) \
+             SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6, $7 \
+             FROM job_events WHERE job_id = $2",
+        )
+        .bind(format!(
+            "ftevent-{}",
+            Alphanumeric.sample_string(&mut rand::rng(), 24)
+        ))
+        .bind(job_id)
+        .bind(now())
+        .bind(level.as_str())
+        .bind(kind.as_str())
+        .bind(message)
+        .bind(data.map(Value::to_string))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A job's events, newest first, after the event `after`.
+    pub async fn events(
+        &self,
+        job_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<JobEvent>, JobsError> {
+        let mut q: QueryBuilder<Db> = QueryBuilder::new(
+            "SELECT id, job_id, seq, created_at, level, kind, message, data FROM job_events \
+             WHERE job_id = ",
+        );
+        q.push_bind(job_id.to_string());
+        if let Some(a) = after {
+            let row = sqlx::query("SELECT seq FROM job_events WHERE id = $1 AND job_id = $2")
+                .bind(a)
+                .bind(job_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| JobsError::NoSuchCursor {
+                    what: "event",
+                    id: a.to_string(),
+                })?;
+            q.push(" AND seq < ")
+                .push_bind(row.try_get::<i64, _>("seq")?);
+        }
+        q.push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        let mut items = rows
+            .iter()
+            .map(JobEvent::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let has_more = items.len() > limit;
+        items.truncate(limit);
+        Ok(Page { items, has_more })
+    }
+
+    /// Records a checkpoint (a second one of the same step replaces nothing).
+    pub async fn checkpoint(
+        &self,
+        job_id: &str,
+        step: i64,
+        metrics: &Value,
+        model: &str,
+    ) -> Result<(), JobsError> {
+        let exists = sqlx::query("SELECT id FROM job_checkpoints WHERE job_id = $1 AND step = $2")
+            .bind(job_id)
+            .bind(step)
+            .fetch_optional(&self.pool)
+            .await?;
+        if exists.is_some() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO job_checkpoints (id, job_id, step, created_at, metrics, model) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(format!(
+            "ftckpt-{}",
+            Alphanumeric.sample_string(&mut rand::rng(), 24)
+        ))
+        .bind(job_id)
+        .bind(step)
+        .bind(now())
+        .bind(metrics.to_string())
+        .bind(model)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A job's checkpoints, newest (highest step) first, after the checkpoint `after`.
+    pub async fn checkpoints(
+        &self,
+        job_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<Checkpoint>, JobsError> {
+        let mut q: QueryBuilder<Db> = QueryBuilder::new(
+            "SELECT id, job_id, step, created_at, metrics, model FROM job_checkpoints \
+             WHERE job_id = ",
+        );
+        q.push_bind(job_id.to_string());
+        if let Some(a) = after {
+            let row = sqlx::query("SELECT step FROM job_checkpoints WHERE id = $1 AND job_id = $2")
+                .bind(a)
+                .bind(job_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| JobsError::NoSuchCursor {
+                    what: "checkpoint",
+                    id: a.to_string(),
+                })?;
+            q.push(" AND step < ")
+                .push_bind(row.try_get::<i64, _>("step")?);
+        }
+        q.push(" ORDER BY step DESC LIMIT ")
+            .push_bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        let mut items = rows
+            .iter()
+            .map(Checkpoint::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let has_more = items.len() > limit;
+        items.truncate(limit);
+        Ok(Page { items, has_more })
+    }
+
+    /// Jobs by status, every status listed.
+    pub async fn counts(&self) -> Result<Vec<(Status, u64)>, JobsError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out: Vec<(Status, u64)> = Status::ALL.iter().map(|s| (*s, 0)).collect();
+        for row in &rows {
+            let s: String = row.try_get("status")?;
+            let n: i64 = row.try_get("n")?;
+            if let Some(slot) = out.iter_mut().find(|(st, _)| st.as_str() == s) {
+                slot.1 = u64::try_from(n).unwrap_or(0);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,1063 @@
+//! Runs fine-tuning jobs: claims queued jobs up to the concurrency limit and runs each as a
+//! chain of `esft-train` child processes in the job's work directory
+//! (`DATA_DIR/jobs/<id>/`):
+//!
+//! 1. `score`: the experts' routing scores on a sample of the training data (`scores.json`);
+//! 2. `select`: the experts to train (`experts.json`), recorded on the job at once;
+//! 3. `train`: the selected experts, saving a resumable state every `save_every` steps and
+//!    writing the adapter atomically (`<adapter name>/`);
+//! 4. install: the adapter is checked as serving would check it and installed in the
+//!    owner's namespace of the adapter store, private, in one step.
+//!
+//! Each phase's output is written atomically and skipped when present, and `train` always
+//! runs with `--resume`, so a job the server was killed in the middle of continues from its
+//! last saved state at the next start ([`Runner::start`] puts such jobs back in the queue).
+//! The children read JSON lines on their stdout into the job's events, checkpoints and
+//! progress; they run at a lower priority with `training_threads` compute threads, die
+//! with the server (`PR_SET_PDEATHSIG`), and are killed at once on cancel. Whatever a job
+//! ends as, its work directory is removed; a job that does not succeed leaves no adapter.
+//! The server only ever sees records and adapters: a child that crashes or runs out of
+//! memory fails its job and nothing else.
+
+use prometheus::{HistogramOpts, HistogramVec};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::db::now;
+use super::files::FileStore;
+use super::queue::{
+    EsftChoices, EventKind, JobError, JobRecord, JobStore, Level, Status, AUTO_BATCH_TOKENS,
+};
+use crate::adapter::{AdapterKey, AdapterRegistry, ExpertConfig};
+
+/// The work directories of jobs inside the data directory.
+pub const JOBS_DIR: &str = "jobs";
+
+const SCORES_FILE: &str = "scores.json";
+const EXPERTS_FILE: &str = "experts.json";
+
+/// How jobs run.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub data_dir: PathBuf,
+    /// The `esft-train` executable.
+    pub trainer: PathBuf,
+    /// The base model's directory (what the server serves).
+    pub model_dir: PathBuf,
+    /// Jobs trained at once.
+    pub max_concurrent: usize,
+    /// Compute threads of each child.
+    pub threads: usize,
+    /// Niceness added to the children (serving keeps the upper hand).
+    pub nice: i32,
+    /// Training saves a resumable state every this many steps.
+    pub save_every: u64,
+    /// Bytes of expert slots an adapter may need (the server's budget).
+    pub slot_budget: usize,
+}
+
+/// Why a job stopped short of success.
+#[derive(Debug)]
+enum Stop {
+    Cancelled,
+    Failed(JobError),
+}
+
+impl From<JobError> for Stop {
+    fn from(e: JobError) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Stop {
+    tracing::error!("fine-tuning job: {what}: {e}");
+    Stop::Failed(JobError::new(
+        "internal_error",
+        format!("{what} failed; the server log has the details"),
+    ))
+}
+
+/// A running job.
+#[derive(Default)]
+struct Active {
+    /// The child process running now.
+    pid: Option<u32>,
+    cancelled: bool,
+    /// Training tokens per second of the last step.
+    tokens_per_s: f64,
+}
+
+pub struct Runner {
+    jobs: Arc<JobStore>,
+    files: Arc<FileStore>,
+    registry: Arc<AdapterRegistry>,
+    cfg: RunnerConfig,
+    active: Mutex<HashMap<String, Active>>,
+    wake: tokio::sync::Notify,
+    /// One expert-selection preview at a time.
+    previews: tokio::sync::Semaphore,
+    /// Seconds from start to end of jobs that ended, by final status.
+    pub durations: HistogramVec,
+}
+
+impl Runner {
+    /// Puts jobs a previous process left running back in the queue and starts claiming
+    /// jobs (on the current tokio runtime).
+    pub async fn start(
+        jobs: Arc<JobStore>,
+        files: Arc<FileStore>,
+        registry: Arc<AdapterRegistry>,
+        cfg: RunnerConfig,
+    ) -> Result<Arc<Self>, super::queue::JobsError> {
+        for job in jobs.with_status(Status::Running).await? {
+            if jobs
+                .transition(&job.id, &[Status::Running], Status::Queued)
+                .await?
+            {
+                jobs.event(
+                    &job.id,
+                    Level::Warn,
+                    EventKind::Message,
+                    "The server restarted; the job continues from its last saved state",
+                    None,
+                )
+                .await?;
+            }
+        }
+        let durations = HistogramVec::new(
+            HistogramOpts::new(
+                "esft_fine_tuning_job_duration_seconds",
+                "Time from a fine-tuning job's start to its end, by final status.",
+            )
+            .buckets(vec![
+                10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+            ]),
+            &["status"],
+        )
+        .map_err(|e| super::queue::JobsError::Db(sqlx::Error::Protocol(e.to_string())))?;
+        let runner = Arc::new(Self {
+            jobs,
+            files,
+            registry,
+            cfg,
+            active: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
+            previews: tokio::sync::Semaphore::new(1),
+            durations,
+        });
+        tokio::spawn(runner.clone().dispatch());
+        Ok(runner)
+    }
+
+    /// Looks at the queue now (after a job is queued).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Jobs running now.
+    pub fn running(&self) -> usize {
+        self.active.lock().map_or(0, |a| a.len())
+    }
+
+    /// Training tokens per second over the running jobs.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.active
+            .lock()
+            .map_or(0.0, |a| a.values().map(|j| j.tokens_per_s).sum())
+    }
+
+    /// Stops the job `id` if it runs here: its child is killed at once. (Its status is
+    /// the caller's to change first.)
+    pub fn cancel(&self, id: &str) {
+        let pid = match self.active.lock() {
+            Ok(mut a) => a.get_mut(id).and_then(|j| {
+                j.cancelled = true;
+                j.pid
+            }),
+            Err(_) => None,
+        };
+        if let Some(pid) = pid {
+            kill(pid);
+        }
+    }
+
+    async fn dispatch(self: Arc<Self>) {
+        loop {
+            while self.running() < self.cfg.max_concurrent.max(1) {
+                match self.jobs.claim_next().await {
+                    Ok(Some(job)) => self.launch(job),
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!("claiming a fine-tuning job: {e}");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    fn launch(self: &Arc<Self>, job: JobRecord) {
+        if let Ok(mut a) = self.active.lock() {
+            a.insert(job.id.clone(), Active::default());
+        }
+        let runner = self.clone();
+        let rt = tokio::runtime::Handle::current();
+        let id = job.id.clone();
+        // A thread of its own per job: it spawns the children and outlives them, which
+        // `PR_SET_PDEATHSIG` (tied to the spawning thread) needs.
+        let spawned = std::thread::Builder::new()
+            .name(format!("job-{}", &id[id.len().saturating_sub(8)..]))
+            .spawn(move || {
+                runner.run(&job, &rt);
+                if let Ok(mut a) = runner.active.lock() {
+                    a.remove(&job.id);
+                }
+                runner.wake();
+            });
+        if let Err(e) = spawned {
+            if let Ok(mut a) = self.active.lock() {
+                a.remove(&id);
+            }
+            let jobs = self.jobs.clone();
+            tokio::spawn(async move {
+                tracing::error!("starting a thread for job {id}: {e}");
+                let _ = jobs
+                    .fail(
+                        &id,
+                        &JobError::new("internal_error", "the job could not be started"),
+                    )
+                    .await;
+            });
+        }
+    }
+
+    fn cancelled(&self, id: &str) -> bool {
+        self.active
+            .lock()
+            .map_or(false, |a| a.get(id).is_some_and(|j| j.cancelled))
+    }
+
+    fn event(
+        &self,
+        rt: &tokio::runtime::Handle,
+        id: &str,
+        level: Level,
+        kind: EventKind,
+        message: &str,
+        data: Option<Value>,
+    ) {
+        if let Err(e) = rt.block_on(self.jobs.event(id, level, kind, message, data.as_ref())) {
+            tracing::error!("recording an event of job {id}: {e}");
+        }
+    }
+
+    /// Runs one claimed job to its end.
+    fn run(&self, job: &JobRecord, rt: &tokio::runtime::Handle) {
+        let started = Instant::now();
+        let dir = self.cfg.data_dir.join(JOBS_DIR).join(&job.id);
+        let outcome = self.execute(job, &dir, rt);
+        let status = match outcome {
+            Ok(()) => Status::Succeeded,
+            Err(Stop::Cancelled) => Status::Cancelled,
+            Err(Stop::Failed(error)) => {
+                match rt.block_on(self.jobs.fail(&job.id, &error)) {
+                    Ok(true) => {
+                        tracing::warn!(job = %job.id, code = %error.code, "fine-tuning job failed: {}", error.message);
+                        self.event(
+                            rt,
+                            &job.id,
+                            Level::Error,
+                            EventKind::Message,
+                            &format!("The job failed: {}", error.message),
+                            Some(json!({"code": error.code})),
+                        );
+                        Status::Failed
+                    }
+                    // Cancelled meanwhile.
+                    Ok(false) => Status::Cancelled,
+                    Err(e) => {
+                        tracing::error!("recording the failure of job {}: {e}", job.id);
+                        Status::Failed
+                    }
+                }
+            }
+        };
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", dir.display());
+            }
+        }
+        self.durations
+            .with_label_values(&[status.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(job = %job.id, status = status.as_str(), seconds = started.elapsed().as_secs_f64(), "fine-tuning job ended");
+    }
+
+    fn execute(
+        &self,
+        job: &JobRecord,
+        dir: &Path,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), Stop> {
+        let resumed = dir.exists();
+        std::fs::create_dir_all(dir).map_err(|e| internal("creating the job's directory", e))?;
+        self.event(
+            rt,
+            &job.id,
+            Level::Info,
+            EventKind::Message,
+            if resumed {
+                "Fine-tuning job resumed"
+            } else {
+                "Fine-tuning job started"
+            },
+            None,
+        );
+        let esft = &job.spec.esft;
+        let training = self.files.blob_path(&job.training_file);
+        let scores = dir.join(SCORES_FILE);
+        let experts = dir.join(EXPERTS_FILE);
+        self.select(job, rt, &training, esft, &scores, &experts)?;
+        let ec = read_expert_config(&experts)?;
+        let summary = selection_summary(&ec, &self.registry, esft);
+        if let Err(e) = rt.block_on(self.jobs.set_selection(&job.id, &summary)) {
+            return Err(internal("recording the selection", e));
+        }
+        if !resumed || job.esft.is_none() {
+            self.event(
+                rt,
+                &job.id,
+                Level::Info,
+                EventKind::Message,
+                &describe_selection(&summary),
+                Some(summary.clone()),
+            );
+        }
+
+        let out = dir.join(&job.adapter);
+        let trained_tokens = if out.exists() {
+            job.trained_tokens.unwrap_or(0)
+        } else {
+            self.train(job, rt, &training, &experts, &out)?
+        };
+        if self.cancelled(&job.id) {
+            return Err(Stop::Cancelled);
+        }
+        self.install(job, rt, &out, trained_tokens)
+    }
+
+    /// Scores and selects the experts (each step skipped when its file is there).
+    #[allow(clippy::too_many_arguments)]
+    fn select(
+        &self,
+        job: &JobRecord,
+        rt: &tokio::runtime::Handle,
+        training: &Path,
+        esft: &EsftChoices,
+        scores: &Path,
+        experts: &Path,
+    ) -> Result<(), Stop> {
+        if !scores.exists() {
+            self.event(
+                rt,
+                &job.id,
+                Level::Info,
+                EventKind::Message,
+                &format!(
+                    "Scoring the experts on up to {} tokens of the training data",
+                    esft.scoring_tokens
+                ),
+                None,
+            );
+            let mut last = Value::Null;
+            self.child(
+                Some(&job.id),
+                &score_args(&self.cfg.model_dir, training, esft, job.seed, scores),
+                &|m| self.scrub(job, m),
+                |line| {
+                    if line.get("event").and_then(Value::as_str) == Some("done") {
+                        last = line.clone();
+                    }
+                },
+            )?;
+            let tokens = last.get("tokens").and_then(Value::as_u64).unwrap_or(0);
+            self.event(
+                rt,
+                &job.id,
+                Level::Info,
+                EventKind::Message,
+                &format!("Scored the experts on {tokens} tokens"),
+                Some(json!({"tokens": tokens})),
+            );
+        }
+        if !experts.exists() {
+            self.child(
+                Some(&job.id),
+                &select_args(scores, esft, experts),
+                &|m| self.scrub(job, m),
+                |_| {},
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Trains the adapter into `out`; returns the tokens trained.
+    fn train(
+        &self,
+        job: &JobRecord,
+        rt: &tokio::runtime::Handle,
+        training: &Path,
+        experts: &Path,
+        out: &Path,
+    ) -> Result<i64, Stop> {
+        let validation = job
+            .validation_file
+            .as_ref()
+            .map(|f| self.files.blob_path(f));
+        let args = train_args(
+            &self.cfg,
+            job,
+            training,
+            validation.as_deref(),
+            experts,
+            out,
+        );
+        let mut total_steps = job.spec.esft.steps.unwrap_or(0);
+        let mut trained_tokens = job.trained_tokens.unwrap_or(0);
+        let mut train_loss: Option<f64> = None;
+        let mut valid_loss: Option<f64> = None;
+        let mut written = Instant::now() - Duration::from_secs(60);
+        let mut step_times: Vec<f64> = Vec::new();
+        let mut last_step_at = Instant::now();
+        let adapter = job.adapter.clone();
+        self.child(Some(&job.id), &args, &|m| self.scrub(job, m), |line| {
+            let event = line.get("event").and_then(Value::as_str).unwrap_or("");
+            let num = |k: &str| line.get(k).and_then(Value::as_f64);
+            match event {
+                "start" => {
+                    total_steps = line
+                        .get("steps")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(total_steps);
+                    let params = line
+                        .get("trainable_params")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0);
+                    let n = line
+                        .get("train_samples")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0);
+                    let at = line.get("step").and_then(Value::as_u64).unwrap_or(0);
+                    let message = if at > 0 {
+                        format!("Training resumed at step {at} of {total_steps}")
+                    } else {
+                        format!(
+                            "Training {params} parameters on {n} examples for {total_steps} steps"
+                        )
+                    };
+                    self.event(
+                        rt,
+                        &job.id,
+                        Level::Info,
+                        EventKind::Message,
+                        &message,
+                        Some(line.clone()),
+                    );
+                    last_step_at = Instant::now();
+                }
+                "progress" => {
+                    let Some(step) = line.get("step").and_then(Value::as_u64) else {
+                        return;
+                    };
+                    let now_at = Instant::now();
+                    step_times.push(now_at.duration_since(last_step_at).as_secs_f64());
+                    last_step_at = now_at;
+                    train_loss = num("loss");
+                    if let Some(t) = line.get("trained_tokens").and_then(Value::as_i64) {
+                        trained_tokens = t;
+                    }
+                    total_steps = line
+                        .get("total_steps")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(total_steps);
+                    let rate = num("tokens_per_s").unwrap_or(0.0);
+                    if let Ok(mut a) = self.active.lock() {
+                        if let Some(j) = a.get_mut(&job.id) {
+                            j.tokens_per_s = rate;
+                        }
+                    }
+                    let data = json!({
+                        "step": step,
+                        "total_steps": total_steps,
+                        "train_loss": train_loss,
+                        "valid_loss": valid_loss,
+                        "learning_rate": num("lr"),
+                        "tokens_per_s": rate,
+                        "trained_tokens": trained_tokens,
+                    });
+                    self.event(
+                        rt,
+                        &job.id,
+                        Level::Info,
+                        EventKind::Metrics,
+                        &format!(
+                            "Step {step}/{total_steps}: training loss={}",
+                            fmt_loss(train_loss)
+                        ),
+                        Some(data),
+                    );
+                    if written.elapsed() >= Duration::from_secs(2) || step == total_steps {
+                        written = Instant::now();
+                        let recent = &step_times[step_times.len().saturating_sub(20)..];
+                        let per_step = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
+                        let left = total_steps.saturating_sub(step) as f64 * per_step;
+                        let eta = now() + left.ceil() as i64 + 2;
+                        if let Err(e) =
+                            rt.block_on(self.jobs.set_progress(&job.id, trained_tokens, Some(eta)))
+                        {
+                            tracing::error!("recording the progress of job {}: {e}", job.id);
+                        }
+                    }
+                }
+                "eval" => {
+                    valid_loss = num("eval_loss");
+                    let step = line.get("step").and_then(Value::as_u64).unwrap_or(0);
+                    self.event(
+                        rt,
+                        &job.id,
+                        Level::Info,
+                        EventKind::Message,
+                        &format!("Step {step}: validation loss={}", fmt_loss(valid_loss)),
+                        Some(json!({"step": step, "valid_loss": valid_loss})),
+                    );
+                }
+                "save" => {
+                    let step = line.get("step").and_then(Value::as_i64).unwrap_or(0);
+                    let metrics =
+                        json!({"step": step, "train_loss": train_loss, "valid_loss": valid_loss});
+                    let name = format!("{adapter}:ckpt-step-{step}");
+                    if let Err(e) =
+                        rt.block_on(self.jobs.checkpoint(&job.id, step, &metrics, &name))
+                    {
+                        tracing::error!("recording a checkpoint of job {}: {e}", job.id);
+                    }
+                    self.event(
+                        rt,
+                        &job.id,
+                        Level::Info,
+                        EventKind::Message,
+                        &format!("Saved the training state at step {step}"),
+                        Some(metrics),
+                    );
+                }
+                "done" => {
+                    if let Some(t) = line.get("trained_tokens").and_then(Value::as_i64) {
+                        trained_tokens = t;
+                    }
+                    let steps = line
+                        .get("steps")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(total_steps as i64);
+                    let best = line.get("best_eval_loss").and_then(Value::as_f64);
+                    let metrics = json!({
+                        "step": steps,
+                        "train_loss": train_loss,
+                        "valid_loss": valid_loss,
+                        "full_valid_loss": best,
+                        "best_step": line.get("best_step"),
+                    });
+                    if let Err(e) =
+                        rt.block_on(self.jobs.checkpoint(&job.id, steps, &metrics, &adapter))
+                    {
+                        tracing::error!("recording a checkpoint of job {}: {e}", job.id);
+                    }
+                    self.event(
+                        rt,
+                        &job.id,
+                        Level::Info,
+                        EventKind::Message,
+                        &format!(
+                            "Training done: {trained_tokens} tokens trained{}",
+                            best.map(|b| format!(", best validation loss {b:.4}"))
+                                .unwrap_or_default()
+                        ),
+                        Some(metrics),
+                    );
+                }
+                _ => {}
+            }
+        })?;
+        Ok(trained_tokens)
+    }
+
+    fn install(
+        &self,
+        job: &JobRecord,
+        rt: &tokio::runtime::Handle,
+        out: &Path,
+        trained_tokens: i64,
+    ) -> Result<(), Stop> {
+        let key = AdapterKey {
+            tenant: job.owner.clone(),
+            name: job.adapter.clone(),
+        };
+        self.registry
+            .check_servable(out, &job.adapter, self.cfg.slot_budget)
+            .map_err(|e| Stop::Failed(JobError::new("invalid_adapter", e)))?;
+        let staging = self
+            .registry
+            .store
+            .staging()
+            .map_err(|e| internal("creating a staging directory", e))?;
+        copy_files(out, &staging.dir()).map_err(|e| internal("staging the adapter", e))?;
+        if self.cancelled(&job.id) {
+            return Err(Stop::Cancelled);
+        }
+        let done = self
+            .registry
+            .install(&key, staging, false)
+            .map_err(|e| internal("installing the adapter", e))?;
+        match rt.block_on(self.jobs.succeed(&job.id, &job.adapter, trained_tokens)) {
+            Ok(true) => {
+                tracing::info!(job = %job.id, adapter = %key, version = done.version.id(), "fine-tuned adapter installed");
+                self.event(
+                    rt,
+                    &job.id,
+                    Level::Info,
+                    EventKind::Message,
+                    &format!(
+                        "The job has successfully completed: the model {} is ready",
+                        job.adapter
+                    ),
+                    Some(json!({"fine_tuned_model": job.adapter})),
+                );
+                Ok(())
+            }
+            other => {
+                // Cancelled while it installed (or the record could not be written): the
+                // adapter goes again.
+                if let Err(e) = &other {
+                    tracing::error!("recording the success of job {}: {e}", job.id);
+                }
+                if let Err(e) = self.registry.delete(&key) {
+                    tracing::error!("removing the adapter of job {}: {e}", job.id);
+                }
+                match other {
+                    Ok(_) => Err(Stop::Cancelled),
+                    Err(e) => Err(internal("recording the job's success", e)),
+                }
+            }
+        }
+    }
+
+    /// Previews the selection a job would make on `training` (score and select only).
+    pub async fn preview(
+        self: &Arc<Self>,
+        training_file: &str,
+        esft: EsftChoices,
+        seed: i64,
+    ) -> Result<Value, JobError> {
+        let _turn = self
+            .previews
+            .acquire()
+            .await
+            .map_err(|_| JobError::new("internal_error", "the server is shutting down"))?;
+        let runner = self.clone();
+        let training = self.files.blob_path(training_file);
+        let file_id = training_file.to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("esft-preview".into())
+            .spawn(move || {
+                let shown = training.display().to_string();
+                let scrub = |m: &str| m.replace(&shown, &file_id);
+                let result = (|| -> Result<Value, Stop> {
+                    let dir = tempfile::Builder::new()
+                        .prefix(".preview-")
+                        .tempdir_in(runner.cfg.data_dir.join(JOBS_DIR))
+                        .map_err(|e| internal("creating a preview directory", e))?;
+                    let scores = dir.path().join(SCORES_FILE);
+                    let experts = dir.path().join(EXPERTS_FILE);
+                    let mut tokens = 0;
+                    let args = score_args(&runner.cfg.model_dir, &training, &esft, seed, &scores);
+                    runner.child(None, &args, &scrub, |line| {
+                        if line.get("event").and_then(Value::as_str) == Some("done") {
+                            tokens = line.get("tokens").and_then(Value::as_u64).unwrap_or(0);
+                        }
+                    })?;
+                    runner.child(None, &select_args(&scores, &esft, &experts), &scrub, |_| {})?;
+                    let ec = read_expert_config(&experts)?;
+                    let mut summary = selection_summary(&ec, &runner.registry, &esft);
+                    if let Some(o) = summary.as_object_mut() {
+                        o.insert("scored_tokens".into(), tokens.into());
+                    }
+                    Ok(summary)
+                })();
+                let _ = tx.send(result);
+            });
+        if let Err(e) = spawned {
+            return Err(JobError::new(
+                "internal_error",
+                format!("the preview could not start: {e}"),
+            ));
+        }
+        match rx.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(Stop::Failed(e))) => Err(e),
+            Ok(Err(Stop::Cancelled)) | Err(_) => {
+                Err(JobError::new("internal_error", "the preview stopped"))
+            }
+        }
+    }
+
+    /// Runs `esft-train` with `args`, handing each JSON line of its stdout to `each`.
+    /// `job_id` (when running a job) is where the child's pid goes for cancel; `scrub`
+    /// turns a trainer message into one a client may see.
+    fn child(
+        &self,
+        job_id: Option<&str>,
+        args: &[OsString],
+        scrub: &dyn Fn(&str) -> String,
+        mut each: impl FnMut(&Value),
+    ) -> Result<(), Stop> {
+        if let Some(id) = job_id {
+            if self.cancelled(id) {
+                return Err(Stop::Cancelled);
+            }
+        }
+        let mut cmd = Command::new(&self.cfg.trainer);
+        cmd.args(args)
+            .env("RAYON_NUM_THREADS", self.cfg.threads.max(1).to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let nice = self.cfg.nice;
+        let parent = std::process::id();
+        // SAFETY: only async-signal-safe calls (prctl, getppid, setpriority, _exit) run
+        // between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The server died before the line above: do not run on as an orphan.
+                if libc::getppid() != parent as libc::pid_t {
+                    libc::_exit(1);
+                }
+                if nice != 0 {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            internal(
+                &format!("starting the trainer {}", self.cfg.trainer.display()),
+                e,
+            )
+        })?;
+        let pid = child.id();
+        if let Some(id) = job_id {
+            let cancelled = match self.active.lock() {
+                Ok(mut a) => a.get_mut(id).map_or(false, |j| {
+                    j.pid = Some(pid);
+                    j.cancelled
+                }),
+                Err(_) => false,
+            };
+            if cancelled {
+                kill(pid);
+            }
+        }
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = e.read_to_string(&mut text);
+                text
+            })
+        });
+        let mut error_line: Option<Value> = None;
+        if let Some(stdout) = child.stdout.take() {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v.get("event").and_then(Value::as_str) == Some("error") {
+                    error_line = Some(v);
+                    continue;
+                }
+                each(&v);
+            }
+        }
+        let status = child.wait();
+        let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+        if let Some(id) = job_id {
+            if let Ok(mut a) = self.active.lock() {
+                if let Some(j) = a.get_mut(id) {
+                    j.pid = None;
+                    j.tokens_per_s = 0.0;
+                }
+            }
+            if self.cancelled(id) {
+                return Err(Stop::Cancelled);
+            }
+        }
+        let status = status.map_err(|e| internal("waiting for the trainer", e))?;
+        if status.success() {
+            return Ok(());
+        }
+        let command = args
+            .first()
+            .and_then(|a| a.to_str())
+            .unwrap_or("trainer")
+            .to_string();
+        tracing::warn!(job = job_id.unwrap_or("preview"), %command, ?status, "esft-train failed: {}", stderr.trim());
+        let error = match error_line {
+            Some(v) => JobError::new(
+                v.get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("training_failed"),
+                scrub(
+                    v.get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("the trainer failed"),
+                ),
+            ),
+            None => {
+                use std::os::unix::process::ExitStatusExt;
+                match status.signal() {
+                    Some(libc::SIGKILL) => JobError::new(
+                        "training_killed",
+                        format!("the trainer ({command}) was killed, possibly for lack of memory"),
+                    ),
+                    Some(sig) => JobError::new(
+                        "training_crashed",
+                        format!("the trainer ({command}) died of signal {sig}"),
+                    ),
+                    None => JobError::new(
+                        "training_failed",
+                        scrub(
+                            stderr
+                                .lines()
+                                .rev()
+                                .find(|l| !l.trim().is_empty())
+                                .unwrap_or("the trainer failed"),
+                        ),
+                    ),
+                }
+            }
+        };
+        Err(Stop::Failed(error))
+    }
+
+    /// A trainer message as a tenant may see it: the server's paths become the job's
+    /// names for them.
+    fn scrub(&self, job: &JobRecord, message: &str) -> String {
+        let mut m = message.to_string();
+        let mut swap = |path: PathBuf, name: &str| {
+            m = m.replace(&path.display().to_string(), name);
+        };
+        swap(self.files.blob_path(&job.training_file), &job.training_file);
+        if let Some(v) = &job.validation_file {
+            swap(self.files.blob_path(v), v);
+        }
+        swap(
+            self.cfg.data_dir.join(JOBS_DIR).join(&job.id),
+            "the job's directory",
+        );
+        swap(self.cfg.data_dir.clone(), "the data directory");
+        swap(self.cfg.model_dir.clone(), &job.model);
+        m
+    }
+}
+
+fn kill(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: plain syscall on a pid this process spawned and has not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn os(parts: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
+    parts.iter().map(|p| p.as_ref().to_os_string()).collect()
+}
+
+fn score_args(
+    model: &Path,
+    training: &Path,
+    esft: &EsftChoices,
+    seed: i64,
+    out: &Path,
+) -> Vec<OsString> {
+    let tokens = esft.scoring_tokens.to_string();
+    let seed = seed.to_string();
+    os(&[
+        &"score",
+        &"--model",
+        &model,
+        &"--data",
+        &training,
+        &"--tokens",
+        &tokens,
+        &"--seed",
+        &seed,
+        &"--out",
+        &out,
+        &"--json",
+    ])
+}
+
+fn select_args(scores: &Path, esft: &EsftChoices, out: &Path) -> Vec<OsString> {
+    let top_p = esft.top_p.to_string();
+    let mut args = os(&[
+        &"select",
+        &"--scores",
+        &scores,
+        &"--score-function",
+        &esft.score_function.as_str(),
+        &"--top-p",
+        &top_p,
+        &"--out",
+        &out,
+    ]);
+    if esft.train_shared_experts {
+        args.push("--train-shared-experts".into());
+    }
+    if esft.train_non_expert_modules {
+        args.push("--train-non-expert-modules".into());
+    }
+    args
+}
+
+fn train_args(
+    cfg: &RunnerConfig,
+    job: &JobRecord,
+    training: &Path,
+    validation: Option<&Path>,
+    experts: &Path,
+    out: &Path,
+) -> Vec<OsString> {
+    let spec = &job.spec;
+    let esft = &spec.esft;
+    let (lr, seed) = (esft.learning_rate.to_string(), job.seed.to_string());
+    let save = cfg.save_every.max(1).to_string();
+    let mut args = os(&[
+        &"train",
+        &"--model",
+        &cfg.model_dir,
+        &"--data",
+        &training,
+        &"--experts",
+        &experts,
+        &"--out",
+        &out,
+        &"--lr",
+        &lr,
+        &"--seed",
+        &seed,
+        &"--warmup",
+        &"10",
+        &"--schedule",
+        &"cosine",
+        &"--save-every",
+        &save,
+        &"--eval-every",
+        &save,
+        &"--resume",
+        &"--json",
+    ]);
+    let seq_len = esft
+        .seq_len
+        .map_or_else(|| "auto".to_string(), |s| s.to_string());
+    args.extend(os(&[&"--seq-len", &seq_len]));
+    match spec.batch_size {
+        Some(b) => args.extend(os(&[&"--batch", &b.to_string()])),
+        None => args.extend(os(&[&"--batch-tokens", &AUTO_BATCH_TOKENS.to_string()])),
+    }
+    match esft.steps {
+        Some(s) => args.extend(os(&[&"--steps", &s.to_string()])),
+        None => args.extend(os(&[&"--epochs", &spec.n_epochs.to_string()])),
+    }
+    match validation {
+        Some(v) => args.extend(os(&[&"--eval-data", &v])),
+        None => args.extend(os(&[&"--eval-split", &"0.02"])),
+    }
+    args
+}
+
+fn read_expert_config(path: &Path) -> Result<ExpertConfig, Stop> {
+    let text = std::fs::read_to_string(path).map_err(|e| internal("reading the selection", e))?;
+    serde_json::from_str(&text).map_err(|e| internal("reading the selection", e))
+}
+
+/// What a selection trains: the experts per layer, how many of how many, the trainable
+/// parameters and the adapter's size (f32 tensors).
+pub fn selection_summary(
+    ec: &ExpertConfig,
+    registry: &AdapterRegistry,
+    esft: &EsftChoices,
+) -> Value {
+    let cfg = &registry.base.config;
+    let layers = cfg.moe_layers().count();
+    let total = layers * cfg.n_routed_experts;
+    let selected = ec.expert_count();
+    let params = ec.trainable_params(&registry.base);
+    let per_layer: serde_json::Map<String, Value> = ec
+        .experts
+        .iter()
+        .map(|(l, e)| (l.to_string(), json!(e)))
+        .collect();
+    json!({
+        "score_function": esft.score_function.as_str(),
+        "top_p": esft.top_p,
+        "experts": per_layer,
+        "selected_experts": selected,
+        "total_experts": total,
+        "share": if total == 0 { 0.0 } else { selected as f64 / total as f64 },
+        "train_shared_experts": ec.shared_experts,
+        "train_non_expert_modules": ec.non_expert_modules,
+        "trainable_params": params,
+        "adapter_bytes": params * 4,
+    })
+}
+
+fn describe_selection(summary: &Value) -> String {
+    let n = summary["selected_experts"].as_u64().unwrap_or(0);
+    let total = summary["total_experts"].as_u64().unwrap_or(0);
+    format!(
+        "Selected {n} of {total} routed experts ({:.1}%): {} trainable parameters, an adapter of {} bytes",
+        100.0 * summary["share"].as_f64().unwrap_or(0.0),
+        summary["trainable_params"].as_u64().unwrap_or(0),
+        summary["adapter_bytes"].as_u64().unwrap_or(0),
+    )
+}
+
+fn fmt_loss(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |l| format!("{l:.4}"))
+}
+
+/// Copies the files of the flat directory `from` into `to`, each fsynced.
+fn copy_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let dest = to.join(entry.file_name());
+            std::fs::copy(entry.path(), &dest)?;
+            std::fs::File::open(&dest)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(to)?.sync_all()
+}
