@@ -11,8 +11,6 @@ use axum::http::{Method, StatusCode};
 use serde_json::Value;
 use std::path::Path;
 
-const BOUNDARY: &str = "esft-test-boundary-7MA4YWxkTrZu0gW";
-
 const TRAIN: &str = concat!(
     r#"{"messages": [{"role": "user", "content": "turn on the light"}, {"role": "assistant", "content": "{\"intent\": \"on\"}"}]}"#,
     "\n",
@@ -21,30 +19,6 @@ const TRAIN: &str = concat!(
     r#"{"text": "plain text to learn"}"#,
     "\n",
 );
-
-/// A multipart/form-data body: `(name, file name, bytes)` per part.
-fn form(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
-    let mut b = Vec::new();
-    for (name, file, bytes) in parts {
-        b.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
-        match file {
-            Some(f) => b.extend_from_slice(
-                format!(
-                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
-                     Content-Type: application/octet-stream\r\n\r\n"
-                )
-                .as_bytes(),
-            ),
-            None => b.extend_from_slice(
-                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
-            ),
-        }
-        b.extend_from_slice(bytes);
-        b.extend_from_slice(b"\r\n");
-    }
-    b.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    b
-}
 
 async fn send(
     srv: &Srv,
@@ -57,41 +31,8 @@ async fn send(
     srv.send(method, uri, key, ct, body).await
 }
 
-fn json(r: (StatusCode, Vec<u8>)) -> (StatusCode, Value) {
-    let v = serde_json::from_slice(&r.1)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.1).into_owned()));
-    (r.0, v)
-}
-
-async fn upload_parts(
-    srv: &Srv,
-    key: Option<&str>,
-    parts: &[(&str, Option<&str>, &[u8])],
-) -> (StatusCode, Value) {
-    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
-    json(
-        send(
-            srv,
-            Method::POST,
-            "/v1/files",
-            key,
-            Some(&ct),
-            Body::from(form(parts)),
-        )
-        .await,
-    )
-}
-
 async fn upload(srv: &Srv, key: Option<&str>, bytes: &[u8]) -> (StatusCode, Value) {
-    upload_parts(
-        srv,
-        key,
-        &[
-            ("purpose", None, b"fine-tune"),
-            ("file", Some("train.jsonl"), bytes),
-        ],
-    )
-    .await
+    srv.upload(key, bytes).await
 }
 
 async fn ok_upload(srv: &Srv, key: Option<&str>) -> String {
@@ -242,20 +183,20 @@ async fn bad_uploads_are_refused_and_leave_nothing() {
         ],
     ] {
         assert_error(
-            &upload_parts(&srv, Some(ACME), &parts).await,
+            &srv.upload_parts(Some(ACME), &parts).await,
             StatusCode::BAD_REQUEST,
             Some("purpose"),
         );
     }
     // No file, two files.
     assert_error(
-        &upload_parts(&srv, Some(ACME), &[("purpose", None, b"fine-tune")]).await,
+        &srv.upload_parts(Some(ACME), &[("purpose", None, b"fine-tune")])
+            .await,
         StatusCode::BAD_REQUEST,
         Some("file"),
     );
     assert_error(
-        &upload_parts(
-            &srv,
+        &srv.upload_parts(
             Some(ACME),
             &[
                 ("purpose", None, b"fine-tune"),

@@ -272,6 +272,23 @@ impl FileStore {
         Ok(u64::try_from(row.try_get::<i64, _>("used")?).unwrap_or(0))
     }
 
+    /// Bytes of stored files by owner (`None`: the admin).
+    pub async fn bytes_by_owner(&self) -> Result<Vec<(Option<String>, u64)>, FilesError> {
+        let rows = sqlx::query(
+            "SELECT owner, CAST(SUM(bytes) AS BIGINT) AS used FROM files GROUP BY owner",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("owner")?,
+                    u64::try_from(r.try_get::<i64, _>("used")?).unwrap_or(0),
+                ))
+            })
+            .collect()
+    }
+
     /// The file `id`, if `viewer` may see it (`None`: the admin, who sees every file).
     pub async fn get(
         &self,

@@ -682,9 +682,13 @@ impl Runner {
                 let shown = training.display().to_string();
                 let scrub = |m: &str| m.replace(&shown, &file_id);
                 let result = (|| -> Result<Value, Stop> {
-                    let dir = tempfile::Builder::new()
-                        .prefix(".preview-")
-                        .tempdir_in(runner.cfg.data_dir.join(JOBS_DIR))
+                    let root = runner.cfg.data_dir.join(JOBS_DIR);
+                    let dir = std::fs::create_dir_all(&root)
+                        .and_then(|()| {
+                            tempfile::Builder::new()
+                                .prefix(".preview-")
+                                .tempdir_in(&root)
+                        })
                         .map_err(|e| internal("creating a preview directory", e))?;
                     let scores = dir.path().join(SCORES_FILE);
                     let experts = dir.path().join(EXPERTS_FILE);

@@ -120,10 +120,14 @@ impl Metrics {
         &self,
         engine: Option<&EngineStats>,
         adapters: Option<&AdapterStats>,
+        fine_tuning: Option<&FineTuningSnapshot>,
         max_adapter_labels: usize,
         reveal_private: bool,
     ) -> Result<String, String> {
         let mut families = self.registry.gather();
+        if let Some(f) = fine_tuning {
+            families.extend(fine_tuning_families(f, max_adapter_labels, reveal_private));
+        }
         if let Some(e) = engine {
             families.extend(engine_families(e, max_adapter_labels, reveal_private));
         }
@@ -182,6 +186,86 @@ fn gauge(name: &str, help: &str, v: u64) -> MetricFamily {
         MetricType::GAUGE,
         vec![gauge_metric(vec![], v as f64)],
     )
+}
+
+/// The fine-tuning numbers of one scrape (read from the records and the runner).
+#[derive(Debug, Default)]
+pub struct FineTuningSnapshot {
+    /// Jobs by status, every status listed.
+    pub jobs: Vec<(&'static str, u64)>,
+    /// Training tokens per second over the running jobs.
+    pub tokens_per_s: f64,
+    /// Bytes of stored files by owner (`None`: the admin).
+    pub stored_bytes: Vec<(Option<String>, u64)>,
+    /// The job duration histogram, when the runner has started.
+    pub durations: Vec<MetricFamily>,
+}
+
+fn fine_tuning_families(
+    f: &FineTuningSnapshot,
+    max_labels: usize,
+    reveal_private: bool,
+) -> Vec<MetricFamily> {
+    let jobs = f
+        .jobs
+        .iter()
+        .map(|(status, n)| gauge_metric(vec![label("status", status)], *n as f64))
+        .collect();
+    let queued = f
+        .jobs
+        .iter()
+        .find(|(s, _)| *s == "queued")
+        .map_or(0, |(_, n)| *n);
+    // Per owner, bounded: the largest `max_labels` by bytes, the rest summed; owners are
+    // named only to scrapers that may see everything.
+    let mut rows: Vec<(String, u64)> = f
+        .stored_bytes
+        .iter()
+        .map(|(o, b)| (o.clone().unwrap_or_else(|| "(admin)".into()), *b))
+        .collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut stored = Vec::new();
+    let mut other = 0u64;
+    for (i, (owner, bytes)) in rows.into_iter().enumerate() {
+        if reveal_private && i < max_labels {
+            stored.push(gauge_metric(vec![label("tenant", &owner)], bytes as f64));
+        } else {
+            other += bytes;
+        }
+    }
+    if other > 0 || stored.is_empty() {
+        stored.push(gauge_metric(
+            vec![label("tenant", OTHER_LABEL)],
+            other as f64,
+        ));
+    }
+    let mut out = vec![
+        family(
+            "esft_fine_tuning_jobs",
+            "Fine-tuning jobs by status.",
+            MetricType::GAUGE,
+            jobs,
+        ),
+        gauge(
+            "esft_fine_tuning_queue_depth",
+            "Fine-tuning jobs waiting to run.",
+            queued,
+        ),
+        family(
+            "esft_fine_tuning_tokens_per_second",
+            "Training tokens per second over the running fine-tuning jobs (last step).",
+            MetricType::GAUGE,
+            vec![gauge_metric(vec![], f.tokens_per_s)],
+        ),
+        family(
+            "esft_fine_tuning_stored_file_bytes",
+            "Bytes of uploaded files kept, by tenant (the largest owners; the rest as (other)).",
+            MetricType::GAUGE,
+            stored,
+        ),
+    ];
+    out.extend(f.durations.iter().cloned());
+    out
 }
 
 fn engine_families(e: &EngineStats, max_labels: usize, reveal_private: bool) -> Vec<MetricFamily> {
@@ -405,7 +489,7 @@ mod tests {
         }
         let text = Metrics::new()
             .unwrap()
-            .render(Some(&e), None, 3, false)
+            .render(Some(&e), None, None, 3, false)
             .unwrap();
         let running: Vec<&str> = text
             .lines()
@@ -427,11 +511,50 @@ mod tests {
         a.record_load(3.0);
         let text = Metrics::new()
             .unwrap()
-            .render(None, Some(&a), 8, true)
+            .render(None, Some(&a), None, 8, true)
             .unwrap();
         assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"5\"} 2"));
         assert!(text.contains("esft_adapter_load_duration_seconds_count 2"));
         assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"+Inf\"} 2"));
+    }
+
+    #[test]
+    fn fine_tuning_owners_are_bounded_and_named_only_when_revealed() {
+        let f = FineTuningSnapshot {
+            jobs: vec![("queued", 2), ("running", 1), ("succeeded", 0)],
+            tokens_per_s: 1234.5,
+            stored_bytes: vec![
+                (Some("acme".into()), 300),
+                (Some("globex".into()), 200),
+                (None, 100),
+                (Some("initech".into()), 50),
+            ],
+            durations: vec![],
+        };
+        let render = |reveal| {
+            Metrics::new()
+                .unwrap()
+                .render(None, None, Some(&f), 2, reveal)
+                .unwrap()
+        };
+        let text = render(true);
+        assert!(
+            text.contains("esft_fine_tuning_jobs{status=\"queued\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("esft_fine_tuning_jobs{status=\"succeeded\"} 0"));
+        assert!(text.contains("esft_fine_tuning_queue_depth 2"));
+        assert!(text.contains("esft_fine_tuning_tokens_per_second 1234.5"));
+        // The two largest owners by name, the admin's and initech's bytes summed.
+        assert!(text.contains("esft_fine_tuning_stored_file_bytes{tenant=\"acme\"} 300"));
+        assert!(text.contains("esft_fine_tuning_stored_file_bytes{tenant=\"globex\"} 200"));
+        assert!(text.contains("esft_fine_tuning_stored_file_bytes{tenant=\"(other)\"} 150"));
+        let hidden = render(false);
+        assert!(
+            !hidden.contains("acme") && !hidden.contains("globex"),
+            "{hidden}"
+        );
+        assert!(hidden.contains("esft_fine_tuning_stored_file_bytes{tenant=\"(other)\"} 650"));
     }
 }

@@ -282,10 +282,18 @@ async fn metrics_text(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let fine_tuning = match fine_tuning_snapshot(&state).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::error!("reading the fine-tuning records for /metrics: {e}");
+            None
+        }
+    };
     let served = state.served.get();
     let text = state.metrics.render(
         served.map(|s| s.engine.stats.as_ref()),
         served.map(|s| s.engine.registry.stats.as_ref()),
+        fine_tuning.as_ref(),
         state.config.metrics.max_adapter_labels,
         reveal,
     );
@@ -300,6 +308,24 @@ async fn metrics_text(
             .into_response(),
         Err(e) => ApiError::internal(e).into_response(),
     }
+}
+
+async fn fine_tuning_snapshot(state: &AppState) -> anyhow::Result<metrics::FineTuningSnapshot> {
+    use prometheus::core::Collector;
+    let files = state.open_files().await?;
+    let jobs = state.jobs().await.map_err(|e| anyhow::anyhow!(e.message))?;
+    let runner = state.started_runner();
+    Ok(metrics::FineTuningSnapshot {
+        jobs: jobs
+            .counts()
+            .await?
+            .into_iter()
+            .map(|(s, n)| (s.as_str(), n))
+            .collect(),
+        tokens_per_s: runner.as_ref().map_or(0.0, |r| r.tokens_per_s()),
+        stored_bytes: files.bytes_by_owner().await?,
+        durations: runner.map(|r| r.durations.collect()).unwrap_or_default(),
+    })
 }
 
 /// Counts every routed request by route template and status code.

@@ -151,6 +151,78 @@ impl Srv {
     pub async fn get(&self, uri: &str, key: Option<&str>) -> (StatusCode, Value) {
         self.call(Method::GET, uri, key, None).await
     }
+
+    /// A GET whose body is text (e.g. `/metrics`).
+    pub async fn get_text(&self, uri: &str, key: Option<&str>) -> (StatusCode, String) {
+        let (s, bytes) = self.raw(Method::GET, uri, key, Body::empty()).await;
+        (s, String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+pub const BOUNDARY: &str = "esft-test-boundary-7MA4YWxkTrZu0gW";
+
+/// A multipart/form-data body: `(name, file name, bytes)` per part.
+pub fn form(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, file, bytes) in parts {
+        b.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        match file {
+            Some(f) => b.extend_from_slice(
+                format!(
+                    "Content-Disposition: form-data; name=\"{name}\"; filename=\"{f}\"\r\n\
+                     Content-Type: application/octet-stream\r\n\r\n"
+                )
+                .as_bytes(),
+            ),
+            None => b.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            ),
+        }
+        b.extend_from_slice(bytes);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    b
+}
+
+/// A status and a body read as JSON (a string when it is not).
+pub fn json(r: (StatusCode, Vec<u8>)) -> (StatusCode, Value) {
+    let v = serde_json::from_slice(&r.1)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.1).into_owned()));
+    (r.0, v)
+}
+
+impl Srv {
+    /// `POST /v1/files` with these multipart parts.
+    pub async fn upload_parts(
+        &self,
+        key: Option<&str>,
+        parts: &[(&str, Option<&str>, &[u8])],
+    ) -> (StatusCode, Value) {
+        let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+        json(
+            self.send(
+                Method::POST,
+                "/v1/files",
+                key,
+                Some(&ct),
+                Body::from(form(parts)),
+            )
+            .await,
+        )
+    }
+
+    /// Uploads `bytes` as a fine-tuning file.
+    pub async fn upload(&self, key: Option<&str>, bytes: &[u8]) -> (StatusCode, Value) {
+        self.upload_parts(
+            key,
+            &[
+                ("purpose", None, b"fine-tune"),
+                ("file", Some("train.jsonl"), bytes),
+            ],
+        )
+        .await
+    }
 }
 
 /// Asserts an OpenAI-shaped error body with this status (and param, when given).
