@@ -8,6 +8,8 @@
 mod common;
 #[path = "common/http.rs"]
 mod http;
+#[path = "common/tools.rs"]
+mod tools;
 
 use common::*;
 use esft::server::auth::hash_key;
@@ -16,50 +18,12 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+use tools::{promtool, python_with_openai, tool};
 
 const BIN: &str = env!("CARGO_BIN_EXE_esft-serve");
 const ADMIN: &str = "e2e-admin-key";
 const ACME: &str = "e2e-acme-key";
 const GLOBEX: &str = "e2e-globex-key";
-
-fn required() -> bool {
-    std::env::var("ESFT_E2E_REQUIRED").is_ok_and(|v| v == "1")
-}
-
-/// A tool the test needs: its path, or a skip (a failure where it is required).
-fn tool(what: &str, found: Option<PathBuf>, install: &str) -> Option<PathBuf> {
-    if found.is_none() {
-        assert!(
-            !required(),
-            "{what} is required (ESFT_E2E_REQUIRED=1) but missing: {install}"
-        );
-        eprintln!("SKIPPED part of this test: {what} is missing ({install})");
-    }
-    found
-}
-
-fn python_with_openai() -> Option<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        std::env::var_os("ESFT_PYTHON").map(PathBuf::from),
-        Some(root.join("venv/bin/python")),
-    ];
-    candidates.into_iter().flatten().find(|p| {
-        Command::new(p)
-            .args(["-c", "import openai"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    })
-}
-
-fn promtool() -> Option<PathBuf> {
-    Command::new("promtool")
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|_| PathBuf::from("promtool"))
-}
 
 fn spec(i: u64) -> AdapterSpec {
     let e = |k: u64| ((i * 7 + k * 3) % 16) as usize;
