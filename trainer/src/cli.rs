@@ -12,6 +12,7 @@ use esft::adapter::ExpertConfig;
 use esft::model::{LoadOptions, LoadedModel};
 
 use crate::data::{self, Limits, SpecialIds};
+use crate::error::{DataProblem, Failure};
 use crate::progress::Progress;
 use crate::score::{self, ScoreAccumulator, Scores};
 use crate::select::{self, ScoreFunction, Selection};
@@ -116,6 +117,9 @@ pub struct SelectArgs {
     /// Where to write the expert config (the reference format).
     #[arg(long)]
     pub out: PathBuf,
+    /// Print the outcome as a JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -297,6 +301,20 @@ pub struct PlotArgs {
     pub top_fraction: f64,
 }
 
+impl Command {
+    /// The subcommand's name if it was asked for JSON lines (`--json`): a failure then ends
+    /// with an `error` line (see [`crate::progress`]).
+    pub fn json_task(&self) -> Option<&'static str> {
+        match self {
+            Command::Score(a) => a.json.then_some("score"),
+            Command::Select(a) => a.json.then_some("select"),
+            Command::Train(a) => a.json.then_some("train"),
+            Command::Eval(a) => a.json.then_some("eval"),
+            _ => None,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score_cmd(&a),
@@ -399,10 +417,14 @@ fn score_cmd(a: &ScoreArgs) -> Result<()> {
         if let Some(log) = log {
             log.finish()?;
         }
+        let scores = acc.scores();
+        scores.write(&a.out)?;
         progress.finish(json!({ "tokens": total }));
-        acc.scores()
+        scores
     };
-    scores.write(&a.out)?;
+    if a.from_logs.is_some() {
+        scores.write(&a.out)?;
+    }
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
@@ -437,6 +459,13 @@ fn select_cmd(a: &SelectArgs) -> Result<()> {
         100.0 * cfg.expert_count() as f64 / total.max(1) as f64,
         a.out.display()
     );
+    if a.json {
+        Progress::new("select", 1, "configs", true).finish(json!({
+            "experts": cfg.expert_count(),
+            "layers": cfg.experts.len(),
+            "out": a.out.display().to_string(),
+        }));
+    }
     Ok(())
 }
 
@@ -537,6 +566,19 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
             need_targets: true,
         },
     )?;
+    if a.eval_split > 0.0 && samples.len() < 2 {
+        return Err(Failure::DataTooSmall(DataProblem::new(
+            &a.data,
+            None,
+            format!(
+                "{} sample is too few to hold out --eval-split {} of them (two or more are \
+                 needed; or pass --eval-split 0)",
+                samples.len(),
+                a.eval_split
+            ),
+        ))
+        .into());
+    }
     let (train_set, eval_set) = train::split_eval(samples, a.eval_split, a.seed);
     let identity = json!({
         "base": loaded.model.config().fingerprint(),
@@ -573,7 +615,10 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     let mut evaluated_at = None;
     while run.step() < a.steps {
         let t0 = Instant::now();
-        let r = run.train_step()?;
+        let r = match run.train_step() {
+            Ok(r) => r,
+            Err(e) => return Err(drop_diverged_state(e, &state)),
+        };
         let dt = t0.elapsed().as_secs_f64();
         progress.advance(
             1,
@@ -581,7 +626,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
                    "grad_norm": r.grad_norm, "tokens_per_s": (r.tokens as f64 / dt).round()}),
         );
         if a.eval_every > 0 && r.step % a.eval_every == 0 {
-            evaluate(&mut run, &mut progress)?;
+            evaluate(&mut run, &mut progress).map_err(|e| drop_diverged_state(e, &state))?;
             evaluated_at = Some(r.step);
         }
         if a.save_every > 0 && r.step % a.save_every == 0 && r.step < a.steps {
@@ -593,7 +638,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         }
     }
     if evaluated_at != Some(run.step()) {
-        evaluate(&mut run, &mut progress)?;
+        evaluate(&mut run, &mut progress).map_err(|e| drop_diverged_state(e, &state))?;
     }
     let seconds = started.elapsed().as_secs_f64();
 
@@ -625,6 +670,17 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// A run whose loss diverged cannot be resumed to anything else: its saved state goes
+/// with it. Returns `e`.
+fn drop_diverged_state(e: anyhow::Error, state: &Path) -> anyhow::Error {
+    if crate::error::code(&e) == "nan_loss" && state.exists() {
+        if let Err(rm) = std::fs::remove_dir_all(state) {
+            eprintln!("note: could not remove {}: {rm}", state.display());
+        }
+    }
+    e
 }
 
 fn evaluate(run: &mut Run, progress: &mut Progress) -> Result<()> {

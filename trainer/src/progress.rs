@@ -1,5 +1,9 @@
 //! Progress of long work: a progress bar on the terminal, or JSON lines on stdout (`--json`)
 //! for programs that drive the trainer.
+//!
+//! A failed `--json` command ends with one `error` line, `{"task", "event": "error", "code",
+//! "message"}`, then exits non-zero; `code` is one of [`crate::error::Failure::code`]'s or
+//! `internal`.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -82,6 +86,11 @@ impl Progress {
         }
         println!("{line}");
     }
+}
+
+/// The `error` line of a failed `task`.
+pub fn error_line(task: &str, code: &str, message: &str) -> String {
+    json!({"task": task, "event": "error", "code": code, "message": message}).to_string()
 }
 
 fn short(v: &Value) -> String {

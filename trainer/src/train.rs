@@ -20,6 +20,7 @@ use esft::adapter::ExpertConfig;
 use esft::model::{DeepSeekV2, ExpertMap, LogitsWanted, SeqInput, TrainableWeight, WeightKind};
 
 use crate::data::Sample;
+use crate::error::Failure;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
 
 /// What to train.
@@ -382,7 +383,23 @@ impl Run {
                 }
             }
         }
+        let loss = nll_total / targets as f64;
+        // Nothing is updated with a diverged loss or gradient: the run stops here.
+        let failed = |quantity, value| Failure::NonFinite {
+            quantity,
+            value,
+            step: self.opt.step + 1,
+        };
+        if !loss.is_finite() {
+            return Err(failed("loss", loss).into());
+        }
+        if !balance_total.is_finite() {
+            return Err(failed("load-balancing loss", balance_total).into());
+        }
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(failed("gradient norm", grad_norm).into());
+        }
         let step = self.opt.step;
         let lr = self.cfg.lr_at(step);
         let vars: Vec<&Var> = self.weights.iter().map(|w| &w.var).collect();
@@ -390,7 +407,7 @@ impl Run {
         self.model.refresh_derived()?;
         Ok(StepReport {
             step: self.opt.step,
-            loss: nll_total / targets as f64,
+            loss,
             balance_loss: balance_total,
             lr,
             grad_norm,
@@ -408,7 +425,16 @@ impl Run {
         self.model.set_differentiable(false);
         let loss = mean_loss(&self.model, None, &refs, self.cfg.batch * self.cfg.seq_len);
         self.model.set_differentiable(true);
-        Ok(Some(loss?))
+        let loss = loss?;
+        if !loss.is_finite() {
+            return Err(Failure::NonFinite {
+                quantity: "eval loss",
+                value: loss,
+                step: self.opt.step,
+            }
+            .into());
+        }
+        Ok(Some(loss))
     }
 
     /// Records `loss` as the eval loss of the current weights; keeps a copy of them if it is

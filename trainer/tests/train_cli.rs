@@ -41,6 +41,13 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+fn events(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn score_select_train_eval_pipeline() {
     let tmp = tempfile::tempdir().unwrap();
@@ -333,13 +340,19 @@ fn bad_data_is_refused_with_its_line_before_training() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let good = task_lines(3);
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    // (lines, what stderr says, the code of the error line)
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
         (
             vec![good[0].clone(), "{not json".into()],
             "line 2: not JSON",
+            "invalid_data",
         ),
-        (vec![good[0].clone(), r#"{"prompt": "x"}"#.into()], "line 2"),
-        (vec![], "holds no samples"),
+        (
+            vec![good[0].clone(), r#"{"prompt": "x"}"#.into()],
+            "line 2",
+            "invalid_data",
+        ),
+        (vec![], "holds no samples", "data_too_small"),
         (
             vec![
                 good[0].clone(),
@@ -350,14 +363,23 @@ fn bad_data_is_refused_with_its_line_before_training() {
                 ),
             ],
             "line 3: the sample has",
+            "invalid_data",
         ),
         (
             vec![r#"{"messages": [{"role": "robot", "content": "x"}]}"#.into()],
             "line 1: message 0 has role \"robot\"",
+            "invalid_data",
         ),
+        (
+            vec![r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "mask": 1}]}"#.into()],
+            "line 1: the sample has no unmasked assistant turn",
+            "invalid_data",
+        ),
+        // One sample leaves nothing to hold out for the (default) eval split.
+        (vec![good[0].clone()], "too few to hold out", "data_too_small"),
     ];
     std::fs::write(t.join("experts.json"), r#"{"experts": {"1": [0]}}"#).unwrap();
-    for (lines, want) in cases {
+    for (lines, want, code) in cases {
         let data = t.join("bad.jsonl");
         write_lines(&data, &lines);
         let out = t.join("adapters/bad");
@@ -379,11 +401,21 @@ fn bad_data_is_refused_with_its_line_before_training() {
         ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{want}: {err}");
-        assert!(
-            o.stdout.is_empty(),
-            "training started: {}",
-            String::from_utf8_lossy(&o.stdout)
+        // Nothing but the error line: training never started.
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(
+            (&line["task"], &line["event"], &line["code"]),
+            (&"train".into(), &"error".into(), &code.into()),
+            "{want}: {line}"
         );
+        // The message names the file, not where it lies.
+        let message = line["message"].as_str().unwrap();
+        assert!(message.contains(want), "{message}");
+        assert!(message.starts_with("bad.jsonl"), "{message}");
+        assert!(!message.contains(s(t)), "{message}");
         assert!(!out.exists() && !t.join("adapters/.bad.train-state").exists());
     }
     // A bad expert config is refused too.
@@ -491,4 +523,144 @@ fn a_killed_run_resumes_and_never_shows_a_partial_adapter() {
     let b = std::fs::read(straight.join("adapter.safetensors")).unwrap();
     assert!(a == b, "resumed and uninterrupted runs differ");
     assert!(!state.exists());
+}
+
+/// The last line of a failed `--json` command: its `error` event.
+fn error_event(o: &std::process::Output) -> serde_json::Value {
+    assert!(!o.status.success());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let e: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(e["event"], "error", "{stdout}");
+    e
+}
+
+#[test]
+fn a_diverging_loss_stops_the_run_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = t.join("train.jsonl");
+    write_lines(&data, &task_lines(30));
+    std::fs::write(
+        t.join("experts.json"),
+        r#"{"experts": {"1": [0, 5, 9], "2": [3]}}"#,
+    )
+    .unwrap();
+    let out = t.join("adapters/diverged");
+    // A learning rate far too high for any model drives the weights out of range.
+    let o = esft_train(&[
+        "train",
+        "--model",
+        s(&fixture("lite")),
+        "--data",
+        s(&data),
+        "--experts",
+        s(&t.join("experts.json")),
+        "--out",
+        s(&out),
+        "--steps",
+        "50",
+        "--lr",
+        "1e6",
+        "--batch",
+        "1",
+        "--seq-len",
+        "64",
+        "--eval-split",
+        "0.1",
+        "--eval-every",
+        "1",
+        "--save-every",
+        "1",
+        "--json",
+    ]);
+    let e = error_event(&o);
+    assert_eq!(
+        (&e["task"], &e["code"]),
+        (&"train".into(), &"nan_loss".into()),
+        "{e}"
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("at step"), "{message}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    // It ran for a while, then stopped at once.
+    assert!(stdout.contains(r#""event":"save""#), "{stdout}");
+    assert!(!stdout.contains(r#""step":50,"#), "{stdout}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains(message));
+    assert!(!out.exists(), "an adapter was written");
+    assert!(!t.join("adapters/.diverged.train-state").exists());
+    let left: Vec<_> = std::fs::read_dir(t.join("adapters")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn score_and_select_end_json_runs_with_an_outcome_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let score = |data: &Path| {
+        esft_train(&[
+            "score",
+            "--model",
+            s(&fixture("lite")),
+            "--data",
+            s(data),
+            "--tokens",
+            "200",
+            "--out",
+            s(&t.join("scores.json")),
+            "--json",
+        ])
+    };
+    let empty = t.join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let e = error_event(&score(&empty));
+    assert_eq!(
+        (&e["task"], &e["code"]),
+        (&"score".into(), &"data_too_small".into())
+    );
+    assert_eq!(e["message"], "empty.jsonl: the file holds no samples");
+    let bad = t.join("bad.jsonl");
+    write_lines(&bad, &[task_lines(1)[0].clone(), "[]".into()]);
+    assert_eq!(error_event(&score(&bad))["code"], "invalid_data");
+    assert!(!t.join("scores.json").exists());
+
+    let data = t.join("train.jsonl");
+    write_lines(&data, &task_lines(10));
+    let o = score(&data);
+    assert!(o.status.success());
+    let select = |scores: &Path| {
+        esft_train(&[
+            "select",
+            "--scores",
+            s(scores),
+            "--score-function",
+            "token",
+            "--top-p",
+            "0.2",
+            "--out",
+            s(&t.join("experts.json")),
+            "--json",
+        ])
+    };
+    let o = select(&t.join("scores.json"));
+    assert!(o.status.success());
+    let done = events(&String::from_utf8(o.stdout).unwrap());
+    assert_eq!(
+        (&done[0]["task"], &done[0]["event"]),
+        (&"select".into(), &"done".into())
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("experts.json")).unwrap()).unwrap();
+    let count: usize = cfg["experts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|l| l.as_array().unwrap().len())
+        .sum();
+    assert_eq!(done[0]["experts"], count);
+    let e = error_event(&select(&t.join("missing.json")));
+    assert_eq!(
+        (&e["task"], &e["code"]),
+        (&"select".into(), &"internal".into())
+    );
 }
