@@ -12,6 +12,7 @@ use esft::adapter::ExpertConfig;
 use esft::model::{LoadOptions, LoadedModel};
 
 use crate::data::{self, Limits, SpecialIds};
+use crate::error::{DataProblem, Failure};
 use crate::progress::Progress;
 use crate::score::{self, ScoreAccumulator, Scores};
 use crate::select::{self, ScoreFunction, Selection};
@@ -116,6 +117,9 @@ pub struct SelectArgs {
     /// Where to write the expert config (the reference format).
     #[arg(long)]
     pub out: PathBuf,
+    /// Print the outcome as a JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -132,8 +136,13 @@ pub struct TrainArgs {
     /// Output directory: `adapters/NAME` (its last component names the adapter).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 500)]
-    pub steps: u64,
+    /// Optimizer steps [default: 500, unless --epochs is given].
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    /// Passes over the training samples instead of --steps: as many steps as the run's
+    /// packing needs to train on every sample this many times.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub epochs: Option<u64>,
     #[arg(long, default_value_t = 1e-5)]
     pub lr: f64,
     /// Sequences of --seq-len tokens per micro-batch (samples are packed, never padded).
@@ -159,9 +168,14 @@ pub struct TrainArgs {
     pub max_grad_norm: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Share of samples held out for the eval loss (0: none; the last weights are kept).
-    #[arg(long, default_value_t = 0.02)]
-    pub eval_split: f64,
+    /// Share of samples held out for the eval loss (0: none; the last weights are kept)
+    /// [default: 0.02, 0 with --eval-data].
+    #[arg(long)]
+    pub eval_split: Option<f64>,
+    /// Held-out samples for the eval loss from this file (the formats of --data) instead of
+    /// a share of --data.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
     /// Weight of DeepSeek's sequence-level load-balancing loss, summed over MoE layers
     /// (config.json's `aux_loss_alpha`; use it when pretraining so experts do not collapse).
     #[arg(long, default_value_t = 0.0)]
@@ -297,6 +311,25 @@ pub struct PlotArgs {
     pub top_fraction: f64,
 }
 
+/// Steps when neither --steps nor --epochs is given.
+pub const DEFAULT_STEPS: u64 = 500;
+/// --eval-split without --eval-data.
+pub const DEFAULT_EVAL_SPLIT: f64 = 0.02;
+
+impl Command {
+    /// The subcommand's name if it was asked for JSON lines (`--json`): a failure then ends
+    /// with an `error` line (see [`crate::progress`]).
+    pub fn json_task(&self) -> Option<&'static str> {
+        match self {
+            Command::Score(a) => a.json.then_some("score"),
+            Command::Select(a) => a.json.then_some("select"),
+            Command::Train(a) => a.json.then_some("train"),
+            Command::Eval(a) => a.json.then_some("eval"),
+            _ => None,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Score(a) => score_cmd(&a),
@@ -399,10 +432,14 @@ fn score_cmd(a: &ScoreArgs) -> Result<()> {
         if let Some(log) = log {
             log.finish()?;
         }
+        let scores = acc.scores();
+        scores.write(&a.out)?;
         progress.finish(json!({ "tokens": total }));
-        acc.scores()
+        scores
     };
-    scores.write(&a.out)?;
+    if a.from_logs.is_some() {
+        scores.write(&a.out)?;
+    }
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
@@ -437,6 +474,13 @@ fn select_cmd(a: &SelectArgs) -> Result<()> {
         100.0 * cfg.expert_count() as f64 / total.max(1) as f64,
         a.out.display()
     );
+    if a.json {
+        Progress::new("select", 1, "configs", true).finish(json!({
+            "experts": cfg.expert_count(),
+            "layers": cfg.experts.len(),
+            "out": a.out.display().to_string(),
+        }));
+    }
     Ok(())
 }
 
@@ -486,8 +530,14 @@ pub fn state_dir(out: &Path) -> Result<PathBuf> {
 
 fn train_cmd(a: &TrainArgs) -> Result<()> {
     let (beta1, beta2) = parse_betas(&a.betas)?;
-    let cfg = TrainConfig {
-        steps: a.steps,
+    let eval_split = match (&a.eval_data, a.eval_split) {
+        (Some(_), Some(f)) if f != 0.0 => bail!("--eval-data replaces --eval-split {f}"),
+        (Some(_), _) => 0.0,
+        (None, f) => f.unwrap_or(DEFAULT_EVAL_SPLIT),
+    };
+    let mut cfg = TrainConfig {
+        // Until --epochs is resolved on the data.
+        steps: a.steps.unwrap_or(DEFAULT_STEPS),
         lr: a.lr,
         batch: a.batch,
         grad_accum: a.grad_accum,
@@ -499,7 +549,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         weight_decay: a.weight_decay,
         max_grad_norm: a.max_grad_norm,
         seed: a.seed,
-        eval_split: a.eval_split,
+        eval_split,
         aux_loss_alpha: a.aux_loss_alpha,
     };
     cfg.validate()?;
@@ -528,17 +578,35 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     let loaded = load_model(&a.model)?;
     let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer)?;
     // Every sample is checked before any training starts.
-    let samples = data::load_train(
-        &a.data,
-        &loaded.tokenizer,
-        ids,
-        Limits {
-            max_tokens: Some(a.seq_len),
-            need_targets: true,
-        },
-    )?;
-    let (train_set, eval_set) = train::split_eval(samples, a.eval_split, a.seed);
-    let identity = json!({
+    let limits = Limits {
+        max_tokens: Some(a.seq_len),
+        need_targets: true,
+    };
+    let samples = data::load_train(&a.data, &loaded.tokenizer, ids, limits)?;
+    if eval_split > 0.0 && samples.len() < 2 {
+        return Err(Failure::DataTooSmall(DataProblem::new(
+            &a.data,
+            None,
+            format!(
+                "{} sample is too few to hold out --eval-split {eval_split} of them (two or \
+                 more are needed; or pass --eval-split 0)",
+                samples.len()
+            ),
+        ))
+        .into());
+    }
+    let (train_set, eval_set) = match &a.eval_data {
+        Some(path) => (
+            samples,
+            data::load_train(path, &loaded.tokenizer, ids, limits)?,
+        ),
+        None => train::split_eval(samples, eval_split, a.seed),
+    };
+    if let Some(epochs) = a.epochs {
+        cfg.steps = train::steps_for_epochs(&train_set, epochs, &cfg);
+    }
+    let steps = cfg.steps;
+    let mut identity = json!({
         "base": loaded.model.config().fingerprint(),
         "trainable": match &what {
             Trainable::All => json!("all"),
@@ -549,9 +617,12 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         "grad_accum": a.grad_accum,
         "seq_len": a.seq_len,
         "seed": a.seed,
-        "eval_split": a.eval_split,
+        "eval_split": eval_split,
         "aux_loss_alpha": a.aux_loss_alpha,
     });
+    if let Some(path) = &a.eval_data {
+        identity["eval_data"] = file_sha256(path)?.into();
+    }
     let LoadedModel { model, store, .. } = loaded;
     let config = model.config().clone();
     let (n_train, n_eval) = (train_set.len(), eval_set.len());
@@ -561,30 +632,39 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         eprintln!("resumed {} at step {}", state.display(), run.step());
     }
     let trainable = run.trainable_params();
-    let mut progress = Progress::new("train", a.steps, "steps", a.json);
+    let mut progress = Progress::new("train", steps, "steps", a.json);
     progress.event(
         "start",
-        json!({"train_samples": n_train, "eval_samples": n_eval, "trainable_params": trainable, "step": run.step()}),
+        json!({"steps": steps, "train_samples": n_train, "eval_samples": n_eval,
+               "trainable_params": trainable, "step": run.step()}),
     );
     if run.step() > 0 {
-        progress.advance(run.step(), json!({"resumed_at": run.step()}));
+        progress.advance(
+            run.step(),
+            json!({"resumed_at": run.step(), "trained_tokens": run.trained_tokens()}),
+        );
     }
     let started = Instant::now();
     let mut evaluated_at = None;
-    while run.step() < a.steps {
+    while run.step() < steps {
         let t0 = Instant::now();
-        let r = run.train_step()?;
+        let r = match run.train_step() {
+            Ok(r) => r,
+            Err(e) => return Err(drop_diverged_state(e, &state)),
+        };
         let dt = t0.elapsed().as_secs_f64();
         progress.advance(
             1,
-            json!({"step": r.step, "loss": r.loss, "balance_loss": r.balance_loss, "lr": r.lr,
-                   "grad_norm": r.grad_norm, "tokens_per_s": (r.tokens as f64 / dt).round()}),
+            json!({"step": r.step, "total_steps": steps, "loss": r.loss,
+                   "balance_loss": r.balance_loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                   "tokens_per_s": (r.tokens as f64 / dt).round(),
+                   "trained_tokens": run.trained_tokens()}),
         );
         if a.eval_every > 0 && r.step % a.eval_every == 0 {
-            evaluate(&mut run, &mut progress)?;
+            evaluate(&mut run, &mut progress).map_err(|e| drop_diverged_state(e, &state))?;
             evaluated_at = Some(r.step);
         }
-        if a.save_every > 0 && r.step % a.save_every == 0 && r.step < a.steps {
+        if a.save_every > 0 && r.step % a.save_every == 0 && r.step < steps {
             run.save(&state, &identity)?;
             progress.event(
                 "save",
@@ -593,18 +673,26 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         }
     }
     if evaluated_at != Some(run.step()) {
-        evaluate(&mut run, &mut progress)?;
+        evaluate(&mut run, &mut progress).map_err(|e| drop_diverged_state(e, &state))?;
     }
     let seconds = started.elapsed().as_secs_f64();
 
     let base = BaseModel::new(config, store);
-    let training = Provenance {
+    let mut training = Provenance {
         data: Some(a.data.display().to_string()),
-        steps: Some(a.steps),
+        steps: Some(steps),
         lr: Some(a.lr),
         seed: Some(a.seed),
         ..Provenance::default()
     };
+    if let Some(epochs) = a.epochs {
+        training.extra.insert("epochs".into(), epochs.into());
+    }
+    if let Some(path) = &a.eval_data {
+        training
+            .extra
+            .insert("eval_data".into(), path.display().to_string().into());
+    }
     train::write_result(&run, &what, &base, &a.model, &a.out, training)?;
     if state.exists() {
         std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
@@ -612,6 +700,8 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     let best = run.best();
     progress.finish(json!({
         "out": a.out.display().to_string(),
+        "steps": steps,
+        "trained_tokens": run.trained_tokens(),
         "trainable_params": trainable,
         "seconds": seconds,
         "best_eval_loss": best.map(|b| b.0),
@@ -625,6 +715,17 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// A run whose loss diverged cannot be resumed to anything else: its saved state goes
+/// with it. Returns `e`.
+fn drop_diverged_state(e: anyhow::Error, state: &Path) -> anyhow::Error {
+    if crate::error::code(&e) == "nan_loss" && state.exists() {
+        if let Err(rm) = std::fs::remove_dir_all(state) {
+            eprintln!("note: could not remove {}: {rm}", state.display());
+        }
+    }
+    e
 }
 
 fn evaluate(run: &mut Run, progress: &mut Progress) -> Result<()> {

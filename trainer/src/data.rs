@@ -4,15 +4,18 @@
 //! `{"messages": [{"role": "user"|"assistant", "content": ..., "mask"?: 0|1}, ...]}`, a
 //! plain `{"prompt": ..., "completion": ...}` (only the completion is learned), or
 //! pretraining text `{"text": ...}` (every token is learned). Eval lines are the reference eval format
-//! `{"prompt": ..., "answers": [...]}`. Every problem is reported with its line number, and
-//! a whole file is checked before any work starts. Reading the lines and their structural
+//! `{"prompt": ..., "answers": [...]}`. Every problem is reported with its line number (a
+//! [`Failure`]: invalid data, or too little of it), and a whole file is checked before any
+//! work starts. Reading the lines and their structural
 //! check are shared with the server (`esft::jobs::data`); this module tokenizes.
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
 
-use esft::jobs::data::{for_each_json_line, parse_train_line, Message, TrainLine};
+use esft::jobs::data::{for_each_json_line, parse_train_line, Message, TrainLine, NO_SAMPLES};
+
+use crate::error::{DataProblem, Failure};
 use esft::model::tokenizer::TextTokenizer;
 
 /// One tokenized training sample.
@@ -69,7 +72,8 @@ impl SpecialIds {
 }
 
 /// Raw JSON lines of `path` with their 1-based numbers (blank lines skipped); an empty file
-/// is an error. The line reading is the server's too ([`esft::jobs::data`]).
+/// is an error. The line reading is the server's too ([`esft::jobs::data`]). A bad line is
+/// [`Failure::InvalidData`], a file without lines [`Failure::DataTooSmall`].
 pub(crate) fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
     let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
@@ -77,10 +81,14 @@ pub(crate) fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>>
         out.push((line, v));
         Ok(())
     })
-    .map_err(|e| match e.line {
-        // "FILE line N: what", "FILE: what"
-        Some(_) => anyhow::anyhow!("{} {e}", path.display()),
-        None => anyhow::anyhow!("{}: {e}", path.display()),
+    .map_err(|e| -> anyhow::Error {
+        let problem = DataProblem::new(path, e.line, e.message.clone());
+        match e.line {
+            Some(_) => Failure::InvalidData(problem).into(),
+            None if e.message == NO_SAMPLES => Failure::DataTooSmall(problem).into(),
+            // The file could not be read: not a problem of its content.
+            None => anyhow::anyhow!("{problem}"),
+        }
     })?;
     Ok(out)
 }
@@ -103,30 +111,29 @@ pub fn load_train(
 ) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
     for (line, v) in json_lines(path)? {
-        let at = || format!("{} line {line}", path.display());
-        let parsed = parse_train_line(&v).map_err(|m| anyhow::anyhow!("{}: {m}", at()))?;
+        let refuse =
+            |message: String| Failure::InvalidData(DataProblem::new(path, Some(line), message));
+        let parsed = parse_train_line(&v).map_err(refuse)?;
         let sample = match parsed {
-            TrainLine::Chat { messages } => {
-                format_chat(&messages, tok, ids, line).with_context(at)?
-            }
+            TrainLine::Chat { messages } => format_chat(&messages, tok, ids, line),
             TrainLine::Plain { prompt, completion } => {
-                format_plain(&prompt, &completion, tok, ids, line).with_context(at)?
+                format_plain(&prompt, &completion, tok, ids, line)
             }
-            TrainLine::Text { text } => format_text(&text, tok, ids, line).with_context(at)?,
-        };
+            TrainLine::Text { text } => format_text(&text, tok, ids, line),
+        }
+        .map_err(|e| refuse(format!("{e:#}")))?;
         if let Some(max) = limits.max_tokens {
             if sample.len() > max {
-                bail!(
-                    "{}: the sample has {} tokens, more than --seq-len {max}",
-                    at(),
+                return Err(refuse(format!(
+                    "the sample has {} tokens, more than --seq-len {max}",
                     sample.len()
-                );
+                ))
+                .into());
             }
         }
         if limits.need_targets && sample.target_count() == 0 {
-            bail!(
-                "{}: the sample has no unmasked assistant turn to learn from",
-                at()
+            return Err(
+                refuse("the sample has no unmasked assistant turn to learn from".into()).into(),
             );
         }
         out.push(sample);
@@ -266,19 +273,24 @@ pub fn load_eval(path: &Path) -> Result<Vec<EvalItem>> {
     json_lines(path)?
         .into_iter()
         .map(|(line, v)| {
+            let refuse = |message: String| {
+                anyhow::Error::from(Failure::InvalidData(DataProblem::new(
+                    path,
+                    Some(line),
+                    message,
+                )))
+            };
             let e: EvalLine = serde_json::from_value(v).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} line {line}: expected {{\"prompt\": string, \"answers\": [string, ...]}} \
-                     ({e})",
-                    path.display()
-                )
+                refuse(format!(
+                    "expected {{\"prompt\": string, \"answers\": [string, ...]}} ({e})"
+                ))
             })?;
             let answers = match e.answers {
                 Answers::Many(a) => a,
                 Answers::One(a) => vec![a],
             };
             if answers.is_empty() {
-                bail!("{} line {line}: `answers` is empty", path.display());
+                return Err(refuse("`answers` is empty".into()));
             }
             Ok(EvalItem {
                 line,

@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod data;
+pub mod error;
 pub mod eval;
 pub mod import;
 pub mod init;

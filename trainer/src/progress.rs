@@ -1,5 +1,33 @@
 //! Progress of long work: a progress bar on the terminal, or JSON lines on stdout (`--json`)
 //! for programs that drive the trainer.
+//!
+//! With `--json` stdout holds only these lines, one JSON object each. Every line but `error`
+//! has `task` (the subcommand: `score`, `train`, `eval`, `select`), `event`, `done` and
+//! `total` (units done and to do: tokens for `score`, optimizer steps for `train`, items for
+//! `eval`), and the event's own fields. Field names are stable.
+//!
+//! - `score`: `progress` (`tokens_per_s`), then `done` (`tokens`: tokens scored).
+//! - `select`: `done` (`experts`: experts selected, `layers`, `out`).
+//! - `train`:
+//!   - `start`: `steps` (the steps the run makes, from `--steps` or `--epochs`),
+//!     `train_samples`, `eval_samples`, `trainable_params`, `step` (where it starts: above
+//!     0 when resumed);
+//!   - `progress`, once more when resumed (`resumed_at`, `trained_tokens`), then once per
+//!     step: `step`, `total_steps`, `loss` (mean target-token cross-entropy), `balance_loss`,
+//!     `lr`, `grad_norm`, `tokens_per_s`, `trained_tokens` (tokens of every sample trained
+//!     on so far, prompts included, summed over the steps; kept across `--resume`);
+//!   - `eval`: `step`, `eval_loss`, `best` (whether it is the best eval loss so far, whose
+//!     weights the result keeps);
+//!   - `save`: `step`, `dir` (the resumable state);
+//!   - `done`: `out`, `steps`, `trained_tokens`, `trainable_params`, `seconds`,
+//!     `best_eval_loss` and `best_step` (null without eval data).
+//! - `eval`: `progress`, `done` (the summary itself is printed after them).
+//! - `error`, the last line of any failed command, then a non-zero exit: `task`, `event`,
+//!   `code` and `message` only. `code` is `invalid_data` (a data line is refused: its
+//!   format, its tokens, longer than `--seq-len`, nothing to learn), `data_too_small` (no
+//!   sample, or too few for the eval split), `nan_loss` (the loss became NaN or infinite;
+//!   nothing is written) or `internal` (anything else). A data error's `message` names the
+//!   file without its directories.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -82,6 +110,11 @@ impl Progress {
         }
         println!("{line}");
     }
+}
+
+/// The `error` line of a failed `task`.
+pub fn error_line(task: &str, code: &str, message: &str) -> String {
+    json!({"task": task, "event": "error", "code": code, "message": message}).to_string()
 }
 
 fn short(v: &Value) -> String {

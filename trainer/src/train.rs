@@ -20,6 +20,7 @@ use esft::adapter::ExpertConfig;
 use esft::model::{DeepSeekV2, ExpertMap, LogitsWanted, SeqInput, TrainableWeight, WeightKind};
 
 use crate::data::Sample;
+use crate::error::Failure;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Moments};
 
 /// What to train.
@@ -211,6 +212,96 @@ struct DataCursor {
     next: usize,
 }
 
+/// The order samples are trained in and their packing: every epoch a seeded shuffle of all
+/// of them, cut in order into micro-batches of at most `budget` tokens (at least one sample
+/// each; no micro-batch spans two epochs).
+#[derive(Debug, Clone)]
+struct Feed {
+    seed: u64,
+    budget: usize,
+    cursor: DataCursor,
+    order: Vec<usize>,
+}
+
+impl Feed {
+    /// The feed of `n` samples at `cursor`.
+    fn new(cfg: &TrainConfig, n: usize, cursor: DataCursor) -> Self {
+        let mut feed = Self {
+            seed: cfg.seed,
+            budget: cfg.batch * cfg.seq_len,
+            cursor,
+            order: Vec::new(),
+        };
+        feed.shuffle(n);
+        feed
+    }
+
+    fn shuffle(&mut self, n: usize) {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.seed
+                .wrapping_add(self.cursor.epoch.wrapping_mul(0x9e37_79b9)),
+        );
+        self.order = (0..n).collect();
+        self.order.shuffle(&mut rng);
+    }
+
+    /// The next micro-batch: samples in epoch order while they fit the token budget (at
+    /// least one). `len` gives a sample's tokens.
+    fn next_micro(&mut self, len: impl Fn(usize) -> usize) -> Vec<usize> {
+        let mut group = Vec::new();
+        let mut tokens = 0;
+        loop {
+            if self.cursor.next == self.order.len() {
+                if !group.is_empty() {
+                    break;
+                }
+                self.cursor = DataCursor {
+                    epoch: self.cursor.epoch + 1,
+                    next: 0,
+                };
+                self.shuffle(self.order.len());
+            }
+            let i = self.order[self.cursor.next];
+            let l = len(i);
+            if !group.is_empty() && tokens + l > self.budget {
+                break;
+            }
+            group.push(i);
+            tokens += l;
+            self.cursor.next += 1;
+        }
+        group
+    }
+}
+
+/// The optimizer steps of `epochs` passes over `train` with `cfg`'s packing (its `batch`,
+/// `seq_len`, `grad_accum` and `seed`; `cfg.steps` is not read): every micro-batch of the
+/// epochs, in steps of `grad_accum`, the last one rounded up.
+pub fn steps_for_epochs(train: &[Sample], epochs: u64, cfg: &TrainConfig) -> u64 {
+    if train.is_empty() || epochs == 0 {
+        return 0;
+    }
+    let mut feed = Feed::new(cfg, train.len(), DataCursor { epoch: 0, next: 0 });
+    let mut micro = 0u64;
+    while feed.cursor.epoch < epochs - 1 || feed.cursor.next < train.len() {
+        feed.next_micro(|i| train[i].len());
+        micro += 1;
+    }
+    micro.div_ceil(cfg.grad_accum.max(1) as u64)
+}
+
+/// Tokens of the samples in the first `steps` optimizer steps of a run over `train`.
+fn tokens_of_steps(train: &[Sample], steps: u64, cfg: &TrainConfig) -> u64 {
+    let mut feed = Feed::new(cfg, train.len(), DataCursor { epoch: 0, next: 0 });
+    let mut tokens = 0;
+    for _ in 0..steps * cfg.grad_accum as u64 {
+        for i in feed.next_micro(|i| train[i].len()) {
+            tokens += train[i].len() as u64;
+        }
+    }
+    tokens
+}
+
 /// The best eval checkpoint so far.
 struct Best {
     loss: f64,
@@ -239,8 +330,9 @@ pub struct Run {
     cfg: TrainConfig,
     train: Vec<Sample>,
     eval: Vec<Sample>,
-    order: Vec<usize>,
-    cursor: DataCursor,
+    feed: Feed,
+    /// Tokens of the samples trained on so far, every step's summed.
+    trained_tokens: u64,
     best: Option<Best>,
 }
 
@@ -277,19 +369,18 @@ impl Run {
         }
         let vars: Vec<&Var> = weights.iter().map(|w| &w.var).collect();
         let opt = AdamW::new(cfg.adamw(), &vars);
-        let mut run = Self {
+        let feed = Feed::new(&cfg, train.len(), DataCursor { epoch: 0, next: 0 });
+        Ok(Self {
             model,
             weights,
             opt,
             cfg,
             train,
             eval,
-            order: Vec::new(),
-            cursor: DataCursor { epoch: 0, next: 0 },
+            feed,
+            trained_tokens: 0,
             best: None,
-        };
-        run.shuffle();
-        Ok(run)
+        })
     }
 
     pub fn step(&self) -> u64 {
@@ -308,49 +399,16 @@ impl Run {
         self.weights.iter().map(|w| w.var.elem_count()).sum()
     }
 
-    fn shuffle(&mut self) {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-            self.cfg
-                .seed
-                .wrapping_add(self.cursor.epoch.wrapping_mul(0x9e37_79b9)),
-        );
-        self.order = (0..self.train.len()).collect();
-        self.order.shuffle(&mut rng);
-    }
-
-    /// The next micro-batch: samples in epoch order while they fit the token budget (at
-    /// least one).
-    fn next_micro(&mut self) -> Vec<usize> {
-        let budget = self.cfg.batch * self.cfg.seq_len;
-        let mut group = Vec::new();
-        let mut tokens = 0;
-        loop {
-            if self.cursor.next == self.order.len() {
-                if !group.is_empty() {
-                    break;
-                }
-                self.cursor = DataCursor {
-                    epoch: self.cursor.epoch + 1,
-                    next: 0,
-                };
-                self.shuffle();
-            }
-            let i = self.order[self.cursor.next];
-            let len = self.train[i].len();
-            if !group.is_empty() && tokens + len > budget {
-                break;
-            }
-            group.push(i);
-            tokens += len;
-            self.cursor.next += 1;
-        }
-        group
+    /// Tokens of the samples trained on so far (prompts included), summed over the steps.
+    pub fn trained_tokens(&self) -> u64 {
+        self.trained_tokens
     }
 
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepReport> {
+        let train = &self.train;
         let micro: Vec<Vec<usize>> = (0..self.cfg.grad_accum)
-            .map(|_| self.next_micro())
+            .map(|_| self.feed.next_micro(|i| train[i].len()))
             .collect();
         let targets: usize = micro
             .iter()
@@ -382,15 +440,32 @@ impl Run {
                 }
             }
         }
+        let loss = nll_total / targets as f64;
+        // Nothing is updated with a diverged loss or gradient: the run stops here.
+        let failed = |quantity, value| Failure::NonFinite {
+            quantity,
+            value,
+            step: self.opt.step + 1,
+        };
+        if !loss.is_finite() {
+            return Err(failed("loss", loss).into());
+        }
+        if !balance_total.is_finite() {
+            return Err(failed("load-balancing loss", balance_total).into());
+        }
         let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(failed("gradient norm", grad_norm).into());
+        }
         let step = self.opt.step;
         let lr = self.cfg.lr_at(step);
         let vars: Vec<&Var> = self.weights.iter().map(|w| &w.var).collect();
         self.opt.update(&vars, &grads, lr)?;
         self.model.refresh_derived()?;
+        self.trained_tokens += tokens as u64;
         Ok(StepReport {
             step: self.opt.step,
-            loss: nll_total / targets as f64,
+            loss,
             balance_loss: balance_total,
             lr,
             grad_norm,
@@ -408,7 +483,16 @@ impl Run {
         self.model.set_differentiable(false);
         let loss = mean_loss(&self.model, None, &refs, self.cfg.batch * self.cfg.seq_len);
         self.model.set_differentiable(true);
-        Ok(Some(loss?))
+        let loss = loss?;
+        if !loss.is_finite() {
+            return Err(Failure::NonFinite {
+                quantity: "eval loss",
+                value: loss,
+                step: self.opt.step,
+            }
+            .into());
+        }
+        Ok(Some(loss))
     }
 
     /// Records `loss` as the eval loss of the current weights; keeps a copy of them if it is
@@ -517,6 +601,9 @@ struct SavedState {
     step: u64,
     cursor: DataCursor,
     best: Option<(f64, u64)>,
+    /// [`Run::trained_tokens`] (recomputed for a state saved without it).
+    #[serde(default)]
+    trained_tokens: Option<u64>,
 }
 
 impl Run {
@@ -557,8 +644,9 @@ impl Run {
         let state = SavedState {
             identity: identity.clone(),
             step: self.opt.step,
-            cursor: self.cursor,
+            cursor: self.feed.cursor,
             best: self.best(),
+            trained_tokens: Some(self.trained_tokens),
         };
         std::fs::write(
             tmp.path().join(STATE_FILE),
@@ -626,8 +714,10 @@ impl Run {
             }
             None => None,
         };
-        self.cursor = state.cursor;
-        self.shuffle();
+        self.feed = Feed::new(&self.cfg, self.train.len(), state.cursor);
+        self.trained_tokens = state
+            .trained_tokens
+            .unwrap_or_else(|| tokens_of_steps(&self.train, state.step, &self.cfg));
         self.model.refresh_derived()?;
         Ok(())
     }
@@ -687,6 +777,55 @@ mod tests {
         let cos = cfg(Schedule::Cosine);
         assert!((cos.lr_at(6) - 0.5).abs() < 1e-12);
         assert!(cos.lr_at(9) < 0.05);
+    }
+
+    #[test]
+    fn epochs_become_steps_that_see_every_sample_that_often() {
+        // Lengths 2..=9 over a budget of 16 tokens: micro-batches of one to several samples.
+        let train: Vec<Sample> = (0..37)
+            .map(|i| Sample {
+                line: i + 1,
+                tokens: vec![0; 2 + i % 8],
+                trained: vec![true; 2 + i % 8],
+            })
+            .collect();
+        let total: u64 = train.iter().map(|s| s.len() as u64).sum();
+        for (grad_accum, epochs) in [(1, 1), (1, 3), (2, 2), (3, 1), (4, 5)] {
+            let c = TrainConfig {
+                batch: 2,
+                grad_accum,
+                ..cfg(Schedule::Linear)
+            };
+            let steps = steps_for_epochs(&train, epochs, &c);
+            let ga = grad_accum as u64;
+            // How often each sample is trained on in the first `steps` steps.
+            let seen = |steps: u64| {
+                let mut feed = Feed::new(&c, train.len(), DataCursor { epoch: 0, next: 0 });
+                let mut seen = vec![0u64; train.len()];
+                for _ in 0..steps * ga {
+                    for i in feed.next_micro(|i| train[i].len()) {
+                        seen[i] += 1;
+                    }
+                }
+                seen
+            };
+            let all = seen(steps);
+            assert!(all.iter().all(|&n| n >= epochs), "{all:?}");
+            if grad_accum == 1 {
+                assert!(all.iter().all(|&n| n == epochs), "{all:?}");
+                assert_eq!(tokens_of_steps(&train, steps, &c), epochs * total);
+            } else {
+                // Rounding up to whole steps adds less than a step of the next epoch.
+                let extra: u64 = all.iter().map(|&n| n - epochs).sum();
+                assert!(extra < ga * 8, "{extra}");
+            }
+            // One step fewer misses a sample.
+            assert!(
+                seen(steps - 1).iter().any(|&n| n < epochs),
+                "accum {grad_accum}, {epochs} epochs: {steps} steps are more than needed"
+            );
+        }
+        assert_eq!(steps_for_epochs(&train[..1], 2, &cfg(Schedule::Linear)), 2);
     }
 
     #[test]

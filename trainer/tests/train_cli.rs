@@ -41,6 +41,32 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Runs `esft-train args` until it has saved its state in `state` (and a little longer),
+/// then kills it.
+fn kill_after_a_save(args: &[String], state: &Path) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_esft-train"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !state.join("state.json").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "no state saved");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn events(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn score_select_train_eval_pipeline() {
     let tmp = tempfile::tempdir().unwrap();
@@ -333,13 +359,19 @@ fn bad_data_is_refused_with_its_line_before_training() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let good = task_lines(3);
-    let cases: Vec<(Vec<String>, &str)> = vec![
+    // (lines, what stderr says, the code of the error line)
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
         (
             vec![good[0].clone(), "{not json".into()],
             "line 2: not JSON",
+            "invalid_data",
         ),
-        (vec![good[0].clone(), r#"{"prompt": "x"}"#.into()], "line 2"),
-        (vec![], "holds no samples"),
+        (
+            vec![good[0].clone(), r#"{"prompt": "x"}"#.into()],
+            "line 2",
+            "invalid_data",
+        ),
+        (vec![], "holds no samples", "data_too_small"),
         (
             vec![
                 good[0].clone(),
@@ -350,14 +382,23 @@ fn bad_data_is_refused_with_its_line_before_training() {
                 ),
             ],
             "line 3: the sample has",
+            "invalid_data",
         ),
         (
             vec![r#"{"messages": [{"role": "robot", "content": "x"}]}"#.into()],
             "line 1: message 0 has role \"robot\"",
+            "invalid_data",
         ),
+        (
+            vec![r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "mask": 1}]}"#.into()],
+            "line 1: the sample has no unmasked assistant turn",
+            "invalid_data",
+        ),
+        // One sample leaves nothing to hold out for the (default) eval split.
+        (vec![good[0].clone()], "too few to hold out", "data_too_small"),
     ];
     std::fs::write(t.join("experts.json"), r#"{"experts": {"1": [0]}}"#).unwrap();
-    for (lines, want) in cases {
+    for (lines, want, code) in cases {
         let data = t.join("bad.jsonl");
         write_lines(&data, &lines);
         let out = t.join("adapters/bad");
@@ -379,11 +420,21 @@ fn bad_data_is_refused_with_its_line_before_training() {
         ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(want), "{want}: {err}");
-        assert!(
-            o.stdout.is_empty(),
-            "training started: {}",
-            String::from_utf8_lossy(&o.stdout)
+        // Nothing but the error line: training never started.
+        let stdout = String::from_utf8(o.stdout).unwrap();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(
+            (&line["task"], &line["event"], &line["code"]),
+            (&"train".into(), &"error".into(), &code.into()),
+            "{want}: {line}"
         );
+        // The message names the file, not where it lies.
+        let message = line["message"].as_str().unwrap();
+        assert!(message.contains(want), "{message}");
+        assert!(message.starts_with("bad.jsonl"), "{message}");
+        assert!(!message.contains(s(t)), "{message}");
         assert!(!out.exists() && !t.join("adapters/.bad.train-state").exists());
     }
     // A bad expert config is refused too.
@@ -442,6 +493,7 @@ fn a_killed_run_resumes_and_never_shows_a_partial_adapter() {
             "50",
             "--save-every",
             "1",
+            "--json",
         ]
         .iter()
         .map(|v| v.to_string())
@@ -449,20 +501,7 @@ fn a_killed_run_resumes_and_never_shows_a_partial_adapter() {
     };
     let out = t.join("adapters/resumed");
     let state = t.join("adapters/.resumed.train-state");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_esft-train"))
-        .args(args(&out))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !state.join("state.json").exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no state saved");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(150));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after_a_save(&args(&out), &state);
     assert!(
         !out.exists(),
         "a partial adapter is visible under the final name"
@@ -480,15 +519,399 @@ fn a_killed_run_resumes_and_never_shows_a_partial_adapter() {
     let o = esft_train(&resume.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("at step {step}")));
+    let resumed = events(&String::from_utf8(o.stdout).unwrap());
+    assert_eq!(resumed[0]["event"], "start");
+    assert_eq!(resumed[0]["step"], step);
+    assert_eq!(resumed[1]["resumed_at"], step);
 
-    // The same run uninterrupted writes the same adapter.
+    // The same run uninterrupted writes the same adapter, after the same tokens.
     let straight = t.join("adapters/straight");
-    ok(&args(&straight)
+    let uninterrupted = events(&ok(&args(&straight)
         .iter()
         .map(String::as_str)
-        .collect::<Vec<_>>());
+        .collect::<Vec<_>>()));
+    let tokens_at = |events: &[serde_json::Value], step: u64| {
+        events
+            .iter()
+            .find(|e| e["event"] == "progress" && e["step"] == step)
+            .map(|e| e["trained_tokens"].as_u64().unwrap())
+    };
+    assert_eq!(
+        resumed[1]["trained_tokens"].as_u64(),
+        tokens_at(&uninterrupted, step)
+    );
+    assert_eq!(tokens_at(&resumed, 400), tokens_at(&uninterrupted, 400));
+    let (a_done, b_done) = (resumed.last().unwrap(), uninterrupted.last().unwrap());
+    assert_eq!(a_done["event"], "done");
+    assert_eq!(a_done["trained_tokens"], b_done["trained_tokens"]);
+    assert_eq!(a_done["steps"], 400);
     let a = std::fs::read(out.join("adapter.safetensors")).unwrap();
     let b = std::fs::read(straight.join("adapter.safetensors")).unwrap();
     assert!(a == b, "resumed and uninterrupted runs differ");
     assert!(!state.exists());
+}
+
+/// The tokens of every sample of `data` as the fixture model reads them.
+fn sample_tokens(data: &Path) -> u64 {
+    let loaded = esft::model::LoadedModel::load(&fixture("lite"), &Default::default()).unwrap();
+    let ids = esft_train::data::SpecialIds::of(loaded.model.config(), &loaded.tokenizer).unwrap();
+    esft_train::data::load_train(data, &loaded.tokenizer, ids, Default::default())
+        .unwrap()
+        .iter()
+        .map(|s| s.len() as u64)
+        .sum()
+}
+
+/// The last line of a failed `--json` command: its `error` event.
+fn error_event(o: &std::process::Output) -> serde_json::Value {
+    assert!(!o.status.success());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let e: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(e["event"], "error", "{stdout}");
+    e
+}
+
+#[test]
+fn epochs_train_on_every_sample_that_many_times() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = t.join("train.jsonl");
+    write_lines(&data, &task_lines(30));
+    std::fs::write(
+        t.join("experts.json"),
+        r#"{"experts": {"1": [0, 5], "2": [3]}}"#,
+    )
+    .unwrap();
+    let tokens = sample_tokens(&data);
+    let (model, experts) = (fixture("lite"), t.join("experts.json"));
+    let run = |name: &str, extra: &[&str]| {
+        let out = t.join("adapters").join(name);
+        let mut args = vec![
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--experts",
+            s(&experts),
+            "--out",
+            s(&out),
+            "--lr",
+            "1e-3",
+            "--batch",
+            "4",
+            "--seq-len",
+            "64",
+            "--eval-split",
+            "0",
+            "--json",
+        ];
+        args.extend(extra);
+        esft_train(&args)
+    };
+    for (epochs, accum) in [("1", "1"), ("3", "1"), ("2", "3")] {
+        let o = run("ep", &["--epochs", epochs, "--grad-accum", accum]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let ev = events(&String::from_utf8(o.stdout).unwrap());
+        let steps = ev[0]["steps"].as_u64().unwrap();
+        assert_eq!(ev[0]["event"], "start");
+        assert_eq!(ev[0]["total"], steps);
+        let progress: Vec<_> = ev.iter().filter(|e| e["event"] == "progress").collect();
+        assert_eq!(progress.len() as u64, steps);
+        assert!(progress.iter().all(|e| e["total_steps"] == steps));
+        let done = ev.last().unwrap();
+        assert_eq!(
+            (&done["event"], &done["steps"]),
+            (&"done".into(), &steps.into())
+        );
+        let trained = done["trained_tokens"].as_u64().unwrap();
+        let epochs: u64 = epochs.parse().unwrap();
+        if accum == "1" {
+            // Every sample exactly `epochs` times.
+            assert_eq!(trained, epochs * tokens, "{epochs} epochs");
+        } else {
+            // Whole steps: less than one step (3 micro-batches of 4 x 64 tokens) more.
+            assert!(
+                (epochs * tokens..epochs * tokens + 3 * 256).contains(&trained),
+                "{trained} tokens for {epochs} epochs of {tokens}"
+            );
+        }
+        // Several samples share a micro-batch of 4 x 64 tokens.
+        let micro_per_epoch = steps * accum.parse::<u64>().unwrap() / epochs;
+        assert!(
+            (tokens / 256..30).contains(&micro_per_epoch),
+            "{micro_per_epoch} micro-batches an epoch"
+        );
+        std::fs::remove_dir_all(t.join("adapters/ep")).unwrap();
+    }
+    // One of --steps and --epochs; --epochs is at least 1.
+    for extra in [&["--epochs", "2", "--steps", "5"][..], &["--epochs", "0"]] {
+        let o = run("bad", extra);
+        let e = error_event(&o);
+        assert_eq!(
+            (&e["task"], &e["code"]),
+            (&"train".into(), &"internal".into())
+        );
+        assert!(!t.join("adapters/bad").exists());
+    }
+}
+
+#[test]
+fn eval_data_comes_from_its_own_file_and_belongs_to_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let lines = task_lines(46);
+    let (data, eval) = (t.join("train.jsonl"), t.join("held-out.jsonl"));
+    write_lines(&data, &lines[..40]);
+    write_lines(&eval, &lines[40..]);
+    std::fs::write(
+        t.join("experts.json"),
+        r#"{"experts": {"1": [0, 5], "2": [3]}}"#,
+    )
+    .unwrap();
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--model",
+            s(&fixture("lite")),
+            "--data",
+            s(&data),
+            "--experts",
+            s(&t.join("experts.json")),
+            "--out",
+            s(out),
+            "--lr",
+            "1e-3",
+            "--batch",
+            "1",
+            "--seq-len",
+            "64",
+            "--eval-data",
+            s(&eval),
+            "--json",
+        ]
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+        v.extend(extra.iter().map(|v| v.to_string()));
+        v
+    };
+    let run = |out: &Path, extra: &[&str]| {
+        esft_train(
+            &args(out, extra)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+    };
+
+    let o = run(
+        &t.join("adapters/a"),
+        &["--steps", "4", "--eval-every", "2"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ev = events(&String::from_utf8(o.stdout).unwrap());
+    assert_eq!(
+        (&ev[0]["train_samples"], &ev[0]["eval_samples"]),
+        (&40.into(), &6.into())
+    );
+    let evals: Vec<_> = ev.iter().filter(|e| e["event"] == "eval").collect();
+    assert_eq!(evals.len(), 2);
+    assert!(evals.iter().all(|e| e["eval_loss"].as_f64().unwrap() > 0.0));
+    let done = ev.last().unwrap();
+    assert!(done["best_step"] == 2 || done["best_step"] == 4, "{done}");
+    // --eval-split 0 is what --eval-data means; another share is refused.
+    let o = run(
+        &t.join("adapters/b"),
+        &["--steps", "1", "--eval-split", "0"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(
+        &t.join("adapters/c"),
+        &["--steps", "1", "--eval-split", "0.1"],
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--eval-data"));
+    assert_eq!(error_event(&o)["code"], "internal");
+
+    // A bad held-out line is bad data, named by its file.
+    write_lines(&eval, &[lines[40].clone(), r#"{"prompt": 1}"#.into()]);
+    let o = run(&t.join("adapters/d"), &["--steps", "1"]);
+    let e = error_event(&o);
+    assert_eq!(e["code"], "invalid_data");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("held-out.jsonl line 2"),
+        "{e}"
+    );
+    assert!(!t.join("adapters/d").exists());
+
+    // A resume continues only the run made with the same held-out data.
+    write_lines(&eval, &lines[40..]);
+    let out = t.join("adapters/resumed");
+    let state = t.join("adapters/.resumed.train-state");
+    let long = ["--steps", "400", "--eval-every", "100", "--save-every", "1"];
+    kill_after_a_save(&args(&out, &long), &state);
+    write_lines(&eval, &lines[39..]);
+    let mut resume = long.to_vec();
+    resume.push("--resume");
+    let o = run(&out, &resume);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("eval_data was"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    write_lines(&eval, &lines[40..]);
+    // A state saved without its token count gets it recomputed.
+    let saved = state.join("state.json");
+    let mut st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    assert!(st["trained_tokens"].as_u64().unwrap() > 0);
+    st.as_object_mut().unwrap().remove("trained_tokens");
+    std::fs::write(&saved, st.to_string()).unwrap();
+    let o = run(&out, &resume);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let resumed = events(&String::from_utf8(o.stdout).unwrap());
+    let straight = events(&ok(&args(&t.join("adapters/straight"), &long)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()));
+    let (a, b) = (resumed.last().unwrap(), straight.last().unwrap());
+    assert_eq!(a["trained_tokens"], b["trained_tokens"]);
+    assert_eq!(a["best_eval_loss"], b["best_eval_loss"]);
+    let a = std::fs::read(out.join("adapter.safetensors")).unwrap();
+    let b = std::fs::read(t.join("adapters/straight/adapter.safetensors")).unwrap();
+    assert!(a == b, "resumed and uninterrupted runs differ");
+}
+
+#[test]
+fn a_diverging_loss_stops_the_run_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let data = t.join("train.jsonl");
+    write_lines(&data, &task_lines(30));
+    std::fs::write(
+        t.join("experts.json"),
+        r#"{"experts": {"1": [0, 5, 9], "2": [3]}}"#,
+    )
+    .unwrap();
+    let out = t.join("adapters/diverged");
+    // A learning rate far too high for any model drives the weights out of range.
+    let o = esft_train(&[
+        "train",
+        "--model",
+        s(&fixture("lite")),
+        "--data",
+        s(&data),
+        "--experts",
+        s(&t.join("experts.json")),
+        "--out",
+        s(&out),
+        "--steps",
+        "50",
+        "--lr",
+        "1e6",
+        "--batch",
+        "1",
+        "--seq-len",
+        "64",
+        "--eval-split",
+        "0.1",
+        "--eval-every",
+        "1",
+        "--save-every",
+        "1",
+        "--json",
+    ]);
+    let e = error_event(&o);
+    assert_eq!(
+        (&e["task"], &e["code"]),
+        (&"train".into(), &"nan_loss".into()),
+        "{e}"
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(message.contains("at step"), "{message}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    // It ran for a while, then stopped at once.
+    assert!(stdout.contains(r#""event":"save""#), "{stdout}");
+    assert!(!stdout.contains(r#""step":50,"#), "{stdout}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains(message));
+    assert!(!out.exists(), "an adapter was written");
+    assert!(!t.join("adapters/.diverged.train-state").exists());
+    let left: Vec<_> = std::fs::read_dir(t.join("adapters")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn score_and_select_end_json_runs_with_an_outcome_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let score = |data: &Path| {
+        esft_train(&[
+            "score",
+            "--model",
+            s(&fixture("lite")),
+            "--data",
+            s(data),
+            "--tokens",
+            "200",
+            "--out",
+            s(&t.join("scores.json")),
+            "--json",
+        ])
+    };
+    let empty = t.join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let e = error_event(&score(&empty));
+    assert_eq!(
+        (&e["task"], &e["code"]),
+        (&"score".into(), &"data_too_small".into())
+    );
+    assert_eq!(e["message"], "empty.jsonl: the file holds no samples");
+    let bad = t.join("bad.jsonl");
+    write_lines(&bad, &[task_lines(1)[0].clone(), "[]".into()]);
+    assert_eq!(error_event(&score(&bad))["code"], "invalid_data");
+    assert!(!t.join("scores.json").exists());
+
+    let data = t.join("train.jsonl");
+    write_lines(&data, &task_lines(10));
+    let o = score(&data);
+    assert!(o.status.success());
+    let select = |scores: &Path| {
+        esft_train(&[
+            "select",
+            "--scores",
+            s(scores),
+            "--score-function",
+            "token",
+            "--top-p",
+            "0.2",
+            "--out",
+            s(&t.join("experts.json")),
+            "--json",
+        ])
+    };
+    let o = select(&t.join("scores.json"));
+    assert!(o.status.success());
+    let done = events(&String::from_utf8(o.stdout).unwrap());
+    assert_eq!(
+        (&done[0]["task"], &done[0]["event"]),
+        (&"select".into(), &"done".into())
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.join("experts.json")).unwrap()).unwrap();
+    let count: usize = cfg["experts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|l| l.as_array().unwrap().len())
+        .sum();
+    assert_eq!(done[0]["experts"], count);
+    let e = error_event(&select(&t.join("missing.json")));
+    assert_eq!(
+        (&e["task"], &e["code"]),
+        (&"select".into(), &"internal".into())
+    );
 }
