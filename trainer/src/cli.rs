@@ -148,11 +148,16 @@ pub struct TrainArgs {
     /// Sequences of --seq-len tokens per micro-batch (samples are packed, never padded).
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Instead of --batch: as many sequences per micro-batch as make about this many tokens
+    /// (at least one).
+    #[arg(long, conflicts_with = "batch")]
+    pub batch_tokens: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    /// Longest sample; also the packing unit.
-    #[arg(long, default_value_t = 4096)]
-    pub seq_len: usize,
+    /// Longest sample; also the packing unit. `auto`: the longest sample of the data,
+    /// rounded up to a multiple of 64 (at most the model's context).
+    #[arg(long, default_value = "4096", value_parser = parse_seq_len)]
+    pub seq_len: SeqLen,
     /// Linear warmup steps.
     #[arg(long, default_value_t = 0)]
     pub warmup: u64,
@@ -519,6 +524,26 @@ fn file_sha256(path: &Path) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
+/// `--seq-len`: a number of tokens, or `auto` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqLen(pub Option<usize>);
+
+fn parse_seq_len(s: &str) -> Result<SeqLen, String> {
+    if s == "auto" {
+        return Ok(SeqLen(None));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(SeqLen(Some(n))),
+        _ => Err(format!("expected a positive number of tokens or `auto`, not {s:?}")),
+    }
+}
+
+/// The packing unit `--seq-len auto` picks for samples whose longest is `longest` tokens:
+/// rounded up to a multiple of 64, at most `max_context`.
+pub fn auto_seq_len(longest: usize, max_context: usize) -> usize {
+    longest.max(1).div_ceil(64).saturating_mul(64).min(max_context.max(1))
+}
+
 /// The hidden directory beside `out` where a run keeps its resumable state.
 pub fn state_dir(out: &Path) -> Result<PathBuf> {
     let name = out
@@ -541,7 +566,8 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         lr: a.lr,
         batch: a.batch,
         grad_accum: a.grad_accum,
-        seq_len: a.seq_len,
+        // Until `auto` and --batch-tokens are resolved on the data.
+        seq_len: a.seq_len.0.unwrap_or(1),
         warmup: a.warmup,
         schedule: a.schedule,
         beta1,
@@ -578,11 +604,20 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     let loaded = load_model(&a.model)?;
     let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer)?;
     // Every sample is checked before any training starts.
-    let limits = Limits {
-        max_tokens: Some(a.seq_len),
+    let mut limits = Limits {
+        max_tokens: Some(a.seq_len.0.unwrap_or(loaded.max_context())),
         need_targets: true,
     };
     let samples = data::load_train(&a.data, &loaded.tokenizer, ids, limits)?;
+    if a.seq_len.0.is_none() {
+        let longest = samples.iter().map(data::Sample::len).max().unwrap_or(1);
+        cfg.seq_len = auto_seq_len(longest, loaded.max_context());
+        limits.max_tokens = Some(cfg.seq_len);
+    }
+    if let Some(tokens) = a.batch_tokens {
+        cfg.batch = (tokens / cfg.seq_len).max(1);
+    }
+    cfg.validate()?;
     if eval_split > 0.0 && samples.len() < 2 {
         return Err(Failure::DataTooSmall(DataProblem::new(
             &a.data,
@@ -605,7 +640,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     if let Some(epochs) = a.epochs {
         cfg.steps = train::steps_for_epochs(&train_set, epochs, &cfg);
     }
-    let steps = cfg.steps;
+    let (steps, seq_len, batch) = (cfg.steps, cfg.seq_len, cfg.batch);
     let mut identity = json!({
         "base": loaded.model.config().fingerprint(),
         "trainable": match &what {
@@ -613,9 +648,9 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
             Trainable::Experts(c) => serde_json::to_value(c)?,
         },
         "data": file_sha256(&a.data)?,
-        "batch": a.batch,
+        "batch": cfg.batch,
         "grad_accum": a.grad_accum,
-        "seq_len": a.seq_len,
+        "seq_len": cfg.seq_len,
         "seed": a.seed,
         "eval_split": eval_split,
         "aux_loss_alpha": a.aux_loss_alpha,
@@ -636,7 +671,8 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     progress.event(
         "start",
         json!({"steps": steps, "train_samples": n_train, "eval_samples": n_eval,
-               "trainable_params": trainable, "step": run.step()}),
+               "trainable_params": trainable, "step": run.step(), "seq_len": seq_len,
+               "batch": batch}),
     );
     if run.step() > 0 {
         progress.advance(
@@ -825,4 +861,21 @@ fn init_cmd(a: &InitArgs) -> Result<()> {
     let summary = crate::init::init_model(config, &texts, target as usize, a.seed, &a.out)?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_len_auto_rounds_the_longest_sample_up_to_64_within_the_context() {
+        assert_eq!(parse_seq_len("auto"), Ok(SeqLen(None)));
+        assert_eq!(parse_seq_len("256"), Ok(SeqLen(Some(256))));
+        assert!(parse_seq_len("0").is_err() && parse_seq_len("long").is_err());
+        assert_eq!(auto_seq_len(1, 4096), 64);
+        assert_eq!(auto_seq_len(64, 4096), 64);
+        assert_eq!(auto_seq_len(65, 4096), 128);
+        assert_eq!(auto_seq_len(5000, 4096), 4096);
+        assert_eq!(auto_seq_len(0, 4096), 64);
+    }
 }
