@@ -547,7 +547,7 @@ async fn files_beyond_the_json_body_limit_are_taken_up_to_max_file_bytes() {
     assert_eq!(s, StatusCode::OK, "{f}");
     assert_eq!(f["bytes"], big.len());
     let id = f["id"].as_str().unwrap();
-    let (_, bytes) = content(&srv, id.as_ref(), Some(ACME)).await;
+    let (_, bytes) = content(&srv, id, Some(ACME)).await;
     assert_eq!(bytes, big.as_bytes());
     let bigger = TRAIN.repeat((1 << 20) / TRAIN.len() + 1);
     assert_error(

@@ -244,7 +244,7 @@ impl Runner {
     fn cancelled(&self, id: &str) -> bool {
         self.active
             .lock()
-            .map_or(false, |a| a.get(id).is_some_and(|j| j.cancelled))
+            .is_ok_and(|a| a.get(id).is_some_and(|j| j.cancelled))
     }
 
     fn event(
@@ -772,7 +772,7 @@ impl Runner {
         let pid = child.id();
         if let Some(id) = job_id {
             let cancelled = match self.active.lock() {
-                Ok(mut a) => a.get_mut(id).map_or(false, |j| {
+                Ok(mut a) => a.get_mut(id).is_some_and(|j| {
                     j.pid = Some(pid);
                     j.cancelled
                 }),

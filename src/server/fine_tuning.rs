@@ -268,12 +268,15 @@ pub struct CreateJob {
     integrations: Option<Vec<Value>>,
 }
 
+/// A JSON object of a request and the name of where it was.
+type Located<'a> = (Option<&'a Value>, &'static str);
+
 /// Where the hyperparameters and the esft choices are in a create request: OpenAI's
 /// `method.supervised.hyperparameters` (or the older top-level `hyperparameters`), and
 /// `method.esft` or a top-level `esft`.
 fn located_choices(
     b: &CreateJob,
-) -> Result<(Option<&Value>, &'static str, Option<&Value>, &'static str), ApiError> {
+) -> Result<[Located<'_>; 2], ApiError> {
     let mut hyper = (b.hyperparameters.as_ref(), "hyperparameters");
     let mut esft = (b.esft.as_ref(), "esft");
     if let Some(m) = &b.method {
@@ -334,7 +337,7 @@ fn located_choices(
             esft = (Some(e), "method.esft");
         }
     }
-    Ok((hyper.0, hyper.1, esft.0, esft.1))
+    Ok([hyper, esft])
 }
 
 fn check_suffix(suffix: &str) -> Result<(), ApiError> {
@@ -477,7 +480,7 @@ pub async fn create(
             "integrations are not supported",
         ));
     }
-    let (hyper, hyper_param, esft, esft_param) = located_choices(&body)?;
+    let [(hyper, hyper_param), (esft, esft_param)] = located_choices(&body)?;
     let spec = resolve_spec(hyper, hyper_param, esft, esft_param, served.max_context)?;
     if spec.esft.train_non_expert_modules {
         return Err(ApiError::invalid(
