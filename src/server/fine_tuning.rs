@@ -274,9 +274,7 @@ type Located<'a> = (Option<&'a Value>, &'static str);
 /// Where the hyperparameters and the esft choices are in a create request: OpenAI's
 /// `method.supervised.hyperparameters` (or the older top-level `hyperparameters`), and
 /// `method.esft` or a top-level `esft`.
-fn located_choices(
-    b: &CreateJob,
-) -> Result<[Located<'_>; 2], ApiError> {
+fn located_choices(b: &CreateJob) -> Result<[Located<'_>; 2], ApiError> {
     let mut hyper = (b.hyperparameters.as_ref(), "hyperparameters");
     let mut esft = (b.esft.as_ref(), "esft");
     if let Some(m) = &b.method {

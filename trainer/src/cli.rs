@@ -534,14 +534,20 @@ fn parse_seq_len(s: &str) -> Result<SeqLen, String> {
     }
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(SeqLen(Some(n))),
-        _ => Err(format!("expected a positive number of tokens or `auto`, not {s:?}")),
+        _ => Err(format!(
+            "expected a positive number of tokens or `auto`, not {s:?}"
+        )),
     }
 }
 
 /// The packing unit `--seq-len auto` picks for samples whose longest is `longest` tokens:
 /// rounded up to a multiple of 64, at most `max_context`.
 pub fn auto_seq_len(longest: usize, max_context: usize) -> usize {
-    longest.max(1).div_ceil(64).saturating_mul(64).min(max_context.max(1))
+    longest
+        .max(1)
+        .div_ceil(64)
+        .saturating_mul(64)
+        .min(max_context.max(1))
 }
 
 /// The hidden directory beside `out` where a run keeps its resumable state.
