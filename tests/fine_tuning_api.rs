@@ -380,7 +380,7 @@ async fn a_loss_that_turns_nan_fails_the_job_and_leaves_no_adapter() {
     let srv = server(false, |_| {});
     let training = file(&srv, None, 40).await;
     let mut body = job(&training, 50);
-    body["method"]["esft"]["learning_rate"] = json!(10.0);
+    body["method"]["esft"]["learning_rate"] = json!(1e6);
     let created = create(&srv, None, body).await;
     let id = created["id"].as_str().unwrap();
     let done = wait_for(&srv, None, id, 180, |v| {

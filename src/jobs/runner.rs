@@ -115,6 +115,12 @@ impl Runner {
         registry: Arc<AdapterRegistry>,
         cfg: RunnerConfig,
     ) -> Result<Arc<Self>, super::queue::JobsError> {
+        // A job is recorded only after its files were checked: one a crash caught before it
+        // was queued goes on to the queue.
+        for job in jobs.with_status(Status::ValidatingFiles).await? {
+            jobs.transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
+                .await?;
+        }
         for job in jobs.with_status(Status::Running).await? {
             if jobs
                 .transition(&job.id, &[Status::Running], Status::Queued)

@@ -215,7 +215,7 @@ fn resolve_spec(
         e.get("learning_rate"),
         &q("learning_rate"),
         false,
-        (1e-9, 10.0),
+        (1e-9, 1e6),
     )?;
     let scoring_tokens = auto_number(
         e.get("scoring_tokens"),
