@@ -22,8 +22,9 @@ use tools::{python_with_openai, tool};
 const BIN: &str = env!("CARGO_BIN_EXE_esft-serve");
 const ACME: &str = "ft-acme-key";
 const GLOBEX: &str = "ft-globex-key";
-/// Steps of the job the client trains: short, and still far better than the base.
-const STEPS: u64 = 60;
+/// Steps of the job the client trains (at twice the base learning rate): short, and still
+/// far better than the base (35% exact match at 100 steps, the base 0%).
+const STEPS: u64 = 120;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -168,6 +169,7 @@ key_sha256 = ["{globex}"]
             .env("ESFT_STEPS", STEPS.to_string())
             .env("ESFT_ITEMS", "40")
             .env("ESFT_MARGIN", "0.3")
+            .env("ESFT_MAX_TOKENS", "16")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

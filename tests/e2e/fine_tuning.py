@@ -9,8 +9,8 @@ esft server on the demo model (driven by tests/fine_tuning_process.rs):
 
 Environment: ESFT_URL, ESFT_TENANT_KEY (A), ESFT_OTHER_KEY (B), ESFT_BASE_ID, ESFT_TRAIN
 (training JSONL), ESFT_EVAL (held-out `{"prompt", "answers"}` JSONL), ESFT_STEPS (steps of
-the job), ESFT_ITEMS (held-out items asked), ESFT_MARGIN (exact-match points the adapter
-must gain). Prints a JSON line of the numbers, then "checks passed".
+the job, at twice the base learning rate), ESFT_ITEMS (held-out items asked), ESFT_MARGIN
+(exact-match points the adapter must gain), ESFT_MAX_TOKENS (longest answer, default 48). Prints a JSON line of the numbers, then "checks passed".
 """
 
 import json
@@ -65,7 +65,7 @@ def ask(client, model, question):
     r = client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": question}],
-        max_tokens=48,
+        max_tokens=int(os.environ.get("ESFT_MAX_TOKENS", "48")),
         temperature=0,
     )
     return r.choices[0].message.content or ""
@@ -90,7 +90,8 @@ job = A.fine_tuning.jobs.create(
     training_file=uploaded.id,
     suffix="law",
     seed=7,
-    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": "auto"}}},
+    method={"type": "supervised",
+            "supervised": {"hyperparameters": {"n_epochs": "auto", "learning_rate_multiplier": 2}}},
     extra_body={"esft": {"steps": STEPS}},
 )
 check(job.id.startswith("ftjob-") and job.status in ("validating_files", "queued"), f"created: {job}")
