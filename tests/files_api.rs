@@ -160,10 +160,6 @@ async fn every_route_in_openai_shapes() {
         StatusCode::UNAUTHORIZED,
         None,
     );
-    // Fine-tuning jobs do not exist yet: their routes are unknown like any other.
-    let (s, v) = get(&srv, "/v1/fine_tuning/jobs", Some(ACME)).await;
-    assert_eq!(s, StatusCode::NOT_FOUND);
-    assert_eq!(v["error"]["code"], "unknown_url");
 }
 
 #[tokio::test]
