@@ -100,7 +100,7 @@ pub struct EsftChoices {
 }
 
 /// Training tokens per step when the batch size is automatic.
-pub const AUTO_BATCH_TOKENS: usize = 2048;
+pub const AUTO_BATCH_TOKENS: usize = 512;
 
 /// What a job trains with, resolved at creation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

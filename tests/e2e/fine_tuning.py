@@ -9,7 +9,7 @@ esft server on the demo model (driven by tests/fine_tuning_process.rs):
 
 Environment: ESFT_URL, ESFT_TENANT_KEY (A), ESFT_OTHER_KEY (B), ESFT_BASE_ID, ESFT_TRAIN
 (training JSONL), ESFT_EVAL (held-out `{"prompt", "answers"}` JSONL), ESFT_STEPS (steps of
-the job, at twice the base learning rate), ESFT_ITEMS (held-out items asked), ESFT_MARGIN
+the job), ESFT_ITEMS (held-out items asked), ESFT_MARGIN
 (exact-match points the adapter must gain), ESFT_MAX_TOKENS (longest answer, default 48). Prints a JSON line of the numbers, then "checks passed".
 """
 
@@ -90,8 +90,7 @@ job = A.fine_tuning.jobs.create(
     training_file=uploaded.id,
     suffix="law",
     seed=7,
-    method={"type": "supervised",
-            "supervised": {"hyperparameters": {"n_epochs": "auto", "learning_rate_multiplier": 2}}},
+    method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": "auto"}}},
     extra_body={"esft": {"steps": STEPS}},
 )
 check(job.id.startswith("ftjob-") and job.status in ("validating_files", "queued"), f"created: {job}")
