@@ -412,7 +412,12 @@ fn the_per_tenant_cap_leaves_room_for_others() {
     // Only three of a's run: b starts at once and finishes long before them.
     let b = eng.submit(of("b", 4)).unwrap().collect_blocking();
     assert_eq!(b.tokens.len(), 4);
-    assert!(a[3].events.try_recv().is_err(), "a's fourth request waits");
+    let got = a[3].events.try_recv();
+    assert!(
+        got.is_err(),
+        "a's fourth request waits: {:?}",
+        got.map(|e| format!("{e:?}"))
+    );
     for h in a {
         assert_eq!(h.collect_blocking().finish, Some(FinishReason::Length));
     }
