@@ -846,34 +846,15 @@ impl JobStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<JobEvent>, JobsError> {
-        let mut q: QueryBuilder<Db> = QueryBuilder::new(
-            "SELECT id, job_id, seq, created_at, level, kind, message, data FROM job_events \
-             WHERE job_id = ",
-        );
-        q.push_bind(job_id.to_string());
-        if let Some(a) = after {
-            let row = sqlx::query("SELECT seq FROM job_events WHERE id = $1 AND job_id = $2")
-                .bind(a)
-                .bind(job_id)
-                .fetch_optional(&self.pool)
-                .await?
-                .ok_or_else(|| JobsError::NoSuchCursor {
-                    what: "event",
-                    id: a.to_string(),
-                })?;
-            q.push(" AND seq < ")
-                .push_bind(row.try_get::<i64, _>("seq")?);
-        }
-        q.push(" ORDER BY seq DESC LIMIT ")
-            .push_bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX));
-        let rows = q.build().fetch_all(&self.pool).await?;
-        let mut items = rows
-            .iter()
-            .map(JobEvent::from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let has_more = items.len() > limit;
-        items.truncate(limit);
-        Ok(Page { items, has_more })
+        let rows = self
+            .job_rows(
+                "job_events",
+                "id, job_id, seq, created_at, level, kind, message, data",
+                "seq",
+                ("event", job_id, after, limit),
+            )
+            .await?;
+        page(rows.iter().map(JobEvent::from_row), limit)
     }
 
     /// Records a checkpoint (a second one of the same step replaces nothing).
@@ -917,34 +898,47 @@ impl JobStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<Checkpoint>, JobsError> {
-        let mut q: QueryBuilder<Db> = QueryBuilder::new(
-            "SELECT id, job_id, step, created_at, metrics, model FROM job_checkpoints \
-             WHERE job_id = ",
-        );
+        let rows = self
+            .job_rows(
+                "job_checkpoints",
+                "id, job_id, step, created_at, metrics, model",
+                "step",
+                ("checkpoint", job_id, after, limit),
+            )
+            .await?;
+        page(rows.iter().map(Checkpoint::from_row), limit)
+    }
+
+    /// Up to `limit + 1` rows (`columns`) of `table` for one job, highest `order` first,
+    /// after the row whose id is `after` (a `what` of that job).
+    async fn job_rows(
+        &self,
+        table: &str,
+        columns: &str,
+        order: &str,
+        (what, job_id, after, limit): (&'static str, &str, Option<&str>, usize),
+    ) -> Result<Vec<sqlx::sqlite::SqliteRow>, JobsError> {
+        let mut q: QueryBuilder<Db> =
+            QueryBuilder::new(format!("SELECT {columns} FROM {table} WHERE job_id = "));
         q.push_bind(job_id.to_string());
         if let Some(a) = after {
-            let row = sqlx::query("SELECT step FROM job_checkpoints WHERE id = $1 AND job_id = $2")
-                .bind(a)
-                .bind(job_id)
-                .fetch_optional(&self.pool)
-                .await?
-                .ok_or_else(|| JobsError::NoSuchCursor {
-                    what: "checkpoint",
-                    id: a.to_string(),
-                })?;
-            q.push(" AND step < ")
-                .push_bind(row.try_get::<i64, _>("step")?);
+            let row = sqlx::query(&format!(
+                "SELECT {order} FROM {table} WHERE id = $1 AND job_id = $2"
+            ))
+            .bind(a)
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| JobsError::NoSuchCursor {
+                what,
+                id: a.to_string(),
+            })?;
+            q.push(format!(" AND {order} < "))
+                .push_bind(row.try_get::<i64, _>(order)?);
         }
-        q.push(" ORDER BY step DESC LIMIT ")
+        q.push(format!(" ORDER BY {order} DESC LIMIT "))
             .push_bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX));
-        let rows = q.build().fetch_all(&self.pool).await?;
-        let mut items = rows
-            .iter()
-            .map(Checkpoint::from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let has_more = items.len() > limit;
-        items.truncate(limit);
-        Ok(Page { items, has_more })
+        Ok(q.build().fetch_all(&self.pool).await?)
     }
 
     /// Jobs by status, every status listed.
@@ -962,4 +956,15 @@ impl JobStore {
         }
         Ok(out)
     }
+}
+
+/// A page of at most `limit` items from `limit + 1` decoded rows.
+fn page<T>(
+    rows: impl Iterator<Item = Result<T, sqlx::Error>>,
+    limit: usize,
+) -> Result<Page<T>, JobsError> {
+    let mut items = rows.collect::<Result<Vec<_>, _>>()?;
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    Ok(Page { items, has_more })
 }
