@@ -46,14 +46,11 @@ impl LoadOptions {
     pub fn precision(&self) -> super::error::Result<Precision> {
         let (compute, matrices) = (self.dtype, self.matrices());
         if matrices != compute
-            && !(self.device.is_cpu()
-                && compute == DType::F32
-                && matches!(matrices, DType::BF16 | DType::F16))
+            && !(compute == DType::F32 && matches!(matrices, DType::BF16 | DType::F16))
         {
             return Err(ModelError::Invalid(format!(
-                "weight matrices in {matrices:?} under {compute:?} compute on {:?}: narrower \
-                 matrices run only under f32 compute on the CPU, in bf16 or f16",
-                self.device
+                "weight matrices in {matrices:?} under {compute:?} compute: narrower \
+                 matrices run only under f32 compute, in bf16 or f16"
             )));
         }
         Ok(Precision { compute, matrices })
@@ -401,10 +398,12 @@ impl DeepSeekV2 {
         pick: impl Fn(&WeightKind) -> bool,
     ) -> Result<Vec<TrainableWeight>> {
         let tied = self.lm_head.id() == self.embed.id();
+        let compute = self.dtype;
         let mut out = Vec::new();
         for (name, kind, t) in self.weights_mut() {
             if pick(&kind) {
-                let var = Var::from_tensor(t)?;
+                // Trained in the compute dtype, whatever the frozen matrices are kept in.
+                let var = Var::from_tensor(&t.to_dtype(compute)?)?;
                 *t = var.as_tensor().clone();
                 out.push(TrainableWeight { name, kind, var });
             }

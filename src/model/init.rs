@@ -21,11 +21,29 @@ use super::error::{ModelError, Result};
 const INIT_STD: f32 = 0.02;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Fill {
+pub(crate) enum Fill {
     /// Normal with this standard deviation.
     Normal(f32),
     /// Every element this value.
     Const(f32),
+}
+
+impl Fill {
+    /// A tensor of this fill drawn directly on `device` by its own generator (not
+    /// reproducible from a seed, unlike the files this module writes): a full-size model
+    /// for a benchmark without a checkpoint file the size of it.
+    pub(crate) fn draw(
+        self,
+        shape: &[usize],
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        use candle_core::Tensor;
+        match self {
+            Fill::Const(v) => Tensor::full(v, shape, device)?.to_dtype(dtype),
+            Fill::Normal(std) => Tensor::randn(0f32, std, shape, device)?.to_dtype(dtype),
+        }
+    }
 }
 
 /// A tensor whose bytes are generated only when the writer asks for them.
@@ -134,7 +152,7 @@ impl Plan {
 
 /// Every tensor of a DeepSeek-V2 checkpoint with this config, under the names and with the
 /// shapes [`super::DeepSeekV2::load`] expects.
-fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)> {
+pub(crate) fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)> {
     let h = cfg.hidden_size;
     let nh = cfg.num_attention_heads;
     let qk = cfg.qk_head_dim();
@@ -286,6 +304,56 @@ mod tests {
             assert!(logits.iter().flatten().all(|v| v.is_finite()));
             assert!(logits.iter().flatten().any(|&v| v != 0.0));
         }
+    }
+
+    #[test]
+    fn drawn_weights_have_every_name_shape_and_fill_of_a_written_checkpoint() {
+        let config = lite_json();
+        let dir = tempfile::tempdir().unwrap();
+        write_random_checkpoint(&config, 1, dir.path()).unwrap();
+        let written = crate::model::load::WeightStore::open_dir(dir.path()).unwrap();
+        let cfg = Config::from_json(&config.to_string()).unwrap();
+        let drawn = crate::model::load::WeightStore::drawn(&cfg);
+        let mut names: Vec<&str> = drawn.names().collect();
+        let mut want: Vec<&str> = written.names().collect();
+        names.sort();
+        want.sort();
+        assert_eq!(names, want);
+        let dev = candle_core::Device::Cpu;
+        for name in names {
+            assert_eq!(drawn.shape(name), written.shape(name), "{name}");
+            let shape = drawn.shape(name).unwrap().to_vec();
+            let v: Vec<f32> = drawn
+                .get(name, &shape, candle_core::DType::BF16, &dev)
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            if shape.len() == 1 {
+                assert!(v.iter().all(|&x| x == 1.0), "{name} is a norm: ones");
+            } else {
+                let n = v.len() as f64;
+                let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+                let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+                assert!(mean.abs() < 0.01 && (std - 0.02).abs() < 0.004, "{name}: {mean} {std}");
+            }
+        }
+        let wrong = drawn.get("model.norm.weight", &[3], candle_core::DType::F32, &dev);
+        assert!(matches!(wrong, Err(ModelError::ShapeMismatch { .. })));
+        let model = DeepSeekV2::load(cfg, &drawn, &LoadOptions::default()).unwrap();
+        let mut cache = model.new_cache();
+        let mut batch = [SeqInput {
+            tokens: &[3, 4, 5],
+            cache: &mut cache,
+            experts: None,
+            logits: LogitsWanted::Last,
+        }];
+        let logits = model.forward(&mut batch, None).unwrap().logits.unwrap();
+        let logits: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
     }
 
     #[test]

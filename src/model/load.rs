@@ -16,8 +16,9 @@ use super::error::{ModelError, Result};
 
 /// The dtypes a model is loaded in: `compute` for activations and every vector weight
 /// (norms), `matrices` for the weight matrices. A narrower `matrices` (bf16 or f16 under
-/// f32 compute, CPU only) keeps a bf16 checkpoint at its size in memory; the CPU kernels
-/// widen the values as they read them, so the products are the same f32 products.
+/// f32 compute) keeps a bf16 checkpoint at its size in memory; the CPU kernels widen the
+/// values as they read them, other devices widen a matrix for each product, so the products
+/// are the same f32 products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Precision {
     pub compute: DType,
@@ -135,10 +136,13 @@ fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
     }
 }
 
-/// All weight files of a checkpoint directory, with a name -> file index.
+/// All weight files of a checkpoint directory, with a name -> file index; or, for
+/// benchmarks, weights drawn at random as they are loaded ([`WeightStore::drawn`]).
 pub struct WeightStore {
     files: Vec<SafetensorsFile>,
     index: HashMap<String, usize>,
+    /// Weights with no file: name -> (shape, how its values are drawn).
+    drawn: HashMap<String, (Vec<usize>, super::init::Fill)>,
 }
 
 impl WeightStore {
@@ -219,15 +223,38 @@ impl WeightStore {
             }
             files.push(f);
         }
-        Ok(Self { files, index })
+        Ok(Self {
+            files,
+            index,
+            drawn: HashMap::new(),
+        })
+    }
+
+    /// Every weight a checkpoint of `cfg` has, drawn on the device it is loaded to when it
+    /// is loaded, as `esft-train init` would fill it (normal with std 0.02, norms 1) but
+    /// from the device's own generator: a full-size model with no file behind it, for
+    /// benchmarks. Not reproducible.
+    pub fn drawn(cfg: &super::Config) -> Self {
+        let drawn = super::init::checkpoint_tensors(cfg)
+            .into_iter()
+            .map(|(name, shape, fill)| (name, (shape, fill)))
+            .collect();
+        Self {
+            files: Vec::new(),
+            index: HashMap::new(),
+            drawn,
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(name) || self.drawn.contains_key(name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
+        self.index
+            .keys()
+            .chain(self.drawn.keys())
+            .map(String::as_str)
     }
 
     pub fn file_of(&self, name: &str) -> Option<&SafetensorsFile> {
@@ -235,6 +262,9 @@ impl WeightStore {
     }
 
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        if let Some((shape, _)) = self.drawn.get(name) {
+            return Some(shape);
+        }
         self.file_of(name)?.info(name).map(|i| i.shape.as_slice())
     }
 
@@ -258,12 +288,9 @@ impl WeightStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let file = self
-            .file_of(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-            })?;
-        let actual = self.shape(name).unwrap_or_default();
+        let actual = self.shape(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+        })?;
         if actual != shape {
             return Err(ModelError::ShapeMismatch {
                 name: name.to_string(),
@@ -271,6 +298,12 @@ impl WeightStore {
                 actual: actual.to_vec(),
             });
         }
-        file.load(name, dtype, device)
+        match (self.drawn.get(name), self.file_of(name)) {
+            (Some((_, fill)), _) => Ok(fill.draw(shape, dtype, device)?),
+            (None, Some(file)) => file.load(name, dtype, device),
+            (None, None) => Err(ModelError::MissingTensor {
+                name: name.to_string(),
+            }),
+        }
     }
 }

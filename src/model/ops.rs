@@ -40,6 +40,12 @@ impl Ops {
             }
             return super::cpu_kernels::product(x, w);
         }
+        if w.dtype() != x.dtype() && !x.device().is_cpu() {
+            // Matrices kept narrower than the compute dtype off the CPU (a GPU's frozen
+            // bf16 base under f32 training): widened for this product only, so the result
+            // is what the CPU kernels give, which widen each value as they read it.
+            return x.matmul(&w.to_dtype(x.dtype())?);
+        }
         x.matmul(w)
     }
 

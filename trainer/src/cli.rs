@@ -89,6 +89,9 @@ pub struct ScoreArgs {
     /// Print progress as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Where and in which precision the model computes.
+    #[command(flatten)]
+    pub device: esft::cli::DeviceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -196,6 +199,9 @@ pub struct TrainArgs {
     pub resume: bool,
     #[arg(long)]
     pub json: bool,
+    /// Where and in which precision the model computes.
+    #[command(flatten)]
+    pub device: esft::cli::DeviceArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -230,6 +236,9 @@ pub struct EvalArgs {
     pub predictions: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
+    /// Where and in which precision the model computes.
+    #[command(flatten)]
+    pub device: esft::cli::DeviceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -388,8 +397,8 @@ fn synth_cmd(a: &SynthArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_model(dir: &Path) -> Result<LoadedModel> {
-    LoadedModel::load(dir, &LoadOptions::default())
+fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    LoadedModel::load(dir, opts)
         .with_context(|| format!("loading the model in {}", dir.display()))
 }
 
@@ -403,7 +412,7 @@ fn score_cmd(a: &ScoreArgs) -> Result<()> {
         if a.tokens == 0 {
             bail!("--tokens must be at least 1");
         }
-        let loaded = load_model(model_dir)?;
+        let loaded = load_model(model_dir, &a.device.load_options()?)?;
         let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer)?;
         let samples = data::load_train(data_path, &loaded.tokenizer, ids, Limits::default())?;
         let picked = score::sample_tokens(samples, a.tokens, a.seed);
@@ -607,7 +616,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         );
     }
 
-    let loaded = load_model(&a.model)?;
+    let loaded = load_model(&a.model, &a.device.load_options()?)?;
     let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer)?;
     // Every sample is checked before any training starts.
     let mut limits = Limits {
@@ -782,12 +791,13 @@ fn evaluate(run: &mut Run, progress: &mut Progress) -> Result<()> {
 }
 
 fn eval_cmd(a: &EvalArgs) -> Result<()> {
-    let mut loaded = load_model(&a.model)?;
+    let opts = a.device.load_options()?;
+    let mut loaded = load_model(&a.model, &opts)?;
     let experts = match &a.adapter {
         Some(dir) => Some(esft::adapter::apply_adapter_dir(
             &mut loaded,
             dir,
-            candle_core::DType::F32,
+            opts.matrices(),
         )?),
         None => None,
     };

@@ -12,7 +12,9 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
+};
 use esft::model::cpu_kernels::product;
 use rayon::prelude::*;
 
@@ -39,6 +41,9 @@ pub fn head_nll_sum(h: &Tensor, w: &Tensor, targets: Vec<u32>) -> Result<Tensor>
             w.dtype()
         );
     }
+    if !h.device().is_cpu() {
+        return head_nll_unfused(h, w, &targets);
+    }
     let w = w.contiguous()?;
     h.contiguous()?.apply_op2(
         &w,
@@ -51,6 +56,17 @@ pub fn head_nll_sum(h: &Tensor, w: &Tensor, targets: Vec<u32>) -> Result<Tensor>
             unit_grads: Mutex::new(None),
         },
     )
+}
+
+/// The same sum as separate autograd nodes (`h @ w^T`, `log_softmax`, `gather`, negate,
+/// sum), on any device: the path off the CPU, where the whole `[rows, vocab]` logits live
+/// in device memory until the backward pass.
+pub fn head_nll_unfused(h: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let idx = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), h.device())?;
+    candle_nn::ops::log_softmax(&h.matmul(&w.t()?)?, D::Minus1)?
+        .gather(&idx, 1)?
+        .neg()?
+        .sum_all()
 }
 
 /// The gradients of the summed loss for an incoming gradient of 1: `[rows, hidden]` for
@@ -226,7 +242,7 @@ fn poisoned() -> candle_core::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Var, D};
+    use candle_core::Var;
 
     fn values(t: &Tensor) -> Vec<f64> {
         t.flatten_all().unwrap().to_vec1().unwrap()
@@ -236,17 +252,8 @@ mod tests {
         t.to_dtype(DType::F64).unwrap().to_scalar().unwrap()
     }
 
-    /// The unfused reference: `h @ w^T`, `log_softmax`, `gather`, negate, sum.
     fn reference(h: &Tensor, w: &Tensor, targets: &[u32]) -> Tensor {
-        let idx = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), &Device::Cpu).unwrap();
-        candle_nn::ops::log_softmax(&h.matmul(&w.t().unwrap()).unwrap(), D::Minus1)
-            .unwrap()
-            .gather(&idx, 1)
-            .unwrap()
-            .neg()
-            .unwrap()
-            .sum_all()
-            .unwrap()
+        head_nll_unfused(h, w, targets).unwrap()
     }
 
     fn assert_close(a: &[f64], b: &[f64], tol: f64) {

@@ -193,7 +193,8 @@ pub fn group_loss(
         .collect();
     let out = model.forward_hidden(&mut batch, None)?;
     let mut hidden = out.hidden.context("the forward returned no hidden rows")?;
-    let mut head = model.lm_head().clone();
+    // A head kept in bf16 or f16 (frozen) joins the loss in the compute dtype.
+    let mut head = model.lm_head().to_dtype(hidden.dtype())?;
     if !for_backward {
         (hidden, head) = (hidden.detach(), head.detach());
     }
@@ -337,8 +338,8 @@ pub struct Run {
 }
 
 impl Run {
-    /// Prepares a run: makes the picked weights trainable (the model must be on the CPU in
-    /// f32 or f64).
+    /// Prepares a run: makes the picked weights trainable (the model must compute in f32 or
+    /// f64; its frozen matrices may be kept in bf16 or f16, on any device).
     pub fn new(
         mut model: DeepSeekV2,
         what: &Trainable,
@@ -347,9 +348,6 @@ impl Run {
         cfg: TrainConfig,
     ) -> Result<Self> {
         cfg.validate()?;
-        if !model.device().is_cpu() {
-            bail!("training runs on the CPU (the optimizer keeps its state in host memory)");
-        }
         if !matches!(model.dtype(), DType::F32 | DType::F64) {
             bail!(
                 "training needs f32 (or f64) compute, got {:?}",
