@@ -37,14 +37,11 @@ done
 STUBS="$ROOT/lib/stubs"
 if ! [ -f "$STUBS/libcuda.so" ]; then
   mkdir -p "$STUBS"
-  CUDARC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1)
-  if [ -n "$CUDARC" ]; then
-    grep -ohP '^\s+(pub )?fn \Kcu\w+(?=\()' "$CUDARC/src/driver/sys/mod.rs" | sort -u >"$STUBS/symbols"
-  else
-    # Before cargo has fetched cudarc: the entry points the link asks for today.
-    echo "cudarc sources not fetched yet; run 'cargo fetch' first" >&2
-    exit 1
-  fi
+  cudarc() { ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | tail -1; }
+  [ -n "$(cudarc)" ] || cargo fetch --manifest-path "$(dirname "$0")/../Cargo.toml" >&2
+  CUDARC=$(cudarc)
+  [ -n "$CUDARC" ] || { echo "cudarc's sources are not in the cargo registry" >&2; exit 1; }
+  grep -ohP '^\s+(pub )?fn \Kcu\w+(?=\()' "$CUDARC/src/driver/sys/mod.rs" | sort -u >"$STUBS/symbols"
   { echo "int cuda_stub_no_device(void) { return 100; }"
     sed 's/.*/int &(void) { return 100; }/' "$STUBS/symbols"; } >"$STUBS/cuda_stub.c"
   cc -shared -fPIC -O0 -Wl,-soname,libcuda.so.1 -o "$STUBS/libcuda.so" "$STUBS/cuda_stub.c"

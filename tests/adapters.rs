@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use esft::adapter::merge::merge_checkpoint;
 use esft::adapter::{load_adapter, AdapterStats, BaseModel, DeviceSlots, Install};
-use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LoadedModel};
+use esft::model::{DeepSeekV2, ExpertMap, LoadedModel};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -59,9 +59,9 @@ fn check_adapter_equals_merged(fixture_name: &str, spec: AdapterSpec, reference_
     let merged_dir = tmp.path().join("merged");
     merge_checkpoint(&base_dir, &adapter_dir, &merged_dir).unwrap();
 
-    let mut loaded = LoadedModel::load(&base_dir, &LoadOptions::default()).unwrap();
+    let mut loaded = LoadedModel::load(&base_dir, &load_options()).unwrap();
     let map = install(&mut loaded, &adapter_dir);
-    let merged = DeepSeekV2::load_dir(&merged_dir, &LoadOptions::default()).unwrap();
+    let merged = DeepSeekV2::load_dir(&merged_dir, &load_options()).unwrap();
     let r = reference(fixture_name);
     let mut changed = false;
     for p in r["prompts"].as_array().unwrap() {

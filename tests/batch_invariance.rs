@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use esft::model::cpu_kernels;
-use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, SeqCache, SeqInput};
+use esft::model::{DeepSeekV2, LogitsWanted, SeqCache, SeqInput};
 
 #[test]
 fn logits_do_not_depend_on_batch_or_chunking() {
@@ -16,7 +16,7 @@ fn logits_do_not_depend_on_batch_or_chunking() {
         return;
     }
     for name in ["lite-yarn", "v2-grouped"] {
-        let model = DeepSeekV2::load_dir(&fixture(name), &LoadOptions::default()).unwrap();
+        let model = DeepSeekV2::load_dir(&fixture(name), &load_options()).unwrap();
         let r = reference(name);
         let prompts = prompt_ids(&r);
         let target = &prompts[0];

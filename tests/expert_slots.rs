@@ -16,7 +16,7 @@ fn load() -> DeepSeekV2 {
 fn load_fixture(name: &str, matrices: Option<DType>) -> DeepSeekV2 {
     let opts = LoadOptions {
         matrix_dtype: matrices,
-        ..LoadOptions::default()
+        ..load_options()
     };
     DeepSeekV2::load_dir(&fixture(name), &opts).unwrap()
 }

@@ -13,7 +13,7 @@ use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, RoutingRecord, SeqInput
 fn load(name: &str, matrices: Option<DType>) -> DeepSeekV2 {
     let opts = LoadOptions {
         matrix_dtype: matrices,
-        ..LoadOptions::default()
+        ..load_options()
     };
     DeepSeekV2::load_dir(&fixture(name), &opts).unwrap()
 }
@@ -274,7 +274,7 @@ fn f16_matrices_give_the_logits_of_their_f32_values() {
     let load_with = |matrices: Option<DType>| {
         let opts = LoadOptions {
             matrix_dtype: matrices,
-            ..LoadOptions::default()
+            ..load_options()
         };
         DeepSeekV2::load_dir(dir.path(), &opts).unwrap()
     };

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use esft::adapter::{AdapterKey, AdapterRegistry, AdapterStats, AdapterStore, BaseModel, Version};
 use esft::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams};
-use esft::model::{LoadOptions, LoadedModel};
+use esft::model::LoadedModel;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ fn adapter_spec(i: u64) -> AdapterSpec {
 }
 
 fn engine(root: &Path, config: EngineConfig) -> Arc<Engine> {
-    let loaded = LoadedModel::load(&fixture("lite"), &LoadOptions::default()).unwrap();
+    let loaded = LoadedModel::load(&fixture("lite"), &load_options()).unwrap();
     let base = Arc::new(BaseModel::new(
         loaded.model.config().clone(),
         loaded.store.clone(),

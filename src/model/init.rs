@@ -338,7 +338,10 @@ mod tests {
                 let n = v.len() as f64;
                 let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
                 let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-                assert!(mean.abs() < 0.01 && (std - 0.02).abs() < 0.004, "{name}: {mean} {std}");
+                assert!(
+                    mean.abs() < 0.01 && (std - 0.02).abs() < 0.004,
+                    "{name}: {mean} {std}"
+                );
             }
         }
         let wrong = drawn.get("model.norm.weight", &[3], candle_core::DType::F32, &dev);

@@ -12,6 +12,29 @@ pub const FIXTURES: [&str; 5] = [
     "lite-yarn-sharded",
 ];
 
+/// How the model tests load a model: f32 compute on the device `ESFT_TEST_DEVICE` names
+/// (`cpu`, the default, or `cuda:N` in a build with the `cuda` feature), opened once per
+/// test binary. `scripts/gpu-check.sh` runs the parity, batch, adapter and scheduler tests
+/// on a GPU this way.
+pub fn load_options() -> esft::model::LoadOptions {
+    static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+    let device = DEVICE.get_or_init(|| {
+        let name = std::env::var("ESFT_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+        esft::cli::DeviceArgs {
+            device: name,
+            dtype: "f32".into(),
+            weight_dtype: None,
+        }
+        .load_options()
+        .unwrap()
+        .device
+    });
+    esft::model::LoadOptions {
+        device: device.clone(),
+        ..esft::model::LoadOptions::default()
+    }
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

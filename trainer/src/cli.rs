@@ -398,8 +398,7 @@ fn synth_cmd(a: &SynthArgs) -> Result<()> {
 }
 
 fn load_model(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
-    LoadedModel::load(dir, opts)
-        .with_context(|| format!("loading the model in {}", dir.display()))
+    LoadedModel::load(dir, opts).with_context(|| format!("loading the model in {}", dir.display()))
 }
 
 fn score_cmd(a: &ScoreArgs) -> Result<()> {

@@ -8,13 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{esft_train, ok};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
+use common::{esft_train, fixture, ok};
 
 fn write_lines(path: &Path, lines: &[String]) {
     let mut f = std::fs::File::create(path).unwrap();

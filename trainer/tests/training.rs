@@ -4,9 +4,11 @@
 
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{fixture, write_task};
 use esft::adapter::format::{BaseModel, Provenance};
 use esft::engine::{generate_all, SamplingParams, Sequence};
 use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LoadedModel, LogitsWanted, SeqInput};
@@ -14,28 +16,6 @@ use esft_train::data::{load_train, Limits, Sample, SpecialIds};
 use esft_train::score::{score_samples, ScoreAccumulator};
 use esft_train::select::{select, ScoreFunction, Selection};
 use esft_train::train::{write_result, Run, Schedule, TrainConfig, Trainable};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-/// A small task: a fixed-form answer that names the asked-for item.
-pub fn write_task(path: &Path, n: usize) {
-    let words = [
-        "apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean",
-    ];
-    let mut f = std::fs::File::create(path).unwrap();
-    for i in 0..n {
-        let w = words[i % words.len()];
-        let line = serde_json::json!({"messages": [
-            {"role": "user", "content": format!("Item {i}: name the {w}.")},
-            {"role": "assistant", "content": format!("It is the {w}.")},
-        ]});
-        writeln!(f, "{line}").unwrap();
-    }
-}
 
 fn bits(t: &Tensor) -> Vec<u32> {
     t.to_dtype(DType::F32)

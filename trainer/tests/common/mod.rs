@@ -3,7 +3,32 @@
 
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// A fixture of the repository's `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// A small task: a fixed-form answer that names the asked-for item.
+pub fn write_task(path: &Path, n: usize) {
+    let words = [
+        "apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean",
+    ];
+    let mut f = std::fs::File::create(path).unwrap();
+    for i in 0..n {
+        let w = words[i % words.len()];
+        let line = serde_json::json!({"messages": [
+            {"role": "user", "content": format!("Item {i}: name the {w}.")},
+            {"role": "assistant", "content": format!("It is the {w}.")},
+        ]});
+        writeln!(f, "{line}").unwrap();
+    }
+}
 
 /// Runs `esft-train` with `args`, whatever the outcome.
 pub fn esft_train(args: &[&str]) -> Output {
