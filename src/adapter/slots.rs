@@ -30,6 +30,8 @@ pub enum Install {
 
 pub struct DeviceSlots {
     budget_bytes: usize,
+    /// Bytes of one base routed expert.
+    expert_bytes: usize,
     used_bytes: usize,
     resident: HashMap<VersionId, Resident>,
     /// Free routed / shared slot indices per model layer.
@@ -58,6 +60,7 @@ impl DeviceSlots {
             .store(base_slots as u64, Ordering::Relaxed);
         Self {
             budget_bytes,
+            expert_bytes,
             used_bytes: 0,
             resident: HashMap::new(),
             free_routed: HashMap::new(),
@@ -65,6 +68,15 @@ impl DeviceSlots {
             clock: 0,
             stats,
         }
+    }
+
+    /// How many adapters of ESFT's typical size (a tenth of every MoE layer's routed
+    /// experts, at least one) fit in the budget at once: the `max_lora` an inference
+    /// gateway is told.
+    pub fn typical_capacity(&self, cfg: &crate::model::Config) -> usize {
+        let per_layer = cfg.n_routed_experts.div_ceil(10).max(1);
+        let adapter = per_layer * cfg.moe_layers().len().max(1) * self.expert_bytes;
+        self.budget_bytes / adapter.max(1)
     }
 
     pub fn budget_bytes(&self) -> usize {

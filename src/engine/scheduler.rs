@@ -151,6 +151,12 @@ pub struct EngineStats {
     pub batch_sequences: AtomicU64,
     pub batch_tokens: AtomicU64,
     pub kv_cache_bytes: AtomicU64,
+    /// Tokens held in the running sequences' caches.
+    pub kv_cache_tokens: AtomicU64,
+    /// The most tokens the running batch can hold: `max_running` x `max_context`.
+    pub kv_capacity_tokens: AtomicU64,
+    /// Adapters of ESFT's typical size that fit the device slots at once.
+    pub adapter_capacity: AtomicU64,
     /// Per adapter by qualified name (base = "").
     pub per_adapter: Mutex<HashMap<String, AdapterLoad>>,
     /// Adapter versions resident in device slots.
@@ -219,6 +225,14 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let slots = DeviceSlots::new(&model, config.device_slot_bytes, registry.stats.clone());
+        let capacity = config.max_running.saturating_mul(config.max_context);
+        stats
+            .kv_capacity_tokens
+            .store(capacity as u64, Ordering::Relaxed);
+        stats.adapter_capacity.store(
+            slots.typical_capacity(model.config()) as u64,
+            Ordering::Relaxed,
+        );
         let vocab_size = model.config().vocab_size;
         let eos = tokenizer.eos_ids().to_vec();
         let mut sched = Scheduler {
@@ -774,6 +788,8 @@ impl Scheduler {
             .map(|r| r.seq.cache.capacity_bytes())
             .sum();
         s.kv_cache_bytes.store(kv as u64, Ordering::Relaxed);
+        let tokens: usize = self.running.iter().map(|r| r.seq.cache.len()).sum();
+        s.kv_cache_tokens.store(tokens as u64, Ordering::Relaxed);
         self.publish_device();
         if let Ok(mut m) = s.per_adapter.lock() {
             m.clear();

@@ -98,7 +98,7 @@ impl Served {
 
     /// The version `name` means to `caller` for management: 404 when it may not see it,
     /// 403 when it may see but not manage it (blocking: may rescan the directory).
-    fn managed(&self, caller: &Caller, name: &str) -> Result<Arc<Version>, ApiError> {
+    pub(super) fn managed(&self, caller: &Caller, name: &str) -> Result<Arc<Version>, ApiError> {
         match self.find(caller, name) {
             Some(v) if caller.can_manage(&v) => Ok(v),
             Some(_) => Err(ApiError::forbidden(format!(
@@ -109,7 +109,7 @@ impl Served {
     }
 }
 
-fn adapter_error(e: AdapterError) -> ApiError {
+pub(super) fn adapter_error(e: AdapterError) -> ApiError {
     match e {
         AdapterError::InUse(n) => ApiError::conflict(format!(
             "the adapter `{n}` is in use by running or waiting requests"
@@ -179,24 +179,31 @@ pub async fn action(
     off_thread(move || {
         let v = served.managed(&caller, &name)?;
         if what == "load" {
-            served.engine.load_adapter(&v).map_err(|msg| {
-                if msg.contains("no free device slots") {
-                    ApiError::conflict(msg).code("no_free_slots")
-                } else {
-                    ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "invalid_request_error",
-                        msg,
-                    )
-                    .code("invalid_adapter")
-                }
-            })?;
+            served.place(&v)?;
         } else {
             served.engine.unload_adapter(&v).map_err(adapter_error)?;
         }
         Ok(Json(served.describe(&caller, &v)))
     })
     .await
+}
+
+impl Served {
+    /// Makes `v` resident in device slots now (blocking).
+    pub(super) fn place(&self, v: &Arc<Version>) -> Result<(), ApiError> {
+        self.engine.load_adapter(v).map_err(|msg| {
+            if msg.contains("no free device slots") {
+                ApiError::conflict(msg).code("no_free_slots")
+            } else {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request_error",
+                    msg,
+                )
+                .code("invalid_adapter")
+            }
+        })
+    }
 }
 
 /// `DELETE /v1/adapters/{name}`: the adapter is gone for new requests at once; requests

@@ -185,6 +185,9 @@ pub struct MetricsConfig {
     /// Adapters with their own label in per-adapter metrics; the rest are summed as
     /// `adapter="(other)"`.
     pub max_adapter_labels: usize,
+    /// Also expose the gauges an inference gateway's endpoint picker reads under vLLM's
+    /// names (`vllm:num_requests_waiting`, `vllm:lora_requests_info`, ...).
+    pub vllm_names: bool,
 }
 
 impl Default for MetricsConfig {
@@ -193,6 +196,7 @@ impl Default for MetricsConfig {
             require_admin: true,
             key_sha256: Vec::new(),
             max_adapter_labels: 32,
+            vllm_names: false,
         }
     }
 }

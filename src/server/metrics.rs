@@ -123,6 +123,7 @@ impl Metrics {
         fine_tuning: Option<&FineTuningSnapshot>,
         max_adapter_labels: usize,
         reveal_private: bool,
+        vllm_names: bool,
     ) -> Result<String, String> {
         let mut families = self.registry.gather();
         if let Some(f) = fine_tuning {
@@ -130,6 +131,10 @@ impl Metrics {
         }
         if let Some(e) = engine {
             families.extend(engine_families(e, max_adapter_labels, reveal_private));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            families.extend(gateway_families(e, reveal_private, vllm_names, now));
         }
         if let Some(a) = adapters {
             families.extend(adapter_families(a));
@@ -364,6 +369,93 @@ fn engine_families(e: &EngineStats, max_labels: usize, reveal_private: bool) -> 
     out
 }
 
+/// What an inference gateway's endpoint picker scrapes (the Gateway API Inference
+/// Extension's model-server protocol): besides the queue depth and running requests above,
+/// the KV-cache utilisation (tokens held over the most the running batch can hold) and the
+/// adapters of running and of waiting requests with how many fit the device slots at once,
+/// in the shape of vLLM's `lora_requests_info` (value: the scrape time, labels:
+/// `max_lora`, `running_lora_adapters`, `waiting_lora_adapters`, names comma-separated as
+/// requests name them). Adapters that are not public are listed only for scrapers that
+/// may see them all. With `vllm_names` the same numbers also appear under vLLM's names,
+/// which a picker reads without configuration (names with `:`, which `promtool` flags).
+fn gateway_families(
+    e: &EngineStats,
+    reveal_private: bool,
+    vllm_names: bool,
+    now: f64,
+) -> Vec<MetricFamily> {
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let capacity = get(&e.kv_capacity_tokens).max(1);
+    let usage = (get(&e.kv_cache_tokens) as f64 / capacity as f64).min(1.0);
+    let (mut running, mut waiting) = (Vec::new(), Vec::new());
+    if let Ok(m) = e.per_adapter.lock() {
+        for (key, load) in m.iter() {
+            if key.is_empty() || !(load.public || reveal_private) {
+                continue;
+            }
+            let name = key.rsplit('/').next().unwrap_or(key).to_string();
+            if load.running > 0 {
+                running.push(name.clone());
+            }
+            if load.waiting > 0 {
+                waiting.push(name);
+            }
+        }
+    }
+    for list in [&mut running, &mut waiting] {
+        list.sort();
+        list.dedup();
+    }
+    let max_lora = get(&e.adapter_capacity).to_string();
+    let info = |name: &str| {
+        family(
+            name,
+            "Adapters of running and of waiting requests, and how many fit the device slots \
+             at once (max_lora); the value is the time of the scrape.",
+            MetricType::GAUGE,
+            vec![gauge_metric(
+                vec![
+                    label("max_lora", &max_lora),
+                    label("running_lora_adapters", &running.join(",")),
+                    label("waiting_lora_adapters", &waiting.join(",")),
+                ],
+                now,
+            )],
+        )
+    };
+    let ratio = |name: &str| {
+        family(
+            name,
+            "KV-cache utilisation: tokens held by running sequences over max_running x \
+             max_context, 0 to 1.",
+            MetricType::GAUGE,
+            vec![gauge_metric(vec![], usage)],
+        )
+    };
+    let mut out = vec![
+        ratio("esft_kv_cache_usage_ratio"),
+        info("esft_lora_requests_info"),
+    ];
+    if vllm_names {
+        out.extend([
+            gauge(
+                "vllm:num_requests_running",
+                "Sequences in the running batch.",
+                get(&e.running),
+            ),
+            gauge(
+                "vllm:num_requests_waiting",
+                "Requests queued for admission.",
+                get(&e.waiting),
+            ),
+            ratio("vllm:gpu_cache_usage_perc"),
+            ratio("vllm:kv_cache_usage_perc"),
+            info("vllm:lora_requests_info"),
+        ]);
+    }
+    out
+}
+
 fn adapter_families(a: &AdapterStats) -> Vec<MetricFamily> {
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     type Pick = fn(&crate::adapter::stats::TierCounters) -> &std::sync::atomic::AtomicU64;
@@ -489,7 +581,7 @@ mod tests {
         }
         let text = Metrics::new()
             .unwrap()
-            .render(Some(&e), None, None, 3, false)
+            .render(Some(&e), None, None, 3, false, false)
             .unwrap();
         let running: Vec<&str> = text
             .lines()
@@ -505,13 +597,70 @@ mod tests {
     }
 
     #[test]
+    fn gateway_gauges_follow_the_inference_extension_protocol() {
+        let e = EngineStats::default();
+        e.waiting.store(3, Ordering::Relaxed);
+        e.running.store(2, Ordering::Relaxed);
+        e.kv_cache_tokens.store(1024, Ordering::Relaxed);
+        e.kv_capacity_tokens.store(4096, Ordering::Relaxed);
+        e.adapter_capacity.store(7, Ordering::Relaxed);
+        {
+            let load = |running, waiting, public| AdapterLoad {
+                running,
+                waiting,
+                public,
+            };
+            let mut m = e.per_adapter.lock().unwrap();
+            m.insert(String::new(), load(1, 1, true));
+            m.insert("law".into(), load(2, 0, true));
+            m.insert("intent".into(), load(1, 2, true));
+            m.insert("sql".into(), load(0, 1, true));
+            m.insert("acme/secret".into(), load(1, 1, false));
+        }
+        let render = |reveal, vllm| {
+            Metrics::new()
+                .unwrap()
+                .render(Some(&e), None, None, 8, reveal, vllm)
+                .unwrap()
+        };
+        let text = render(false, false);
+        assert!(
+            text.contains("\nesft_kv_cache_usage_ratio 0.25\n"),
+            "{text}"
+        );
+        let info = text
+            .lines()
+            .find(|l| l.starts_with("esft_lora_requests_info{"))
+            .unwrap();
+        assert!(info.starts_with(
+            "esft_lora_requests_info{max_lora=\"7\",running_lora_adapters=\"intent,law\",\
+             waiting_lora_adapters=\"intent,sql\"} "
+        ));
+        let stamp: f64 = info.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(stamp > 1.7e9, "the value is the scrape time: {stamp}");
+        assert!(!text.contains("vllm:"));
+        // A scraper that may see everything gets the private adapter by its request name.
+        assert!(render(true, false).contains("running_lora_adapters=\"intent,law,secret\""));
+        let text = render(false, true);
+        for line in [
+            "vllm:num_requests_waiting 3",
+            "vllm:num_requests_running 2",
+            "vllm:gpu_cache_usage_perc 0.25",
+            "vllm:kv_cache_usage_perc 0.25",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line}: {text}");
+        }
+        assert!(text.contains("\nvllm:lora_requests_info{max_lora=\"7\","));
+    }
+
+    #[test]
     fn load_histogram_is_cumulative() {
         let a = AdapterStats::default();
         a.record_load(0.02);
         a.record_load(3.0);
         let text = Metrics::new()
             .unwrap()
-            .render(None, Some(&a), None, 8, true)
+            .render(None, Some(&a), None, 8, true, false)
             .unwrap();
         assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("esft_adapter_load_duration_seconds_bucket{le=\"5\"} 2"));
@@ -535,7 +684,7 @@ mod tests {
         let render = |reveal| {
             Metrics::new()
                 .unwrap()
-                .render(None, None, Some(&f), 2, reveal)
+                .render(None, None, Some(&f), 2, reveal, false)
                 .unwrap()
         };
         let text = render(true);

@@ -3,7 +3,8 @@
 //! - [`config`]: the TOML file and flags
 //! - [`auth`]: API keys, tenants, adapter ownership
 //! - [`openai`]: request bodies -> engine plans; [`generate`]: engine events -> JSON / SSE
-//! - [`completions`], [`models`], [`admin`], [`files`], [`fine_tuning`]: the routes
+//! - [`completions`], [`models`], [`admin`], [`files`], [`fine_tuning`], [`gateway`]: the
+//!   routes
 //! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors; [`body`]: reading
 //!   request bodies (size limit, idle timeout)
 //! - [`listen`]: the accept loop and HTTP/1.1 connections, every request head checked
@@ -16,6 +17,7 @@ pub mod config;
 pub mod errors;
 pub mod files;
 pub mod fine_tuning;
+pub mod gateway;
 pub mod generate;
 pub mod listen;
 pub mod metrics;
@@ -296,6 +298,7 @@ async fn metrics_text(
         fine_tuning.as_ref(),
         state.config.metrics.max_adapter_labels,
         reveal,
+        state.config.metrics.vllm_names,
     );
     match text {
         Ok(t) => (
@@ -411,6 +414,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/fine_tuning/expert_selection",
             post(fine_tuning::expert_selection),
         )
+        .route("/v1/load_lora_adapter", post(gateway::load))
+        .route("/v1/unload_lora_adapter", post(gateway::unload))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
