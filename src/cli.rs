@@ -123,8 +123,12 @@ impl DeviceArgs {
                     .unwrap_or("0")
                     .parse()
                     .context("--device cuda:N")?;
-                Device::new_cuda(ordinal)
-                    .context("opening the CUDA device (built without the `cuda` feature?)")?
+                Device::new_cuda(ordinal).with_context(|| {
+                    format!(
+                        "opening CUDA device {ordinal} (needs a build with the `cuda` \
+                         feature, the NVIDIA driver and that GPU)"
+                    )
+                })?
             }
             other => bail!("--device {other}: expected cpu or cuda[:N]"),
         };
