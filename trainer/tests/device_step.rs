@@ -94,7 +94,7 @@ fn three_esft_steps_on_the_gpu_match_the_cpu() {
         let runs: Vec<(Run, BTreeMap<String, Tensor>)> = [("cpu", weights), (&device, weights)]
             .into_iter()
             .map(|(dev, w)| {
-                let model = DeepSeekV2::load_dir(&dir, &options(dev, w)).unwrap();
+                let mut model = DeepSeekV2::load_dir(&dir, &options(dev, w)).unwrap();
                 let before = model.checkpoint_tensors().unwrap().into_iter().collect();
                 let run =
                     Run::new(model, &what, samples.clone(), Vec::new(), train_cfg.clone()).unwrap();
