@@ -82,8 +82,8 @@ fn frozen_experts(
     let mut pre = Vec::with_capacity(layout.len());
     let mut outs = Vec::with_capacity(layout.len());
     for (start, rows, mlp) in &layout {
-        let h = product(&xs.narrow(0, *start, *rows)?, &mlp.gate_up.t()?)?;
-        outs.push(product(&swiglu(&h)?, &mlp.down.t()?)?);
+        let h = weight_product(&xs.narrow(0, *start, *rows)?, &mlp.gate_up.t()?)?;
+        outs.push(weight_product(&swiglu(&h)?, &mlp.down.t()?)?);
         pre.push(h);
     }
     drop(xs);
@@ -99,6 +99,16 @@ fn frozen_experts(
         sum,
     };
     x.apply_op2(w, op)
+}
+
+/// `a @ w` for a frozen expert matrix `w`, widened first when it is kept narrower than
+/// the compute dtype (a bf16 base under f32 training).
+fn weight_product(a: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == a.dtype() {
+        product(a, w)
+    } else {
+        product(a, &w.to_dtype(a.dtype())?)
+    }
 }
 
 /// Autograd node of [`frozen_experts`]: its value is the sum computed outside the graph;
@@ -141,6 +151,25 @@ impl CustomOp2 for FrozenExperts {
         Ok((s.clone(), layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        _w: &candle_core::CudaStorage,
+        _w_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        if x_layout.shape() != self.sum.shape() {
+            candle_core::bail!("frozen-experts: input {:?}", x_layout.shape());
+        }
+        let (storage, layout) = self.sum.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("frozen-experts: the sum is not on the GPU");
+        };
+        Ok((s.try_clone(layout)?, layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -156,7 +185,7 @@ impl CustomOp2 for FrozenExperts {
         let mut grad_xs = Vec::with_capacity(self.layout.len());
         for (start, rows, mlp) in &self.layout {
             let inter = mlp.inter();
-            let g_act = product(&gh.narrow(0, *start, *rows)?, &mlp.down)?;
+            let g_act = weight_product(&gh.narrow(0, *start, *rows)?, &mlp.down)?;
             let h = self.gate_up_pre.narrow(0, *start, *rows)?;
             let gate = h.narrow(1, 0, inter)?;
             let up = h.narrow(1, inter, inter)?;
@@ -166,7 +195,10 @@ impl CustomOp2 for FrozenExperts {
             let dsilu = (&sig * ((&gate * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
             let g_gate = ((&g_act * &up)? * dsilu)?;
             let g_up = (&g_act * silu)?;
-            grad_xs.push(product(&Tensor::cat(&[g_gate, g_up], 1)?, &mlp.gate_up)?);
+            grad_xs.push(weight_product(
+                &Tensor::cat(&[g_gate, g_up], 1)?,
+                &mlp.gate_up,
+            )?);
         }
         let grad_xs = Tensor::cat(&grad_xs, 0)?;
         let grad_x = x

@@ -31,6 +31,13 @@ impl Ops {
     /// compute, and allocate, a gradient for the frozen weight: a third of the backward
     /// work and a full copy of the model in gradient memory).
     pub fn matmul_weight(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if w.dtype() != x.dtype() && (self.differentiable || !x.device().is_cpu()) {
+            // A matrix kept narrower than the compute dtype (a frozen bf16 base under f32
+            // training, or any product off the CPU, whose kernels take equal dtypes only):
+            // widened for this product, so the result is what the CPU's inference kernels
+            // give, which widen each value as they read it.
+            return self.matmul_weight(x, &w.to_dtype(x.dtype())?);
+        }
         if self.differentiable && x.device().is_cpu() {
             if w.track_op() {
                 return x.apply_op2(w, WeightProduct);
@@ -39,12 +46,6 @@ impl Ops {
                 return x.apply_op1(FrozenRhs { w: w.clone() });
             }
             return super::cpu_kernels::product(x, w);
-        }
-        if w.dtype() != x.dtype() && !x.device().is_cpu() {
-            // Matrices kept narrower than the compute dtype off the CPU (a GPU's frozen
-            // bf16 base under f32 training): widened for this product only, so the result
-            // is what the CPU kernels give, which widen each value as they read it.
-            return x.matmul(&w.to_dtype(x.dtype())?);
         }
         x.matmul(w)
     }
