@@ -87,10 +87,10 @@ impl ExpertConfig {
     pub fn validate(&self, cfg: &Config) -> Result<(), String> {
         for (&layer, experts) in &self.experts {
             if !cfg.is_moe_layer(layer) {
+                let moe: Vec<String> = cfg.moe_layers().map(|l| l.to_string()).collect();
                 return Err(format!(
-                    "expert config lists layer {layer}, which is not a MoE layer (MoE layers are {}..={})",
-                    cfg.first_k_dense_replace,
-                    cfg.num_hidden_layers.saturating_sub(1)
+                    "expert config lists layer {layer}, which is not a MoE layer (MoE layers are {})",
+                    moe.join(", ")
                 ));
             }
             let mut seen = BTreeSet::new();
