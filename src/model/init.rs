@@ -319,6 +319,59 @@ mod tests {
     }
 
     #[test]
+    fn random_checkpoints_of_every_architecture_load_and_run() {
+        for name in [
+            "deepseek-v3",
+            "deepseek-v3-noq",
+            "qwen3-moe",
+            "qwen3-moe-dense0",
+            "olmoe",
+        ] {
+            let path = format!(
+                "{}/tests/fixtures/{name}/config.json",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            config["torch_dtype"] = "bfloat16".into();
+            let dir = tempfile::tempdir().unwrap();
+            write_random_checkpoint(&config, 11, dir.path()).unwrap();
+            let w = crate::model::load::WeightStore::open_dir(dir.path()).unwrap();
+            for n in w.names() {
+                let dtype = w.file_of(n).unwrap().info(n).unwrap().dtype;
+                let want = if n.ends_with(SELECTION_BIAS) {
+                    Dtype::F32
+                } else {
+                    Dtype::BF16
+                };
+                assert_eq!(dtype, want, "{name}: {n}");
+            }
+            let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+            assert_eq!(
+                model.config().architecture.model_type(),
+                config["model_type"].as_str().unwrap()
+            );
+            let tokens = [0u32, 5, 9, 200, 511];
+            let mut cache = model.new_cache();
+            let mut batch = [SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                experts: None,
+                logits: LogitsWanted::All,
+            }];
+            let logits: Vec<Vec<f32>> = model
+                .forward(&mut batch, None)
+                .unwrap()
+                .logits
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            assert!(logits.iter().flatten().all(|v| v.is_finite()), "{name}");
+            assert!(logits.iter().flatten().any(|&v| v != 0.0), "{name}");
+        }
+    }
+
+    #[test]
     fn torch_dtype_picks_the_stored_dtype_of_the_same_draws() {
         let load = |torch_dtype: &str| {
             let mut config = lite_json();
