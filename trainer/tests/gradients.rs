@@ -265,3 +265,29 @@ fn every_architecture_gets_gradients_that_match_finite_differences() {
         }
     }
 }
+
+#[test]
+fn sigmoid_router_balance_loss_gradients_match_finite_differences() {
+    // DeepSeek-V3: the balance loss over each token's sigmoid scores divided by their sum.
+    let s = samples();
+    let mut model = fixture_f64("deepseek-v3");
+    model.set_balance_alpha(0.5);
+    let weights = model.make_trainable(|k| *k == WeightKind::Other).unwrap();
+    let refs: Vec<&Sample> = s.iter().collect();
+    let balance = group_loss(&model, None, &refs, true)
+        .unwrap()
+        .balance
+        .unwrap();
+    // Two MoE layers, each at least alpha (the loss is minimal, alpha, when balanced).
+    let b = scalar(&balance);
+    assert!(b >= 2.0 * 0.5 - 1e-9, "balance loss {b}");
+    let grads = loss(&model, &s).backward().unwrap();
+    for name in [
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.2.mlp.gate.weight",
+    ] {
+        let w = weights.iter().find(|w| w.name == name).unwrap();
+        let g = grads.get(w.var.as_tensor()).unwrap();
+        check(&mut model, &s, name, &w.var, g, 4);
+    }
+}
