@@ -6,6 +6,10 @@
 //! part `W_uk` and value part `W_uv` and absorbed into the query and the output:
 //! `q_nope . (W_uk c) = (W_uk^T q_nope) . c` and `o = W_uv (sum_j a_j c_j)`, so attention
 //! runs directly against the cached latent.
+//!
+//! The causal core over per-sequence row caches ([`attend`]: the batched CPU kernel, the
+//! per-sequence candle path, the training node) is shared with grouped-query attention
+//! (`gqa.rs`), which stores each kv head as `[v | k]` rows.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 

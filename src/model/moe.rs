@@ -139,8 +139,10 @@ pub struct LayerRouting {
     pub layer: usize,
     pub top_k: usize,
     pub ids: Vec<u32>,
-    /// Gate score of each chosen expert (ESFT's gate score input): its softmax probability,
-    /// or for sigmoid routers its sigmoid score (without the selection bias).
+    /// Gate probability of each chosen expert (ESFT's gate score input): its softmax
+    /// probability, or for sigmoid routers its share of the token's affinity, the sigmoid
+    /// score over the sum of all experts' (without the selection bias). A token's values
+    /// sum to at most 1 either way.
     pub probs: Vec<f32>,
     /// The multiplier applied to each expert's output (after normalisation or scaling).
     pub weights: Vec<f32>,
@@ -181,8 +183,9 @@ impl Router {
     }
 
     /// Routes every row of `logits` (`[n, E]`, host f32); `bias` (`[E]`) is added to the
-    /// scores for choosing experts only. Returns ids, scores and output multipliers, `k`
-    /// per token, sorted by descending multiplier (ties to the lower id).
+    /// scores for choosing experts only. Returns ids, gate probabilities (see
+    /// [`LayerRouting::probs`]) and output multipliers, `k` per token, sorted by descending
+    /// multiplier (ties to the lower id).
     pub fn route(&self, logits: &[f32], bias: Option<&[f32]>) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
         let (e, k) = (self.n_experts, self.top_k);
         let n = logits.len() / e;
@@ -234,6 +237,11 @@ impl Router {
                     a + b
                 }),
             }
+            // What a sigmoid score is a share of (softmax probabilities already are shares).
+            let total = match self.scoring {
+                ScoringFunc::Softmax => 1.0,
+                ScoringFunc::Sigmoid => p.iter().sum::<f32>(),
+            };
             sort_desc_by_score(&mut order, choice);
             let chosen = &mut order[..k];
             // With a selection bias the choice order is not the weight order.
@@ -242,7 +250,7 @@ impl Router {
             for &i in chosen.iter() {
                 let prob = p[i as usize];
                 ids.push(i);
-                probs.push(prob);
+                probs.push(prob / total);
                 let w = if self.normalise {
                     prob / (sum + 1e-20)
                 } else {
@@ -843,7 +851,8 @@ mod tests {
         // rule would keep group 0 (0.9) instead.
         let (ids, probs, w) = r.route(&logits, Some(&bias));
         assert_eq!(ids, vec![7, 6], "sorted by unbiased weight");
-        assert!((probs[0] - 0.3).abs() < 1e-6 && (probs[1] - 0.2).abs() < 1e-6);
+        // Gate probabilities: shares of the token's total score, 3.6.
+        assert!((probs[0] - 0.3 / 3.6).abs() < 1e-6 && (probs[1] - 0.2 / 3.6).abs() < 1e-6);
         assert!((w[0] - 2.5 * 0.6).abs() < 1e-5 && (w[1] - 2.5 * 0.4).abs() < 1e-5);
         // Without the bias: groups 0 (1.0) and 2 (1.15); experts 0 and 4.
         let (ids, _, _) = r.route(&logits, None);
