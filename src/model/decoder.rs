@@ -726,6 +726,66 @@ fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 mod tests {
     use super::*;
 
+    #[test]
+    fn sparse_moe_layers_route_and_remap_by_model_layer() {
+        // Qwen3-MoE, 6 layers, decoder_sparse_step 2 (layers 1, 3, 5) and layer 3 listed
+        // in mlp_only_layers: MoE layers 1 and 5, MoE indices 0 and 1.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/qwen3-moe/config.json"
+        );
+        let mut j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        j["num_hidden_layers"] = 6.into();
+        j["decoder_sparse_step"] = 2.into();
+        j["mlp_only_layers"] = serde_json::json!([3]);
+        let dir = tempfile::tempdir().unwrap();
+        super::super::init::write_random_checkpoint(&j, 2, dir.path()).unwrap();
+        let mut model = Decoder::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+        let cfg = model.config().clone();
+        assert_eq!(cfg.moe_layers().collect::<Vec<_>>(), vec![1, 5]);
+        assert_eq!((cfg.moe_index(5), cfg.moe_index(3)), (Some(1), None));
+        assert!(model.moe(3).is_none() && model.moe(5).is_some());
+
+        let tokens = [0u32, 7, 99, 300, 42];
+        let run = |model: &Decoder, map: Option<&ExpertMap>| {
+            let mut cache = model.new_cache();
+            let mut batch = [SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                experts: map,
+                logits: LogitsWanted::All,
+            }];
+            let mut record = RoutingRecord::default();
+            let out = model.forward(&mut batch, Some(&mut record)).unwrap();
+            let logits: Vec<Vec<f32>> = out.logits.unwrap().to_vec2().unwrap();
+            (logits, record)
+        };
+        let (base, record) = run(&model, None);
+        assert_eq!(
+            record.layers.iter().map(|l| l.layer).collect::<Vec<_>>(),
+            [1, 5]
+        );
+        // Layer 5's most used expert served from a new slot holding a scaled copy: the
+        // output changes exactly where the map points.
+        let layer5 = &record.layers[1];
+        let e = layer5.ids[0] as usize;
+        let moe = model.moe_mut(5).unwrap();
+        let copy = moe.slot(e).unwrap().clone();
+        let slot = moe.slot_count();
+        let scaled = Mlp {
+            gate_up: copy.gate_up.clone(),
+            down: (copy.down * 3.0).unwrap(),
+        };
+        moe.set_slot(slot, Some(scaled));
+        let mut map = ExpertMap::identity(&cfg);
+        map.set(5, e, slot as u32);
+        let (mapped, _) = run(&model, Some(&map));
+        assert_ne!(mapped, base);
+        let (again, _) = run(&model, None);
+        assert_eq!(again, base, "the base map still reads the base expert");
+    }
+
     fn precision(dtype: DType, matrices: Option<DType>) -> super::super::error::Result<Precision> {
         LoadOptions {
             device: Device::Cpu,
