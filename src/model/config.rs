@@ -43,6 +43,11 @@ impl Architecture {
         Self::ALL.iter().find(|a| a.0 == self).map_or("", |a| a.1)
     }
 
+    /// The hub's class name (`architectures[0]`), e.g. `DeepseekV3ForCausalLM`.
+    pub fn class_name(self) -> &'static str {
+        Self::ALL.iter().find(|a| a.0 == self).map_or("", |a| a.2)
+    }
+
     fn from_names(model_type: Option<&str>, class: Option<&str>) -> Result<Self> {
         let by_type = model_type.map(|t| Self::ALL.iter().find(|a| a.1 == t));
         let by_class = class.map(|c| Self::ALL.iter().find(|a| a.2 == c));
@@ -129,10 +134,30 @@ pub enum TopkMethod {
 pub struct RouterConfig {
     pub scoring: ScoringFunc,
     pub method: TopkMethod,
-    /// Divide the chosen experts' scores by their sum.
-    pub renormalise: bool,
-    /// Multiplier of the (renormalised or not) weights.
-    pub scale: f64,
+    /// `norm_topk_prob` as the config says it.
+    pub norm_topk_prob: bool,
+    /// `routed_scaling_factor` as the config says it (1 where the architecture has none).
+    pub routed_scaling_factor: f64,
+    /// DeepSeek-V2's rule: renormalise only with more than one expert per token, and
+    /// multiply by `routed_scaling_factor` only the weights not renormalised. Otherwise
+    /// renormalise whenever `norm_topk_prob`, then always multiply.
+    pub scale_unnormalised_only: bool,
+}
+
+impl RouterConfig {
+    /// Whether the chosen experts' scores are divided by their sum, for `top_k` experts.
+    pub fn renormalise(&self, top_k: usize) -> bool {
+        self.norm_topk_prob && !(self.scale_unnormalised_only && top_k <= 1)
+    }
+
+    /// The multiplier of the (renormalised or not) weights.
+    pub fn scale(&self, top_k: usize) -> f64 {
+        if self.scale_unnormalised_only && self.renormalise(top_k) {
+            1.0
+        } else {
+            self.routed_scaling_factor
+        }
+    }
 }
 
 /// YaRN context extension as DeepSeek publishes it in `rope_scaling`.
@@ -610,21 +635,22 @@ impl Config {
     }
 
     /// A hash of every value that shapes the weights or the math (not token ids or the
-    /// context limit), after the architecture's name: adapters record it to refuse a
-    /// different base.
+    /// context limit): adapters record it to refuse a different base. It starts with the
+    /// architecture's `model_type`, except DeepSeek-V2's, which stays the hash it was
+    /// before other architectures existed (so adapters written then still load).
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
+        let hash = |v: serde_json::Value| hex::encode(Sha256::digest(v.to_string().as_bytes()));
+        if let Some(v) = super::deepseek_v2::fingerprint_fields(self) {
+            return hash(v);
+        }
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
             for k in ["bos_token_id", "eos_token_ids", "max_position_embeddings"] {
                 o.remove(k);
             }
         }
-        format!(
-            "{}-{}",
-            self.architecture.model_type(),
-            hex::encode(Sha256::digest(v.to_string().as_bytes()))
-        )
+        format!("{}-{}", self.architecture.model_type(), hash(v))
     }
 
     /// The MLA settings, for an MLA architecture.
@@ -758,7 +784,11 @@ mod tests {
         let m = 0.1 * 0.707 * 40f64.ln() + 1.0;
         assert!((c.softmax_scale() - m * m / 48f64.sqrt()).abs() < 1e-12);
         assert_eq!(c.eos_token_ids, vec![1]);
-        assert!(c.fingerprint().starts_with("deepseek_v2-"));
+        assert_eq!(
+            c.fingerprint().len(),
+            64,
+            "DeepSeek-V2 keeps its plain hash"
+        );
     }
 
     #[test]
@@ -776,7 +806,7 @@ mod tests {
             (2, 32, QkNorm::PerHead)
         );
         assert_eq!(q.rope_dims(), (32, RopeStyle::HalfSplit));
-        assert!(!q.router.renormalise && q.router.scale == 1.0 && q.n_shared_experts == 0);
+        assert!(!q.router.renormalise(4) && q.router.scale(4) == 1.0 && q.n_shared_experts == 0);
         assert!((q.softmax_scale() - 32f64.powf(-0.5)).abs() < 1e-15);
 
         let o = Config::from_json(&fixture_json("olmoe").to_string()).unwrap();
@@ -796,7 +826,7 @@ mod tests {
                 topk_group: 2
             }
         );
-        assert!(v3.router.renormalise && v3.router.scale == 2.5);
+        assert!(v3.router.renormalise(4) && v3.router.scale(4) == 2.5);
         assert_eq!(v3.moe_layers().collect::<Vec<_>>(), vec![1, 2]);
 
         // DeepSeek-V2 scales only weights it does not renormalise.
@@ -804,13 +834,12 @@ mod tests {
         j["norm_topk_prob"] = true.into();
         j["routed_scaling_factor"] = 16.0.into();
         let v2 = Config::from_json(&j.to_string()).unwrap();
-        assert!(v2.router.renormalise && v2.router.scale == 1.0);
+        assert!(v2.router.renormalise(4) && v2.router.scale(4) == 1.0);
+        // With one expert per token DeepSeek-V2 scales instead.
+        assert!(!v2.router.renormalise(1) && v2.router.scale(1) == 16.0);
 
-        let fps: Vec<String> = [&q, &o, &v3, &v2].iter().map(|c| c.fingerprint()).collect();
-        for (f, arch) in fps
-            .iter()
-            .zip(["qwen3_moe-", "olmoe-", "deepseek_v3-", "deepseek_v2-"])
-        {
+        let fps: Vec<String> = [&q, &o, &v3].iter().map(|c| c.fingerprint()).collect();
+        for (f, arch) in fps.iter().zip(["qwen3_moe-", "olmoe-", "deepseek_v3-"]) {
             assert!(f.starts_with(arch), "{f}");
         }
     }

@@ -41,16 +41,12 @@ pub(super) fn config(r: &RawConfig, c: Common) -> Result<Config> {
             ))
         }
     };
-    let renormalise = r.bool_or("norm_topk_prob", false)? && k > 1;
     let router = RouterConfig {
         scoring: ScoringFunc::Softmax,
         method,
-        renormalise,
-        scale: if renormalise {
-            1.0
-        } else {
-            r.f64_or("routed_scaling_factor", 1.0)?
-        },
+        norm_topk_prob: r.bool_or("norm_topk_prob", false)?,
+        routed_scaling_factor: r.f64_or("routed_scaling_factor", 1.0)?,
+        scale_unnormalised_only: true,
     };
     Ok(Config::assemble(
         Architecture::DeepseekV2,
@@ -60,6 +56,39 @@ pub(super) fn config(r: &RawConfig, c: Common) -> Result<Config> {
         router,
         rope_scaling(r, true)?,
     ))
+}
+
+/// The values DeepSeek-V2's config fingerprint hashes, as they were hashed before other
+/// architectures existed; `None` for other architectures.
+pub(super) fn fingerprint_fields(cfg: &Config) -> Option<serde_json::Value> {
+    let (Architecture::DeepseekV2, AttentionConfig::Mla(m)) = (cfg.architecture, &cfg.attention)
+    else {
+        return None;
+    };
+    Some(serde_json::json!({
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "q_lora_rank": m.q_lora_rank,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_nope_head_dim": m.qk_nope_head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim,
+        "v_head_dim": m.v_head_dim,
+        "first_k_dense_replace": cfg.first_k_dense_replace,
+        "n_routed_experts": cfg.n_routed_experts,
+        "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "topk_method": cfg.router.method,
+        "routed_scaling_factor": cfg.router.routed_scaling_factor,
+        "norm_topk_prob": cfg.router.norm_topk_prob,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    }))
 }
 
 /// The multi-head latent attention keys.

@@ -49,8 +49,9 @@ pub(super) fn config(r: &RawConfig, c: Common) -> Result<Config> {
             n_group,
             topk_group,
         },
-        renormalise: r.bool_or("norm_topk_prob", true)?,
-        scale: r.f64_or("routed_scaling_factor", 1.0)?,
+        norm_topk_prob: r.bool_or("norm_topk_prob", true)?,
+        routed_scaling_factor: r.f64_or("routed_scaling_factor", 1.0)?,
+        scale_unnormalised_only: false,
     };
     Ok(Config::assemble(
         Architecture::DeepseekV3,

@@ -177,8 +177,8 @@ impl Router {
             top_k: cfg.num_experts_per_tok,
             scoring: cfg.router.scoring,
             method: cfg.router.method,
-            scaling: cfg.router.scale as f32,
-            normalise: cfg.router.renormalise,
+            scaling: cfg.router.scale(cfg.num_experts_per_tok) as f32,
+            normalise: cfg.router.renormalise(cfg.num_experts_per_tok),
         }
     }
 

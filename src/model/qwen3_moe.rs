@@ -66,7 +66,8 @@ pub(super) fn softmax_router(r: &RawConfig) -> Result<RouterConfig> {
     Ok(RouterConfig {
         scoring: ScoringFunc::Softmax,
         method: TopkMethod::Greedy,
-        renormalise: r.bool_or("norm_topk_prob", false)?,
-        scale: 1.0,
+        norm_topk_prob: r.bool_or("norm_topk_prob", false)?,
+        routed_scaling_factor: 1.0,
+        scale_unnormalised_only: false,
     })
 }
