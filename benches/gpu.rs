@@ -35,6 +35,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use common::{env_usize, median};
+use esft::model::config::AttentionConfig;
 use esft::model::load::WeightStore;
 use esft::model::moe::Mlp;
 use esft::model::{
@@ -158,35 +159,58 @@ impl Batch {
     }
 }
 
-/// Bytes of weights and cache one decode step must read at least, given which routed
-/// experts its tokens chose (from the step's routing record).
-fn step_bytes(cfg: &Config, record: &RoutingRecord, context_tokens: usize, elem: usize) -> f64 {
-    let h = cfg.hidden_size;
-    let nh = cfg.num_attention_heads;
-    let attn = match cfg.q_lora_rank {
-        None => nh * cfg.qk_head_dim() * h,
-        Some(r) => r * h + nh * cfg.qk_head_dim() * r,
-    } + (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * h
-        + nh * (cfg.qk_nope_head_dim + cfg.v_head_dim) * cfg.kv_lora_rank
-        + h * nh * cfg.v_head_dim;
-    let expert = 3 * h * cfg.moe_intermediate_size;
-    let mut elems = cfg.num_hidden_layers * attn + cfg.vocab_size * h;
-    for layer in 0..cfg.num_hidden_layers {
-        if cfg.is_moe_layer(layer) {
-            elems += h * cfg.n_routed_experts + cfg.n_shared_experts * expert;
-        } else {
-            elems += 3 * h * cfg.intermediate_size;
+/// Bytes one decode step must read at least: every weight but the routed experts and the
+/// embedding table (one row per token), each routed expert some token of the step chose
+/// (from the step's routing record), and each sequence's cache.
+struct StepBytes {
+    /// Weights read whatever the routing.
+    fixed: f64,
+    /// One routed expert.
+    expert: f64,
+    /// One cached token of one layer.
+    cache_token: f64,
+}
+
+impl StepBytes {
+    fn new(cfg: &Config, weights: &WeightStore, elem: usize) -> Self {
+        let mut fixed = 0usize;
+        let mut expert = 0usize;
+        for name in weights.names() {
+            let n: usize = weights.shape(name).map_or(0, |s| s.iter().product());
+            if name.contains(".mlp.experts.") {
+                if name.contains(".mlp.experts.0.") && expert == 0 {
+                    expert = 3 * n;
+                }
+            } else if name != "model.embed_tokens.weight" {
+                fixed += n;
+            }
+        }
+        let cache_token = match &cfg.attention {
+            AttentionConfig::Mla(m) => m.kv_lora_rank + m.qk_rope_head_dim,
+            AttentionConfig::Gqa(g) => 2 * g.num_key_value_heads * g.head_dim,
+        };
+        Self {
+            fixed: (fixed * elem) as f64,
+            expert: (expert * elem) as f64,
+            cache_token: (cache_token * elem) as f64,
         }
     }
-    for l in &record.layers {
-        let mut ids = l.ids.clone();
-        ids.sort_unstable();
-        ids.dedup();
-        elems += ids.len() * expert;
+
+    fn of(&self, cfg: &Config, record: &RoutingRecord, context_tokens: usize) -> f64 {
+        let experts: usize = record
+            .layers
+            .iter()
+            .map(|l| {
+                let mut ids = l.ids.clone();
+                ids.sort_unstable();
+                ids.dedup();
+                ids.len()
+            })
+            .sum();
+        self.fixed
+            + experts as f64 * self.expert
+            + (context_tokens * cfg.num_hidden_layers) as f64 * self.cache_token
     }
-    // The latent cache: kv_lora_rank + rope values per token per layer.
-    elems += context_tokens * cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim);
-    (elems * elem) as f64
 }
 
 /// A random adapter: 6 routed experts per MoE layer (~10% of 64) replaced by experts in
@@ -247,13 +271,14 @@ fn main() -> Result<()> {
     let config = shape_config(&shape)?;
     let cfg = Config::from_json(&config.to_string())?;
     let t = Instant::now();
-    let mut model = DeepSeekV2::load(cfg.clone(), &WeightStore::drawn(&cfg), &opts)?;
+    let weights = WeightStore::drawn(&cfg);
+    let mut model = DeepSeekV2::load(cfg.clone(), &weights, &opts)?;
     dev.synchronize()?;
     println!(
         "model {shape} drawn on {device_name} in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let elem = opts.matrices().size_in_bytes();
+    let bytes_of = StepBytes::new(&cfg, &weights, opts.matrices().size_in_bytes());
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
 
     // Bandwidth reference: a device-to-device copy (read + write).
@@ -280,7 +305,7 @@ fn main() -> Result<()> {
                 let mut record = RoutingRecord::default();
                 let ctx = batch.context();
                 s += seconds(&dev, || batch.decode(&model, Some(&mut record)))?;
-                bytes.push(step_bytes(&cfg, &record, ctx, elem));
+                bytes.push(bytes_of.of(&cfg, &record, ctx));
             }
             tps.push((b * steps) as f64 / s);
         }

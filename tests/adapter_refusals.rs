@@ -261,3 +261,32 @@ fn non_expert_adapters_are_refused_for_serving_but_merge() {
     esft::adapter::merge::merge_checkpoint(&fixture("lite"), &dir, &tmp.path().join("merged"))
         .unwrap();
 }
+
+#[test]
+fn an_adapter_of_another_architecture_is_refused_naming_it() {
+    // Same expert layout (16 experts, MoE layers 1 and 2 in both), another architecture.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen");
+    write_native_adapter(&fixture("qwen3-moe"), &dir, &good_spec());
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter.json")).unwrap()).unwrap();
+    assert_eq!(manifest["base"]["architecture"], "Qwen3MoeForCausalLM");
+    assert!(manifest["base"]["config_fingerprint"]
+        .as_str()
+        .unwrap()
+        .starts_with("qwen3_moe-"));
+    for other in ["deepseek-v3", "olmoe", "lite"] {
+        let base = BaseModel::open(&fixture(other)).unwrap();
+        let err = esft::adapter::load_adapter(&dir, "qwen", &base, candle_core::DType::F32)
+            .err()
+            .unwrap_or_else(|| panic!("{other} accepted a Qwen3-MoE adapter"))
+            .to_string();
+        assert!(
+            err.contains("architecture Qwen3MoeForCausalLM"),
+            "{other}: {err}"
+        );
+    }
+    // The same layout from its own base loads.
+    let base = BaseModel::open(&fixture("qwen3-moe")).unwrap();
+    assert!(esft::adapter::load_adapter(&dir, "qwen", &base, candle_core::DType::F32).is_ok());
+}

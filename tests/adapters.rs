@@ -106,6 +106,43 @@ fn adapter_with_shared_experts_equals_merged_checkpoint() {
 }
 
 #[test]
+fn adapters_equal_merged_checkpoints_for_every_architecture() {
+    let cases = [
+        // DeepSeek-V3: MoE layers 1 and 2, with its shared expert.
+        (
+            "deepseek-v3",
+            vec![(1, vec![0, 5, 9, 14]), (2, vec![2, 3, 11])],
+            true,
+        ),
+        // Qwen3-MoE: every layer MoE.
+        (
+            "qwen3-moe",
+            vec![(0, vec![1, 7]), (3, vec![0, 4, 9, 15])],
+            false,
+        ),
+        // Qwen3-MoE with a dense layer 0 (mlp_only_layers).
+        (
+            "qwen3-moe-dense0",
+            vec![(1, vec![3, 6, 10]), (2, vec![0, 8])],
+            false,
+        ),
+        (
+            "olmoe",
+            vec![(0, vec![2, 5, 13]), (2, vec![1, 6, 7, 12])],
+            false,
+        ),
+    ];
+    for (name, experts, shared) in cases {
+        let spec = AdapterSpec {
+            experts,
+            shared,
+            seed: 3,
+        };
+        check_adapter_equals_merged(name, spec, false);
+    }
+}
+
+#[test]
 fn generate_cli_with_adapter_prints_what_the_merged_checkpoint_prints() {
     let base_dir = fixture("lite");
     let tmp = tempfile::tempdir().unwrap();

@@ -15,7 +15,14 @@ fn logits_do_not_depend_on_batch_or_chunking() {
         eprintln!("skipped: this CPU has no AVX-512, so product kernels change with batch size");
         return;
     }
-    for name in ["lite-yarn", "v2-grouped"] {
+    for name in [
+        "lite-yarn",
+        "v2-grouped",
+        "deepseek-v3-noq",
+        "qwen3-moe",
+        "qwen3-moe-dense0",
+        "olmoe",
+    ] {
         let model = DeepSeekV2::load_dir(&fixture(name), &load_options()).unwrap();
         let r = reference(name);
         let prompts = prompt_ids(&r);

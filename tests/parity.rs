@@ -51,6 +51,7 @@ fn greedy_sequence(model: &DeepSeekV2, prompt: Vec<u32>, n: usize) -> Sequence {
 fn check_logits(name: &str, matrices: Option<DType>) {
     let model = load(name, matrices);
     let r = reference(name);
+    let mut worst = 0f32;
     for p in r["prompts"].as_array().unwrap() {
         let ids = u32s(&p["ids"]);
         let logits = full_logits(&model, &ids, None);
@@ -63,8 +64,10 @@ fn check_logits(name: &str, matrices: Option<DType>) {
                 "{name} {}: logits row {j} differ by {d}",
                 p["name"]
             );
+            worst = worst.max(d);
         }
     }
+    eprintln!("{name} (matrices {matrices:?}): max abs logit diff {worst:e}");
 }
 
 fn check_greedy(name: &str, matrices: Option<DType>) {
@@ -157,6 +160,11 @@ parity_tests! {
     // The bf16 checkpoint with its matrices kept in bf16 (widened by the CPU kernels).
     lite_bf16_matrices_in_bf16 => "lite-bf16", Some(DType::BF16);
     lite_yarn_sharded => "lite-yarn-sharded", None;
+    deepseek_v3 => "deepseek-v3", None;
+    deepseek_v3_noq => "deepseek-v3-noq", None;
+    qwen3_moe => "qwen3-moe", None;
+    qwen3_moe_dense0 => "qwen3-moe-dense0", None;
+    olmoe => "olmoe", None;
 }
 
 #[test]
@@ -237,7 +245,15 @@ fn tokenizer_and_chat_template_match_reference() {
 #[test]
 fn differentiable_forward_matches_the_reference_too() {
     // The trainer runs the model with autograd-friendly ops; they must compute the same.
-    for name in ["v2-grouped", "lite-yarn"] {
+    for name in [
+        "v2-grouped",
+        "lite-yarn",
+        "deepseek-v3",
+        "deepseek-v3-noq",
+        "qwen3-moe",
+        "qwen3-moe-dense0",
+        "olmoe",
+    ] {
         let mut model = load(name, None);
         model.set_differentiable(true);
         let r = reference(name);
@@ -255,17 +271,17 @@ fn differentiable_forward_matches_the_reference_too() {
     }
 }
 
-#[test]
-fn f16_matrices_give_the_logits_of_their_f32_values() {
-    // The lite fixture rewritten in f16: loaded with its matrices kept in f16, and widened
-    // to f32 at load, the model computes the same f32 products of the same values.
-    let dir = copy_fixture("lite");
+/// `name` rewritten with every tensor in `dtype`, loaded with its matrices kept in `dtype`
+/// and widened to f32 at load: the same f32 products of the same values. Returns the
+/// logits of prompt 1 and the directory.
+fn narrow_copy_matches_wide(name: &str, dtype: DType) -> (Vec<Vec<f32>>, tempfile::TempDir) {
+    let dir = copy_fixture(name);
     let w = esft::model::load::WeightStore::open_dir(dir.path()).unwrap();
     let tensors: std::collections::HashMap<String, candle_core::Tensor> = w
         .names()
         .map(|n| {
             let shape = w.shape(n).unwrap().to_vec();
-            let t = w.get(n, &shape, DType::F16, &candle_core::Device::Cpu);
+            let t = w.get(n, &shape, dtype, &candle_core::Device::Cpu);
             (n.to_string(), t.unwrap())
         })
         .collect();
@@ -278,13 +294,32 @@ fn f16_matrices_give_the_logits_of_their_f32_values() {
         };
         DeepSeekV2::load_dir(dir.path(), &opts).unwrap()
     };
-    let (wide, narrow) = (load_with(None), load_with(Some(DType::F16)));
-    assert_eq!(narrow.lm_head().dtype(), DType::F16);
-    let ids = u32s(&reference("lite")["prompts"][1]["ids"]);
+    let (wide, narrow) = (load_with(None), load_with(Some(dtype)));
+    assert_eq!(narrow.lm_head().dtype(), dtype);
+    let ids = u32s(&reference(name)["prompts"][1]["ids"]);
     let a = assert_narrow_matches_wide(&wide, &narrow, &ids);
-    // And f16 rounding really moved the model off the f32 reference (so the equality above
-    // is between two f16 models, not two copies of the f32 one).
-    let f32_model = load("lite", None);
+    // And the rounding really moved the model off the f32 reference (so the equality above
+    // is between two narrow models, not two copies of the f32 one).
+    let f32_model = load(name, None);
     let c = full_logits(&f32_model, &ids, None);
     assert!(max_abs_diff(a.last().unwrap(), c.last().unwrap()) > 0.0);
+    (a, dir)
+}
+
+#[test]
+fn f16_matrices_give_the_logits_of_their_f32_values() {
+    narrow_copy_matches_wide("lite", DType::F16);
+}
+
+#[test]
+fn bf16_matrices_work_for_every_architecture() {
+    for name in ["deepseek-v3", "qwen3-moe-dense0", "olmoe"] {
+        let (logits, dir) = narrow_copy_matches_wide(name, DType::BF16);
+        // bf16 weights stay close to the f32 reference (greedy decisions have >= 1e-3
+        // margins; bf16 rounding of these tiny models moves logits by ~1e-2).
+        let want = f32s(&reference(name)["prompts"][1]["logits_last4"][3]);
+        let d = max_abs_diff(logits.last().unwrap(), &want);
+        assert!(d < 0.1, "{name}: bf16 weights move the last logits by {d}");
+        drop(dir);
+    }
 }

@@ -22,7 +22,11 @@ fn adapter_spec(i: u64) -> AdapterSpec {
 }
 
 fn engine(root: &Path, config: EngineConfig) -> Arc<Engine> {
-    let loaded = LoadedModel::load(&fixture("lite"), &load_options()).unwrap();
+    engine_for("lite", root, config)
+}
+
+fn engine_for(fixture_name: &str, root: &Path, config: EngineConfig) -> Arc<Engine> {
+    let loaded = LoadedModel::load(&fixture(fixture_name), &load_options()).unwrap();
     let base = Arc::new(BaseModel::new(
         loaded.model.config().clone(),
         loaded.store.clone(),
@@ -74,22 +78,36 @@ fn alone(engine: &Engine, reqs: &[GenerateRequest]) -> Vec<Vec<u32>> {
 
 #[test]
 fn mixed_continuous_batch_equals_each_request_alone() {
+    check_mixed_batch("lite");
+}
+
+#[test]
+fn mixed_continuous_batch_equals_each_request_alone_for_every_architecture() {
+    for name in ["deepseek-v3", "qwen3-moe", "qwen3-moe-dense0", "olmoe"] {
+        check_mixed_batch(name);
+    }
+}
+
+/// Base and two adapters, arriving one after the other into a running batch with a small
+/// prefill chunk: every request gets the tokens it gets alone.
+fn check_mixed_batch(fixture_name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     for (i, name) in ["a", "b"].iter().enumerate() {
         write_native_adapter(
-            &fixture("lite"),
+            &fixture(fixture_name),
             &tmp.path().join(name),
             &adapter_spec(i as u64),
         );
     }
-    let eng = engine(
+    let eng = engine_for(
+        fixture_name,
         tmp.path(),
         EngineConfig {
             prefill_chunk: 5,
             ..EngineConfig::default()
         },
     );
-    let p = prompts();
+    let p = prompt_ids(&reference(fixture_name));
     let (a, b) = (version(&eng, "a"), version(&eng, "b"));
     let reqs = vec![
         request(&p[0], None, 24),
@@ -98,7 +116,10 @@ fn mixed_continuous_batch_equals_each_request_alone() {
         request(&p[0], Some(&a), 16),
     ];
     let want = alone(&eng, &reqs);
-    assert_ne!(want[0], want[3], "adapter a changes the output of prompt 0");
+    assert_ne!(
+        want[0], want[3],
+        "{fixture_name}: adapter a changes the output of prompt 0"
+    );
 
     // Each request arrives once the previous one has produced tokens.
     let mut handles = Vec::new();
@@ -130,7 +151,7 @@ fn mixed_continuous_batch_equals_each_request_alone() {
                 Event::Error(e) => panic!("{e}"),
             }
         }
-        assert_eq!(got, want[i], "request {i}");
+        assert_eq!(got, want[i], "{fixture_name}: request {i}");
     }
     eng.shutdown();
 }

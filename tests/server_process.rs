@@ -46,10 +46,15 @@ impl Setup {
 }
 
 fn setup(extra: &str) -> Setup {
+    setup_for("lite", extra)
+}
+
+/// A server config for the fixture `model`, with three adapters of it.
+fn setup_for(model: &str, extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     for (i, n) in ["acme-a", "globex-a", "shared"].iter().enumerate() {
         write_native_adapter(
-            &fixture("lite"),
+            &fixture(model),
             &dir.path().join("adapters").join(n),
             &spec(i as u64),
         );
@@ -74,7 +79,7 @@ key_sha256 = ["{globex}"]
 adapters = ["globex-a"]
 {extra}
 "#,
-        model = fixture("lite").to_str().unwrap(),
+        model = fixture(model).to_str().unwrap(),
         adapters = dir.path().join("adapters").to_str().unwrap(),
         data = dir.path().join("data").to_str().unwrap(),
         admin = hash_key(ADMIN),
@@ -101,6 +106,47 @@ fn post(s: &Server, path: &str, key: &str, body: &Value) -> http::Response {
     .unwrap()
 }
 
+/// Runs `tests/e2e/openai_client.py` against `server` serving the fixture `model`.
+fn openai_client_checks(python: &Path, server: &Server, setup: &Setup, model: &str) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_client.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .env("ESFT_URL", server.url())
+        .env("ESFT_BIN", BIN)
+        .env("ESFT_MODEL_DIR", fixture(model))
+        .env("ESFT_ADAPTERS_DIR", setup.adapters())
+        .env("ESFT_BASE_ID", model)
+        .env("ESFT_ADMIN_KEY", ADMIN)
+        .env("ESFT_TENANT_KEY", ACME)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{model}: the openai client checks failed:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    assert!(stdout.contains("checks passed"), "{stdout}");
+}
+
+#[test]
+fn openai_python_client_on_every_architecture() {
+    let Some(python) = tool(
+        "a Python with the `openai` package",
+        python_with_openai(),
+        "`python3 -m venv venv && venv/bin/pip install openai`, or set ESFT_PYTHON",
+    ) else {
+        return;
+    };
+    for model in ["deepseek-v3", "qwen3-moe", "olmoe"] {
+        let setup = setup_for(model, "");
+        let server = Server::start(Path::new(BIN), &setup.config, &[]);
+        openai_client_checks(&python, &server, &setup, model);
+    }
+}
+
 #[test]
 fn openai_python_client_end_to_end_then_promtool() {
     let setup = setup("");
@@ -110,27 +156,7 @@ fn openai_python_client_end_to_end_then_promtool() {
         python_with_openai(),
         "`python3 -m venv venv && venv/bin/pip install openai`, or set ESFT_PYTHON",
     ) {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/openai_client.py");
-        let out = Command::new(python)
-            .arg(&script)
-            .env("ESFT_URL", server.url())
-            .env("ESFT_BIN", BIN)
-            .env("ESFT_MODEL_DIR", fixture("lite"))
-            .env("ESFT_ADAPTERS_DIR", setup.adapters())
-            .env("ESFT_BASE_ID", "lite")
-            .env("ESFT_ADMIN_KEY", ADMIN)
-            .env("ESFT_TENANT_KEY", ACME)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        eprintln!("{stdout}");
-        assert!(
-            out.status.success(),
-            "the openai client checks failed:\n{stdout}\n{}\nserver log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            server.log()
-        );
-        assert!(stdout.contains("checks passed"), "{stdout}");
+        openai_client_checks(&python, &server, &setup, "lite");
     }
     // Traffic of our own too, so every family has samples whether or not Python ran:
     // base, an adapter, streamed, refused.

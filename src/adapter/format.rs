@@ -23,7 +23,6 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "adapter.json";
 pub const WEIGHTS_FILE: &str = "adapter.safetensors";
 pub const REFERENCE_CONFIG_FILE: &str = "expert_cfg.json";
-pub const ARCHITECTURE: &str = "DeepseekV2ForCausalLM";
 
 /// Identifies one version of an adapter's weights within this process: caches and device
 /// slots are keyed by it, never by name.
@@ -87,10 +86,10 @@ impl ExpertConfig {
     pub fn validate(&self, cfg: &Config) -> Result<(), String> {
         for (&layer, experts) in &self.experts {
             if !cfg.is_moe_layer(layer) {
+                let moe: Vec<String> = cfg.moe_layers().map(|l| l.to_string()).collect();
                 return Err(format!(
-                    "expert config lists layer {layer}, which is not a MoE layer (MoE layers are {}..={})",
-                    cfg.first_k_dense_replace,
-                    cfg.num_hidden_layers.saturating_sub(1)
+                    "expert config lists layer {layer}, which is not a MoE layer (MoE layers are {})",
+                    moe.join(", ")
                 ));
             }
             let mut seen = BTreeSet::new();
@@ -419,7 +418,7 @@ pub fn load_adapter(
 
     let cfg = &base.config;
     if let Some(id) = &manifest.base {
-        if id.architecture != ARCHITECTURE {
+        if id.architecture != cfg.architecture.class_name() {
             return Err(AdapterError::WrongBase {
                 name: name.into(),
                 reason: format!("architecture {}", id.architecture),
@@ -640,7 +639,7 @@ pub fn new_manifest(
         name: name.to_string(),
         format_version: FORMAT_VERSION,
         base: Some(BaseIdentity {
-            architecture: ARCHITECTURE.into(),
+            architecture: base.config.architecture.class_name().into(),
             config_fingerprint: base.config_fingerprint().to_string(),
             tensors_fingerprint,
         }),

@@ -6,10 +6,14 @@
 //! part `W_uk` and value part `W_uv` and absorbed into the query and the output:
 //! `q_nope . (W_uk c) = (W_uk^T q_nope) . c` and `o = W_uv (sum_j a_j c_j)`, so attention
 //! runs directly against the cached latent.
+//!
+//! The causal core over per-sequence row caches ([`attend`]: the batched CPU kernel, the
+//! per-sequence candle path, the training node) is shared with grouped-query attention
+//! (`gqa.rs`), which stores each kv head as `[v | k]` rows.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::config::Config;
+use super::config::{Config, MlaConfig};
 use super::cpu_kernels;
 use super::load::{Precision, WeightStore};
 use super::ops::{tensor_like, Ops};
@@ -48,6 +52,7 @@ const LATENT_NORM_EPS: f64 = 1e-6;
 impl Attention {
     pub fn load(
         cfg: &Config,
+        mla: &MlaConfig,
         w: &WeightStore,
         prefix: &str,
         precision: Precision,
@@ -55,11 +60,12 @@ impl Attention {
     ) -> super::error::Result<Self> {
         let h = cfg.hidden_size;
         let nh = cfg.num_attention_heads;
-        let qk = cfg.qk_head_dim();
+        let (nope, rope, v_dim) = (mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim);
+        let qk = nope + rope;
         let get = |name: &str, shape: &[usize]| {
             w.weight(&format!("{prefix}{name}"), shape, precision, dev)
         };
-        let q = match cfg.q_lora_rank {
+        let q = match mla.q_lora_rank {
             None => QueryProj::Full(get("q_proj.weight", &[nh * qk, h])?),
             Some(r) => QueryProj::LoRA {
                 a: get("q_a_proj.weight", &[r, h])?,
@@ -67,29 +73,23 @@ impl Attention {
                 b: get("q_b_proj.weight", &[nh * qk, r])?,
             },
         };
-        let kvr = cfg.kv_lora_rank;
-        let kv_b = get(
-            "kv_b_proj.weight",
-            &[nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), kvr],
-        )?;
-        let (w_uk, w_uv_t) = absorb(&kv_b, nh, cfg.qk_nope_head_dim, cfg.v_head_dim)?;
+        let kvr = mla.kv_lora_rank;
+        let kv_b = get("kv_b_proj.weight", &[nh * (nope + v_dim), kvr])?;
+        let (w_uk, w_uv_t) = absorb(&kv_b, nh, nope, v_dim)?;
         let w_uk_rows = kernel_rows(&w_uk, precision.compute)?;
         Ok(Self {
             q,
-            kv_a: get(
-                "kv_a_proj_with_mqa.weight",
-                &[kvr + cfg.qk_rope_head_dim, h],
-            )?,
+            kv_a: get("kv_a_proj_with_mqa.weight", &[kvr + rope, h])?,
             kv_a_norm: get("kv_a_layernorm.weight", &[kvr])?,
             kv_b,
             w_uk,
             w_uv_t,
             w_uk_rows,
-            o: get("o_proj.weight", &[h, nh * cfg.v_head_dim])?,
+            o: get("o_proj.weight", &[h, nh * v_dim])?,
             heads: nh,
-            nope: cfg.qk_nope_head_dim,
-            rope: cfg.qk_rope_head_dim,
-            v_dim: cfg.v_head_dim,
+            nope,
+            rope,
+            v_dim,
             kv_rank: kvr,
             scale: cfg.softmax_scale(),
         })
@@ -217,28 +217,15 @@ impl Attention {
             .reshape((n, rope))?;
         let latent = Tensor::cat(&[&c_kv, &k_pe], 1)?; // [n, kvr + rope]
 
-        let o_lat = if kernel_rows.is_some() {
-            // Every sequence's tokens against its cache in one parallel call.
-            for (start, len, cache) in seqs.iter_mut() {
-                cache.append(&latent.narrow(0, *start, *len)?, false)?;
-            }
-            let views = seqs
-                .iter()
-                .map(|(_, _, cache)| cache.view())
-                .collect::<Result<Vec<_>>>()?;
-            let batch: Vec<cpu_kernels::LatentSeq<'_>> = seqs
-                .iter()
-                .zip(&views)
-                .map(|((start, len, _), kv)| cpu_kernels::LatentSeq {
-                    start: *start,
-                    len: *len,
-                    kv,
-                })
-                .collect();
-            cpu_kernels::latent_attention(&q_full, &batch, kvr, self.scale)?
-        } else {
-            self.attend_per_sequence(ops, &q_full, &latent, seqs)?
-        }
+        let o_lat = attend(
+            ops,
+            &q_full,
+            &latent,
+            seqs,
+            kvr,
+            self.scale,
+            kernel_rows.is_some(),
+        )?
         .reshape((n, nh, kvr))?;
         // Absorb W_uv into the output: [nh, n, kvr] x [nh, kvr, v] -> [n, nh, v].
         let o_heads = o_lat.transpose(0, 1)?.contiguous()?;
@@ -252,46 +239,82 @@ impl Attention {
         .reshape((n, nh * self.v_dim))?;
         ops.linear(&o, &self.o)
     }
+}
 
-    /// Attention one sequence at a time with candle ops (and autograd nodes when
-    /// differentiable): `[n * heads, kv_rank]`.
-    fn attend_per_sequence(
-        &self,
-        ops: &Ops,
-        q_full: &Tensor,
-        latent: &Tensor,
-        seqs: &mut [(usize, usize, &mut LatentCache)],
-    ) -> Result<Tensor> {
-        let (nh, rope, kvr) = (self.heads, self.rope, self.kv_rank);
-        let mut outs = Vec::with_capacity(seqs.len());
+/// Causal attention of a ragged batch against per-sequence row caches whose rows are both
+/// the keys (all `width` columns) and the values (the first `v_width` columns): MLA's
+/// latent, or one kv head of grouped-query attention stored as `[v | k]` rows and queried
+/// with `[0 | q]`. `q`: `[n, heads, width]`; `rows`: `[n, width]`, appended to each
+/// sequence's cache first. Returns `[n * heads, v_width]`. `kernel`: every sequence in one
+/// parallel CPU call (f32 inference).
+pub(super) fn attend(
+    ops: &Ops,
+    q: &Tensor,
+    rows: &Tensor,
+    seqs: &mut [(usize, usize, &mut LatentCache)],
+    v_width: usize,
+    scale: f64,
+    kernel: bool,
+) -> Result<Tensor> {
+    if kernel {
         for (start, len, cache) in seqs.iter_mut() {
-            let past = cache.len();
-            cache.append(&latent.narrow(0, *start, *len)?, ops.differentiable)?;
-            let kv = cache.view()?; // [past + len, kvr + rope]
-            let total = past + *len;
-            let qs = q_full
-                .narrow(0, *start, *len)?
-                .reshape((*len * nh, kvr + rope))?;
-            if ops.differentiable && kv.device().is_cpu() {
-                // One autograd node that keeps no score-sized intermediates.
-                outs.push(super::attention_grad::latent_attention(
-                    &qs, &kv, kvr, nh, past, self.scale,
-                )?);
-                continue;
-            }
-            let mut scores = (qs.matmul(&kv.t()?)? * self.scale)?;
-            if *len > 1 {
-                let mask = causal_mask(*len, past, &scores)?;
-                scores = scores
-                    .reshape((*len, nh, total))?
-                    .broadcast_add(&mask)?
-                    .reshape((*len * nh, total))?;
-            }
-            let probs = ops.softmax_last_dim(&scores)?;
-            outs.push(probs.matmul(&kv.narrow(1, 0, kvr)?)?); // [len * nh, kvr]
+            cache.append(&rows.narrow(0, *start, *len)?, false)?;
         }
-        Tensor::cat(&outs, 0)
+        let views = seqs
+            .iter()
+            .map(|(_, _, cache)| cache.view())
+            .collect::<Result<Vec<_>>>()?;
+        let batch: Vec<cpu_kernels::LatentSeq<'_>> = seqs
+            .iter()
+            .zip(&views)
+            .map(|((start, len, _), kv)| cpu_kernels::LatentSeq {
+                start: *start,
+                len: *len,
+                kv,
+            })
+            .collect();
+        return cpu_kernels::latent_attention(q, &batch, v_width, scale);
     }
+    attend_per_sequence(ops, q, rows, seqs, v_width, scale)
+}
+
+/// [`attend`] one sequence at a time with candle ops (and autograd nodes when
+/// differentiable).
+fn attend_per_sequence(
+    ops: &Ops,
+    q: &Tensor,
+    rows: &Tensor,
+    seqs: &mut [(usize, usize, &mut LatentCache)],
+    v_width: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, nh, width) = q.dims3()?;
+    let mut outs = Vec::with_capacity(seqs.len());
+    for (start, len, cache) in seqs.iter_mut() {
+        let past = cache.len();
+        cache.append(&rows.narrow(0, *start, *len)?, ops.differentiable)?;
+        let kv = cache.view()?; // [past + len, width]
+        let total = past + *len;
+        let qs = q.narrow(0, *start, *len)?.reshape((*len * nh, width))?;
+        if ops.differentiable && kv.device().is_cpu() {
+            // One autograd node that keeps no score-sized intermediates.
+            outs.push(super::attention_grad::latent_attention(
+                &qs, &kv, v_width, nh, past, scale,
+            )?);
+            continue;
+        }
+        let mut scores = (qs.matmul(&kv.t()?)? * scale)?;
+        if *len > 1 {
+            let mask = causal_mask(*len, past, &scores)?;
+            scores = scores
+                .reshape((*len, nh, total))?
+                .broadcast_add(&mask)?
+                .reshape((*len * nh, total))?;
+        }
+        let probs = ops.softmax_last_dim(&scores)?;
+        outs.push(probs.matmul(&kv.narrow(1, 0, v_width)?)?); // [len * nh, v_width]
+    }
+    Tensor::cat(&outs, 0)
 }
 
 /// Splits `kv_b_proj` `[nh * (nope + v), kvr]` into `W_uk` `[nh, nope, kvr]` and `W_uv^T`

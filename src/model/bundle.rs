@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::config::Config;
-use super::deepseek_v2::{DeepSeekV2, LoadOptions};
+use super::decoder::{DeepSeekV2, LoadOptions};
 use super::error::Result;
 use super::load::WeightStore;
 use super::tokenizer::TextTokenizer;

@@ -1,648 +1,148 @@
-//! The DeepSeek-V2 decoder: embeddings, layers (MLA + dense MLP or MoE), final norm and
-//! LM head, run over a ragged batch of sequences that each bring their own latent cache.
+//! DeepSeek-V2 (`DeepseekV2ForCausalLM`): multi-head latent attention (optionally with a
+//! low-rank query, `q_lora_rank`), interleaved-pair RoPE with DeepSeek's YaRN, dense layers
+//! below `first_k_dense_replace`, then MoE layers with shared experts and a softmax router,
+//! greedy or limited to the `topk_group` groups with the best single expert. The routed
+//! weights are either renormalised (`norm_topk_prob` with more than one expert) or
+//! multiplied by `routed_scaling_factor`, never both.
+//!
+//! The MLA and DeepSeekMoE keys read here are shared with DeepSeek-V3 (`deepseek_v3.rs`).
 
-use candle_core::{DType, Device, Result, Tensor, Var};
-use std::ops::Range;
-use std::path::Path;
+use super::config::{
+    check_experts, groups, rope_scaling, unsupported, Architecture, AttentionConfig, Common,
+    Config, FfnPlan, MlaConfig, RawConfig, RouterConfig, ScoringFunc, TopkMethod,
+};
+use super::error::Result;
 
-use super::attention::{Attention, LatentCache};
-use super::config::Config;
-use super::error::ModelError;
-use super::load::{Precision, WeightStore};
-use super::moe::{ExpertMap, MapSpan, Mlp, Moe, RoutingRecord};
-use super::ops::Ops;
-use super::rope::Rope;
-
-/// How a model is loaded: where it computes and in which dtype.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub device: Device,
-    /// Compute dtype; weights stored in any float dtype are converted to it once at load.
-    pub dtype: DType,
-    /// The dtype the weight matrices are kept in, when not the compute dtype: bf16 or f16
-    /// under f32 compute on the CPU (half the memory, and half the bytes a decode step
-    /// reads). `None` keeps them in the compute dtype.
-    pub matrix_dtype: Option<DType>,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            device: Device::Cpu,
-            dtype: DType::F32,
-            matrix_dtype: None,
-        }
-    }
-}
-
-impl LoadOptions {
-    /// The dtype weight matrices are held in, the base's and (so that an adapter's expert
-    /// costs what the base's does) every adapter's.
-    pub fn matrices(&self) -> DType {
-        self.matrix_dtype.unwrap_or(self.dtype)
-    }
-
-    /// The dtypes to load in, or why this combination cannot run.
-    pub fn precision(&self) -> super::error::Result<Precision> {
-        let (compute, matrices) = (self.dtype, self.matrices());
-        if matrices != compute
-            && !(compute == DType::F32 && matches!(matrices, DType::BF16 | DType::F16))
-        {
-            return Err(ModelError::Invalid(format!(
-                "weight matrices in {matrices:?} under {compute:?} compute: narrower \
-                 matrices run only under f32 compute, in bf16 or f16"
-            )));
-        }
-        Ok(Precision { compute, matrices })
-    }
-}
-
-pub enum FeedForward {
-    Dense(Mlp),
-    Moe(Moe),
-}
-
-pub struct Layer {
-    pub input_norm: Tensor,
-    pub attn: Attention,
-    pub post_attn_norm: Tensor,
-    pub ffn: FeedForward,
-}
-
-/// All per-layer latent caches of one sequence.
-pub struct SeqCache {
-    layers: Vec<LatentCache>,
-}
-
-impl SeqCache {
-    pub fn new(cfg: &Config) -> Self {
-        Self {
-            layers: (0..cfg.num_hidden_layers)
-                .map(|_| LatentCache::default())
-                .collect(),
-        }
-    }
-
-    /// Tokens already processed (the position of the next token).
-    pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, LatentCache::len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn capacity_bytes(&self) -> usize {
-        self.layers.iter().map(LatentCache::capacity_bytes).sum()
-    }
-
-    pub fn truncate(&mut self, len: usize) {
-        for l in &mut self.layers {
-            l.truncate(len);
-        }
-    }
-}
-
-/// Which logits a sequence wants back from a forward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsWanted<'a> {
-    /// None (an intermediate prefill chunk).
-    None,
-    /// The last new token's (generation).
-    Last,
-    /// Every new token's (tests, evaluation).
-    All,
-    /// The new tokens at these offsets, ascending (training: only positions with a target).
-    Positions(&'a [u32]),
-}
-
-/// One sequence's part of a batched forward.
-pub struct SeqInput<'a> {
-    pub tokens: &'a [u32],
-    pub cache: &'a mut SeqCache,
-    /// Expert id -> slot per MoE layer; `None` is the base model.
-    pub experts: Option<&'a ExpertMap>,
-    pub logits: LogitsWanted<'a>,
-}
-
-/// Logits of a batched forward: `[rows, vocab]` f32 (f64 for an f64 model), and each
-/// sequence's row range.
-pub struct ForwardOutput {
-    pub logits: Option<Tensor>,
-    pub rows: Vec<Range<usize>>,
-    /// The load-balancing loss summed over MoE layers (see [`DeepSeekV2::set_balance_alpha`]).
-    pub balance_loss: Option<Tensor>,
-}
-
-/// [`DeepSeekV2::forward_hidden`]'s result: final-normed hidden rows `[rows, hidden]` in
-/// the compute dtype where logits were wanted, and each sequence's row range.
-pub struct HiddenOutput {
-    pub hidden: Option<Tensor>,
-    pub rows: Vec<Range<usize>>,
-    pub balance_loss: Option<Tensor>,
-}
-
-/// What a weight is, for choosing which ones to train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightKind {
-    RoutedExpert {
-        layer: usize,
-        expert: usize,
-    },
-    SharedExperts {
-        layer: usize,
-    },
-    /// Attention, norms, router gates, dense MLPs, embeddings and the LM head.
-    Other,
-}
-
-/// A weight made trainable by [`DeepSeekV2::make_trainable`].
-pub struct TrainableWeight {
-    /// Checkpoint name (fused SwiGLU weights as `...gate_up_proj.weight`).
-    pub name: String,
-    pub kind: WeightKind,
-    pub var: Var,
-}
-
-/// Name suffix of a fused SwiGLU `[gate; up]` weight in [`DeepSeekV2::weights_mut`].
-pub const FUSED_GATE_UP: &str = "gate_up_proj.weight";
-
-/// An MLP's two weights under their names in [`DeepSeekV2::weights_mut`].
-fn mlp_weights(
-    prefix: String,
-    kind: WeightKind,
-    mlp: &mut Mlp,
-) -> [(String, WeightKind, &mut Tensor); 2] {
-    let Mlp { gate_up, down } = mlp;
-    [
-        (format!("{prefix}{FUSED_GATE_UP}"), kind, gate_up),
-        (format!("{prefix}down_proj.weight"), kind, down),
-    ]
-}
-
-/// A weight under its checkpoint name(s): a fused `gate_up_proj.weight` becomes its
-/// `gate_proj.weight` and `up_proj.weight` halves, anything else passes through.
-pub fn split_fused(name: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
-    match name.strip_suffix(FUSED_GATE_UP) {
-        Some(prefix) => {
-            let i = t.dim(0)? / 2;
-            Ok(vec![
-                (format!("{prefix}gate_proj.weight"), t.narrow(0, 0, i)?),
-                (format!("{prefix}up_proj.weight"), t.narrow(0, i, i)?),
-            ])
-        }
-        None => Ok(vec![(name.to_string(), t.clone())]),
-    }
-}
-
-pub struct DeepSeekV2 {
-    cfg: Config,
-    embed: Tensor,
-    pub layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Tensor,
-    rope: Rope,
-    base_map: ExpertMap,
-    ops: Ops,
-    /// Weight of the sequence-level load-balancing loss (0 = not computed).
-    balance_alpha: f64,
-    dtype: DType,
-    device: Device,
-}
-
-impl DeepSeekV2 {
-    /// Loads `config.json` and the weights of a Hugging Face model directory.
-    pub fn load_dir(dir: &Path, opts: &LoadOptions) -> super::error::Result<Self> {
-        let cfg = Config::from_dir(dir)?;
-        let weights = WeightStore::open_dir(dir)?;
-        Self::load(cfg, &weights, opts)
-    }
-
-    pub fn load(cfg: Config, w: &WeightStore, opts: &LoadOptions) -> super::error::Result<Self> {
-        let (dt, dev) = (opts.dtype, &opts.device);
-        let precision = opts.precision()?;
-        if dev.is_cpu() && dt == DType::BF16 {
-            return Err(ModelError::Invalid(
-                "bf16 compute is not supported on CPU (candle's CPU matmul has no bf16 kernel); \
-                 use f32 compute, bf16 weights are converted at load"
-                    .into(),
-            ));
-        }
-        let h = cfg.hidden_size;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}.");
-                let ffn = if cfg.is_moe_layer(i) {
-                    FeedForward::Moe(Moe::load(&cfg, w, &format!("{p}mlp."), precision, dev)?)
-                } else {
-                    FeedForward::Dense(Mlp::load(
-                        w,
-                        &format!("{p}mlp."),
-                        h,
-                        cfg.intermediate_size,
-                        precision,
-                        dev,
-                    )?)
-                };
-                Ok(Layer {
-                    input_norm: w.get(&format!("{p}input_layernorm.weight"), &[h], dt, dev)?,
-                    attn: Attention::load(&cfg, w, &format!("{p}self_attn."), precision, dev)?,
-                    post_attn_norm: w.get(
-                        &format!("{p}post_attention_layernorm.weight"),
-                        &[h],
-                        dt,
-                        dev,
-                    )?,
-                    ffn,
-                })
-            })
-            .collect::<super::error::Result<Vec<_>>>()?;
-        let embed = w.weight(
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, h],
-            precision,
-            dev,
-        )?;
-        let lm_head = if cfg.tie_word_embeddings && !w.contains("lm_head.weight") {
-            embed.clone()
-        } else {
-            w.weight("lm_head.weight", &[cfg.vocab_size, h], precision, dev)?
-        };
-        Ok(Self {
-            rope: Rope::new(&cfg),
-            base_map: ExpertMap::identity(&cfg),
-            embed,
-            layers,
-            norm: w.get("model.norm.weight", &[h], dt, dev)?,
-            lm_head,
-            ops: Ops::default(),
-            balance_alpha: 0.0,
-            dtype: dt,
-            device: dev.clone(),
-            cfg,
-        })
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// Switches between fused inference kernels and autograd-friendly ops.
-    pub fn set_differentiable(&mut self, on: bool) {
-        self.ops.differentiable = on;
-    }
-
-    /// Makes differentiable forwards also return DeepSeek's sequence-level load-balancing
-    /// loss with this weight (`aux_loss_alpha`), summed over MoE layers; 0 turns it off.
-    pub fn set_balance_alpha(&mut self, alpha: f64) {
-        self.balance_alpha = alpha;
-    }
-
-    pub fn new_cache(&self) -> SeqCache {
-        SeqCache::new(&self.cfg)
-    }
-
-    pub fn moe(&self, layer: usize) -> Option<&Moe> {
-        match &self.layers.get(layer)?.ffn {
-            FeedForward::Moe(m) => Some(m),
-            FeedForward::Dense(_) => None,
-        }
-    }
-
-    pub fn moe_mut(&mut self, layer: usize) -> Option<&mut Moe> {
-        match &mut self.layers.get_mut(layer)?.ffn {
-            FeedForward::Moe(m) => Some(m),
-            FeedForward::Dense(_) => None,
-        }
-    }
-
-    /// Every weight, mutably, under its checkpoint name, with its kind. A fused SwiGLU
-    /// `gate_up` is listed once, as `...gate_up_proj.weight` (see [`split_fused`]). A tied
-    /// LM head is the embedding and is not listed. After changing attention weights call
-    /// [`DeepSeekV2::refresh_derived`].
-    pub fn weights_mut(&mut self) -> Vec<(String, WeightKind, &mut Tensor)> {
-        let tied = self.lm_head.id() == self.embed.id();
-        let mut out: Vec<(String, WeightKind, &mut Tensor)> = Vec::new();
-        out.push((
-            "model.embed_tokens.weight".into(),
-            WeightKind::Other,
-            &mut self.embed,
+pub(super) fn config(r: &RawConfig, c: Common) -> Result<Config> {
+    let ffn = deepseek_ffn(r, &c)?;
+    let scoring = r.str_or("scoring_func", "softmax")?;
+    if scoring != "softmax" {
+        return Err(unsupported(
+            "scoring_func",
+            scoring,
+            "DeepSeek-V2 routes with softmax; other scoring functions are not supported",
         ));
-        for (i, layer) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}.");
-            out.push((
-                format!("{p}input_layernorm.weight"),
-                WeightKind::Other,
-                &mut layer.input_norm,
-            ));
-            for (suffix, t) in layer.attn.named_weights_mut() {
-                out.push((format!("{p}self_attn.{suffix}"), WeightKind::Other, t));
-            }
-            out.push((
-                format!("{p}post_attention_layernorm.weight"),
-                WeightKind::Other,
-                &mut layer.post_attn_norm,
-            ));
-            match &mut layer.ffn {
-                FeedForward::Dense(mlp) => {
-                    out.extend(mlp_weights(format!("{p}mlp."), WeightKind::Other, mlp));
-                }
-                FeedForward::Moe(moe) => {
-                    let n_routed = self.cfg.n_routed_experts;
-                    let (gate, slots, shared) = moe.parts_mut();
-                    out.push((format!("{p}mlp.gate.weight"), WeightKind::Other, gate));
-                    for (e, slot) in slots.iter_mut().take(n_routed).enumerate() {
-                        if let Some(mlp) = slot {
-                            let kind = WeightKind::RoutedExpert {
-                                layer: i,
-                                expert: e,
-                            };
-                            out.extend(mlp_weights(format!("{p}mlp.experts.{e}."), kind, mlp));
-                        }
-                    }
-                    if let Some(Some(mlp)) = shared.first_mut() {
-                        let kind = WeightKind::SharedExperts { layer: i };
-                        out.extend(mlp_weights(format!("{p}mlp.shared_experts."), kind, mlp));
-                    }
-                }
+    }
+    let (n, k) = (ffn.n_routed_experts, ffn.num_experts_per_tok);
+    let method = match r.str_or("topk_method", "greedy")? {
+        "greedy" => TopkMethod::Greedy,
+        "group_limited_greedy" => {
+            let (n_group, topk_group) = groups(r, n, k, 1)?;
+            TopkMethod::GroupLimitedGreedy {
+                n_group,
+                topk_group,
             }
         }
-        out.push((
-            "model.norm.weight".into(),
-            WeightKind::Other,
-            &mut self.norm,
+        other => {
+            return Err(unsupported(
+                "topk_method",
+                other,
+                "supported: greedy, group_limited_greedy",
+            ))
+        }
+    };
+    let router = RouterConfig {
+        scoring: ScoringFunc::Softmax,
+        method,
+        norm_topk_prob: r.bool_or("norm_topk_prob", false)?,
+        routed_scaling_factor: r.f64_or("routed_scaling_factor", 1.0)?,
+        scale_unnormalised_only: true,
+    };
+    Ok(Config::assemble(
+        Architecture::DeepseekV2,
+        c,
+        AttentionConfig::Mla(mla(r)?),
+        ffn,
+        router,
+        rope_scaling(r, true)?,
+    ))
+}
+
+/// The values DeepSeek-V2's config fingerprint hashes, as they were hashed before other
+/// architectures existed; `None` for other architectures.
+pub(super) fn fingerprint_fields(cfg: &Config) -> Option<serde_json::Value> {
+    let (Architecture::DeepseekV2, AttentionConfig::Mla(m)) = (cfg.architecture, &cfg.attention)
+    else {
+        return None;
+    };
+    Some(serde_json::json!({
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "q_lora_rank": m.q_lora_rank,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_nope_head_dim": m.qk_nope_head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim,
+        "v_head_dim": m.v_head_dim,
+        "first_k_dense_replace": cfg.first_k_dense_replace,
+        "n_routed_experts": cfg.n_routed_experts,
+        "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "topk_method": cfg.router.method,
+        "routed_scaling_factor": cfg.router.routed_scaling_factor,
+        "norm_topk_prob": cfg.router.norm_topk_prob,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    }))
+}
+
+/// The multi-head latent attention keys.
+pub(super) fn mla(r: &RawConfig) -> Result<MlaConfig> {
+    let heads = r.usize("num_attention_heads")?;
+    if let Some(kvh) = r.opt_usize("num_key_value_heads")? {
+        if kvh != heads {
+            return Err(unsupported(
+                "num_key_value_heads",
+                kvh,
+                "MLA uses one latent for all heads; must equal num_attention_heads",
+            ));
+        }
+    }
+    Ok(MlaConfig {
+        q_lora_rank: r.opt_usize("q_lora_rank")?,
+        kv_lora_rank: r.usize("kv_lora_rank")?,
+        qk_nope_head_dim: r.usize("qk_nope_head_dim")?,
+        qk_rope_head_dim: r.usize("qk_rope_head_dim")?,
+        v_head_dim: r.usize("v_head_dim")?,
+    })
+}
+
+/// DeepSeekMoE's layer plan: dense below `first_k_dense_replace`, MoE (routed plus
+/// `n_shared_experts` shared experts) from there on.
+pub(super) fn deepseek_ffn(r: &RawConfig, c: &Common) -> Result<FfnPlan> {
+    let freq = r.usize_or("moe_layer_freq", 1)?;
+    if freq != 1 {
+        return Err(unsupported(
+            "moe_layer_freq",
+            freq,
+            "only every layer after first_k_dense_replace being MoE (1) is supported",
         ));
-        if !tied {
-            out.push((
-                "lm_head.weight".into(),
-                WeightKind::Other,
-                &mut self.lm_head,
-            ));
-        }
-        out
     }
-
-    /// Turns every weight `pick` selects into a trainable [`Var`] (updated in place by an
-    /// optimizer) and returns them. All other weights stay plain tensors, for which autograd
-    /// computes no gradient. Leaves the model in differentiable mode.
-    pub fn make_trainable(
-        &mut self,
-        pick: impl Fn(&WeightKind) -> bool,
-    ) -> Result<Vec<TrainableWeight>> {
-        let tied = self.lm_head.id() == self.embed.id();
-        let compute = self.dtype;
-        let mut out = Vec::new();
-        for (name, kind, t) in self.weights_mut() {
-            if pick(&kind) {
-                // Trained in the compute dtype, whatever the frozen matrices are kept in.
-                let var = Var::from_tensor(&t.to_dtype(compute)?)?;
-                *t = var.as_tensor().clone();
-                out.push(TrainableWeight { name, kind, var });
-            }
-        }
-        if tied {
-            self.lm_head = self.embed.clone();
-        }
-        self.refresh_derived()?;
-        self.set_differentiable(true);
-        Ok(out)
-    }
-
-    /// Recomputes cached products of weights (MLA's absorbed factors) after weights changed
-    /// in place.
-    pub fn refresh_derived(&mut self) -> Result<()> {
-        for layer in &mut self.layers {
-            layer.attn.refresh_absorbed()?;
-        }
-        Ok(())
-    }
-
-    /// Every weight under its checkpoint name, fused tensors split: what a checkpoint of
-    /// this model holds.
-    pub fn checkpoint_tensors(&mut self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = Vec::new();
-        for (name, _, t) in self.weights_mut() {
-            out.extend(split_fused(&name, t)?);
-        }
-        Ok(out)
-    }
-
-    /// The non-layer weights under their checkpoint names.
-    pub fn named_globals(&self) -> Vec<(&'static str, &Tensor)> {
-        vec![
-            ("model.embed_tokens.weight", &self.embed),
-            ("model.norm.weight", &self.norm),
-            ("lm_head.weight", &self.lm_head),
-        ]
-    }
-
-    /// One forward over a ragged batch. Each sequence's new tokens are appended to its
-    /// cache. With `record`, every MoE layer's routing decisions are appended to it.
-    pub fn forward(
-        &self,
-        batch: &mut [SeqInput<'_>],
-        record: Option<&mut RoutingRecord>,
-    ) -> Result<ForwardOutput> {
-        on_compute_pool(|| self.forward_here(batch, record))
-    }
-
-    /// [`forward`](Self::forward) on the calling thread.
-    fn forward_here(
-        &self,
-        batch: &mut [SeqInput<'_>],
-        record: Option<&mut RoutingRecord>,
-    ) -> Result<ForwardOutput> {
-        let out = self.forward_hidden(batch, record)?;
-        let logits = match out.hidden {
-            Some(h) => {
-                let logits = self.ops.linear(&h, &self.lm_head)?;
-                // f32 for everyone but f64 models (gradient checks need the precision).
-                Some(match logits.dtype() {
-                    DType::F64 => logits,
-                    _ => logits.to_dtype(DType::F32)?,
-                })
-            }
-            None => None,
-        };
-        Ok(ForwardOutput {
-            logits,
-            rows: out.rows,
-            balance_loss: out.balance_loss,
-        })
-    }
-
-    /// The output head `[vocab, hidden]`: logits are `hidden @ lm_head^T`.
-    pub fn lm_head(&self) -> &Tensor {
-        &self.lm_head
-    }
-
-    /// [`forward`](Self::forward) up to the output head: the final-normed hidden rows
-    /// where logits are wanted, for a caller that applies the head itself (the trainer
-    /// fuses it into the loss).
-    pub fn forward_hidden(
-        &self,
-        batch: &mut [SeqInput<'_>],
-        mut record: Option<&mut RoutingRecord>,
-    ) -> Result<HiddenOutput> {
-        let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        let mut spans = Vec::with_capacity(batch.len());
-        for s in batch.iter() {
-            if s.tokens.is_empty() {
-                candle_core::bail!("a sequence in the batch has no new tokens");
-            }
-            let past = s.cache.len();
-            spans.push((tokens.len(), s.tokens.len()));
-            tokens.extend_from_slice(s.tokens);
-            positions.extend(past..past + s.tokens.len());
-        }
-        let n = tokens.len();
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            candle_core::bail!(
-                "token id {bad} is out of range (vocab size {})",
-                self.cfg.vocab_size
-            );
-        }
-        let dev = &self.device;
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        self.rope.tables_into(&positions, &mut cos, &mut sin);
-        let half = self.cfg.qk_rope_head_dim / 2;
-        let cos = Tensor::from_vec(cos, (n, half), dev)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (n, half), dev)?.to_dtype(self.dtype)?;
-        let map_spans: Vec<MapSpan<'_>> = batch
-            .iter()
-            .zip(&spans)
-            .map(|(s, &(start, len))| (start, len, s.experts.unwrap_or(&self.base_map)))
-            .collect();
-
-        let mut x = self
-            .embed
-            .index_select(&Tensor::from_slice(&tokens, n, dev)?, 0)?
-            .to_dtype(self.dtype)?;
-        let eps = self.cfg.rms_norm_eps;
-        let mut balance_loss: Option<Tensor> = None;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let h = self.ops.rms_norm(&x, &layer.input_norm, eps)?;
-            let mut seqs: Vec<(usize, usize, &mut LatentCache)> = batch
-                .iter_mut()
-                .zip(&spans)
-                .map(|(s, &(start, len))| (start, len, &mut s.cache.layers[li]))
-                .collect();
-            x = (x + layer.attn.forward(&self.ops, &h, &cos, &sin, &mut seqs)?)?;
-            let h = self.ops.rms_norm(&x, &layer.post_attn_norm, eps)?;
-            let y = match &layer.ffn {
-                FeedForward::Dense(mlp) => mlp.forward(&self.ops, &h)?,
-                FeedForward::Moe(moe) => {
-                    let moe_index = li - self.cfg.first_k_dense_replace;
-                    let mut o =
-                        moe.forward(&self.ops, &h, moe_index, &map_spans, self.balance_alpha)?;
-                    if let Some(r) = record.as_deref_mut() {
-                        o.routing.layer = li;
-                        r.layers.push(o.routing);
-                    }
-                    if let Some(l) = o.balance_loss {
-                        balance_loss = Some(match balance_loss {
-                            Some(acc) => (acc + l)?,
-                            None => l,
-                        });
-                    }
-                    o.out
-                }
-            };
-            x = (x + y)?;
-        }
-
-        let mut rows = Vec::with_capacity(batch.len());
-        let mut pick: Vec<u32> = Vec::new();
-        for (s, &(start, len)) in batch.iter().zip(&spans) {
-            let first = pick.len();
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last => pick.push((start + len - 1) as u32),
-                LogitsWanted::All => pick.extend(start as u32..(start + len) as u32),
-                LogitsWanted::Positions(p) => {
-                    if let Some(&bad) = p.iter().find(|&&i| i as usize >= len) {
-                        candle_core::bail!("logits wanted at offset {bad} of {len} new tokens");
-                    }
-                    pick.extend(p.iter().map(|&i| start as u32 + i));
-                }
-            }
-            rows.push(first..pick.len());
-        }
-        let hidden = if pick.is_empty() {
-            None
-        } else {
-            let picked = if pick.len() == n {
-                x
-            } else {
-                let len = pick.len();
-                x.index_select(&Tensor::from_vec(pick, len, dev)?, 0)?
-            };
-            Some(self.ops.rms_norm(&picked, &self.norm, eps)?)
-        };
-        Ok(HiddenOutput {
-            hidden,
-            rows,
-            balance_loss,
-        })
-    }
-}
-
-/// Runs `f` on a thread of the compute pool (rayon's global pool, which the CPU kernels
-/// split their work over), or right here when already on one. From a pool thread every
-/// parallel section of the forward starts and joins inside the pool; from outside, each
-/// one would also hand the caller's thread to the kernel and wake it up afterwards.
-fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    if rayon::current_thread_index().is_some() {
-        f()
-    } else {
-        rayon::scope(|_| f())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn precision(dtype: DType, matrices: Option<DType>) -> super::super::error::Result<Precision> {
-        LoadOptions {
-            device: Device::Cpu,
-            dtype,
-            matrix_dtype: matrices,
-        }
-        .precision()
-    }
-
-    #[test]
-    fn matrices_may_be_narrower_only_under_f32_compute() {
-        let p = precision(DType::F32, Some(DType::BF16)).unwrap();
-        assert_eq!((p.compute, p.matrices), (DType::F32, DType::BF16));
-        assert_eq!(p.of(&[64, 32]), DType::BF16);
-        assert_eq!(
-            p.of(&[64]),
-            DType::F32,
-            "norm weights stay in the compute dtype"
-        );
-        assert_eq!(
-            precision(DType::F16, None).unwrap(),
-            Precision::uniform(DType::F16)
-        );
-        assert!(precision(DType::F32, Some(DType::F16)).is_ok());
-        for (compute, matrices) in [
-            (DType::F16, DType::BF16),
-            (DType::F32, DType::F64),
-            (DType::BF16, DType::F32),
-        ] {
-            let err = precision(compute, Some(matrices)).unwrap_err().to_string();
-            assert!(err.contains("f32 compute"), "{err}");
-        }
-    }
+    let plan = FfnPlan {
+        intermediate_size: r.usize("intermediate_size")?,
+        moe_intermediate_size: r.usize("moe_intermediate_size")?,
+        first_k_dense_replace: r.usize_or("first_k_dense_replace", 0)?,
+        mlp_only_layers: vec![],
+        decoder_sparse_step: 1,
+        n_routed_experts: r.usize_or("n_routed_experts", 0)?,
+        n_shared_experts: r.usize_or("n_shared_experts", 0)?,
+        num_experts_per_tok: r.usize_or("num_experts_per_tok", 0)?,
+    };
+    check_experts(
+        plan.first_k_dense_replace < c.num_hidden_layers,
+        plan.n_routed_experts,
+        plan.num_experts_per_tok,
+        plan.moe_intermediate_size,
+        [
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+        ],
+    )?;
+    Ok(plan)
 }

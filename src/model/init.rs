@@ -1,4 +1,4 @@
-//! Random DeepSeek-V2 checkpoints in Hugging Face layout: `config.json` plus one
+//! Random checkpoints of any supported architecture in Hugging Face layout: `config.json` plus one
 //! `model.safetensors` holding every tensor the loader expects, under the hub names.
 //!
 //! Used by the benchmark and by the trainer's `init` command. Weights are stored in the
@@ -14,7 +14,7 @@ use safetensors::tensor::{Dtype, View};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use super::config::Config;
+use super::config::{AttentionConfig, Config, QkNorm, ScoringFunc};
 use super::error::{ModelError, Result};
 
 /// Standard deviation of linear and embedding weights.
@@ -150,13 +150,11 @@ impl Plan {
     }
 }
 
-/// Every tensor of a DeepSeek-V2 checkpoint with this config, under the names and with the
-/// shapes [`super::DeepSeekV2::load`] expects.
+/// Every tensor of a checkpoint with this config, under the names and with the shapes
+/// [`super::Decoder::load`] expects.
 pub(crate) fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)> {
     let h = cfg.hidden_size;
     let nh = cfg.num_attention_heads;
-    let qk = cfg.qk_head_dim();
-    let kvr = cfg.kv_lora_rank;
     let mut plan = Plan::default();
     plan.linear("model.embed_tokens.weight".into(), cfg.vocab_size, h);
     for i in 0..cfg.num_hidden_layers {
@@ -164,29 +162,52 @@ pub(crate) fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)
         plan.norm(format!("{p}input_layernorm.weight"), h);
         plan.norm(format!("{p}post_attention_layernorm.weight"), h);
         let a = format!("{p}self_attn.");
-        match cfg.q_lora_rank {
-            None => plan.linear(format!("{a}q_proj.weight"), nh * qk, h),
-            Some(r) => {
-                plan.linear(format!("{a}q_a_proj.weight"), r, h);
-                plan.norm(format!("{a}q_a_layernorm.weight"), r);
-                plan.linear(format!("{a}q_b_proj.weight"), nh * qk, r);
+        match &cfg.attention {
+            AttentionConfig::Mla(m) => {
+                let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
+                let kvr = m.kv_lora_rank;
+                match m.q_lora_rank {
+                    None => plan.linear(format!("{a}q_proj.weight"), nh * qk, h),
+                    Some(r) => {
+                        plan.linear(format!("{a}q_a_proj.weight"), r, h);
+                        plan.norm(format!("{a}q_a_layernorm.weight"), r);
+                        plan.linear(format!("{a}q_b_proj.weight"), nh * qk, r);
+                    }
+                }
+                plan.linear(
+                    format!("{a}kv_a_proj_with_mqa.weight"),
+                    kvr + m.qk_rope_head_dim,
+                    h,
+                );
+                plan.norm(format!("{a}kv_a_layernorm.weight"), kvr);
+                plan.linear(
+                    format!("{a}kv_b_proj.weight"),
+                    nh * (m.qk_nope_head_dim + m.v_head_dim),
+                    kvr,
+                );
+                plan.linear(format!("{a}o_proj.weight"), h, nh * m.v_head_dim);
+            }
+            AttentionConfig::Gqa(g) => {
+                let (hd, kvh) = (g.head_dim, g.num_key_value_heads);
+                plan.linear(format!("{a}q_proj.weight"), nh * hd, h);
+                plan.linear(format!("{a}k_proj.weight"), kvh * hd, h);
+                plan.linear(format!("{a}v_proj.weight"), kvh * hd, h);
+                plan.linear(format!("{a}o_proj.weight"), h, nh * hd);
+                let (qn, kn) = match g.qk_norm {
+                    QkNorm::PerHead => (hd, hd),
+                    QkNorm::Full => (nh * hd, kvh * hd),
+                };
+                plan.norm(format!("{a}q_norm.weight"), qn);
+                plan.norm(format!("{a}k_norm.weight"), kn);
             }
         }
-        plan.linear(
-            format!("{a}kv_a_proj_with_mqa.weight"),
-            kvr + cfg.qk_rope_head_dim,
-            h,
-        );
-        plan.norm(format!("{a}kv_a_layernorm.weight"), kvr);
-        plan.linear(
-            format!("{a}kv_b_proj.weight"),
-            nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-            kvr,
-        );
-        plan.linear(format!("{a}o_proj.weight"), h, nh * cfg.v_head_dim);
         let m = format!("{p}mlp.");
         if cfg.is_moe_layer(i) {
             plan.linear(format!("{m}gate.weight"), cfg.n_routed_experts, h);
+            if cfg.router.scoring == ScoringFunc::Sigmoid {
+                let name = format!("{m}gate.{SELECTION_BIAS}");
+                plan.push(name, &[cfg.n_routed_experts], Fill::Const(0.0));
+            }
             for e in 0..cfg.n_routed_experts {
                 plan.mlp(&format!("{m}experts.{e}."), h, cfg.moe_intermediate_size);
             }
@@ -204,6 +225,10 @@ pub(crate) fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)
     }
     plan.tensors
 }
+
+/// DeepSeek-V3's router bias, stored in float32 whatever the checkpoint's dtype (as
+/// published).
+const SELECTION_BIAS: &str = "e_score_correction_bias";
 
 /// A sibling of `path` to write before renaming over it.
 fn temp_path(path: &Path) -> PathBuf {
@@ -238,6 +263,11 @@ pub fn write_random_checkpoint(
         .into_iter()
         .map(|(name, shape, fill)| {
             let stream = stable_hash(&name);
+            let dtype = if name.ends_with(SELECTION_BIAS) {
+                Dtype::F32
+            } else {
+                dtype
+            };
             (
                 name,
                 LazyTensor {
@@ -357,6 +387,59 @@ mod tests {
         let logits = model.forward(&mut batch, None).unwrap().logits.unwrap();
         let logits: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
         assert!(logits.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn random_checkpoints_of_every_architecture_load_and_run() {
+        for name in [
+            "deepseek-v3",
+            "deepseek-v3-noq",
+            "qwen3-moe",
+            "qwen3-moe-dense0",
+            "olmoe",
+        ] {
+            let path = format!(
+                "{}/tests/fixtures/{name}/config.json",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let mut config: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            config["torch_dtype"] = "bfloat16".into();
+            let dir = tempfile::tempdir().unwrap();
+            write_random_checkpoint(&config, 11, dir.path()).unwrap();
+            let w = crate::model::load::WeightStore::open_dir(dir.path()).unwrap();
+            for n in w.names() {
+                let dtype = w.file_of(n).unwrap().info(n).unwrap().dtype;
+                let want = if n.ends_with(SELECTION_BIAS) {
+                    Dtype::F32
+                } else {
+                    Dtype::BF16
+                };
+                assert_eq!(dtype, want, "{name}: {n}");
+            }
+            let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+            assert_eq!(
+                model.config().architecture.model_type(),
+                config["model_type"].as_str().unwrap()
+            );
+            let tokens = [0u32, 5, 9, 200, 511];
+            let mut cache = model.new_cache();
+            let mut batch = [SeqInput {
+                tokens: &tokens,
+                cache: &mut cache,
+                experts: None,
+                logits: LogitsWanted::All,
+            }];
+            let logits: Vec<Vec<f32>> = model
+                .forward(&mut batch, None)
+                .unwrap()
+                .logits
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            assert!(logits.iter().flatten().all(|v| v.is_finite()), "{name}");
+            assert!(logits.iter().flatten().any(|&v| v != 0.0), "{name}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! DeepSeekMoE: the router (greedy or group-limited top-k over a softmax gate), routed
-//! experts held in *slots*, and the always-on shared experts.
+//! The MoE layer of every architecture: the router (softmax or sigmoid scores with an
+//! optional selection bias; plain, group-limited or `noaux_tc` top-k; renormalised or not;
+//! scaled), routed experts held in *slots*, and the always-on shared experts (DeepSeek).
 //!
 //! Slots 0..n_routed hold the base experts; further slots hold adapter copies. Every token
 //! carries an [`ExpertMap`] row (expert id -> slot), so one forward serves a batch that mixes
@@ -8,7 +9,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::config::{Config, TopkMethod};
+use super::config::{Config, ScoringFunc, TopkMethod};
 use super::cpu_kernels;
 use super::load::{Precision, WeightStore};
 use super::moe_grad;
@@ -77,27 +78,40 @@ pub struct ExpertMap {
     tables: Vec<Vec<u32>>,
     /// `shared[moe_layer_index]` = shared-expert slot (0 = the base's).
     shared: Vec<u32>,
-    first_moe_layer: usize,
+    /// `layers[moe_layer_index]` = model layer index.
+    layers: Vec<usize>,
 }
 
 impl ExpertMap {
     pub fn identity(cfg: &Config) -> Self {
         let row: Vec<u32> = (0..cfg.n_routed_experts as u32).collect();
+        let layers: Vec<usize> = cfg.moe_layers().collect();
         Self {
-            tables: cfg.moe_layers().map(|_| row.clone()).collect(),
-            shared: cfg.moe_layers().map(|_| 0).collect(),
-            first_moe_layer: cfg.first_k_dense_replace,
+            tables: layers.iter().map(|_| row.clone()).collect(),
+            shared: layers.iter().map(|_| 0).collect(),
+            layers,
+        }
+    }
+
+    /// The MoE index of model layer `layer`. Panics if it is not a MoE layer (callers
+    /// validate layers against the config first).
+    fn index(&self, layer: usize) -> usize {
+        match self.layers.iter().position(|&l| l == layer) {
+            Some(i) => i,
+            None => panic!("layer {layer} is not a MoE layer"),
         }
     }
 
     /// Points routed `expert` of model layer `layer` (a MoE layer) at `slot`.
     pub fn set(&mut self, layer: usize, expert: usize, slot: u32) {
-        self.tables[layer - self.first_moe_layer][expert] = slot;
+        let i = self.index(layer);
+        self.tables[i][expert] = slot;
     }
 
     /// Points the shared experts of model layer `layer` at shared slot `slot`.
     pub fn set_shared(&mut self, layer: usize, slot: u32) {
-        self.shared[layer - self.first_moe_layer] = slot;
+        let i = self.index(layer);
+        self.shared[i] = slot;
     }
 
     pub fn table(&self, moe_index: usize) -> &[u32] {
@@ -125,7 +139,10 @@ pub struct LayerRouting {
     pub layer: usize,
     pub top_k: usize,
     pub ids: Vec<u32>,
-    /// Softmax gate probability of each chosen expert (ESFT's gate score input).
+    /// Gate probability of each chosen expert (ESFT's gate score input): its softmax
+    /// probability, or for sigmoid routers its share of the token's affinity, the sigmoid
+    /// score over the sum of all experts' (without the selection bias). A token's values
+    /// sum to at most 1 either way.
     pub probs: Vec<f32>,
     /// The multiplier applied to each expert's output (after normalisation or scaling).
     pub weights: Vec<f32>,
@@ -147,6 +164,7 @@ pub struct RoutingRecord {
 pub struct Router {
     n_experts: usize,
     top_k: usize,
+    scoring: ScoringFunc,
     method: TopkMethod,
     scaling: f32,
     normalise: bool,
@@ -157,62 +175,97 @@ impl Router {
         Self {
             n_experts: cfg.n_routed_experts,
             top_k: cfg.num_experts_per_tok,
-            method: cfg.topk_method,
-            scaling: cfg.routed_scaling_factor as f32,
-            normalise: cfg.norm_topk_prob && cfg.num_experts_per_tok > 1,
+            scoring: cfg.router.scoring,
+            method: cfg.router.method,
+            scaling: cfg.router.scale(cfg.num_experts_per_tok) as f32,
+            normalise: cfg.router.renormalise(cfg.num_experts_per_tok),
         }
     }
 
-    /// Routes every row of `logits` (`[n, E]`, host f32). Returns ids, probabilities and
-    /// output multipliers, `k` per token.
-    pub fn route(&self, logits: &[f32]) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
+    /// Routes every row of `logits` (`[n, E]`, host f32); `bias` (`[E]`) is added to the
+    /// scores for choosing experts only. Returns ids, gate probabilities (see
+    /// [`LayerRouting::probs`]) and output multipliers, `k` per token, sorted by descending
+    /// multiplier (ties to the lower id).
+    pub fn route(&self, logits: &[f32], bias: Option<&[f32]>) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
         let (e, k) = (self.n_experts, self.top_k);
         let n = logits.len() / e;
         let mut ids = Vec::with_capacity(n * k);
         let mut probs = Vec::with_capacity(n * k);
         let mut weights = Vec::with_capacity(n * k);
         let mut p = vec![0f32; e];
+        let mut choice = vec![0f32; e];
         let mut order: Vec<u32> = Vec::with_capacity(e);
         for row in logits.chunks_exact(e) {
-            softmax_into(row, &mut p);
+            match self.scoring {
+                ScoringFunc::Softmax => softmax_into(row, &mut p),
+                ScoringFunc::Sigmoid => {
+                    for (o, &x) in p.iter_mut().zip(row) {
+                        *o = 1.0 / (1.0 + (-x).exp());
+                    }
+                }
+            }
+            let choice: &[f32] = match bias {
+                Some(b) => {
+                    for ((c, &s), &b) in choice.iter_mut().zip(&p).zip(b) {
+                        *c = s + b;
+                    }
+                    &choice
+                }
+                None => &p,
+            };
             order.clear();
             match self.method {
                 TopkMethod::Greedy => order.extend(0..e as u32),
                 TopkMethod::GroupLimitedGreedy {
                     n_group,
                     topk_group,
-                } => {
-                    let size = e / n_group;
-                    let group_max: Vec<f32> = p
-                        .chunks_exact(size)
-                        .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-                        .collect();
-                    let groups = top_indices(&group_max, topk_group);
-                    for g in groups {
-                        order.extend((g * size) as u32..((g + 1) * size) as u32);
+                } => keep_groups(&mut order, choice, n_group, topk_group, |g| {
+                    g.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+                }),
+                TopkMethod::NoauxTc {
+                    n_group,
+                    topk_group,
+                } => keep_groups(&mut order, choice, n_group, topk_group, |g| {
+                    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+                    for &v in g {
+                        if v > a {
+                            (a, b) = (v, a);
+                        } else if v > b {
+                            b = v;
+                        }
                     }
-                }
+                    a + b
+                }),
             }
-            sort_desc_by_score(&mut order, &p);
-            let chosen = &order[..k];
+            // What a sigmoid score is a share of (softmax probabilities already are shares).
+            let total = match self.scoring {
+                ScoringFunc::Softmax => 1.0,
+                ScoringFunc::Sigmoid => p.iter().sum::<f32>(),
+            };
+            sort_desc_by_score(&mut order, choice);
+            let chosen = &mut order[..k];
+            // With a selection bias the choice order is not the weight order.
+            sort_desc_by_score(chosen, &p);
             let sum: f32 = chosen.iter().map(|&i| p[i as usize]).sum();
-            for &i in chosen {
+            for &i in chosen.iter() {
                 let prob = p[i as usize];
                 ids.push(i);
-                probs.push(prob);
-                weights.push(if self.normalise {
+                probs.push(prob / total);
+                let w = if self.normalise {
                     prob / (sum + 1e-20)
                 } else {
-                    prob * self.scaling
-                });
+                    prob
+                };
+                weights.push(w * self.scaling);
             }
         }
         (ids, probs, weights)
     }
 
-    /// Output multipliers as a differentiable tensor `[n, k]`: gathered from the softmax of
-    /// `logits` at the chosen `ids`, then normalised or scaled like [`Router::route`].
-    /// Returns the full softmax `[n, E]` too (the load-balancing loss needs it).
+    /// Output multipliers as a differentiable tensor `[n, k]`: gathered from the scores of
+    /// `logits` at the chosen `ids`, then normalised and scaled like [`Router::route`].
+    /// Returns each token's distribution over all experts `[n, E]` too (the softmax, or the
+    /// sigmoid scores divided by their sum), for the load-balancing loss.
     fn weights_tensor(&self, ops: &Ops, logits: &Tensor, ids: &[u32]) -> Result<(Tensor, Tensor)> {
         let n = logits.dim(0)?;
         // f32 at least (f64 stays f64: gradient checks run the model in f64).
@@ -220,11 +273,26 @@ impl Router {
             DType::F64 => logits.clone(),
             _ => logits.to_dtype(DType::F32)?,
         };
-        let probs = ops.softmax_last_dim(&logits)?;
+        let (scores, probs) = match self.scoring {
+            ScoringFunc::Softmax => {
+                let p = ops.softmax_last_dim(&logits)?;
+                (p.clone(), p)
+            }
+            ScoringFunc::Sigmoid => {
+                let s = candle_nn::ops::sigmoid(&logits)?;
+                let p = s.broadcast_div(&s.sum_keepdim(1)?)?;
+                (s, p)
+            }
+        };
         let idx = Tensor::from_slice(ids, (n, self.top_k), logits.device())?;
-        let w = probs.gather(&idx, 1)?;
+        let w = scores.gather(&idx, 1)?;
         let w = if self.normalise {
             w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?
+        } else {
+            w
+        };
+        let w = if self.scaling == 1.0 {
+            w
         } else {
             (w * self.scaling as f64)?
         };
@@ -289,6 +357,22 @@ fn sort_desc_by_score(ids: &mut [u32], score: &[f32]) {
     });
 }
 
+/// Puts into `order` the experts of the `keep` groups (of `n_group` consecutive experts)
+/// that `group_score` ranks highest.
+fn keep_groups(
+    order: &mut Vec<u32>,
+    choice: &[f32],
+    n_group: usize,
+    keep: usize,
+    group_score: impl Fn(&[f32]) -> f32,
+) {
+    let size = choice.len() / n_group;
+    let scores: Vec<f32> = choice.chunks_exact(size).map(group_score).collect();
+    for g in top_indices(&scores, keep) {
+        order.extend((g * size) as u32..((g + 1) * size) as u32);
+    }
+}
+
 /// Indices of the `k` largest values (ties to the lower index).
 fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<u32> = (0..values.len() as u32).collect();
@@ -306,6 +390,8 @@ fn put_slot(table: &mut Vec<Option<Mlp>>, slot: usize, mlp: Option<Mlp>) {
 /// One MoE layer.
 pub struct Moe {
     pub gate: Tensor,
+    /// `e_score_correction_bias` `[E]` in f32 (sigmoid routers): selection only.
+    pub gate_bias: Option<Tensor>,
     /// Slot-indexed routed experts: the base experts first, adapter copies after (`None`
     /// marks a free slot).
     slots: Vec<Option<Mlp>>,
@@ -359,8 +445,18 @@ impl Moe {
                 dev,
             )?)],
         };
+        let gate_bias = match cfg.router.scoring {
+            ScoringFunc::Sigmoid => Some(w.get(
+                &format!("{prefix}gate.e_score_correction_bias"),
+                &[cfg.n_routed_experts],
+                DType::F32,
+                dev,
+            )?),
+            ScoringFunc::Softmax => None,
+        };
         Ok(Self {
             gate,
+            gate_bias,
             slots: slots.into_iter().map(Some).collect(),
             shared,
             router: Router::new(cfg),
@@ -375,9 +471,23 @@ impl Moe {
         self.slots.get(slot)?.as_ref()
     }
 
-    /// The gate, the routed-expert slots and the shared-expert slots, mutably at once.
-    pub fn parts_mut(&mut self) -> (&mut Tensor, &mut [Option<Mlp>], &mut [Option<Mlp>]) {
-        (&mut self.gate, &mut self.slots, &mut self.shared)
+    /// The gate, its selection bias (sigmoid routers), the routed-expert slots and the
+    /// shared-expert slots, mutably at once.
+    #[allow(clippy::type_complexity)]
+    pub fn parts_mut(
+        &mut self,
+    ) -> (
+        &mut Tensor,
+        Option<&mut Tensor>,
+        &mut [Option<Mlp>],
+        &mut [Option<Mlp>],
+    ) {
+        (
+            &mut self.gate,
+            self.gate_bias.as_mut(),
+            &mut self.slots,
+            &mut self.shared,
+        )
     }
 
     pub fn slot_mut(&mut self, slot: usize) -> Option<&mut Mlp> {
@@ -429,7 +539,11 @@ impl Moe {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let (ids, probs, weights) = self.router.route(&host_logits);
+        let bias = match &self.gate_bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (ids, probs, weights) = self.router.route(&host_logits, bias.as_deref());
 
         // Slot of every (token, choice) pair, then a counting sort of the pairs by slot.
         let mut pair_slot = Vec::with_capacity(n * k);
@@ -633,6 +747,7 @@ mod tests {
         Router {
             n_experts: 4,
             top_k: k,
+            scoring: ScoringFunc::Softmax,
             method,
             scaling,
             normalise,
@@ -643,11 +758,11 @@ mod tests {
     fn greedy_picks_top_k_sorted_with_scaling() {
         // logits ln([1, 4, 2, 3]) -> probs [0.1, 0.4, 0.2, 0.3]
         let logits: Vec<f32> = [1f32, 4., 2., 3.].iter().map(|v| v.ln()).collect();
-        let (ids, probs, w) = router(TopkMethod::Greedy, 2, 2.0, false).route(&logits);
+        let (ids, probs, w) = router(TopkMethod::Greedy, 2, 2.0, false).route(&logits, None);
         assert_eq!(ids, vec![1, 3]);
         assert!((probs[0] - 0.4).abs() < 1e-6 && (probs[1] - 0.3).abs() < 1e-6);
         assert!((w[0] - 0.8).abs() < 1e-6 && (w[1] - 0.6).abs() < 1e-6);
-        let (_, _, w) = router(TopkMethod::Greedy, 2, 2.0, true).route(&logits);
+        let (_, _, w) = router(TopkMethod::Greedy, 2, 1.0, true).route(&logits, None);
         assert!((w[0] - 4. / 7.).abs() < 1e-6 && (w[1] - 3. / 7.).abs() < 1e-6);
     }
 
@@ -690,7 +805,7 @@ mod tests {
 
     #[test]
     fn ties_go_to_lower_id() {
-        let (ids, _, _) = router(TopkMethod::Greedy, 2, 1.0, false).route(&[0., 1., 1., 1.]);
+        let (ids, _, _) = router(TopkMethod::Greedy, 2, 1.0, false).route(&[0., 1., 1., 1.], None);
         assert_eq!(ids, vec![1, 2]);
     }
 
@@ -704,13 +819,76 @@ mod tests {
             n_group: 2,
             topk_group: 1,
         };
-        let (ids, p, _) = router(m, 2, 1.0, false).route(&logits);
+        let (ids, p, _) = router(m, 2, 1.0, false).route(&logits, None);
         assert_eq!(ids, vec![0, 1]);
         assert!(
             (p[1] - 0.05).abs() < 1e-6,
             "probabilities are not renormalised"
         );
-        let (ids, _, _) = router(TopkMethod::Greedy, 2, 1.0, false).route(&logits);
+        let (ids, _, _) = router(TopkMethod::Greedy, 2, 1.0, false).route(&logits, None);
         assert_eq!(ids, vec![0, 2]);
+    }
+
+    #[test]
+    fn noaux_tc_chooses_with_the_bias_and_weighs_without_it() {
+        // Sigmoid scores s, bias b, 8 experts in 4 groups of 2, keep 2 groups, top 2.
+        let s = [0.9f32, 0.1, 0.5, 0.45, 0.6, 0.55, 0.2, 0.3];
+        let logits: Vec<f32> = s.iter().map(|p| (p / (1.0 - p)).ln()).collect();
+        let bias = [0f32, 0., 0., 0., 0., 0., 0.5, 0.5];
+        let r = Router {
+            n_experts: 8,
+            top_k: 2,
+            scoring: ScoringFunc::Sigmoid,
+            method: TopkMethod::NoauxTc {
+                n_group: 4,
+                topk_group: 2,
+            },
+            scaling: 2.5,
+            normalise: true,
+        };
+        // Biased group scores (sum of the two best): 1.0, 0.95, 1.15, 1.5 -> keep groups
+        // 3 and 2; the best biased experts there: 7 (0.8) and 6 (0.7). A max-based group
+        // rule would keep group 0 (0.9) instead.
+        let (ids, probs, w) = r.route(&logits, Some(&bias));
+        assert_eq!(ids, vec![7, 6], "sorted by unbiased weight");
+        // Gate probabilities: shares of the token's total score, 3.6.
+        assert!((probs[0] - 0.3 / 3.6).abs() < 1e-6 && (probs[1] - 0.2 / 3.6).abs() < 1e-6);
+        assert!((w[0] - 2.5 * 0.6).abs() < 1e-5 && (w[1] - 2.5 * 0.4).abs() < 1e-5);
+        // Without the bias: groups 0 (1.0) and 2 (1.15); experts 0 and 4.
+        let (ids, _, _) = r.route(&logits, None);
+        assert_eq!(ids, vec![0, 4]);
+    }
+
+    #[test]
+    fn differentiable_weights_match_the_host_router() {
+        let logits = Tensor::new(
+            &[[0.3f32, -1.2, 2.0, 0.7, -0.1, 1.1, 0.0, -0.4]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let host: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+        for (scoring, normalise, scaling) in [
+            (ScoringFunc::Sigmoid, true, 2.5),
+            (ScoringFunc::Softmax, true, 1.0),
+            (ScoringFunc::Softmax, false, 16.0),
+        ] {
+            let r = Router {
+                n_experts: 8,
+                top_k: 3,
+                scoring,
+                method: TopkMethod::Greedy,
+                scaling,
+                normalise,
+            };
+            let (ids, _, want) = r.route(&host, None);
+            let ops = Ops {
+                differentiable: true,
+            };
+            let (w, _) = r.weights_tensor(&ops, &logits, &ids).unwrap();
+            let got: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-6, "{scoring:?}: {got:?} vs {want:?}");
+            }
+        }
     }
 }

@@ -90,6 +90,27 @@ impl Ops {
             candle_nn::rotary_emb::rope_i(&x4, &c, &s)?.reshape((n, h, d))
         }
     }
+
+    /// Rotates dimension `i` of the last dimension with dimension `i + d/2` (`rotate_half`)
+    /// by the angles whose cosines and sines are given. Shapes as for
+    /// [`Ops::rope_interleaved`].
+    pub fn rope_half_split(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (n, h, d) = x.dims3()?;
+        if self.differentiable {
+            let x0 = x.narrow(2, 0, d / 2)?;
+            let x1 = x.narrow(2, d / 2, d / 2)?;
+            let c = cos.reshape((n, 1, d / 2))?;
+            let s = sin.reshape((n, 1, d / 2))?;
+            let r0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&s)?)?;
+            let r1 = (x1.broadcast_mul(&c)? + x0.broadcast_mul(&s)?)?;
+            Tensor::cat(&[r0, r1], 2)
+        } else {
+            let x4 = x.contiguous()?.reshape((n, h, 1, d))?;
+            let c = cos.reshape((n, 1, d / 2))?;
+            let s = sin.reshape((n, 1, d / 2))?;
+            candle_nn::rotary_emb::rope(&x4, &c, &s)?.reshape((n, h, d))
+        }
+    }
 }
 
 /// Autograd node for `x @ w` with a frozen `w`: the forward is the product itself (one
@@ -237,6 +258,31 @@ mod tests {
         }
         .rope_interleaved(&x, &cos, &sin)
         .unwrap();
+        close(&a, &b, 1e-6);
+    }
+
+    #[test]
+    fn half_split_rope_paths_agree_with_hand_rotation() {
+        let dev = Device::Cpu;
+        // d = 4: pairs (x0, x2) and (x1, x3), rotated by 90 and 180 degrees.
+        let x = Tensor::new(&[[[1f32, 2., 3., 4.]]], &dev).unwrap();
+        let cos = Tensor::new(&[[0f32, -1.]], &dev).unwrap();
+        let sin = Tensor::new(&[[1f32, 0.]], &dev).unwrap();
+        let want = Tensor::new(&[[[-3f32, -2., 1., -4.]]], &dev).unwrap();
+        for differentiable in [false, true] {
+            let got = Ops { differentiable }
+                .rope_half_split(&x, &cos, &sin)
+                .unwrap();
+            close(&got, &want, 1e-6);
+        }
+        let x = Tensor::randn(0f32, 1., (5, 3, 8), &dev).unwrap();
+        let cos = Tensor::randn(0f32, 1., (5, 4), &dev).unwrap();
+        let sin = Tensor::randn(0f32, 1., (5, 4), &dev).unwrap();
+        let [a, b] = [false, true].map(|differentiable| {
+            Ops { differentiable }
+                .rope_half_split(&x, &cos, &sin)
+                .unwrap()
+        });
         close(&a, &b, 1e-6);
     }
 

@@ -1,6 +1,8 @@
 //! Rotary position tables: plain RoPE or DeepSeek's YaRN, following the original
 //! `modeling_deepseek.py` (inverse frequencies blended by a linear ramp, cos/sin scaled by
 //! `mscale / mscale_all_dim`). Angles are computed in f64 on the host per token position.
+//! The tables are the same whichever pairs of dimensions an architecture rotates
+//! ([`super::config::RopeStyle`]; the attention applies them).
 
 use super::config::{yarn_mscale, Config};
 
@@ -13,7 +15,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(cfg: &Config) -> Self {
-        let d = cfg.qk_rope_head_dim;
+        let d = cfg.rope_dims().0;
         let base = cfg.rope_theta;
         let exps: Vec<f64> = (0..d / 2).map(|i| (2 * i) as f64 / d as f64).collect();
         match &cfg.rope_scaling {
@@ -104,7 +106,9 @@ mod tests {
             "/tests/fixtures/lite"
         )))
         .unwrap();
-        cfg.qk_rope_head_dim = 4;
+        if let crate::model::config::AttentionConfig::Mla(m) = &mut cfg.attention {
+            m.qk_rope_head_dim = 4;
+        }
         cfg.rope_theta = 100.0;
         let rope = Rope::new(&cfg);
         // inv_freq = [1, 100^-0.5] = [1, 0.1]

@@ -22,8 +22,9 @@ use crate::train::{self, Run, Schedule, TrainConfig, Trainable};
 #[command(
     name = "esft-train",
     version,
-    about = "Expert-Specialized Fine-Tuning for DeepSeek-V2 MoE models: score experts on task \
-             data, select them, train only them, write adapters"
+    about = "Expert-Specialized Fine-Tuning for fine-grained MoE models (DeepSeek-V2/V3, \
+             Qwen3-MoE, OLMoE): score experts on task data, select them, train only them, \
+             write adapters"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -256,8 +257,9 @@ pub struct MergeArgs {
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// A DeepSeek-V2 config.json; its `vocab_size` is the tokenizer's target size (the
-    /// written config holds the size reached).
+    /// A config.json of any supported architecture (DeepSeek-V2/V3, Qwen3-MoE, OLMoE); its
+    /// `vocab_size` is the tokenizer's target size (the written config holds the size
+    /// reached).
     #[arg(long)]
     pub config: PathBuf,
     /// Directory of JSONL task data to train the tokenizer on (every *.jsonl below it).

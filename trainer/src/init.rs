@@ -1,7 +1,8 @@
 //! `init`: a new model from nothing. Trains a byte-level BPE tokenizer on a corpus of task
 //! data (digits split one per token, so numbers are spelled the same way everywhere),
-//! writes it with the DeepSeek chat template, and writes a randomly initialised DeepSeek-V2
-//! checkpoint whose vocabulary is the tokenizer's. The result is a Hugging Face model
+//! writes it with the DeepSeek chat template, and writes a randomly initialised checkpoint
+//! of the config's architecture (DeepSeek-V2/V3, Qwen3-MoE, OLMoE) whose vocabulary is the
+//! tokenizer's. The result is a Hugging Face model
 //! directory that the server and every trainer command load as they are.
 
 use anyhow::{bail, Context, Result};
@@ -166,8 +167,8 @@ pub struct InitSummary {
 }
 
 /// Writes a new model directory at `out` (atomically: staged beside it, then renamed):
-/// a tokenizer trained on `texts`, and a random checkpoint of `config` (a DeepSeek-V2
-/// `config.json`; `vocab_size`, `bos_token_id` and `eos_token_id` are set from the tokenizer).
+/// a tokenizer trained on `texts`, and a random checkpoint of `config` (a `config.json` of
+/// any supported architecture; `vocab_size`, `bos_token_id` and `eos_token_id` are set from the tokenizer).
 pub fn init_model(
     mut config: Value,
     texts: &[String],
@@ -176,7 +177,7 @@ pub fn init_model(
     out: &Path,
 ) -> Result<InitSummary> {
     if !config.is_object() {
-        bail!("the model config must be a JSON object (a DeepSeek-V2 config.json)");
+        bail!("the model config must be a JSON object (a model's config.json)");
     }
     let tok = train_tokenizer(texts, vocab_size)?;
     let vocab = tok.get_vocab_size(true);
@@ -290,6 +291,42 @@ mod tests {
         }
         // Frequent words became single tokens.
         assert_eq!(tok.encode(" apples", false).unwrap().get_ids().len(), 1);
+    }
+
+    #[test]
+    fn init_makes_every_architecture() {
+        for name in ["deepseek-v3", "qwen3-moe-dense0", "olmoe"] {
+            let path = format!(
+                "{}/../tests/fixtures/{name}/config.json",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let config: Value =
+                serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("m");
+            let s = init_model(config.clone(), &corpus(), 300, 5, &out).unwrap();
+            let loaded = LoadedModel::load(&out, &LoadOptions::default()).unwrap();
+            let cfg = loaded.model.config();
+            assert_eq!(cfg.architecture.model_type(), config["model_type"]);
+            assert_eq!(cfg.vocab_size, s.vocab_size);
+            let ids = loaded.tokenizer.encode("tom has 3 apples", true).unwrap();
+            let mut cache = loaded.model.new_cache();
+            let mut batch = [esft::model::SeqInput {
+                tokens: &ids,
+                cache: &mut cache,
+                experts: None,
+                logits: esft::model::LogitsWanted::Last,
+            }];
+            let logits: Vec<Vec<f32>> = loaded
+                .model
+                .forward(&mut batch, None)
+                .unwrap()
+                .logits
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            assert!(logits[0].iter().all(|v| v.is_finite()), "{name}");
+        }
     }
 
     #[test]

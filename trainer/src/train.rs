@@ -524,7 +524,7 @@ impl Run {
                 Some(b) => b.values[i].clone(),
                 None => w.var.as_tensor().detach(),
             };
-            out.extend(esft::model::deepseek_v2::split_fused(&w.name, &t)?);
+            out.extend(esft::model::decoder::split_fused(&w.name, &t)?);
         }
         Ok(out)
     }

@@ -11,7 +11,13 @@ use esft_train::data::Sample;
 use esft_train::train::group_loss;
 
 fn model_f64() -> DeepSeekV2 {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lite");
+    fixture_f64("lite")
+}
+
+fn fixture_f64(name: &str) -> DeepSeekV2 {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name);
     let opts = LoadOptions {
         device: Device::Cpu,
         dtype: DType::F64,
@@ -200,6 +206,85 @@ fn load_balancing_loss_gradients_match_finite_differences() {
         "model.layers.1.mlp.gate.weight",
         "model.layers.2.mlp.gate.weight",
         "model.layers.1.self_attn.o_proj.weight",
+    ] {
+        let w = weights.iter().find(|w| w.name == name).unwrap();
+        let g = grads.get(w.var.as_tensor()).unwrap();
+        check(&mut model, &s, name, &w.var, g, 4);
+    }
+}
+
+#[test]
+fn every_architecture_gets_gradients_that_match_finite_differences() {
+    let s = samples();
+    let cases: [(&str, &[&str]); 3] = [
+        // Grouped-query attention with per-head q/k norm, half-split RoPE, a dense layer 0.
+        (
+            "qwen3-moe-dense0",
+            &[
+                "model.layers.1.self_attn.q_norm.weight",
+                "model.layers.1.self_attn.k_proj.weight",
+                "model.layers.2.self_attn.v_proj.weight",
+                "model.layers.2.mlp.gate.weight",
+                "model.layers.0.mlp.gate_up_proj.weight",
+            ],
+        ),
+        // q/k norm over the whole projection.
+        (
+            "olmoe",
+            &[
+                "model.layers.0.self_attn.q_norm.weight",
+                "model.layers.1.self_attn.k_norm.weight",
+                "model.layers.1.self_attn.q_proj.weight",
+                "model.layers.2.mlp.gate.weight",
+            ],
+        ),
+        // The sigmoid router with its selection bias, q LoRA.
+        (
+            "deepseek-v3",
+            &[
+                "model.layers.1.mlp.gate.weight",
+                "model.layers.2.mlp.gate.weight",
+                "model.layers.1.self_attn.q_a_layernorm.weight",
+                "model.layers.2.mlp.shared_experts.gate_up_proj.weight",
+            ],
+        ),
+    ];
+    for (fixture, names) in cases {
+        let mut model = fixture_f64(fixture);
+        let weights = model.make_trainable(|_| true).unwrap();
+        let grads = loss(&model, &s).backward().unwrap();
+        for &name in names {
+            let w = weights
+                .iter()
+                .find(|w| w.name == name)
+                .unwrap_or_else(|| panic!("{fixture}: {name}"));
+            let g = grads
+                .get(w.var.as_tensor())
+                .unwrap_or_else(|| panic!("{fixture} {name}: no gradient"));
+            check(&mut model, &s, &format!("{fixture} {name}"), &w.var, g, 4);
+        }
+    }
+}
+
+#[test]
+fn sigmoid_router_balance_loss_gradients_match_finite_differences() {
+    // DeepSeek-V3: the balance loss over each token's sigmoid scores divided by their sum.
+    let s = samples();
+    let mut model = fixture_f64("deepseek-v3");
+    model.set_balance_alpha(0.5);
+    let weights = model.make_trainable(|k| *k == WeightKind::Other).unwrap();
+    let refs: Vec<&Sample> = s.iter().collect();
+    let balance = group_loss(&model, None, &refs, true)
+        .unwrap()
+        .balance
+        .unwrap();
+    // Two MoE layers, each at least alpha (the loss is minimal, alpha, when balanced).
+    let b = scalar(&balance);
+    assert!(b >= 2.0 * 0.5 - 1e-9, "balance loss {b}");
+    let grads = loss(&model, &s).backward().unwrap();
+    for name in [
+        "model.layers.1.mlp.gate.weight",
+        "model.layers.2.mlp.gate.weight",
     ] {
         let w = weights.iter().find(|w| w.name == name).unwrap();
         let g = grads.get(w.var.as_tensor()).unwrap();

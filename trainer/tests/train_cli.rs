@@ -3,7 +3,7 @@
 //! training; a killed run resumes and never exposes a partial adapter.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -908,4 +908,145 @@ fn score_and_select_end_json_runs_with_an_outcome_line() {
         (&e["task"], &e["code"]),
         (&"select".into(), &"internal".into())
     );
+}
+
+#[test]
+fn score_select_train_eval_merge_on_every_architecture() {
+    for name in ["deepseek-v3", "qwen3-moe-dense0", "olmoe"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        let model = fixture(name);
+        let data = t.join("train.jsonl");
+        write_lines(&data, &task_lines(20));
+        let (scores, experts) = (t.join("scores.json"), t.join("experts.json"));
+        ok(&[
+            "score",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--tokens",
+            "300",
+            "--out",
+            s(&scores),
+        ]);
+        ok(&[
+            "select",
+            "--scores",
+            s(&scores),
+            "--score-function",
+            "token",
+            "--top-p",
+            "0.3",
+            "--out",
+            s(&experts),
+        ]);
+        let adapter = t.join("adapters/task");
+        let stdout = ok(&[
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--experts",
+            s(&experts),
+            "--out",
+            s(&adapter),
+            "--steps",
+            "12",
+            "--lr",
+            "1e-2",
+            "--batch",
+            "2",
+            "--seq-len",
+            "64",
+            "--json",
+        ]);
+        let losses: Vec<f64> = events(&stdout)
+            .iter()
+            .filter(|e| e["event"] == "progress")
+            .map(|e| e["loss"].as_f64().unwrap())
+            .collect();
+        assert_eq!(losses.len(), 12, "{name}");
+        assert!(
+            losses[9..].iter().sum::<f64>() < losses[..3].iter().sum::<f64>(),
+            "{name}: the loss does not fall: {losses:?}"
+        );
+        // The adapter holds exactly the selected experts.
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&experts).unwrap()).unwrap();
+        let selected: usize = cfg["experts"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_array().unwrap().len())
+            .sum();
+        let tensors = candle_core::safetensors::load(
+            adapter.join("adapter.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(tensors.len(), 3 * selected, "{name}");
+        let with: serde_json::Value = serde_json::from_str(
+            ok(&[
+                "eval",
+                "--model",
+                s(&model),
+                "--adapter",
+                s(&adapter),
+                "--data",
+                s(&data),
+                "--metric",
+                "loss",
+            ])
+            .trim(),
+        )
+        .unwrap();
+        let without: serde_json::Value = serde_json::from_str(
+            ok(&[
+                "eval",
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "--metric",
+                "loss",
+            ])
+            .trim(),
+        )
+        .unwrap();
+        assert!(
+            with["score"].as_f64().unwrap() < without["score"].as_f64().unwrap(),
+            "{name}: {with} vs {without}"
+        );
+        // The merged checkpoint evaluates as the adapter does.
+        let merged = t.join("merged");
+        ok(&[
+            "merge",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "--out",
+            s(&merged),
+        ]);
+        let merged_eval: serde_json::Value = serde_json::from_str(
+            ok(&[
+                "eval",
+                "--model",
+                s(&merged),
+                "--data",
+                s(&data),
+                "--metric",
+                "loss",
+            ])
+            .trim(),
+        )
+        .unwrap();
+        let d = (merged_eval["score"].as_f64().unwrap() - with["score"].as_f64().unwrap()).abs();
+        assert!(
+            d < 1e-5,
+            "{name}: merged vs adapter eval loss differ by {d}"
+        );
+    }
 }
