@@ -13,7 +13,7 @@ use super::config::{AttentionConfig, Config};
 use super::error::ModelError;
 use super::gqa::GqaAttention;
 use super::load::{Precision, WeightStore};
-use super::moe::{ExpertMap, MapSpan, Mlp, Moe, RoutingRecord};
+use super::moe::{ExpertMap, MapSpan, Mlp, Moe, RoutingRecord, SELECTION_BIAS};
 use super::ops::Ops;
 use super::rope::Rope;
 
@@ -444,7 +444,7 @@ impl Decoder {
                     let (gate, bias, slots, shared) = moe.parts_mut();
                     out.push((format!("{p}mlp.gate.weight"), WeightKind::Other, gate));
                     if let Some(b) = bias {
-                        let name = format!("{p}mlp.gate.e_score_correction_bias");
+                        let name = format!("{p}mlp.gate.{SELECTION_BIAS}");
                         out.push((name, WeightKind::Other, b));
                     }
                     for (e, slot) in slots.iter_mut().take(n_routed).enumerate() {
@@ -480,7 +480,8 @@ impl Decoder {
 
     /// Turns every weight `pick` selects into a trainable [`Var`] (updated in place by an
     /// optimizer) and returns them. All other weights stay plain tensors, for which autograd
-    /// computes no gradient. Leaves the model in differentiable mode.
+    /// computes no gradient, and so does a router's selection bias, which has none. Leaves
+    /// the model in differentiable mode.
     pub fn make_trainable(
         &mut self,
         pick: impl Fn(&WeightKind) -> bool,
@@ -488,7 +489,7 @@ impl Decoder {
         let tied = self.lm_head.id() == self.embed.id();
         let mut out = Vec::new();
         for (name, kind, t) in self.weights_mut() {
-            if pick(&kind) {
+            if pick(&kind) && !name.ends_with(SELECTION_BIAS) {
                 let var = Var::from_tensor(t)?;
                 *t = var.as_tensor().clone();
                 out.push(TrainableWeight { name, kind, var });
