@@ -13,7 +13,7 @@ use super::config::{AttentionConfig, Config};
 use super::error::ModelError;
 use super::gqa::GqaAttention;
 use super::load::{Precision, WeightStore};
-use super::moe::{ExpertMap, MapSpan, Mlp, Moe, RoutingRecord};
+use super::moe::{ExpertMap, MapSpan, Mlp, Moe, RoutingRecord, SELECTION_BIAS};
 use super::ops::Ops;
 use super::rope::Rope;
 
@@ -441,7 +441,7 @@ impl Decoder {
                     let (gate, bias, slots, shared) = moe.parts_mut();
                     out.push((format!("{p}mlp.gate.weight"), WeightKind::Other, gate));
                     if let Some(b) = bias {
-                        let name = format!("{p}mlp.gate.e_score_correction_bias");
+                        let name = format!("{p}mlp.gate.{SELECTION_BIAS}");
                         out.push((name, WeightKind::Other, b));
                     }
                     for (e, slot) in slots.iter_mut().take(n_routed).enumerate() {
@@ -477,7 +477,8 @@ impl Decoder {
 
     /// Turns every weight `pick` selects into a trainable [`Var`] (updated in place by an
     /// optimizer) and returns them. All other weights stay plain tensors, for which autograd
-    /// computes no gradient. Leaves the model in differentiable mode.
+    /// computes no gradient, and so does a router's selection bias, which has none. Leaves
+    /// the model in differentiable mode.
     pub fn make_trainable(
         &mut self,
         pick: impl Fn(&WeightKind) -> bool,
@@ -486,7 +487,7 @@ impl Decoder {
         let compute = self.dtype;
         let mut out = Vec::new();
         for (name, kind, t) in self.weights_mut() {
-            if pick(&kind) {
+            if pick(&kind) && !name.ends_with(SELECTION_BIAS) {
                 // Trained in the compute dtype, whatever the frozen matrices are kept in.
                 let var = Var::from_tensor(&t.to_dtype(compute)?)?;
                 *t = var.as_tensor().clone();

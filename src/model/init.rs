@@ -15,7 +15,10 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use super::config::{AttentionConfig, Config, QkNorm, ScoringFunc};
+// DeepSeek-V3's router bias is stored in float32 whatever the checkpoint's dtype (as
+// published).
 use super::error::{ModelError, Result};
+use super::moe::SELECTION_BIAS;
 
 /// Standard deviation of linear and embedding weights.
 const INIT_STD: f32 = 0.02;
@@ -225,10 +228,6 @@ pub(crate) fn checkpoint_tensors(cfg: &Config) -> Vec<(String, Vec<usize>, Fill)
     }
     plan.tensors
 }
-
-/// DeepSeek-V3's router bias, stored in float32 whatever the checkpoint's dtype (as
-/// published).
-const SELECTION_BIAS: &str = "e_score_correction_bias";
 
 /// A sibling of `path` to write before renaming over it.
 fn temp_path(path: &Path) -> PathBuf {

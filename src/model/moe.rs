@@ -15,6 +15,10 @@ use super::load::{Precision, WeightStore};
 use super::moe_grad;
 use super::ops::{swiglu, Ops};
 
+/// Name (after `mlp.gate.`) of a sigmoid router's selection bias. It steers the choice of
+/// experts only and has no gradient: it is never trained.
+pub const SELECTION_BIAS: &str = "e_score_correction_bias";
+
 /// A SwiGLU feed-forward block: `down(silu(gate x) * up x)`, with gate and up fused.
 #[derive(Clone)]
 pub struct Mlp {
@@ -447,7 +451,7 @@ impl Moe {
         };
         let gate_bias = match cfg.router.scoring {
             ScoringFunc::Sigmoid => Some(w.get(
-                &format!("{prefix}gate.e_score_correction_bias"),
+                &format!("{prefix}gate.{SELECTION_BIAS}"),
                 &[cfg.n_routed_experts],
                 DType::F32,
                 dev,

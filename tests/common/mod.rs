@@ -4,12 +4,17 @@
 
 use std::path::PathBuf;
 
-pub const FIXTURES: [&str; 5] = [
+pub const FIXTURES: [&str; 10] = [
     "lite",
     "lite-yarn",
     "v2-grouped",
     "lite-bf16",
     "lite-yarn-sharded",
+    "deepseek-v3",
+    "deepseek-v3-noq",
+    "qwen3-moe",
+    "qwen3-moe-dense0",
+    "olmoe",
 ];
 
 /// How the model tests load a model: f32 compute on the device `ESFT_TEST_DEVICE` names
