@@ -18,13 +18,12 @@ use std::sync::Arc;
 
 const LINE: &str = "{\"prompt\": \"a\", \"completion\": \"b\"}\n";
 
-/// One database to run a test body on: a data directory and the `fine_tuning.database`
-/// value (`""`: SQLite in the data directory).
+/// One database to run a test body on, and a data directory.
 struct Backend {
     name: &'static str,
     database: String,
     data_dir: tempfile::TempDir,
-    _server: Option<Arc<postgres::Postgres>>,
+    _db: postgres::TestDatabase,
 }
 
 impl Backend {
@@ -38,22 +37,15 @@ impl Backend {
 
 /// SQLite, then PostgreSQL where a server can be had (see `common/postgres.rs`).
 fn backends() -> Vec<Backend> {
-    let mut out = vec![Backend {
-        name: "sqlite",
-        database: String::new(),
-        data_dir: tempfile::tempdir().unwrap(),
-        _server: None,
-    }];
-    if let Some(pg) = postgres::Postgres::start() {
-        let pg = Arc::new(pg);
-        out.push(Backend {
-            name: "postgres",
-            database: pg.database(),
+    postgres::databases()
+        .into_iter()
+        .map(|db| Backend {
+            name: db.name,
+            database: db.url.clone(),
             data_dir: tempfile::tempdir().unwrap(),
-            _server: Some(pg),
-        });
-    }
-    out
+            _db: db,
+        })
+        .collect()
 }
 
 async fn add(store: &FileStore, owner: Option<&str>) -> Result<FileRecord, FilesError> {

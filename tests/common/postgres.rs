@@ -221,3 +221,30 @@ impl Drop for Postgres {
             .output();
     }
 }
+
+/// A records database for a test body to run on.
+pub struct TestDatabase {
+    /// `sqlite` or `postgres`, for assertion messages.
+    pub name: &'static str,
+    /// The `fine_tuning.database` value: `""` (SQLite in the data directory) or a URL.
+    pub url: String,
+    _server: Option<Postgres>,
+}
+
+/// SQLite, then a new database on a throwaway PostgreSQL where one can be had (see
+/// [`Postgres::start`]): a test body runs once on each.
+pub fn databases() -> Vec<TestDatabase> {
+    let mut out = vec![TestDatabase {
+        name: "sqlite",
+        url: String::new(),
+        _server: None,
+    }];
+    if let Some(pg) = Postgres::start() {
+        out.push(TestDatabase {
+            name: "postgres",
+            url: pg.database(),
+            _server: Some(pg),
+        });
+    }
+    out
+}
