@@ -634,3 +634,46 @@ async fn claimers_in_separate_processes_claim_each_job_once() {
         );
     }
 }
+
+/// Processes that start at once on a new database all bring its schema up without error
+/// (PostgreSQL's concurrent `CREATE TABLE IF NOT EXISTS` would fail without the schema
+/// lock), and all see the same tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_opening_a_new_database_at_once_all_succeed() {
+    for b in backends() {
+        let b = Arc::new(b);
+        let mut opening = Vec::new();
+        for _ in 0..8 {
+            let b = b.clone();
+            opening.push(tokio::spawn(async move {
+                FileStore::open(b.data_dir.path(), &b.database, 1 << 20)
+                    .await
+                    .map(|s| s.pool())
+            }));
+        }
+        let mut pools = Vec::new();
+        for o in opening {
+            pools.push(
+                o.await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{}: {e}", b.name)),
+            );
+        }
+        let first = b.files(1 << 20).await;
+        let file = add(&first, None).await.unwrap();
+        for pool in pools {
+            let jobs = JobStore::new(pool, 0);
+            jobs.create(new_job(None, &file.id, None)).await.unwrap();
+        }
+        assert_eq!(
+            JobStore::new(first.pool(), 0)
+                .with_status(Status::ValidatingFiles)
+                .await
+                .unwrap()
+                .len(),
+            8,
+            "{}",
+            b.name
+        );
+    }
+}

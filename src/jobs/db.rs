@@ -65,6 +65,18 @@ impl Backend {
             Backend::Sqlite => "",
         }
     }
+
+    /// A statement that, run first in the schema's transaction, makes processes that open
+    /// the database at once bring the schema up one after the other. PostgreSQL's
+    /// `CREATE TABLE IF NOT EXISTS` run at once by two sessions can fail in both (the
+    /// type's name is taken by the other's uncommitted table): a transaction-scoped
+    /// advisory lock orders them. SQLite's transaction is already exclusive once it writes.
+    fn schema_lock(self) -> Option<&'static str> {
+        match self {
+            Backend::Postgres => Some("SELECT 1 FROM pg_advisory_xact_lock(7262318)"),
+            Backend::Sqlite => None,
+        }
+    }
 }
 
 /// A value bound to a statement built with [`Sql`]: the two types the records hold.
@@ -255,9 +267,14 @@ pub async fn open(data_dir: &Path, database: &str) -> Result<Pool, sqlx::Error> 
         })
         .connect_with(options)
         .await?;
-    for statement in SCHEMA {
-        sqlx::query(statement).execute(&pool).await?;
+    let mut tx = pool.begin().await?;
+    if let Some(lock) = Backend::of(&pool).schema_lock() {
+        sqlx::query(lock).execute(&mut *tx).await?;
     }
+    for statement in SCHEMA {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
     Ok(pool)
 }
 
@@ -265,6 +282,24 @@ pub async fn open(data_dir: &Path, database: &str) -> Result<Pool, sqlx::Error> 
 mod tests {
     use super::*;
     use sqlx::Row;
+
+    #[test]
+    fn the_setting_chooses_the_backend() {
+        assert_eq!(Backend::of_setting(""), Some(Backend::Sqlite));
+        assert_eq!(
+            Backend::of_setting("postgres://u:p@h:5432/d"),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::of_setting("postgresql://h/d?sslmode=require"),
+            Some(Backend::Postgres)
+        );
+        for bad in ["esft.db", "mysql://h/d", "sqlite://x.db", " postgres://h/d"] {
+            assert_eq!(Backend::of_setting(bad), None, "{bad}");
+        }
+        assert_eq!(Backend::Postgres.claim_lock(), " FOR UPDATE SKIP LOCKED");
+        assert_eq!(Backend::Sqlite.claim_lock(), "");
+    }
 
     #[test]
     fn built_statements_number_their_placeholders() {
@@ -290,6 +325,26 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(mode, "wal");
+        // Every connection of the pool (three held at once are three different ones): a full
+        // fsync per commit, a 10 s wait for another writer.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut conn = pool.acquire().await.unwrap();
+            let sync: i64 = sqlx::query("PRAGMA synchronous")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(sync, 2, "FULL");
+            let busy: i64 = sqlx::query("PRAGMA busy_timeout")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(busy, 10_000);
+            held.push(conn);
+        }
+        drop(held);
         sqlx::query(
             "INSERT INTO files (id, owner, filename, purpose, bytes, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",

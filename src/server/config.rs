@@ -454,6 +454,21 @@ mod tests {
     }
 
     #[test]
+    fn the_records_database_is_sqlite_or_a_postgres_url() {
+        let mut c = ServerConfig::default();
+        assert!(c.validate().is_ok());
+        c.fine_tuning.database = "postgres://esft:secret@db:5432/esft".into();
+        assert!(c.validate().is_ok());
+        let parsed =
+            ServerConfig::from_toml("[fine_tuning]\ndatabase = \"postgresql://db/esft\"\n")
+                .unwrap();
+        assert_eq!(parsed.fine_tuning.database, "postgresql://db/esft");
+        c.fine_tuning.database = "mysql://db/esft".into();
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("fine_tuning.database"), "{err}");
+    }
+
+    #[test]
     fn flags_override_the_file_and_typos_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
