@@ -3,7 +3,7 @@
 //! training; a killed run resumes and never exposes a partial adapter.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,6 @@
 
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 mod common;
 
