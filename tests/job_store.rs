@@ -677,3 +677,42 @@ async fn processes_opening_a_new_database_at_once_all_succeed() {
         );
     }
 }
+
+/// On PostgreSQL a claimer passes over a job another claimer holds locked (mid-claim, its
+/// transaction open) and takes the next one at once, instead of waiting for that one or
+/// coming back empty (`FOR UPDATE SKIP LOCKED`). SQLite has one writer and no row locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimer_skips_a_job_another_holds_locked() {
+    use sqlx::Row;
+    for b in backends().into_iter().filter(|b| b.name == "postgres") {
+        let files = b.files(1 << 20).await;
+        let jobs = JobStore::new(files.pool(), 0);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(queued(&files, &jobs, None).await);
+        }
+        let order = jobs.with_status(Status::Queued).await.unwrap();
+        let mut tx = files.pool().begin().await.unwrap();
+        let held: String = sqlx::query(
+            "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1 \
+             FOR UPDATE",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap()
+        .get("id");
+        assert_eq!(held, order[0].id);
+        let other = JobStore::new(b.files(1 << 20).await.pool(), 0);
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), other.claim_next())
+            .await
+            .expect("the claim waited on the locked job")
+            .unwrap()
+            .expect("the claim came back empty with jobs queued");
+        assert_eq!(next.id, order[1].id);
+        tx.rollback().await.unwrap();
+        // Released, the held job is the next claimed.
+        assert_eq!(other.claim_next().await.unwrap().unwrap().id, order[0].id);
+        assert_eq!(other.claim_next().await.unwrap().unwrap().id, order[2].id);
+        assert!(other.claim_next().await.unwrap().is_none());
+    }
+}
