@@ -286,7 +286,10 @@ fn main() -> Result<()> {
     let src = Tensor::zeros(copy_elems, DType::BF16, &dev)?;
     let mut copy_s = Vec::new();
     for _ in 0..reps + 1 {
-        copy_s.push(seconds(&dev, || Ok(drop(src.copy()?)))?);
+        copy_s.push(seconds(&dev, || {
+            drop(src.copy()?);
+            Ok(())
+        })?);
     }
     let copy_gbps = (2 * copy_elems * 2) as f64 / median(copy_s[1..].to_vec()) / 1e9;
     drop(src);
@@ -411,7 +414,10 @@ fn main() -> Result<()> {
             drop(moved);
             Ok(())
         })?);
-        raw.push(seconds(&dev, || Ok(drop(flat.to_device(&dev)?)))?);
+        raw.push(seconds(&dev, || {
+            drop(flat.to_device(&dev)?);
+            Ok(())
+        })?);
     }
     let cold_gbps = adapter_bytes as f64 / median(cold[1..].to_vec()) / 1e9;
     let h2d_gbps = adapter_bytes as f64 / median(raw[1..].to_vec()) / 1e9;

@@ -1,9 +1,12 @@
 //! The files API in process: every route, every refusal, tenancy, pagination, the quota,
-//! and files that outlive the server.
+//! and files that outlive the server (tenancy and restarts on both records databases:
+//! SQLite, and a throwaway PostgreSQL, `common/postgres.rs`).
 
 #[path = "common/app.rs"]
 mod app;
 mod common;
+#[path = "common/postgres.rs"]
+mod postgres;
 
 use app::*;
 use axum::body::Body;
@@ -308,7 +311,14 @@ use futures_util::StreamExt as _;
 
 #[tokio::test]
 async fn tenants_see_only_their_files_and_the_admin_sees_all() {
-    let srv = server(true, |_| {});
+    for db in postgres::databases() {
+        eprintln!("on {}", db.name);
+        tenants_see_only_their_files_and_the_admin_sees_all_on(&db.url).await;
+    }
+}
+
+async fn tenants_see_only_their_files_and_the_admin_sees_all_on(database: &str) {
+    let srv = server(true, |c| c.fine_tuning.database = database.to_string());
     let a = ok_upload(&srv, Some(ACME)).await;
     let g = ok_upload(&srv, Some(GLOBEX)).await;
     let admins = ok_upload(&srv, Some(ADMIN)).await;
@@ -495,10 +505,21 @@ async fn the_quota_is_per_tenant_and_answers_429() {
 
 #[tokio::test]
 async fn files_outlive_a_restart() {
+    for db in postgres::databases() {
+        eprintln!("on {}", db.name);
+        files_outlive_a_restart_on(&db.url).await;
+    }
+}
+
+async fn files_outlive_a_restart_on(database: &str) {
+    let config = |c: &mut esft::server::config::ServerConfig, dir: &std::path::Path| {
+        c.fine_tuning.data_dir = dir.to_path_buf();
+        c.fine_tuning.database = database.to_string();
+    };
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_path_buf();
     let (id, admins) = {
-        let srv = server(true, |c| c.fine_tuning.data_dir = dir.clone());
+        let srv = server(true, |c| config(c, &dir));
         let id = ok_upload(&srv, Some(ACME)).await;
         let admins = ok_upload(&srv, Some(ADMIN)).await;
         let gone = ok_upload(&srv, Some(ACME)).await;
@@ -513,7 +534,7 @@ async fn files_outlive_a_restart() {
     // What a crash mid-upload leaves behind is cleaned up when the store opens again.
     std::fs::write(dir.join("files/.upload-crashed"), b"half").unwrap();
     std::fs::write(dir.join("files/file-orphanorphanorphanorphan"), TRAIN).unwrap();
-    let srv = server(true, |c| c.fine_tuning.data_dir = dir.clone());
+    let srv = server(true, |c| config(c, &dir));
     let (s, f) = get(&srv, &format!("/v1/files/{id}"), Some(ACME)).await;
     assert_eq!(s, StatusCode::OK, "{f}");
     assert_eq!(f["bytes"], TRAIN.len());
@@ -528,7 +549,11 @@ async fn files_outlive_a_restart() {
     let mut want = vec![id, admins];
     want.sort();
     assert_eq!(left, want);
-    assert!(Path::new(&dir).join("esft.db").is_file());
+    // The records are in the database named, SQLite's file only where that is SQLite.
+    assert_eq!(
+        Path::new(&dir).join("esft.db").is_file(),
+        database.is_empty()
+    );
 }
 
 #[tokio::test]

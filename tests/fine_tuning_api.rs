@@ -1,11 +1,14 @@
 //! The fine-tuning jobs API in process on the `lite` fixture, with real `esft-train`
 //! children: a job trains, installs and serves its adapter to its tenant only; every
 //! refusal; cancel of a running and of a queued job; a file in use; a loss that turns NaN;
-//! the expert-selection preview.
+//! the expert-selection preview. A job's whole life and its cancel run on both records
+//! databases (SQLite, and a throwaway PostgreSQL: `common/postgres.rs`).
 
 #[path = "common/app.rs"]
 mod app;
 mod common;
+#[path = "common/postgres.rs"]
+mod postgres;
 
 use app::*;
 use axum::http::{Method, StatusCode};
@@ -100,7 +103,14 @@ fn messages(events: &[Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_trains_installs_and_serves_its_tenant_only() {
-    let srv = server(true, |_| {});
+    for db in postgres::databases() {
+        eprintln!("on {}", db.name);
+        a_job_trains_installs_and_serves_its_tenant_only_on(&db.url).await;
+    }
+}
+
+async fn a_job_trains_installs_and_serves_its_tenant_only_on(database: &str) {
+    let srv = server(true, |c| c.fine_tuning.database = database.to_string());
     let training = file(&srv, Some(ACME), 40).await;
     let created = create(&srv, Some(ACME), job(&training, 4)).await;
     let id = created["id"].as_str().unwrap().to_string();
@@ -271,7 +281,17 @@ async fn a_job_trains_installs_and_serves_its_tenant_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_running_job_at_once_and_a_queued_one_holds_its_file() {
-    let srv = server(true, |c| c.fine_tuning.max_concurrent_jobs = 1);
+    for db in postgres::databases() {
+        eprintln!("on {}", db.name);
+        cancel_stops_a_running_job_at_once_and_a_queued_one_holds_its_file_on(&db.url).await;
+    }
+}
+
+async fn cancel_stops_a_running_job_at_once_and_a_queued_one_holds_its_file_on(database: &str) {
+    let srv = server(true, |c| {
+        c.fine_tuning.max_concurrent_jobs = 1;
+        c.fine_tuning.database = database.to_string();
+    });
     let training = file(&srv, Some(ACME), 40).await;
     let long = create(&srv, Some(ACME), job(&training, 100_000)).await;
     let long_id = long["id"].as_str().unwrap().to_string();

@@ -1,21 +1,166 @@
-//! The records database: `DATA_DIR/esft.db`, SQLite in WAL mode with full fsync, opened
-//! through sqlx, and its schema (plain SQL run at open; every statement is idempotent).
+//! The records database and its schema (plain SQL run at open; every statement is
+//! idempotent): SQLite in `DATA_DIR/esft.db` (WAL mode, full fsync) by default, or the
+//! PostgreSQL database `fine_tuning.database` names. One code path for both: sqlx's `Any`
+//! driver, portable SQL (standard types, BIGINT and TEXT columns only, integers and text
+//! bound and read, `$N` placeholders: written out, or by [`Sql`], as sqlx's `QueryBuilder`
+//! writes `?` for `Any`, which PostgreSQL does not take). The one statement that must
+//! differ is the job claim's row lock ([`Backend::claim_lock`]).
 //!
-//! Every query in `jobs/` is portable SQL (standard types, `$N` placeholders or sqlx's
-//! `QueryBuilder`, no SQLite-only syntax), so that [`Db`] is the one thing to change to
-//! run the same code on PostgreSQL. Owns the connection settings and the schema; what the
-//! rows mean belongs to the modules that read and write them.
+//! Owns the connection settings and the schema; what the rows mean belongs to the modules
+//! that read and write them.
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::ConnectOptions;
+use sqlx::Executor;
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
-/// The database behind the records.
-pub type Db = sqlx::Sqlite;
+/// The database behind the records (SQLite or PostgreSQL, chosen at open).
+pub type Db = sqlx::Any;
 pub type Pool = sqlx::Pool<Db>;
+/// A row of either backend.
+pub type DbRow = sqlx::any::AnyRow;
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "esft.db";
+
+/// Which database a pool talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The backend `database` (a `fine_tuning.database` value) selects: `""` is SQLite in
+    /// the data directory, a `postgres://` or `postgresql://` URL is PostgreSQL.
+    pub fn of_setting(database: &str) -> Option<Self> {
+        if database.is_empty() {
+            Some(Backend::Sqlite)
+        } else if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+
+    /// The backend of an open pool.
+    pub fn of(pool: &Pool) -> Self {
+        match pool.connect_options().database_url.scheme() {
+            "postgres" | "postgresql" => Backend::Postgres,
+            _ => Backend::Sqlite,
+        }
+    }
+
+    /// What the claim's `SELECT` of the next queued job appends to lock that row.
+    /// PostgreSQL: `FOR UPDATE SKIP LOCKED`, so processes claiming at once each lock a
+    /// different row and none waits on another's. SQLite has no row locks and needs none:
+    /// it has one writer at a time, so the claim's single `UPDATE` (which re-checks
+    /// `status = 'queued'`) is atomic across processes as it stands.
+    pub fn claim_lock(self) -> &'static str {
+        match self {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        }
+    }
+
+    /// A statement that, run first in the schema's transaction, makes processes that open
+    /// the database at once bring the schema up one after the other. PostgreSQL's
+    /// `CREATE TABLE IF NOT EXISTS` run at once by two sessions can fail in both (the
+    /// type's name is taken by the other's uncommitted table): a transaction-scoped
+    /// advisory lock orders them. SQLite's transaction is already exclusive once it writes.
+    fn schema_lock(self) -> Option<&'static str> {
+        match self {
+            Backend::Postgres => Some("SELECT 1 FROM pg_advisory_xact_lock(7262318)"),
+            Backend::Sqlite => None,
+        }
+    }
+}
+
+/// A value bound to a statement built with [`Sql`]: the two types the records hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bind {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+impl From<i64> for Bind {
+    fn from(v: i64) -> Self {
+        Bind::Int(Some(v))
+    }
+}
+
+impl From<Option<i64>> for Bind {
+    fn from(v: Option<i64>) -> Self {
+        Bind::Int(v)
+    }
+}
+
+impl From<String> for Bind {
+    fn from(v: String) -> Self {
+        Bind::Text(Some(v))
+    }
+}
+
+impl From<&str> for Bind {
+    fn from(v: &str) -> Self {
+        Bind::Text(Some(v.to_string()))
+    }
+}
+
+impl From<Option<String>> for Bind {
+    fn from(v: Option<String>) -> Self {
+        Bind::Text(v)
+    }
+}
+
+/// A statement built piece by piece, its values bound as `$1`, `$2`, ... (which both
+/// backends take).
+#[derive(Debug, Clone, Default)]
+pub struct Sql {
+    text: String,
+    binds: Vec<Bind>,
+}
+
+impl Sql {
+    pub fn new(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            binds: Vec::new(),
+        }
+    }
+
+    /// Appends SQL text.
+    pub fn push(&mut self, text: impl AsRef<str>) -> &mut Self {
+        self.text.push_str(text.as_ref());
+        self
+    }
+
+    /// Appends the placeholder of a new bound value.
+    pub fn push_bind(&mut self, value: impl Into<Bind>) -> &mut Self {
+        self.binds.push(value.into());
+        let n = self.binds.len();
+        self.text.push_str(&format!("${n}"));
+        self
+    }
+
+    /// The statement's text (for tests and logs; it holds no values).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The statement, its values bound, to execute or fetch.
+    pub fn build(&self) -> sqlx::query::Query<'_, Db, sqlx::any::AnyArguments<'_>> {
+        self.binds
+            .iter()
+            .fold(sqlx::query(&self.text), |q, b| match b {
+                Bind::Int(v) => q.bind(*v),
+                Bind::Text(v) => q.bind(v.as_deref()),
+            })
+    }
+}
 
 /// The schema, in order. `owner` NULL is the admin (or an open server's caller).
 const SCHEMA: &[&str] = &[
@@ -80,22 +225,56 @@ pub fn now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Opens (creating if missing) the database in `data_dir` and brings its schema up.
-pub async fn open(data_dir: &Path) -> Result<Pool, sqlx::Error> {
-    std::fs::create_dir_all(data_dir)?;
-    let options = SqliteConnectOptions::new()
-        .filename(data_dir.join(DB_FILE))
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(10));
-    let pool = SqlitePoolOptions::new()
+/// Opens the records database `database` names (see [`Backend::of_setting`]; for SQLite
+/// the file in `data_dir`, created if missing) and brings its schema up.
+pub async fn open(data_dir: &Path, database: &str) -> Result<Pool, sqlx::Error> {
+    sqlx::any::install_default_drivers();
+    let options = match Backend::of_setting(database) {
+        Some(Backend::Sqlite) => {
+            std::fs::create_dir_all(data_dir)?;
+            // The URL form of the file's options (percent-encoded, `mode=rwc`).
+            let url = SqliteConnectOptions::new()
+                .filename(data_dir.join(DB_FILE))
+                .create_if_missing(true)
+                .to_url_lossy();
+            AnyConnectOptions::from_url(&url)?
+        }
+        Some(Backend::Postgres) => AnyConnectOptions::from_str(database)?,
+        None => {
+            return Err(sqlx::Error::Configuration(
+                "fine_tuning.database must be \"\" (SQLite in the data directory) or a \
+                 postgres:// URL"
+                    .into(),
+            ))
+        }
+    };
+    let pool = AnyPoolOptions::new()
         .max_connections(4)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                // SQLite: WAL (readers never wait on the writer), a full fsync per commit,
+                // and waiting up to 10 s for another writer (another process included).
+                if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA busy_timeout = 10000;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await?;
-    for statement in SCHEMA {
-        sqlx::query(statement).execute(&pool).await?;
+    let mut tx = pool.begin().await?;
+    if let Some(lock) = Backend::of(&pool).schema_lock() {
+        sqlx::query(lock).execute(&mut *tx).await?;
     }
+    for statement in SCHEMA {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
     Ok(pool)
 }
 
@@ -104,16 +283,68 @@ mod tests {
     use super::*;
     use sqlx::Row;
 
+    #[test]
+    fn the_setting_chooses_the_backend() {
+        assert_eq!(Backend::of_setting(""), Some(Backend::Sqlite));
+        assert_eq!(
+            Backend::of_setting("postgres://u:p@h:5432/d"),
+            Some(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::of_setting("postgresql://h/d?sslmode=require"),
+            Some(Backend::Postgres)
+        );
+        for bad in ["esft.db", "mysql://h/d", "sqlite://x.db", " postgres://h/d"] {
+            assert_eq!(Backend::of_setting(bad), None, "{bad}");
+        }
+        assert_eq!(Backend::Postgres.claim_lock(), " FOR UPDATE SKIP LOCKED");
+        assert_eq!(Backend::Sqlite.claim_lock(), "");
+    }
+
+    #[test]
+    fn built_statements_number_their_placeholders() {
+        let mut q = Sql::new("SELECT 1 FROM t WHERE a = ");
+        q.push_bind(3i64)
+            .push(" AND b = ")
+            .push_bind("x")
+            .push(" AND c IS ");
+        q.push_bind(None::<String>);
+        assert_eq!(
+            q.text(),
+            "SELECT 1 FROM t WHERE a = $1 AND b = $2 AND c IS $3"
+        );
+    }
+
     #[tokio::test]
     async fn opens_twice_in_wal_mode_and_keeps_rows() {
         let dir = tempfile::tempdir().unwrap();
-        let pool = open(dir.path()).await.unwrap();
+        let pool = open(dir.path(), "").await.unwrap();
         let mode: String = sqlx::query("PRAGMA journal_mode")
             .fetch_one(&pool)
             .await
             .unwrap()
             .get(0);
         assert_eq!(mode, "wal");
+        // Every connection of the pool (three held at once are three different ones): a full
+        // fsync per commit, a 10 s wait for another writer.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut conn = pool.acquire().await.unwrap();
+            let sync: i64 = sqlx::query("PRAGMA synchronous")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(sync, 2, "FULL");
+            let busy: i64 = sqlx::query("PRAGMA busy_timeout")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(busy, 10_000);
+            held.push(conn);
+        }
+        drop(held);
         sqlx::query(
             "INSERT INTO files (id, owner, filename, purpose, bytes, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -129,7 +360,7 @@ mod tests {
         .unwrap();
         pool.close().await;
         // The schema statements run again without harm; the row is still there.
-        let pool = open(dir.path()).await.unwrap();
+        let pool = open(dir.path(), "").await.unwrap();
         let row = sqlx::query("SELECT filename, bytes FROM files WHERE id = $1")
             .bind("file-x")
             .fetch_one(&pool)
@@ -140,6 +371,6 @@ mod tests {
         // A data directory that cannot be made is an error, not a panic.
         let file = dir.path().join("plain-file");
         std::fs::write(&file, b"x").unwrap();
-        assert!(open(&file.join("sub")).await.is_err());
+        assert!(open(&file.join("sub"), "").await.is_err());
     }
 }

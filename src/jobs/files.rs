@@ -12,12 +12,12 @@
 
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Value};
-use sqlx::{QueryBuilder, Row};
+use sqlx::Row;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::data::{check_train_file, LineError};
-use super::db::{self, now, Db, Pool};
+use super::db::{self, now, DbRow, Pool, Sql};
 
 /// The one purpose files are uploaded for today.
 pub const PURPOSE_FINE_TUNE: &str = "fine-tune";
@@ -58,7 +58,7 @@ impl FileRecord {
         })
     }
 
-    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+    fn from_row(row: &DbRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             id: row.try_get("id")?,
             owner: row.try_get("owner")?,
@@ -122,10 +122,14 @@ pub struct FileStore {
 impl FileStore {
     /// Opens the data directory (creating it), the database, and removes what a crash may
     /// have left in the files directory: unfinished uploads and bytes without a record.
-    pub async fn open(data_dir: &Path, max_stored_bytes: u64) -> Result<Self, FilesError> {
+    pub async fn open(
+        data_dir: &Path,
+        database: &str,
+        max_stored_bytes: u64,
+    ) -> Result<Self, FilesError> {
         let dir = data_dir.join(FILES_DIR);
         std::fs::create_dir_all(&dir)?;
-        let pool = db::open(data_dir).await?;
+        let pool = db::open(data_dir, database).await?;
         let store = Self {
             pool,
             dir,
@@ -321,8 +325,7 @@ impl FileStore {
             ),
             None => None,
         };
-        let mut q: QueryBuilder<Db> =
-            QueryBuilder::new(format!("SELECT {COLUMNS} FROM files WHERE 1 = 1"));
+        let mut q = Sql::new(format!("SELECT {COLUMNS} FROM files WHERE 1 = 1"));
         if let Some(v) = viewer {
             q.push(" AND owner = ").push_bind(v.to_string());
         }
@@ -462,7 +465,7 @@ mod tests {
     #[tokio::test]
     async fn files_are_kept_listed_owned_and_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), 1 << 20).await.unwrap();
+        let store = FileStore::open(dir.path(), "", 1 << 20).await.unwrap();
         let a = add(&store, Some("acme"), LINE).await.unwrap();
         assert!(a.id.starts_with("file-") && a.id.len() == 29, "{}", a.id);
         assert!(a.id[5..].bytes().all(|b| b.is_ascii_alphanumeric()));
@@ -511,7 +514,7 @@ mod tests {
     #[tokio::test]
     async fn refused_files_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), 2 * LINE.len() as u64)
+        let store = FileStore::open(dir.path(), "", 2 * LINE.len() as u64)
             .await
             .unwrap();
         for bad in [
@@ -548,7 +551,7 @@ mod tests {
     #[tokio::test]
     async fn pages_follow_the_order_and_the_cursor() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), 1 << 20).await.unwrap();
+        let store = FileStore::open(dir.path(), "", 1 << 20).await.unwrap();
         let mut ids = Vec::new();
         for _ in 0..5 {
             ids.push(add(&store, Some("acme"), LINE).await.unwrap().id);
@@ -596,7 +599,7 @@ mod tests {
     async fn reopening_keeps_records_and_sweeps_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let kept = {
-            let store = FileStore::open(dir.path(), 1 << 20).await.unwrap();
+            let store = FileStore::open(dir.path(), "", 1 << 20).await.unwrap();
             let kept = add(&store, Some("acme"), LINE).await.unwrap();
             // What a crash could leave: an unfinished upload, bytes whose row never came.
             staged(&store, b"half").await.keep().unwrap();
@@ -604,7 +607,7 @@ mod tests {
             assert_eq!(names(&store.dir).len(), 3);
             kept
         };
-        let store = FileStore::open(dir.path(), 1 << 20).await.unwrap();
+        let store = FileStore::open(dir.path(), "", 1 << 20).await.unwrap();
         assert_eq!(names(&store.dir), vec![kept.id.clone()]);
         assert_eq!(store.get(Some("acme"), &kept.id).await.unwrap(), Some(kept));
     }

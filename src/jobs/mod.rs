@@ -5,7 +5,7 @@
 //!
 //! - [`data`]: the task-data JSONL formats and their per-line check (shared with
 //!   `esft-train`)
-//! - [`db`]: the records database (SQLite through sqlx, portable SQL)
+//! - [`db`]: the records database (SQLite or PostgreSQL, one portable SQL through sqlx)
 //! - [`files`]: uploaded files: their records and their bytes under the data directory
 //! - [`queue`]: fine-tuning jobs' records, events and checkpoints, and the queue order
 //! - [`runner`]: runs jobs as `esft-train` child processes and installs their adapters

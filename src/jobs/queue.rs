@@ -13,9 +13,9 @@
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::{QueryBuilder, Row};
+use sqlx::Row;
 
-use super::db::{now, Db, Pool};
+use super::db::{now, Backend, DbRow, Pool, Sql};
 
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -185,7 +185,7 @@ const COLUMNS: &str = "id, owner, model, status, created_at, started_at, finishe
     fine_tuned_model, trained_tokens, error, esft";
 
 fn json_column<T: serde::de::DeserializeOwned>(
-    row: &sqlx::sqlite::SqliteRow,
+    row: &DbRow,
     name: &str,
 ) -> Result<Option<T>, sqlx::Error> {
     let text: Option<String> = row.try_get(name)?;
@@ -199,7 +199,7 @@ fn json_column<T: serde::de::DeserializeOwned>(
 }
 
 impl JobRecord {
-    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+    fn from_row(row: &DbRow) -> Result<Self, sqlx::Error> {
         let status: String = row.try_get("status")?;
         Ok(Self {
             id: row.try_get("id")?,
@@ -334,7 +334,7 @@ impl EventKind {
 }
 
 impl JobEvent {
-    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+    fn from_row(row: &DbRow) -> Result<Self, sqlx::Error> {
         let level: String = row.try_get("level")?;
         let kind: String = row.try_get("kind")?;
         Ok(Self {
@@ -381,7 +381,7 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Self, sqlx::Error> {
+    fn from_row(row: &DbRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             id: row.try_get("id")?,
             job_id: row.try_get("job_id")?,
@@ -514,28 +514,36 @@ impl JobStore {
         let metadata = record.metadata.as_ref().map(Value::to_string);
         // One statement: the row goes in only while the files exist and are the owner's,
         // so a concurrent delete of a file either comes first (no job) or sees the job.
-        let mut q: QueryBuilder<Db> =
-            QueryBuilder::new(format!("INSERT INTO jobs ({COLUMNS}) SELECT "));
-        let mut values = q.separated(", ");
-        values.push_bind(record.id.clone());
-        values.push_bind(record.owner.clone());
-        values.push_bind(record.model.clone());
-        values.push_bind(record.status.as_str());
-        values.push_bind(record.created_at);
-        values.push("NULL, NULL, NULL");
-        values.push_bind(record.training_file.clone());
-        values.push_bind(record.validation_file.clone());
-        values.push_bind(record.suffix.clone());
-        values.push_bind(record.seed);
-        values.push_bind(metadata);
-        values.push_bind(spec);
-        values.push_bind(record.adapter.clone());
-        values.push("NULL, NULL, NULL, NULL");
+        let mut q = Sql::new(format!("INSERT INTO jobs ({COLUMNS}) SELECT "));
+        q.push_bind(record.id.clone())
+            .push(", ")
+            .push_bind(record.owner.clone())
+            .push(", ")
+            .push_bind(record.model.clone())
+            .push(", ")
+            .push_bind(record.status.as_str())
+            .push(", ")
+            .push_bind(record.created_at)
+            .push(", NULL, NULL, NULL, ")
+            .push_bind(record.training_file.clone())
+            .push(", ")
+            .push_bind(record.validation_file.clone())
+            .push(", ")
+            .push_bind(record.suffix.clone())
+            .push(", ")
+            .push_bind(record.seed)
+            .push(", ")
+            .push_bind(metadata)
+            .push(", ")
+            .push_bind(spec)
+            .push(", ")
+            .push_bind(record.adapter.clone())
+            .push(", NULL, NULL, NULL, NULL");
         let files = [
             ("training_file", Some(&record.training_file)),
             ("validation_file", record.validation_file.as_ref()),
         ];
-        let owned = |q: &mut QueryBuilder<Db>, file: &String| {
+        let owned = |q: &mut Sql, file: &String| {
             q.push("EXISTS (SELECT 1 FROM files WHERE id = ")
                 .push_bind(file.clone());
             match &record.owner {
@@ -556,11 +564,12 @@ impl JobStore {
         }
         for (param, file) in files {
             let Some(file) = file else { continue };
-            let mut q: QueryBuilder<Db> = QueryBuilder::new("SELECT ");
+            // An integer, not a boolean: SQLite has no boolean type to read back.
+            let mut q = Sql::new("SELECT CASE WHEN ");
             owned(&mut q, file);
-            q.push(" AS found");
-            let found: bool = q.build().fetch_one(&self.pool).await?.try_get("found")?;
-            if !found {
+            q.push(" THEN 1 ELSE 0 END AS found");
+            let found: i64 = q.build().fetch_one(&self.pool).await?.try_get("found")?;
+            if found == 0 {
                 return Err(JobsError::NoSuchFile {
                     param,
                     id: file.clone(),
@@ -574,7 +583,7 @@ impl JobStore {
     }
 
     async fn active_count(&self, owner: Option<&str>) -> Result<u64, sqlx::Error> {
-        let mut q: QueryBuilder<Db> = QueryBuilder::new(format!(
+        let mut q = Sql::new(format!(
             "SELECT COUNT(*) AS n FROM jobs WHERE status IN {}",
             in_list(&Status::ACTIVE)
         ));
@@ -619,8 +628,7 @@ impl JobStore {
             ),
             None => None,
         };
-        let mut q: QueryBuilder<Db> =
-            QueryBuilder::new(format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1"));
+        let mut q = Sql::new(format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1"));
         if let Some(v) = viewer {
             q.push(" AND owner = ").push_bind(v.to_string());
         }
@@ -667,7 +675,7 @@ impl JobStore {
         from: &[Status],
         to: Status,
     ) -> Result<bool, JobsError> {
-        let mut q: QueryBuilder<Db> = QueryBuilder::new("UPDATE jobs SET status = ");
+        let mut q = Sql::new("UPDATE jobs SET status = ");
         q.push_bind(to.as_str());
         if to == Status::Running {
             q.push(", started_at = COALESCE(started_at, ")
@@ -736,23 +744,20 @@ impl JobStore {
         Ok(self.get(viewer, id).await?.map(|r| (r, changed)))
     }
 
-    /// Claims the oldest queued job for running.
+    /// Claims the oldest queued job for running: one `UPDATE` of the row its sub-select
+    /// picks, safe when several processes share the database (each job is claimed once;
+    /// see [`Backend::claim_lock`] for the one part that differs between backends).
     pub async fn claim_next(&self) -> Result<Option<JobRecord>, JobsError> {
-        loop {
-            let row = sqlx::query(
-                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1",
-            )
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some(row) = row else { return Ok(None) };
-            let id: String = row.try_get("id")?;
-            if self
-                .transition(&id, &[Status::Queued], Status::Running)
-                .await?
-            {
-                return self.get(None, &id).await;
-            }
-        }
+        let row = sqlx::query(&format!(
+            "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $1) \
+             WHERE status = 'queued' AND id = (SELECT id FROM jobs WHERE status = 'queued' \
+             ORDER BY created_at, id LIMIT 1{}) RETURNING {COLUMNS}",
+            Backend::of(&self.pool).claim_lock()
+        ))
+        .bind(now())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(JobRecord::from_row).transpose()?)
     }
 
     /// Jobs in `status`, oldest first.
@@ -810,7 +815,9 @@ impl JobStore {
         Ok(())
     }
 
-    /// Appends an event to a job's log.
+    /// Appends an event to a job's log. Its `seq` is the job's last plus one, taken in the
+    /// insert itself; where two appends to one job race (PostgreSQL runs them at once) the
+    /// loser hits the `(job_id, seq)` key and tries again with the next number.
     pub async fn event(
         &self,
         job_id: &str,
@@ -819,24 +826,32 @@ impl JobStore {
         message: &str,
         data: Option<&Value>,
     ) -> Result<(), JobsError> {
-        sqlx::query(
-            "INSERT INTO job_events (id, job_id, seq, created_at, level, kind, message, data) \
-             SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6, $7 \
-             FROM job_events WHERE job_id = $2",
-        )
-        .bind(format!(
-            "ftevent-{}",
-            Alphanumeric.sample_string(&mut rand::rng(), 24)
-        ))
-        .bind(job_id)
-        .bind(now())
-        .bind(level.as_str())
-        .bind(kind.as_str())
-        .bind(message)
-        .bind(data.map(Value::to_string))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let data = data.map(Value::to_string);
+        let mut tries = 0;
+        loop {
+            let inserted = sqlx::query(
+                "INSERT INTO job_events (id, job_id, seq, created_at, level, kind, message, data) \
+                 SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6, $7 \
+                 FROM job_events WHERE job_id = $2",
+            )
+            .bind(format!(
+                "ftevent-{}",
+                Alphanumeric.sample_string(&mut rand::rng(), 24)
+            ))
+            .bind(job_id)
+            .bind(now())
+            .bind(level.as_str())
+            .bind(kind.as_str())
+            .bind(message)
+            .bind(data.clone())
+            .execute(&self.pool)
+            .await;
+            tries += 1;
+            match inserted {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && tries < 10 => {}
+                other => return other.map(|_| ()).map_err(JobsError::from),
+            }
+        }
     }
 
     /// A job's events, newest first, after the event `after`.
@@ -865,17 +880,9 @@ impl JobStore {
         metrics: &Value,
         model: &str,
     ) -> Result<(), JobsError> {
-        let exists = sqlx::query("SELECT id FROM job_checkpoints WHERE job_id = $1 AND step = $2")
-            .bind(job_id)
-            .bind(step)
-            .fetch_optional(&self.pool)
-            .await?;
-        if exists.is_some() {
-            return Ok(());
-        }
         sqlx::query(
             "INSERT INTO job_checkpoints (id, job_id, step, created_at, metrics, model) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (job_id, step) DO NOTHING",
         )
         .bind(format!(
             "ftckpt-{}",
@@ -917,9 +924,8 @@ impl JobStore {
         columns: &str,
         order: &str,
         (what, job_id, after, limit): (&'static str, &str, Option<&str>, usize),
-    ) -> Result<Vec<sqlx::sqlite::SqliteRow>, JobsError> {
-        let mut q: QueryBuilder<Db> =
-            QueryBuilder::new(format!("SELECT {columns} FROM {table} WHERE job_id = "));
+    ) -> Result<Vec<DbRow>, JobsError> {
+        let mut q = Sql::new(format!("SELECT {columns} FROM {table} WHERE job_id = "));
         q.push_bind(job_id.to_string());
         if let Some(a) = after {
             let row = sqlx::query(&format!(

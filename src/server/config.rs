@@ -204,8 +204,12 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FineTuningConfig {
-    /// Where uploaded files (`files/`) and the records database (`esft.db`) live.
+    /// Where uploaded files (`files/`), jobs' work (`jobs/`) and, by default, the records
+    /// database (`esft.db`) live.
     pub data_dir: PathBuf,
+    /// The records database (files, jobs, their events and checkpoints): `""` for SQLite in
+    /// `data_dir`, or a `postgres://user:password@host:port/dbname` URL.
+    pub database: String,
     /// Largest file `POST /v1/files` takes (413 above it).
     pub max_file_bytes: u64,
     /// Most bytes of files one owner (a tenant, or the admin) may keep (429 above it).
@@ -258,6 +262,7 @@ impl Default for FineTuningConfig {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("data"),
+            database: String::new(),
             max_file_bytes: 512 << 20,
             max_stored_bytes_per_tenant: 10 << 30,
             trainer: PathBuf::new(),
@@ -347,6 +352,12 @@ impl ServerConfig {
         }
         if self.fine_tuning.data_dir.as_os_str().is_empty() {
             return Err("fine_tuning.data_dir must name a directory".into());
+        }
+        if crate::jobs::db::Backend::of_setting(&self.fine_tuning.database).is_none() {
+            return Err(
+                "fine_tuning.database must be \"\" (SQLite in data_dir) or a postgres:// URL"
+                    .into(),
+            );
         }
         if !(0..=19).contains(&self.fine_tuning.training_nice) {
             return Err("fine_tuning.training_nice must be from 0 to 19".into());
@@ -440,6 +451,21 @@ mod tests {
         let text = include_str!("../../config/default.toml");
         let parsed = ServerConfig::from_toml(text).unwrap();
         assert_eq!(parsed, ServerConfig::default());
+    }
+
+    #[test]
+    fn the_records_database_is_sqlite_or_a_postgres_url() {
+        let mut c = ServerConfig::default();
+        assert!(c.validate().is_ok());
+        c.fine_tuning.database = "postgres://esft:secret@db:5432/esft".into();
+        assert!(c.validate().is_ok());
+        let parsed =
+            ServerConfig::from_toml("[fine_tuning]\ndatabase = \"postgresql://db/esft\"\n")
+                .unwrap();
+        assert_eq!(parsed.fine_tuning.database, "postgresql://db/esft");
+        c.fine_tuning.database = "mysql://db/esft".into();
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("fine_tuning.database"), "{err}");
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl AppState {
         let store = self
             .files
             .get_or_try_init(|| async {
-                FileStore::open(&ft.data_dir, ft.max_stored_bytes_per_tenant)
+                FileStore::open(&ft.data_dir, &ft.database, ft.max_stored_bytes_per_tenant)
                     .await
                     .map(Arc::new)
             })

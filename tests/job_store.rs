@@ -1,0 +1,718 @@
+//! The fine-tuning records (files, jobs, events, checkpoints) on both databases, each test
+//! body run once on SQLite and once on a throwaway PostgreSQL: creation and its refusals,
+//! listings and their pages, state transitions and their races, the claim of queued jobs
+//! by several processes at once, and the refusal to delete a file an active job uses.
+
+#[path = "common/postgres.rs"]
+mod postgres;
+
+use esft::jobs::files::{FileRecord, FileStore, FilesError, Order, PURPOSE_FINE_TUNE};
+use esft::jobs::queue::{
+    EsftChoices, EventKind, JobError, JobSpec, JobStore, JobsError, Level, NewJob, ScoreFunction,
+    Status,
+};
+use serde_json::json;
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::Arc;
+
+const LINE: &str = "{\"prompt\": \"a\", \"completion\": \"b\"}\n";
+
+/// One database to run a test body on, and a data directory.
+struct Backend {
+    name: &'static str,
+    database: String,
+    data_dir: tempfile::TempDir,
+    _db: postgres::TestDatabase,
+}
+
+impl Backend {
+    /// A store on this database (a pool of its own, as another process would have).
+    async fn files(&self, max_bytes: u64) -> FileStore {
+        FileStore::open(self.data_dir.path(), &self.database, max_bytes)
+            .await
+            .unwrap_or_else(|e| panic!("{}: opening the store: {e}", self.name))
+    }
+}
+
+/// SQLite, then PostgreSQL where a server can be had (see `common/postgres.rs`).
+fn backends() -> Vec<Backend> {
+    postgres::databases()
+        .into_iter()
+        .map(|db| Backend {
+            name: db.name,
+            database: db.url.clone(),
+            data_dir: tempfile::tempdir().unwrap(),
+            _db: db,
+        })
+        .collect()
+}
+
+async fn add(store: &FileStore, owner: Option<&str>) -> Result<FileRecord, FilesError> {
+    let mut t = store.staging().await.unwrap();
+    t.write_all(LINE.as_bytes()).unwrap();
+    store
+        .add(
+            t,
+            LINE.len() as u64,
+            owner,
+            "train.jsonl",
+            PURPOSE_FINE_TUNE,
+        )
+        .await
+}
+
+fn spec() -> JobSpec {
+    JobSpec {
+        n_epochs: 3,
+        batch_size: None,
+        learning_rate_multiplier: 1.5,
+        esft: EsftChoices {
+            score_function: ScoreFunction::Gate,
+            top_p: 0.2,
+            train_shared_experts: false,
+            train_non_expert_modules: true,
+            steps: Some(7),
+            learning_rate: 1e-5,
+            scoring_tokens: 4096,
+            seq_len: None,
+        },
+    }
+}
+
+fn new_job(owner: Option<&str>, training_file: &str, validation_file: Option<&str>) -> NewJob {
+    let id = esft::jobs::queue::new_job_id();
+    NewJob {
+        owner: owner.map(str::to_string),
+        model: "lite".into(),
+        training_file: training_file.into(),
+        validation_file: validation_file.map(str::to_string),
+        suffix: Some("s".into()),
+        // Beyond 32 bits, and negative: BIGINT round trips on both backends.
+        seed: -(1i64 << 40) - 3,
+        metadata: Some(json!({"team": "blue"})),
+        spec: spec(),
+        adapter: format!("{id}-adapter"),
+        id,
+    }
+}
+
+/// A job of `owner` on a new file of theirs, moved to `queued`.
+async fn queued(files: &FileStore, jobs: &JobStore, owner: Option<&str>) -> String {
+    let file = add(files, owner).await.unwrap();
+    let job = jobs.create(new_job(owner, &file.id, None)).await.unwrap();
+    assert!(jobs
+        .transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
+        .await
+        .unwrap());
+    job.id
+}
+
+#[tokio::test]
+async fn files_are_kept_listed_paged_owned_and_deleted() {
+    for b in backends() {
+        let store = b.files(3 * LINE.len() as u64).await;
+        let a = add(&store, Some("acme")).await.unwrap();
+        let admin = add(&store, None).await.unwrap();
+        assert_eq!(
+            store.get(Some("acme"), &a.id).await.unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(store.get(Some("globex"), &a.id).await.unwrap(), None);
+        assert_eq!(
+            store.get(None, &admin.id).await.unwrap(),
+            Some(admin.clone())
+        );
+        assert_eq!(store.used_bytes(Some("acme")).await.unwrap(), a.bytes);
+        assert_eq!(store.used_bytes(None).await.unwrap(), admin.bytes);
+        let mut ids = vec![a.id.clone()];
+        for _ in 0..2 {
+            ids.push(add(&store, Some("acme")).await.unwrap().id);
+        }
+        // The quota is per owner: acme is full, globex is not.
+        assert!(
+            matches!(
+                add(&store, Some("acme")).await,
+                Err(FilesError::Quota { .. })
+            ),
+            "{}",
+            b.name
+        );
+        add(&store, Some("globex")).await.unwrap();
+        let mut by_owner = store.bytes_by_owner().await.unwrap();
+        by_owner.sort();
+        assert_eq!(
+            by_owner,
+            vec![
+                (None, LINE.len() as u64),
+                (Some("acme".into()), 3 * LINE.len() as u64),
+                (Some("globex".into()), LINE.len() as u64),
+            ],
+            "{}",
+            b.name
+        );
+        // Pages of one, both orders, walk the same files.
+        for order in [Order::Asc, Order::Desc] {
+            let all = store
+                .list(Some("acme"), None, None, 100, order)
+                .await
+                .unwrap();
+            assert_eq!(all.files.len(), 3);
+            let mut walked = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = store
+                    .list(
+                        Some("acme"),
+                        Some(PURPOSE_FINE_TUNE),
+                        after.as_deref(),
+                        1,
+                        order,
+                    )
+                    .await
+                    .unwrap();
+                walked.extend(page.files.iter().map(|f| f.id.clone()));
+                after = page.files.last().map(|f| f.id.clone());
+                if !page.has_more {
+                    break;
+                }
+            }
+            let all: Vec<String> = all.files.into_iter().map(|f| f.id).collect();
+            assert_eq!(walked, all, "{}", b.name);
+        }
+        let mut sorted = ids.clone();
+        sorted.sort();
+        let mut listed: Vec<String> = store
+            .list(Some("acme"), None, None, 100, Order::Asc)
+            .await
+            .unwrap()
+            .files
+            .into_iter()
+            .map(|f| f.id)
+            .collect();
+        listed.sort();
+        assert_eq!(listed, sorted);
+        assert_eq!(
+            store
+                .list(None, None, None, 100, Order::Asc)
+                .await
+                .unwrap()
+                .files
+                .len(),
+            5
+        );
+        assert!(matches!(
+            store
+                .list(Some("globex"), None, Some(&a.id), 10, Order::Asc)
+                .await,
+            Err(FilesError::NoSuchFile(_))
+        ));
+        // Another tenant cannot delete it; its owner can, and its bytes go too.
+        assert_eq!(store.delete(Some("globex"), &a.id).await.unwrap(), None);
+        assert_eq!(
+            store.delete(Some("acme"), &a.id).await.unwrap(),
+            Some(a.clone())
+        );
+        assert!(!store.blob_path(&a.id).exists());
+        assert_eq!(store.get(None, &a.id).await.unwrap(), None);
+        // The records outlive the store (a restart): a second store sees the same.
+        drop(store);
+        let again = b.files(1 << 20).await;
+        assert_eq!(
+            again
+                .list(None, None, None, 100, Order::Asc)
+                .await
+                .unwrap()
+                .files
+                .len(),
+            4,
+            "{}",
+            b.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn jobs_round_trip_list_page_and_refuse_what_they_must() {
+    for b in backends() {
+        let files = b.files(1 << 20).await;
+        let jobs = JobStore::new(files.pool(), 2);
+        let train = add(&files, Some("acme")).await.unwrap();
+        let valid = add(&files, Some("acme")).await.unwrap();
+        let theirs = add(&files, Some("globex")).await.unwrap();
+
+        let job = jobs
+            .create(new_job(Some("acme"), &train.id, Some(&valid.id)))
+            .await
+            .unwrap();
+        // Every column comes back as it went in.
+        let got = jobs.get(Some("acme"), &job.id).await.unwrap();
+        assert_eq!(got.as_ref(), Some(&job), "{}", b.name);
+        assert_eq!(jobs.get(Some("globex"), &job.id).await.unwrap(), None);
+        assert_eq!(jobs.get(None, &job.id).await.unwrap(), Some(job.clone()));
+        assert_eq!(
+            jobs.status(&job.id).await.unwrap(),
+            Some(Status::ValidatingFiles)
+        );
+        assert_eq!(jobs.status("ftjob-none").await.unwrap(), None);
+
+        // Files that are not the owner's (or do not exist) are refused, by their param.
+        for (t, v, param) in [
+            (theirs.id.as_str(), None, "training_file"),
+            ("file-missing", None, "training_file"),
+            (
+                train.id.as_str(),
+                Some(theirs.id.as_str()),
+                "validation_file",
+            ),
+        ] {
+            match jobs.create(new_job(Some("acme"), t, v)).await {
+                Err(JobsError::NoSuchFile { param: p, .. }) => assert_eq!(p, param, "{}", b.name),
+                other => panic!("{}: {other:?}", b.name),
+            }
+        }
+        // The admin may name anyone's file.
+        let by_admin = jobs.create(new_job(None, &theirs.id, None)).await.unwrap();
+        // Quota: two active jobs per owner; an ended one frees its place.
+        let second = jobs
+            .create(new_job(Some("acme"), &train.id, None))
+            .await
+            .unwrap();
+        assert!(matches!(
+            jobs.create(new_job(Some("acme"), &train.id, None)).await,
+            Err(JobsError::Quota {
+                active: 2,
+                limit: 2
+            })
+        ));
+        assert!(jobs
+            .transition(&second.id, &Status::ACTIVE, Status::Cancelled)
+            .await
+            .unwrap());
+        let third = jobs
+            .create(new_job(Some("acme"), &train.id, None))
+            .await
+            .unwrap();
+
+        // Listings: newest first (created_at, then id), pages that walk them all, tenancy,
+        // and metadata filters.
+        let all = jobs.list(None, None, 100, &[]).await.unwrap();
+        let mut expected = vec![job.clone(), by_admin.clone(), second.clone(), third.clone()];
+        expected.sort_by(|x, y| (y.created_at, &y.id).cmp(&(x.created_at, &x.id)));
+        let ids = |v: &[esft::jobs::queue::JobRecord]| -> Vec<String> {
+            v.iter().map(|j| j.id.clone()).collect()
+        };
+        assert_eq!(ids(&all.items), ids(&expected), "{}", b.name);
+        let mut walked = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = jobs.list(None, after.as_deref(), 1, &[]).await.unwrap();
+            walked.extend(ids(&page.items));
+            after = page.items.last().map(|j| j.id.clone());
+            if !page.has_more {
+                break;
+            }
+        }
+        assert_eq!(walked, ids(&expected), "{}", b.name);
+        let acme = jobs.list(Some("acme"), None, 100, &[]).await.unwrap();
+        assert_eq!(acme.items.len(), 3);
+        assert!(matches!(
+            jobs.list(Some("globex"), Some(&job.id), 10, &[]).await,
+            Err(JobsError::NoSuchCursor { .. })
+        ));
+        let blue = [("team".to_string(), "blue".to_string())];
+        let red = [("team".to_string(), "red".to_string())];
+        assert_eq!(
+            jobs.list(None, None, 100, &blue).await.unwrap().items.len(),
+            4
+        );
+        assert!(jobs
+            .list(None, None, 100, &red)
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+
+        // Progress, selection, success: the record carries them.
+        assert!(jobs
+            .transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
+            .await
+            .unwrap());
+        let claimed = jobs.claim_next().await.unwrap().unwrap();
+        assert_eq!(
+            claimed.id, job.id,
+            "{}: the oldest queued job first",
+            b.name
+        );
+        assert_eq!(claimed.status, Status::Running);
+        assert!(claimed.started_at.is_some());
+        jobs.set_progress(&job.id, 1234, Some(1 << 33))
+            .await
+            .unwrap();
+        jobs.set_selection(&job.id, &json!({"layers": {"1": [3, 5]}}))
+            .await
+            .unwrap();
+        let running = jobs.get(None, &job.id).await.unwrap().unwrap();
+        assert_eq!(running.trained_tokens, Some(1234));
+        assert_eq!(running.estimated_finish, Some(1 << 33));
+        assert_eq!(running.esft, Some(json!({"layers": {"1": [3, 5]}})));
+        assert!(jobs.succeed(&job.id, "lite:acme", 4321).await.unwrap());
+        let done = jobs.get(None, &job.id).await.unwrap().unwrap();
+        assert_eq!(done.status, Status::Succeeded);
+        assert_eq!(done.fine_tuned_model.as_deref(), Some("lite:acme"));
+        assert_eq!(done.trained_tokens, Some(4321));
+        assert_eq!(done.estimated_finish, None);
+        assert!(done.finished_at.is_some());
+        // A terminal status is never left.
+        for to in Status::ALL {
+            assert!(!jobs.transition(&job.id, &Status::ACTIVE, to).await.unwrap());
+        }
+        assert!(!jobs.fail(&job.id, &JobError::new("x", "y")).await.unwrap());
+        assert!(!jobs.succeed(&job.id, "again", 1).await.unwrap());
+        // A failure carries its error object.
+        assert!(jobs
+            .fail(
+                &by_admin.id,
+                &JobError::new("invalid_training_file", "bad line 3")
+            )
+            .await
+            .unwrap());
+        let failed = jobs.get(None, &by_admin.id).await.unwrap().unwrap();
+        assert_eq!(failed.status, Status::Failed);
+        assert_eq!(
+            failed.error,
+            Some(JobError::new("invalid_training_file", "bad line 3"))
+        );
+        let counts = jobs.counts().await.unwrap();
+        let count = |s: Status| counts.iter().find(|(st, _)| *st == s).map(|(_, n)| *n);
+        assert_eq!(count(Status::Succeeded), Some(1));
+        assert_eq!(count(Status::Failed), Some(1));
+        assert_eq!(count(Status::Cancelled), Some(1));
+        assert_eq!(count(Status::ValidatingFiles), Some(1));
+        assert_eq!(count(Status::Running), Some(0));
+        assert_eq!(
+            jobs.with_status(Status::ValidatingFiles).await.unwrap(),
+            vec![jobs.get(None, &third.id).await.unwrap().unwrap()]
+        );
+    }
+}
+
+#[tokio::test]
+async fn events_and_checkpoints_keep_their_order_and_pages() {
+    for b in backends() {
+        let files = b.files(1 << 20).await;
+        let jobs = Arc::new(JobStore::new(files.pool(), 0));
+        let id = queued(&files, &jobs, Some("acme")).await;
+        let other = queued(&files, &jobs, Some("acme")).await;
+        jobs.event(&id, Level::Info, EventKind::Message, "first", None)
+            .await
+            .unwrap();
+        jobs.event(&other, Level::Info, EventKind::Message, "elsewhere", None)
+            .await
+            .unwrap();
+        // Appends racing on one job (the runner and a cancel at once) all land, numbered
+        // 1..=n without a gap.
+        let mut racing = Vec::new();
+        for i in 0..16 {
+            let jobs = jobs.clone();
+            let id = id.clone();
+            racing.push(tokio::spawn(async move {
+                jobs.event(
+                    &id,
+                    Level::Warn,
+                    EventKind::Metrics,
+                    &format!("step {i}"),
+                    Some(&json!({"step": i, "train_loss": 0.5})),
+                )
+                .await
+            }));
+        }
+        for r in racing {
+            r.await.unwrap().unwrap();
+        }
+        let all = jobs.events(&id, None, 100).await.unwrap();
+        assert!(!all.has_more);
+        let seqs: Vec<i64> = all.items.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=17).rev().collect::<Vec<_>>(), "{}", b.name);
+        let first = all.items.last().unwrap();
+        assert_eq!(
+            (first.message.as_str(), first.level, first.data.clone()),
+            ("first", Level::Info, None)
+        );
+        assert_eq!(all.items[0].kind, EventKind::Metrics);
+        assert_eq!(
+            all.items[0].data.as_ref().unwrap()["train_loss"],
+            json!(0.5)
+        );
+        let mut walked = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = jobs.events(&id, after.as_deref(), 5).await.unwrap();
+            walked.extend(page.items.iter().map(|e| e.seq));
+            after = page.items.last().map(|e| e.id.clone());
+            if !page.has_more {
+                break;
+            }
+        }
+        assert_eq!(walked, seqs, "{}", b.name);
+        // An event of another job is no cursor here.
+        let theirs = jobs.events(&other, None, 10).await.unwrap().items[0]
+            .id
+            .clone();
+        assert!(matches!(
+            jobs.events(&id, Some(&theirs), 10).await,
+            Err(JobsError::NoSuchCursor { .. })
+        ));
+
+        // Checkpoints: one per step (a repeat changes nothing), newest step first.
+        for step in [10, 20, 30] {
+            jobs.checkpoint(
+                &id,
+                step,
+                &json!({"step": step, "train_loss": 1.0}),
+                &format!("m:{step}"),
+            )
+            .await
+            .unwrap();
+        }
+        jobs.checkpoint(&id, 20, &json!({"replaced": true}), "other")
+            .await
+            .unwrap();
+        let ckpts = jobs.checkpoints(&id, None, 2).await.unwrap();
+        assert!(ckpts.has_more);
+        assert_eq!(
+            ckpts.items.iter().map(|c| c.step).collect::<Vec<_>>(),
+            vec![30, 20]
+        );
+        assert_eq!(ckpts.items[1].model, "m:20", "{}", b.name);
+        assert_eq!(ckpts.items[1].metrics["step"], json!(20));
+        let rest = jobs
+            .checkpoints(&id, Some(&ckpts.items[1].id), 2)
+            .await
+            .unwrap();
+        assert!(!rest.has_more);
+        assert_eq!(
+            rest.items.iter().map(|c| c.step).collect::<Vec<_>>(),
+            vec![10]
+        );
+        assert!(jobs
+            .checkpoints(&other, None, 10)
+            .await
+            .unwrap()
+            .items
+            .is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_racing_the_runner_has_one_winner_and_files_in_use_stay() {
+    for b in backends() {
+        let files = b.files(1 << 20).await;
+        let jobs = Arc::new(JobStore::new(files.pool(), 0));
+        let file = add(&files, Some("acme")).await.unwrap();
+        let job = jobs
+            .create(new_job(Some("acme"), &file.id, None))
+            .await
+            .unwrap();
+        // While the job is active its file cannot be deleted; the refusal names the job.
+        for step in [Some(Status::Queued), Some(Status::Running), None] {
+            match files.delete(Some("acme"), &file.id).await {
+                Err(FilesError::InUse(j)) => assert_eq!(j, job.id, "{}", b.name),
+                other => panic!("{}: {other:?}", b.name),
+            }
+            if let Some(to) = step {
+                let from = if to == Status::Queued {
+                    Status::ValidatingFiles
+                } else {
+                    Status::Queued
+                };
+                assert!(jobs.transition(&job.id, &[from], to).await.unwrap());
+            }
+        }
+        // The runner's success and a cancel, many times at once: exactly one wins, and the
+        // record says which.
+        let mut racers = Vec::new();
+        for i in 0..8 {
+            let jobs = jobs.clone();
+            let id = job.id.clone();
+            racers.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    jobs.cancel(Some("acme"), &id).await.map(|r| {
+                        r.is_some_and(|(_, changed)| changed)
+                            .then_some(Status::Cancelled)
+                    })
+                } else {
+                    jobs.succeed(&id, "lite:x", 10)
+                        .await
+                        .map(|won| won.then_some(Status::Succeeded))
+                }
+            }));
+        }
+        let mut winners = Vec::new();
+        for r in racers {
+            winners.extend(r.await.unwrap().unwrap());
+        }
+        assert_eq!(winners.len(), 1, "{}: {winners:?}", b.name);
+        assert_eq!(jobs.status(&job.id).await.unwrap(), Some(winners[0]));
+        // Another tenant's cancel finds nothing; a cancel of an ended job changes nothing.
+        assert_eq!(jobs.cancel(Some("globex"), &job.id).await.unwrap(), None);
+        let (record, changed) = jobs.cancel(Some("acme"), &job.id).await.unwrap().unwrap();
+        assert!(!changed);
+        assert_eq!(record.status, winners[0]);
+        // Ended, the job no longer holds its file.
+        assert_eq!(
+            files
+                .delete(Some("acme"), &file.id)
+                .await
+                .unwrap()
+                .map(|f| f.id),
+            Some(file.id.clone()),
+            "{}",
+            b.name
+        );
+        // And a job cannot be created on a deleted file.
+        assert!(matches!(
+            jobs.create(new_job(Some("acme"), &file.id, None)).await,
+            Err(JobsError::NoSuchFile { .. })
+        ));
+    }
+}
+
+/// Claimers with pools of their own (as separate processes would have) race for the queue:
+/// every job is claimed exactly once, and none is left queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claimers_in_separate_processes_claim_each_job_once() {
+    const JOBS: usize = 40;
+    const CLAIMERS: usize = 6;
+    for b in backends() {
+        let files = b.files(1 << 30).await;
+        let jobs = JobStore::new(files.pool(), 0);
+        let mut queued_ids = HashSet::new();
+        for _ in 0..JOBS {
+            queued_ids.insert(queued(&files, &jobs, None).await);
+        }
+        let mut stores = Vec::new();
+        for _ in 0..CLAIMERS {
+            let f = b.files(1 << 30).await;
+            stores.push(Arc::new(JobStore::new(f.pool(), 0)));
+        }
+        let start = Arc::new(tokio::sync::Barrier::new(CLAIMERS));
+        let mut claimers = Vec::new();
+        for store in stores {
+            let start = start.clone();
+            claimers.push(tokio::spawn(async move {
+                start.wait().await;
+                let mut mine = Vec::new();
+                while let Some(job) = store.claim_next().await? {
+                    assert_eq!(job.status, Status::Running);
+                    mine.push(job.id);
+                }
+                Ok::<_, JobsError>(mine)
+            }));
+        }
+        let mut claimed = Vec::new();
+        let mut busy = 0;
+        for c in claimers {
+            let mine = c.await.unwrap().unwrap();
+            busy += usize::from(!mine.is_empty());
+            claimed.extend(mine);
+        }
+        let unique: HashSet<String> = claimed.iter().cloned().collect();
+        assert_eq!(
+            claimed.len(),
+            JOBS,
+            "{}: a job was claimed twice or not at all",
+            b.name
+        );
+        assert_eq!(unique, queued_ids, "{}", b.name);
+        assert!(jobs.with_status(Status::Queued).await.unwrap().is_empty());
+        assert_eq!(jobs.with_status(Status::Running).await.unwrap().len(), JOBS);
+        assert!(jobs.claim_next().await.unwrap().is_none());
+        eprintln!(
+            "{}: {JOBS} jobs claimed by {busy} of {CLAIMERS} claimers",
+            b.name
+        );
+    }
+}
+
+/// Processes that start at once on a new database all bring its schema up without error
+/// (PostgreSQL's concurrent `CREATE TABLE IF NOT EXISTS` would fail without the schema
+/// lock), and all see the same tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_opening_a_new_database_at_once_all_succeed() {
+    for b in backends() {
+        let b = Arc::new(b);
+        let mut opening = Vec::new();
+        for _ in 0..8 {
+            let b = b.clone();
+            opening.push(tokio::spawn(async move {
+                FileStore::open(b.data_dir.path(), &b.database, 1 << 20)
+                    .await
+                    .map(|s| s.pool())
+            }));
+        }
+        let mut pools = Vec::new();
+        for o in opening {
+            pools.push(
+                o.await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{}: {e}", b.name)),
+            );
+        }
+        let first = b.files(1 << 20).await;
+        let file = add(&first, None).await.unwrap();
+        for pool in pools {
+            let jobs = JobStore::new(pool, 0);
+            jobs.create(new_job(None, &file.id, None)).await.unwrap();
+        }
+        assert_eq!(
+            JobStore::new(first.pool(), 0)
+                .with_status(Status::ValidatingFiles)
+                .await
+                .unwrap()
+                .len(),
+            8,
+            "{}",
+            b.name
+        );
+    }
+}
+
+/// On PostgreSQL a claimer passes over a job another claimer holds locked (mid-claim, its
+/// transaction open) and takes the next one at once, instead of waiting for that one or
+/// coming back empty (`FOR UPDATE SKIP LOCKED`). SQLite has one writer and no row locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimer_skips_a_job_another_holds_locked() {
+    use sqlx::Row;
+    for b in backends().into_iter().filter(|b| b.name == "postgres") {
+        let files = b.files(1 << 20).await;
+        let jobs = JobStore::new(files.pool(), 0);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(queued(&files, &jobs, None).await);
+        }
+        let order = jobs.with_status(Status::Queued).await.unwrap();
+        let mut tx = files.pool().begin().await.unwrap();
+        let held: String = sqlx::query(
+            "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, id LIMIT 1 \
+             FOR UPDATE",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap()
+        .get("id");
+        assert_eq!(held, order[0].id);
+        let other = JobStore::new(b.files(1 << 20).await.pool(), 0);
+        let next = tokio::time::timeout(std::time::Duration::from_secs(5), other.claim_next())
+            .await
+            .expect("the claim waited on the locked job")
+            .unwrap()
+            .expect("the claim came back empty with jobs queued");
+        assert_eq!(next.id, order[1].id);
+        tx.rollback().await.unwrap();
+        // Released, the held job is the next claimed.
+        assert_eq!(other.claim_next().await.unwrap().unwrap().id, order[0].id);
+        assert_eq!(other.claim_next().await.unwrap().unwrap().id, order[2].id);
+        assert!(other.claim_next().await.unwrap().is_none());
+    }
+}
