@@ -10,12 +10,9 @@ mod common;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 
-use common::{fixture, write_task};
+use common::{fixture, small_train_config, task_samples, token_selection};
 use esft::model::{DeepSeekV2, LoadOptions, LoadedModel};
-use esft_train::data::{load_train, Limits, SpecialIds};
-use esft_train::score::{score_samples, ScoreAccumulator};
-use esft_train::select::{select, ScoreFunction, Selection};
-use esft_train::train::{Run, Schedule, TrainConfig, Trainable};
+use esft_train::train::{Run, Trainable};
 
 fn options(device: &str, weight_dtype: Option<&str>) -> LoadOptions {
     esft::cli::DeviceArgs {
@@ -45,51 +42,17 @@ fn three_esft_steps_on_the_gpu_match_the_cpu() {
     let device = std::env::var("ESFT_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
     let tmp = tempfile::tempdir().unwrap();
     let dir = fixture("lite");
-    let data = tmp.path().join("task.jsonl");
-    write_task(&data, 24);
     let loaded = LoadedModel::load(&dir, &LoadOptions::default()).unwrap();
-    let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer).unwrap();
-    let limits = Limits {
-        max_tokens: Some(64),
-        need_targets: true,
-    };
-    let samples = load_train(&data, &loaded.tokenizer, ids, limits).unwrap();
-    let cfg = loaded.model.config().clone();
-    let mut acc = ScoreAccumulator::new(cfg.n_routed_experts, cfg.num_experts_per_tok);
-    let tokens: Vec<Vec<u32>> = samples.iter().map(|s| s.tokens.clone()).collect();
-    score_samples(&loaded.model, &tokens, 4096, &mut acc, None, |_| {}).unwrap();
-
-    let selection = Selection {
-        function: ScoreFunction::Token,
-        top_p: 0.3,
-        shared_experts: false,
-        non_expert_modules: false,
-    };
-    let experts = select(&acc.scores(), &selection).unwrap();
+    let samples = task_samples(&loaded, tmp.path(), 24);
+    let experts = token_selection(&loaded.model, &samples, 0.3);
 
     // Scoring on the GPU selects what scoring on the CPU selects.
     let gpu = DeepSeekV2::load_dir(&dir, &options(&device, None)).unwrap();
-    let mut gpu_acc = ScoreAccumulator::new(cfg.n_routed_experts, cfg.num_experts_per_tok);
-    score_samples(&gpu, &tokens, 4096, &mut gpu_acc, None, |_| {}).unwrap();
-    assert_eq!(select(&gpu_acc.scores(), &selection).unwrap(), experts);
+    assert_eq!(token_selection(&gpu, &samples, 0.3), experts);
     drop(gpu);
+
     let what = Trainable::Experts(experts.clone());
-    let train_cfg = TrainConfig {
-        steps: 3,
-        lr: 1e-2,
-        batch: 2,
-        grad_accum: 1,
-        seq_len: 64,
-        warmup: 0,
-        schedule: Schedule::Constant,
-        beta1: 0.9,
-        beta2: 0.95,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        seed: 3,
-        eval_split: 0.0,
-        aux_loss_alpha: 0.0,
-    };
+    let train_cfg = small_train_config(3, 3);
     for weights in [None, Some("bf16")] {
         let runs: Vec<(Run, BTreeMap<String, Tensor>)> = [("cpu", weights), (&device, weights)]
             .into_iter()

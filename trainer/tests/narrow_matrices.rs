@@ -8,11 +8,10 @@ mod common;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 
-use common::{fixture, write_task};
+use common::{fixture, small_train_config, task_samples};
 use esft::adapter::format::ExpertConfig;
 use esft::model::{DeepSeekV2, LoadOptions, LoadedModel};
-use esft_train::data::{load_train, Limits, SpecialIds};
-use esft_train::train::{Run, Schedule, TrainConfig, Trainable};
+use esft_train::train::{Run, Trainable};
 
 fn values(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32)
@@ -27,15 +26,8 @@ fn values(t: &Tensor) -> Vec<f32> {
 fn bf16_frozen_matrices_train_as_their_f32_values() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = fixture("lite-bf16");
-    let data = tmp.path().join("task.jsonl");
-    write_task(&data, 12);
     let loaded = LoadedModel::load(&dir, &LoadOptions::default()).unwrap();
-    let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer).unwrap();
-    let limits = Limits {
-        max_tokens: Some(64),
-        need_targets: true,
-    };
-    let samples = load_train(&data, &loaded.tokenizer, ids, limits).unwrap();
+    let samples = task_samples(&loaded, tmp.path(), 12);
     let experts: ExpertConfig = serde_json::from_value(serde_json::json!({
         "experts": {"1": [0, 3, 7], "2": [5]},
         "shared_experts": false,
@@ -43,22 +35,7 @@ fn bf16_frozen_matrices_train_as_their_f32_values() {
     }))
     .unwrap();
     let what = Trainable::Experts(experts);
-    let cfg = TrainConfig {
-        steps: 3,
-        lr: 1e-2,
-        batch: 2,
-        grad_accum: 1,
-        seq_len: 64,
-        warmup: 0,
-        schedule: Schedule::Constant,
-        beta1: 0.9,
-        beta2: 0.95,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        seed: 5,
-        eval_split: 0.0,
-        aux_loss_alpha: 0.0,
-    };
+    let cfg = small_train_config(3, 5);
     let mut runs = [None, Some(DType::BF16)].map(|matrices| {
         let opts = LoadOptions {
             matrix_dtype: matrices,

@@ -7,13 +7,11 @@ use std::collections::BTreeMap;
 
 mod common;
 
-use common::{fixture, write_task};
+use common::{fixture, small_train_config, task_samples, token_selection, write_task};
 use esft::adapter::format::{BaseModel, Provenance};
 use esft::engine::{generate_all, SamplingParams, Sequence};
 use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LoadedModel, LogitsWanted, SeqInput};
 use esft_train::data::{load_train, Limits, Sample, SpecialIds};
-use esft_train::score::{score_samples, ScoreAccumulator};
-use esft_train::select::{select, ScoreFunction, Selection};
 use esft_train::train::{write_result, Run, Schedule, TrainConfig, Trainable};
 
 fn bits(t: &Tensor) -> Vec<u32> {
@@ -87,50 +85,16 @@ fn esft_training_works_the_same_on_every_architecture() {
 fn check_esft_training(name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = fixture(name);
-    let data = tmp.path().join("task.jsonl");
-    write_task(&data, 24);
     let loaded = LoadedModel::load(&dir, &LoadOptions::default()).unwrap();
-    let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer).unwrap();
-    let limits = Limits {
-        max_tokens: Some(64),
-        need_targets: true,
-    };
-    let samples = load_train(&data, &loaded.tokenizer, ids, limits).unwrap();
-
-    // Score on the task and select by token score, as `score` + `select` do.
+    let samples = task_samples(&loaded, tmp.path(), 24);
     let cfg = loaded.model.config().clone();
-    let mut acc = ScoreAccumulator::new(cfg.n_routed_experts, cfg.num_experts_per_tok);
-    let token_lists: Vec<Vec<u32>> = samples.iter().map(|s| s.tokens.clone()).collect();
-    score_samples(&loaded.model, &token_lists, 4096, &mut acc, None, |_| {}).unwrap();
-    let selection = Selection {
-        function: ScoreFunction::Token,
-        top_p: 0.3,
-        shared_experts: false,
-        non_expert_modules: false,
-    };
-    let experts = select(&acc.scores(), &selection).unwrap();
+    let experts = token_selection(&loaded.model, &samples, 0.3);
     let selected = experts.expert_count();
     assert!(
         selected >= 2 && selected < cfg.moe_layers().len() * cfg.n_routed_experts / 2,
         "{name}: {selected}"
     );
-
-    let train_cfg = TrainConfig {
-        steps: 30,
-        lr: 1e-2,
-        batch: 2,
-        grad_accum: 1,
-        seq_len: 64,
-        warmup: 0,
-        schedule: Schedule::Constant,
-        beta1: 0.9,
-        beta2: 0.95,
-        weight_decay: 0.0,
-        max_grad_norm: 1.0,
-        seed: 3,
-        eval_split: 0.0,
-        aux_loss_alpha: 0.0,
-    };
+    let train_cfg = small_train_config(30, 3);
     let what = Trainable::Experts(experts.clone());
     let base_model = DeepSeekV2::load_dir(&dir, &LoadOptions::default()).unwrap();
     let mut run = Run::new(base_model, &what, samples.clone(), Vec::new(), train_cfg).unwrap();

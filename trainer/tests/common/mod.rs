@@ -30,6 +30,66 @@ pub fn write_task(path: &Path, n: usize) {
     }
 }
 
+/// The `write_task` samples (`n` of them, written under `tmp`) as `loaded`'s tokenizer
+/// encodes them for training: at most 64 tokens, each with targets.
+pub fn task_samples(
+    loaded: &esft::model::LoadedModel,
+    tmp: &Path,
+    n: usize,
+) -> Vec<esft_train::data::Sample> {
+    use esft_train::data::{load_train, Limits, SpecialIds};
+    let data = tmp.join("task.jsonl");
+    write_task(&data, n);
+    let ids = SpecialIds::of(loaded.model.config(), &loaded.tokenizer).unwrap();
+    let limits = Limits {
+        max_tokens: Some(64),
+        need_targets: true,
+    };
+    load_train(&data, &loaded.tokenizer, ids, limits).unwrap()
+}
+
+/// The experts `score` + `select` pick on `samples` by token score at `top_p`.
+pub fn token_selection(
+    model: &esft::model::DeepSeekV2,
+    samples: &[esft_train::data::Sample],
+    top_p: f64,
+) -> esft::adapter::format::ExpertConfig {
+    use esft_train::score::{score_samples, ScoreAccumulator};
+    use esft_train::select::{select, ScoreFunction, Selection};
+    let cfg = model.config();
+    let mut acc = ScoreAccumulator::new(cfg.n_routed_experts, cfg.num_experts_per_tok);
+    let tokens: Vec<Vec<u32>> = samples.iter().map(|s| s.tokens.clone()).collect();
+    score_samples(model, &tokens, 4096, &mut acc, None, |_| {}).unwrap();
+    let selection = Selection {
+        function: ScoreFunction::Token,
+        top_p,
+        shared_experts: false,
+        non_expert_modules: false,
+    };
+    select(&acc.scores(), &selection).unwrap()
+}
+
+/// A small run: `steps` constant-rate steps of 2 samples of at most 64 tokens, lr 1e-2,
+/// no weight decay, no evaluation split, no balance loss.
+pub fn small_train_config(steps: u64, seed: u64) -> esft_train::train::TrainConfig {
+    esft_train::train::TrainConfig {
+        steps,
+        lr: 1e-2,
+        batch: 2,
+        grad_accum: 1,
+        seq_len: 64,
+        warmup: 0,
+        schedule: esft_train::train::Schedule::Constant,
+        beta1: 0.9,
+        beta2: 0.95,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed,
+        eval_split: 0.0,
+        aux_loss_alpha: 0.0,
+    }
+}
+
 /// Runs `esft-train` with `args`, whatever the outcome.
 pub fn esft_train(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_esft-train"))
