@@ -7,10 +7,10 @@
 
 mod common;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use std::collections::BTreeMap;
 
-use common::{fixture, small_train_config, task_samples, token_selection};
+use common::{fixture, small_train_config, task_samples, token_selection, values};
 use esft::model::{DeepSeekV2, LoadOptions, LoadedModel};
 use esft_train::train::{Run, Trainable};
 
@@ -22,15 +22,6 @@ fn options(device: &str, weight_dtype: Option<&str>) -> LoadOptions {
     }
     .load_options()
     .unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 fn rel(a: f64, b: f64) -> f64 {

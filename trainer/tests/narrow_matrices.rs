@@ -8,19 +8,10 @@ mod common;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 
-use common::{fixture, small_train_config, task_samples};
+use common::{fixture, small_train_config, task_samples, values};
 use esft::adapter::format::ExpertConfig;
 use esft::model::{DeepSeekV2, LoadOptions, LoadedModel};
 use esft_train::train::{Run, Trainable};
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
 
 #[test]
 fn bf16_frozen_matrices_train_as_their_f32_values() {

@@ -69,6 +69,16 @@ pub fn token_selection(
     select(&acc.scores(), &selection).unwrap()
 }
 
+/// A tensor's values as f32, in row-major order.
+pub fn values(t: &candle_core::Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// A small run: `steps` constant-rate steps of 2 samples of at most 64 tokens, lr 1e-2,
 /// no weight decay, no evaluation split, no balance loss.
 pub fn small_train_config(steps: u64, seed: u64) -> esft_train::train::TrainConfig {
