@@ -695,17 +695,46 @@ impl JobStore {
     /// Ends an active job as failed with `error`; false when it was no longer active.
     pub async fn fail(&self, id: &str, error: &JobError) -> Result<bool, JobsError> {
         let text = serde_json::to_string(error).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        let done = sqlx::query(&format!(
-            "UPDATE jobs SET status = 'failed', finished_at = $1, estimated_finish = NULL, \
-             error = $2 WHERE id = $3 AND status IN {}",
-            in_list(&Status::ACTIVE)
-        ))
-        .bind(now())
-        .bind(text)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        // The status and its event in one transaction: whoever sees the job failed also
+        // sees why in its events. An event appended concurrently can take the event's
+        // number; the transaction is then rolled back and tried again.
+        let message = format!("The job failed: {}", error.message);
+        let data = json!({"code": error.code}).to_string();
+        let mut tries = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query(&format!(
+                "UPDATE jobs SET status = 'failed', finished_at = $1, estimated_finish = NULL, \
+                 error = $2 WHERE id = $3 AND status IN {}",
+                in_list(&Status::ACTIVE)
+            ))
+            .bind(now())
+            .bind(text.clone())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Ok(false);
+            }
+            let event = insert_event(
+                &mut *tx,
+                id,
+                Level::Error,
+                EventKind::Message,
+                &message,
+                Some(data.clone()),
+            )
+            .await;
+            tries += 1;
+            match event {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && tries < 10 => {}
+                Err(e) => return Err(e.into()),
+                Ok(()) => {
+                    tx.commit().await?;
+                    return Ok(true);
+                }
+            }
+        }
     }
 
     /// Ends a running job as succeeded; false when it was no longer running (cancelled).
@@ -829,27 +858,12 @@ impl JobStore {
         let data = data.map(Value::to_string);
         let mut tries = 0;
         loop {
-            let inserted = sqlx::query(
-                "INSERT INTO job_events (id, job_id, seq, created_at, level, kind, message, data) \
-                 SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6, $7 \
-                 FROM job_events WHERE job_id = $2",
-            )
-            .bind(format!(
-                "ftevent-{}",
-                Alphanumeric.sample_string(&mut rand::rng(), 24)
-            ))
-            .bind(job_id)
-            .bind(now())
-            .bind(level.as_str())
-            .bind(kind.as_str())
-            .bind(message)
-            .bind(data.clone())
-            .execute(&self.pool)
-            .await;
+            let inserted =
+                insert_event(&self.pool, job_id, level, kind, message, data.clone()).await;
             tries += 1;
             match inserted {
                 Err(sqlx::Error::Database(e)) if e.is_unique_violation() && tries < 10 => {}
-                other => return other.map(|_| ()).map_err(JobsError::from),
+                other => return other.map_err(JobsError::from),
             }
         }
     }
@@ -973,4 +987,34 @@ fn page<T>(
     let has_more = items.len() > limit;
     items.truncate(limit);
     Ok(Page { items, has_more })
+}
+
+/// Appends one event to `job_id`'s log, numbered after its last (a concurrent append can
+/// take the same number: the unique `(job_id, seq)` index then refuses this one).
+async fn insert_event<'e, E: sqlx::Executor<'e, Database = super::db::Db>>(
+    ex: E,
+    job_id: &str,
+    level: Level,
+    kind: EventKind,
+    message: &str,
+    data: Option<String>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO job_events (id, job_id, seq, created_at, level, kind, message, data) \
+         SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6, $7 \
+         FROM job_events WHERE job_id = $2",
+    )
+    .bind(format!(
+        "ftevent-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 24)
+    ))
+    .bind(job_id)
+    .bind(now())
+    .bind(level.as_str())
+    .bind(kind.as_str())
+    .bind(message)
+    .bind(data)
+    .execute(ex)
+    .await
+    .map(|_| ())
 }

@@ -279,14 +279,6 @@ impl Runner {
                 match rt.block_on(self.jobs.fail(&job.id, &error)) {
                     Ok(true) => {
                         tracing::warn!(job = %job.id, code = %error.code, "fine-tuning job failed: {}", error.message);
-                        self.event(
-                            rt,
-                            &job.id,
-                            Level::Error,
-                            EventKind::Message,
-                            &format!("The job failed: {}", error.message),
-                            Some(json!({"code": error.code})),
-                        );
                         Status::Failed
                     }
                     // Cancelled meanwhile.

@@ -524,9 +524,10 @@ pub async fn create(
         })
         .await
         .map_err(jobs_error)?;
+    let job_id = job.id.clone();
     let record = |level, message: String| {
         let jobs = jobs.clone();
-        let id = job.id.clone();
+        let id = job_id.clone();
         async move {
             jobs.event(&id, level, EventKind::Message, &message, None)
                 .await
@@ -541,9 +542,22 @@ pub async fn create(
     if let Some(v) = &job.validation_file {
         record(Level::Info, format!("Validating validation file: {v}")).await?;
     }
-    jobs.transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
+    let mut job = job;
+    if jobs
+        .transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
         .await
-        .map_err(jobs_error)?;
+        .map_err(jobs_error)?
+    {
+        // The job as it was queued: the runner may claim it before this answer is sent.
+        job.status = Status::Queued;
+    } else {
+        // Cancelled meanwhile: answer what it is now.
+        job = jobs
+            .get(None, &job.id)
+            .await
+            .map_err(jobs_error)?
+            .ok_or_else(|| not_found(&job.id))?;
+    }
     record(
         Level::Info,
         "Files validated, moving job to queued state".into(),
@@ -551,11 +565,6 @@ pub async fn create(
     .await?;
     runner.wake();
     tracing::info!(job = %job.id, by = caller.label(), adapter = %job.adapter, "fine-tuning job created");
-    let job = jobs
-        .get(None, &job.id)
-        .await
-        .map_err(jobs_error)?
-        .ok_or_else(|| not_found(&job.id))?;
     Ok(Json(job.to_openai(organization(&job))))
 }
 
