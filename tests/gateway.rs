@@ -152,6 +152,44 @@ async fn placement_routes_move_adapters_in_and_out_of_device_slots() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_installs_of_one_name_have_one_winner() {
+    let s = std::sync::Arc::new(server(true, |_| {}));
+    let src = tempfile::tempdir().unwrap();
+    for round in 0..5 {
+        let dirs: Vec<String> = (0..6)
+            .map(|i| {
+                let dir = src.path().join(format!("r{round}-{i}"));
+                write_native_adapter(&fixture("lite"), &dir, &spec(i));
+                dir.to_str().unwrap().to_string()
+            })
+            .collect();
+        let name = format!("raced-{round}");
+        let calls = dirs.into_iter().map(|path| {
+            let s = s.clone();
+            let body = json!({"lora_name": name, "lora_path": path});
+            tokio::spawn(async move { s.post("/v1/load_lora_adapter", Some(ADMIN), body).await })
+        });
+        let mut won = 0;
+        for call in calls.collect::<Vec<_>>() {
+            let got = call.await.unwrap();
+            if got.0 == StatusCode::OK {
+                won += 1;
+            } else {
+                assert_error(&got, StatusCode::BAD_REQUEST, None);
+                assert_eq!(got.1["error"]["code"], "adapter_exists", "{}", got.1);
+            }
+        }
+        assert_eq!(won, 1, "round {round}");
+        assert!(on_device(&s, &name).await);
+    }
+    assert!(
+        leftovers(&s.adapters).is_empty(),
+        "{:?}",
+        leftovers(&s.adapters)
+    );
+}
+
 #[tokio::test]
 async fn gateway_gauges_under_our_names_and_vllms() {
     let s = server(false, |c| c.metrics.vllm_names = true);

@@ -175,6 +175,8 @@ pub enum AdapterError {
     Base(#[source] crate::model::ModelError),
     #[error("adapter {0} is in use by running requests")]
     InUse(String),
+    #[error("adapter {0} is already installed")]
+    Exists(String),
     #[error("adapter {name} needs {needed} bytes of expert slots; the budget is {budget} bytes")]
     TooLarge {
         name: String,

@@ -135,6 +135,17 @@ impl AdapterRegistry {
         Ok(done)
     }
 
+    /// Installs a staged adapter as `key`'s first version, refused when it has one (see
+    /// [`AdapterStore::install_new`]).
+    pub fn install_new(
+        &self,
+        key: &AdapterKey,
+        staging: Staging,
+        public: bool,
+    ) -> Result<Installed, AdapterError> {
+        self.store.install_new(key, staging, public)
+    }
+
     /// Deletes `key`'s adapter (see [`AdapterStore::delete`]).
     pub fn delete(&self, key: &AdapterKey) -> Result<Arc<Version>, AdapterError> {
         let old = self.store.delete(key)?;

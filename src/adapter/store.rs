@@ -622,6 +622,28 @@ impl AdapterStore {
         staging: Staging,
         public: bool,
     ) -> Result<Installed, AdapterError> {
+        self.install_as(key, staging, public, true)
+    }
+
+    /// [`AdapterStore::install`], refused with [`AdapterError::Exists`] when `key` already
+    /// has a version: the check and the install under the one store lock, so of two
+    /// concurrent first installs one wins and the other is told.
+    pub fn install_new(
+        &self,
+        key: &AdapterKey,
+        staging: Staging,
+        public: bool,
+    ) -> Result<Installed, AdapterError> {
+        self.install_as(key, staging, public, false)
+    }
+
+    fn install_as(
+        &self,
+        key: &AdapterKey,
+        staging: Staging,
+        public: bool,
+        replace: bool,
+    ) -> Result<Installed, AdapterError> {
         validate_name(&key.name)?;
         if let Some(t) = &key.tenant {
             validate_name(t)?;
@@ -641,6 +663,9 @@ impl AdapterStore {
         }
         // Make the index match the disk first: the replaced version is the one on disk.
         self.rescan_locked();
+        if !replace && self.index.read().is_ok_and(|i| i.contains_key(key)) {
+            return Err(AdapterError::Exists(key.qualified()));
+        }
         let staged = staging.dir();
         let access = Access {
             owner: key.tenant.clone(),

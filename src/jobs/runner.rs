@@ -267,6 +267,30 @@ impl Runner {
         }
     }
 
+    /// Records a checkpoint of `id` at `step` (served later as `model`) and the event that
+    /// announces it; failures to record are logged, the job goes on.
+    fn checkpoint(
+        &self,
+        rt: &tokio::runtime::Handle,
+        id: &str,
+        step: i64,
+        metrics: Value,
+        model: &str,
+        message: &str,
+    ) {
+        if let Err(e) = rt.block_on(self.jobs.checkpoint(id, step, &metrics, model)) {
+            tracing::error!("recording a checkpoint of job {id}: {e}");
+        }
+        self.event(
+            rt,
+            id,
+            Level::Info,
+            EventKind::Message,
+            message,
+            Some(metrics),
+        );
+    }
+
     /// Runs one claimed job to its end.
     fn run(&self, job: &JobRecord, rt: &tokio::runtime::Handle) {
         let started = Instant::now();
@@ -544,19 +568,8 @@ impl Runner {
                     let metrics =
                         json!({"step": step, "train_loss": train_loss, "valid_loss": valid_loss});
                     let name = format!("{adapter}:ckpt-step-{step}");
-                    if let Err(e) =
-                        rt.block_on(self.jobs.checkpoint(&job.id, step, &metrics, &name))
-                    {
-                        tracing::error!("recording a checkpoint of job {}: {e}", job.id);
-                    }
-                    self.event(
-                        rt,
-                        &job.id,
-                        Level::Info,
-                        EventKind::Message,
-                        &format!("Saved the training state at step {step}"),
-                        Some(metrics),
-                    );
+                    let message = format!("Saved the training state at step {step}");
+                    self.checkpoint(rt, &job.id, step, metrics, &name, &message);
                 }
                 "done" => {
                     if let Some(t) = line.get("trained_tokens").and_then(Value::as_i64) {
@@ -574,23 +587,12 @@ impl Runner {
                         "full_valid_loss": best,
                         "best_step": line.get("best_step"),
                     });
-                    if let Err(e) =
-                        rt.block_on(self.jobs.checkpoint(&job.id, steps, &metrics, &adapter))
-                    {
-                        tracing::error!("recording a checkpoint of job {}: {e}", job.id);
-                    }
-                    self.event(
-                        rt,
-                        &job.id,
-                        Level::Info,
-                        EventKind::Message,
-                        &format!(
-                            "Training done: {trained_tokens} tokens trained{}",
-                            best.map(|b| format!(", best validation loss {b:.4}"))
-                                .unwrap_or_default()
-                        ),
-                        Some(metrics),
+                    let message = format!(
+                        "Training done: {trained_tokens} tokens trained{}",
+                        best.map(|b| format!(", best validation loss {b:.4}"))
+                            .unwrap_or_default()
                     );
+                    self.checkpoint(rt, &job.id, steps, metrics, &adapter, &message);
                 }
                 _ => {}
             }

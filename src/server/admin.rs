@@ -116,6 +116,10 @@ pub(super) fn adapter_error(e: AdapterError) -> ApiError {
         ))
         .code("adapter_in_use"),
         AdapterError::NotFound(n) => ApiError::adapter_not_found(&n),
+        AdapterError::Exists(n) => ApiError::bad_request(format!(
+            "The lora adapter '{n}' has already been loaded; pass load_inplace to replace it"
+        ))
+        .code("adapter_exists"),
         e @ AdapterError::Reserved { .. } => {
             ApiError::conflict(e.to_string()).code("name_reserved")
         }

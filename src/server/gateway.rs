@@ -107,12 +107,6 @@ fn install_from(
         tenant: None,
         name: name.to_string(),
     };
-    if !replace && reg.resolve(std::slice::from_ref(&key)).is_some() {
-        return Err(ApiError::bad_request(format!(
-            "The lora adapter '{name}' has already been loaded; pass load_inplace to replace it"
-        ))
-        .code("adapter_exists"));
-    }
     let files = adapter_files(path)?;
     let staging = reg
         .store
@@ -128,7 +122,12 @@ fn install_from(
     }
     reg.check_servable(&staged, name, slot_bytes)
         .map_err(|e| ApiError::bad_request(e).code("invalid_adapter"))?;
-    let done = reg.install(&key, staging, true).map_err(adapter_error)?;
+    let done = if replace {
+        reg.install(&key, staging, true)
+    } else {
+        reg.install_new(&key, staging, true)
+    }
+    .map_err(adapter_error)?;
     tracing::info!(adapter = %key, version = done.version.id(), from = %path.display(), "adapter installed from a server path");
     Ok(())
 }
