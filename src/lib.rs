@@ -7,4 +7,5 @@ pub mod engine;
 pub mod jobs;
 pub mod model;
 pub mod server;
+pub mod store;
 pub mod util;
