@@ -30,6 +30,7 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     pub metrics: MetricsConfig,
     pub fine_tuning: FineTuningConfig,
+    pub store: StoreConfig,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +50,7 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
             fine_tuning: FineTuningConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -276,6 +278,58 @@ impl Default for FineTuningConfig {
     }
 }
 
+/// The object store shared by replicas and workers (see [`crate::store`]).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `""`: none, everything stays on this machine. Else `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix` or `file:///dir`.
+    pub url: String,
+    /// `object_store` configuration keys (`aws_endpoint`, `aws_allow_http`, ...), over the
+    /// provider's environment variables.
+    pub options: std::collections::BTreeMap<String, String>,
+    pub connect_timeout_seconds: f64,
+    /// One request, to the end of its body.
+    pub request_timeout_seconds: f64,
+    /// All retries of one operation together: how long an unreachable store takes to fail.
+    pub retry_timeout_seconds: f64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let t = crate::store::Timeouts::default();
+        Self {
+            url: String::new(),
+            options: Default::default(),
+            connect_timeout_seconds: t.connect.as_secs_f64(),
+            request_timeout_seconds: t.request.as_secs_f64(),
+            retry_timeout_seconds: t.retries.as_secs_f64(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The configured store, or `None` where there is none.
+    pub fn open(&self) -> Result<Option<crate::store::Store>, String> {
+        if self.url.is_empty() {
+            return Ok(None);
+        }
+        let timeouts = crate::store::Timeouts {
+            connect: seconds(self.connect_timeout_seconds),
+            request: seconds(self.request_timeout_seconds),
+            retries: seconds(self.retry_timeout_seconds),
+        };
+        let options: Vec<(String, String)> = self
+            .options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        crate::store::Store::open_with(&self.url, &timeouts, &options)
+            .map(Some)
+            .map_err(|e| format!("store.url: {e}"))
+    }
+}
+
 /// Flags that override the file.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -451,6 +505,28 @@ mod tests {
         let text = include_str!("../../config/default.toml");
         let parsed = ServerConfig::from_toml(text).unwrap();
         assert_eq!(parsed, ServerConfig::default());
+    }
+
+    #[test]
+    fn the_store_is_none_or_an_address_with_known_options() {
+        let mut c = ServerConfig::default();
+        assert!(c.store.open().unwrap().is_none());
+        c.store.url = "memory://".into();
+        assert!(c.store.open().unwrap().is_some());
+        c.store.url = "s3://bucket/prefix".into();
+        c.store
+            .options
+            .insert("aws_endpoint".into(), "http://127.0.0.1:9".into());
+        assert!(c.store.open().unwrap().is_some());
+        c.store.options.insert("no_such_option".into(), "x".into());
+        let err = c.store.open().unwrap_err();
+        assert!(
+            err.contains("store.url") && err.contains("no_such_option"),
+            "{err}"
+        );
+        c.store.options.clear();
+        c.store.url = "ftp://host/x".into();
+        assert!(c.store.open().is_err());
     }
 
     #[test]
