@@ -185,6 +185,9 @@ pub enum AdapterError {
     },
     #[error("adapter {0}: {1}")]
     Io(String, std::io::Error),
+    /// The object-store registry did not answer; worth retrying later.
+    #[error("the adapter registry is unavailable: {0}")]
+    StoreUnavailable(String),
 }
 
 /// Adapter names become directory names and URL path segments: keep them plain.

@@ -5,6 +5,7 @@
 pub mod format;
 pub mod merge;
 pub mod registry;
+pub mod remote;
 pub mod slots;
 pub mod stats;
 pub mod store;
@@ -12,7 +13,7 @@ pub mod store;
 pub use format::{
     load_adapter, AdapterError, AdapterWeights, BaseModel, ExpertConfig, Manifest, VersionId,
 };
-pub use registry::AdapterRegistry;
+pub use registry::{AdapterRegistry, CacheSettings};
 pub use slots::{apply_adapter_dir, DeviceSlots, Install};
 pub use stats::{AdapterStats, Tier};
 pub use store::{AdapterKey, AdapterStore, Installed, Policy, Staging, Version};

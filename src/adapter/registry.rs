@@ -3,15 +3,59 @@
 //! LRU-like TinyLFU) keyed by version id. Installs and deletes go through here so that a
 //! retired version's host copy is dropped with it. Safe to use from loader threads; the
 //! device tier lives with the scheduler.
+//!
+//! With an object-store registry ([`super::remote`]) the store is the authority and the
+//! adapters directory its disk cache: installs and deletes go to the store first, then to
+//! the cache, and [`AdapterRegistry::refresh`] (async, before a request resolves a name)
+//! brings the cache in line with the store: pulls a content it lacks, drops what the store
+//! deleted, and evicts the least recently used cached adapters beyond the disk budget.
 
 use candle_core::DType;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::format::{load_adapter, AdapterError, AdapterWeights, BaseModel, VersionId};
+use super::remote::{Ref, Remote, RemoteError};
 use super::stats::{AdapterStats, Tier};
-use super::store::{AdapterKey, AdapterStore, Installed, Staging, Version};
+use super::store::{AdapterKey, AdapterStore, Installed, Origin, Staging, Version, ORIGIN_FILE};
+
+/// How a registry-backed cache behaves.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Bytes of the disk cache of registry adapters; 0: no limit.
+    pub disk_bytes: u64,
+    /// How long a lookup in the store counts as current (0: every request looks up).
+    pub lookup_ttl: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            disk_bytes: 0,
+            lookup_ttl: Duration::ZERO,
+        }
+    }
+}
+
+/// The object-store side of a registry.
+struct Shared {
+    remote: Arc<Remote>,
+    settings: CacheSettings,
+    /// When each name was last found current in the store.
+    checked: Mutex<HashMap<AdapterKey, Instant>>,
+    /// When each cached name was last asked for (the disk cache's recency).
+    used: Mutex<HashMap<AdapterKey, Instant>>,
+    /// One lookup or pull of a name at a time.
+    gates: Mutex<HashMap<AdapterKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Until when the store counts as down after it failed to answer: names with a cached
+    /// version are served from it without asking the store meanwhile.
+    down_until: Mutex<Option<Instant>>,
+}
+
+/// How long the store counts as down after it failed to answer.
+const STORE_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct AdapterRegistry {
     pub store: AdapterStore,
@@ -19,6 +63,16 @@ pub struct AdapterRegistry {
     host: moka::sync::Cache<VersionId, Arc<AdapterWeights>>,
     dtype: DType,
     pub stats: Arc<AdapterStats>,
+    shared: Option<Shared>,
+}
+
+/// Runs blocking work (the adapters directory) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AdapterError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AdapterError::Io("registry".into(), std::io::Error::other(e.to_string())))
 }
 
 impl AdapterRegistry {
@@ -46,7 +100,29 @@ impl AdapterRegistry {
             host,
             dtype,
             stats,
+            shared: None,
         }
+    }
+
+    /// Makes the object-store registry `remote` the authority and the adapters directory
+    /// its cache. Usable without an engine: a training worker opens the registry with
+    /// [`AdapterStore::open`], [`BaseModel::open`] and this, then publishes with
+    /// [`AdapterRegistry::install`] / [`AdapterRegistry::install_new`].
+    pub fn with_remote(mut self, remote: Arc<Remote>, settings: CacheSettings) -> Self {
+        self.shared = Some(Shared {
+            remote,
+            settings,
+            checked: Mutex::new(HashMap::new()),
+            used: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
+            down_until: Mutex::new(None),
+        });
+        self
+    }
+
+    /// The object-store registry, if there is one.
+    pub fn remote(&self) -> Option<&Arc<Remote>> {
+        self.shared.as_ref().map(|s| &s.remote)
     }
 
     /// The dtype adapters are held in.
@@ -128,6 +204,13 @@ impl AdapterRegistry {
         staging: Staging,
         public: bool,
     ) -> Result<Installed, AdapterError> {
+        if let Some(sh) = &self.shared {
+            self.store.check_reserved(key)?;
+            let r = sh
+                .remote
+                .publish_blocking(key, &staging.dir(), public, true)?;
+            return self.install_published(key, staging, &r);
+        }
         let done = self.store.install(key, staging, public)?;
         if let Some(old) = &done.replaced {
             self.forget(old.id());
@@ -143,14 +226,326 @@ impl AdapterRegistry {
         staging: Staging,
         public: bool,
     ) -> Result<Installed, AdapterError> {
+        if let Some(sh) = &self.shared {
+            self.store.check_reserved(key)?;
+            let r = sh
+                .remote
+                .publish_blocking(key, &staging.dir(), public, false)?;
+            return self.install_published(key, staging, &r);
+        }
         self.store.install_new(key, staging, public)
     }
 
-    /// Deletes `key`'s adapter (see [`AdapterStore::delete`]).
-    pub fn delete(&self, key: &AdapterKey) -> Result<Arc<Version>, AdapterError> {
-        let old = self.store.delete(key)?;
-        self.forget(old.id());
-        Ok(old)
+    /// Deletes `key`'s adapter (see [`AdapterStore::delete`]): from the object-store
+    /// registry first where there is one (every replica drops it at its next lookup), then
+    /// from this machine. The local version it retired; `None` when only the store had it.
+    pub fn delete(&self, key: &AdapterKey) -> Result<Option<Arc<Version>>, AdapterError> {
+        let in_store = match &self.shared {
+            Some(sh) => match sh.remote.delete_blocking(key) {
+                Ok(_) => true,
+                Err(RemoteError::NotFound(_)) => false,
+                Err(e) => return Err(e.into()),
+            },
+            None => false,
+        };
+        if let Some(sh) = &self.shared {
+            if let Ok(mut c) = sh.checked.lock() {
+                c.remove(key);
+            }
+        }
+        match self.store.delete(key) {
+            Ok(old) => {
+                self.forget(old.id());
+                Ok(Some(old))
+            }
+            Err(AdapterError::NotFound(_)) if in_store => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Installs in the disk cache the content `r` the store has for `key`, unless the cache
+    /// already holds that ref or a newer one (then that version is the answer).
+    fn install_published(
+        &self,
+        key: &AdapterKey,
+        staging: Staging,
+        r: &Ref,
+    ) -> Result<Installed, AdapterError> {
+        let io = |e: std::io::Error| AdapterError::Io(key.name.clone(), e);
+        let origin = Origin {
+            hash: r.hash.clone(),
+            seq: r.seq,
+        };
+        let json = serde_json::to_vec(&origin).map_err(|e| io(std::io::Error::other(e)))?;
+        crate::util::write_atomic(&staging.dir().join(ORIGIN_FILE), &json).map_err(io)?;
+        let newer = |old: Option<&Arc<Version>>| match old.and_then(|v| v.origin()) {
+            Some(o) if o.seq >= r.seq => Err(AdapterError::Exists(key.qualified())),
+            _ => Ok(()),
+        };
+        let public = r.public || self.store.policy_public(key);
+        match self.store.install_if(key, staging, public, &newer) {
+            Ok(done) => {
+                if let Some(old) = &done.replaced {
+                    self.forget(old.id());
+                }
+                self.touch(key);
+                Ok(done)
+            }
+            Err(AdapterError::Exists(_)) => match self.store.resolve(key) {
+                Some(version) => Ok(Installed {
+                    version,
+                    replaced: None,
+                }),
+                None => Err(AdapterError::NotFound(key.qualified())),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn touch(&self, key: &AdapterKey) {
+        if let Some(sh) = &self.shared {
+            if let Ok(mut u) = sh.used.lock() {
+                u.insert(key.clone(), Instant::now());
+            }
+        }
+    }
+
+    /// Brings the disk cache in line with the object-store registry for `keys` (nothing
+    /// without one): pulls a content the cache lacks (a new version), drops a cached
+    /// adapter the store deleted. Where the store does not answer, a cached version stays
+    /// servable (logged) and a name with none is [`AdapterError::StoreUnavailable`].
+    ///
+    /// `allow(owner, public)` says whether the asker may use an adapter of tenant `owner`
+    /// (`None`: shared) that is `public`; what it may not use is not pulled.
+    pub async fn refresh(
+        self: &Arc<Self>,
+        keys: &[AdapterKey],
+        allow: &(dyn Fn(Option<&str>, bool) -> bool + Sync),
+    ) -> Result<(), AdapterError> {
+        if self.shared.is_none() {
+            return Ok(());
+        }
+        for key in keys {
+            self.refresh_one(key, allow).await?;
+        }
+        Ok(())
+    }
+
+    fn gate(&self, key: &AdapterKey) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let sh = self.shared.as_ref()?;
+        let mut g = sh.gates.lock().ok()?;
+        Some(g.entry(key.clone()).or_default().clone())
+    }
+
+    async fn refresh_one(
+        self: &Arc<Self>,
+        key: &AdapterKey,
+        allow: &(dyn Fn(Option<&str>, bool) -> bool + Sync),
+    ) -> Result<(), AdapterError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        let gate = self.gate(key);
+        let _turn = match &gate {
+            Some(g) => Some(g.lock().await),
+            None => None,
+        };
+        let ttl = sh.settings.lookup_ttl;
+        if !ttl.is_zero()
+            && sh
+                .checked
+                .lock()
+                .ok()
+                .and_then(|c| c.get(key).copied())
+                .is_some_and(|t| t.elapsed() < ttl)
+        {
+            self.touch(key);
+            return Ok(());
+        }
+        let me = self.clone();
+        let k = key.clone();
+        let local = blocking(move || me.store.resolve(&k)).await?;
+        let down = sh
+            .down_until
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .is_some_and(|t| Instant::now() < t);
+        if down && local.is_some() {
+            self.touch(key);
+            return Ok(());
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let k = key.clone();
+            let head = sh.remote.run(|r| async move { r.head(&k).await }).await;
+            let outcome = match head {
+                Ok(head) => self.follow(key, local.as_ref(), head, allow).await,
+                Err(e) => Err(e),
+            };
+            let unavailable = outcome.as_ref().err().is_some_and(|e| e.is_unavailable());
+            if let Ok(mut d) = sh.down_until.lock() {
+                *d = unavailable.then(|| Instant::now() + STORE_BACKOFF);
+            }
+            match outcome {
+                Ok(()) => {
+                    if let Ok(mut c) = sh.checked.lock() {
+                        c.insert(key.clone(), Instant::now());
+                    }
+                    return Ok(());
+                }
+                Err(RemoteError::Vanished(_)) if attempts < 3 => continue,
+                Err(e) if e.is_unavailable() && local.is_some() => {
+                    tracing::warn!(adapter = %key, "the adapter registry is unavailable; serving the cached version: {e}");
+                    return Ok(());
+                }
+                Err(e) => {
+                    if local.is_some() {
+                        tracing::warn!(adapter = %key, "refreshing from the adapter registry: {e}; serving the cached version");
+                        return Ok(());
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Makes the cache of `key` (now `local`) follow the store's `head`.
+    async fn follow(
+        self: &Arc<Self>,
+        key: &AdapterKey,
+        local: Option<&Arc<Version>>,
+        head: Option<Arc<Ref>>,
+        allow: &(dyn Fn(Option<&str>, bool) -> bool + Sync),
+    ) -> Result<(), RemoteError> {
+        let Some(sh) = &self.shared else {
+            return Ok(());
+        };
+        // The store's last word on the name (none at all: older than anything cached).
+        let last = head.as_ref().map_or(u64::MAX, |h| h.seq);
+        let live = head.filter(|h| !h.deleted);
+        let Some(r) = live else {
+            // Gone from the store: drop a cached copy older than the store's last word.
+            if let Some(v) = local.filter(|v| v.origin().is_some_and(|o| o.seq < last)) {
+                let me = self.clone();
+                let (k, id) = (key.clone(), v.id());
+                blocking(move || {
+                    if let Ok(gone) = me.store.delete_if(&k, &|c| c.id() == id) {
+                        me.forget(gone.id());
+                        tracing::info!(adapter = %k, version = gone.id(), "deleted in the adapter registry: dropped from this replica");
+                    }
+                })
+                .await
+                .map_err(|e| RemoteError::Io(std::io::Error::other(e.to_string())))?;
+            }
+            return Ok(());
+        };
+        let public = r.public || self.store.policy_public(key);
+        if !allow(key.tenant.as_deref(), public) {
+            return Ok(());
+        }
+        if let Some(v) = local {
+            if v.origin().is_some_and(|o| o.hash == r.hash) && v.is_public() == public {
+                self.touch(key);
+                return Ok(());
+            }
+        }
+        let me = self.clone();
+        let staging = blocking(move || me.store.staging())
+            .await
+            .map_err(|e| RemoteError::Io(std::io::Error::other(e.to_string())))??;
+        let started = Instant::now();
+        let (rr, dir) = (r.clone(), staging.dir());
+        sh.remote
+            .run(|rm| async move { rm.fetch(&rr, &dir).await })
+            .await?;
+        let me = self.clone();
+        let (k, rr) = (key.clone(), r.clone());
+        let done = blocking(move || {
+            let done = me.install_published(&k, staging, &rr);
+            if done.is_ok() {
+                me.evict_over_budget(&k);
+            }
+            done.map(|d| d.version.id())
+        })
+        .await
+        .map_err(|e| RemoteError::Io(std::io::Error::other(e.to_string())))?;
+        match done {
+            Ok(id) => {
+                tracing::info!(adapter = %key, version = id, hash = %r.hash, seq = r.seq, bytes = r.size_bytes(), seconds = started.elapsed().as_secs_f64(), "pulled from the adapter registry");
+                Ok(())
+            }
+            Err(e) => Err(RemoteError::Io(std::io::Error::other(e.to_string()))),
+        }
+    }
+
+    /// Removes the least recently used cached registry adapters that no request holds
+    /// until the cache fits its budget (`keep` stays).
+    fn evict_over_budget(&self, keep: &AdapterKey) {
+        let Some(sh) = &self.shared else { return };
+        let budget = sh.settings.disk_bytes;
+        if budget == 0 {
+            return;
+        }
+        let mut cached: Vec<Arc<Version>> = self
+            .store
+            .list()
+            .into_iter()
+            .filter(|v| v.origin().is_some())
+            .collect();
+        let mut total: u64 = cached.iter().map(|v| v.size_bytes()).sum();
+        if total <= budget {
+            return;
+        }
+        let used = sh.used.lock().map(|u| u.clone()).unwrap_or_default();
+        cached.sort_by_key(|v| used.get(v.key()).copied());
+        for v in cached {
+            if total <= budget {
+                break;
+            }
+            // Held by the index and this list only: no request or device slot uses it.
+            if v.key() == keep || Arc::strong_count(&v) > 2 {
+                continue;
+            }
+            let id = v.id();
+            if let Ok(gone) = self.store.delete_if(v.key(), &|c| c.id() == id) {
+                self.forget(gone.id());
+                total = total.saturating_sub(gone.size_bytes());
+                if let Ok(mut c) = sh.checked.lock() {
+                    c.remove(v.key());
+                }
+                tracing::info!(adapter = %v.key(), version = id, bytes = gone.size_bytes(), "evicted from the disk cache");
+            }
+        }
+    }
+
+    /// The store's current refs (tombstones included), after dropping from the cache what
+    /// the store deleted. `Ok(None)` without a registry.
+    pub async fn registry_heads(self: &Arc<Self>) -> Result<Option<Vec<Arc<Ref>>>, AdapterError> {
+        let Some(sh) = &self.shared else {
+            return Ok(None);
+        };
+        let heads = sh.remote.run(|r| async move { r.heads().await }).await?;
+        let me = self.clone();
+        let tombs: Vec<(AdapterKey, u64)> = heads
+            .iter()
+            .filter(|h| h.deleted)
+            .map(|h| (h.key.clone(), h.seq))
+            .collect();
+        if !tombs.is_empty() {
+            blocking(move || {
+                for (k, seq) in tombs {
+                    let stale = |v: &Arc<Version>| v.origin().is_some_and(|o| o.seq < seq);
+                    if let Ok(gone) = me.store.delete_if(&k, &stale) {
+                        me.forget(gone.id());
+                        tracing::info!(adapter = %k, version = gone.id(), "deleted in the adapter registry: dropped from this replica");
+                    }
+                }
+            })
+            .await?;
+        }
+        Ok(Some(heads))
     }
 
     /// Drops a version from host memory.

@@ -41,6 +41,20 @@ const RETIRED_PREFIX: &str = ".retired-";
 const COMMIT_FILE: &str = "commit.json";
 /// Namespace directories of tenants start with this character, which adapter names cannot.
 const TENANT_DIR_PREFIX: char = '@';
+/// Written into the directory of an adapter pulled from (or published to) the object-store
+/// registry: which of its versions the files are (see [`Origin`]).
+pub const ORIGIN_FILE: &str = "origin.json";
+
+/// Where a cached adapter's files came from: the registry's content hash and ref sequence
+/// number. A version with an origin is a cache entry of the registry; one without is
+/// local to this machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// SHA-256 over the adapter's files (see [`super::remote`]).
+    pub hash: String,
+    /// The registry ref that named this content.
+    pub seq: u64,
+}
 
 /// An adapter's place in the namespaces: a tenant's, or the shared one (`tenant: None`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -133,6 +147,8 @@ pub struct Version {
     retired: AtomicBool,
     /// (device, inode) of the directory when the store first saw it.
     inode: Option<(u64, u64)>,
+    /// The registry content this version is, fixed when the store first saw it.
+    origin: Option<Origin>,
 }
 
 impl std::fmt::Debug for Version {
@@ -157,6 +173,9 @@ impl Version {
             size_bytes: dir_bytes(&dir),
             description,
             inode: inode(&dir),
+            origin: std::fs::read(dir.join(ORIGIN_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
             location: Mutex::new(Location { dir, trash: None }),
             moves: AtomicU64::new(0),
             retired: AtomicBool::new(false),
@@ -197,6 +216,12 @@ impl Version {
     /// Seconds since the epoch when the store installed or first saw it.
     pub fn installed_at(&self) -> u64 {
         self.installed_at
+    }
+
+    /// The registry content this version holds (`None`: an adapter local to this machine).
+    /// Two versions with the same origin hash hold the same bytes.
+    pub fn origin(&self) -> Option<&Origin> {
+        self.origin.as_ref()
     }
 
     /// Bytes of its files.
@@ -622,7 +647,7 @@ impl AdapterStore {
         staging: Staging,
         public: bool,
     ) -> Result<Installed, AdapterError> {
-        self.install_as(key, staging, public, true)
+        self.install_as(key, staging, public, &|_| Ok(()))
     }
 
     /// [`AdapterStore::install`], refused with [`AdapterError::Exists`] when `key` already
@@ -634,7 +659,40 @@ impl AdapterStore {
         staging: Staging,
         public: bool,
     ) -> Result<Installed, AdapterError> {
-        self.install_as(key, staging, public, false)
+        self.install_as(key, staging, public, &|old| match old {
+            Some(_) => Err(AdapterError::Exists(key.qualified())),
+            None => Ok(()),
+        })
+    }
+
+    /// [`AdapterStore::install`] if `check`, given the current version under the store
+    /// lock, agrees; its error otherwise.
+    pub fn install_if(
+        &self,
+        key: &AdapterKey,
+        staging: Staging,
+        public: bool,
+        check: &dyn Fn(Option<&Arc<Version>>) -> Result<(), AdapterError>,
+    ) -> Result<Installed, AdapterError> {
+        self.install_as(key, staging, public, check)
+    }
+
+    /// Refuses a shared name the configuration reserves for a tenant.
+    pub fn check_reserved(&self, key: &AdapterKey) -> Result<(), AdapterError> {
+        if key.tenant.is_none() {
+            if let Some(t) = self.policy.reserved.get(&key.name) {
+                return Err(AdapterError::Reserved {
+                    name: key.name.clone(),
+                    tenant: t.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the configuration makes `key` public.
+    pub fn policy_public(&self, key: &AdapterKey) -> bool {
+        self.policy.public.contains(&key.qualified())
     }
 
     fn install_as(
@@ -642,7 +700,7 @@ impl AdapterStore {
         key: &AdapterKey,
         staging: Staging,
         public: bool,
-        replace: bool,
+        check: &dyn Fn(Option<&Arc<Version>>) -> Result<(), AdapterError>,
     ) -> Result<Installed, AdapterError> {
         validate_name(&key.name)?;
         if let Some(t) = &key.tenant {
@@ -653,19 +711,16 @@ impl AdapterStore {
             .mutate
             .lock()
             .map_err(|_| io(std::io::Error::other("store lock poisoned")))?;
-        if key.tenant.is_none() {
-            if let Some(t) = self.policy.reserved.get(&key.name) {
-                return Err(AdapterError::Reserved {
-                    name: key.name.clone(),
-                    tenant: t.clone(),
-                });
-            }
-        }
+        self.check_reserved(key)?;
         // Make the index match the disk first: the replaced version is the one on disk.
         self.rescan_locked();
-        if !replace && self.index.read().is_ok_and(|i| i.contains_key(key)) {
-            return Err(AdapterError::Exists(key.qualified()));
-        }
+        check(
+            self.index
+                .read()
+                .ok()
+                .and_then(|i| i.get(key).cloned())
+                .as_ref(),
+        )?;
         let staged = staging.dir();
         let access = Access {
             owner: key.tenant.clone(),
@@ -732,6 +787,16 @@ impl AdapterStore {
     /// Removes `key`'s adapter: it is retired at once, its files go when its last request
     /// ends. `NotFound` if there is none.
     pub fn delete(&self, key: &AdapterKey) -> Result<Arc<Version>, AdapterError> {
+        self.delete_if(key, &|_| true)
+    }
+
+    /// [`AdapterStore::delete`] if `check`, given the current version under the store lock,
+    /// agrees (`NotFound` otherwise).
+    pub fn delete_if(
+        &self,
+        key: &AdapterKey,
+        check: &dyn Fn(&Arc<Version>) -> bool,
+    ) -> Result<Arc<Version>, AdapterError> {
         let io = |e: std::io::Error| AdapterError::Io(key.name.clone(), e);
         let _guard = self
             .mutate
@@ -743,6 +808,7 @@ impl AdapterStore {
             .read()
             .ok()
             .and_then(|i| i.get(key).cloned())
+            .filter(|v| check(v))
             .ok_or_else(|| AdapterError::NotFound(key.qualified()))?;
         let trash = self.trash_dir().map_err(io)?;
         old.move_to(&trash.join("adapter"), true).map_err(io)?;

@@ -125,6 +125,12 @@ pub(super) fn adapter_error(e: AdapterError) -> ApiError {
         }
         e @ AdapterError::BadName { .. } => ApiError::invalid("name", e.to_string()),
         AdapterError::Io(n, e) => ApiError::logged(&format!("storing the adapter `{n}`"), &e),
+        AdapterError::StoreUnavailable(e) => {
+            tracing::warn!("{e}");
+            ApiError::store_unavailable(
+                "the adapter registry (object store) is unavailable; try again shortly",
+            )
+        }
         other => ApiError::bad_request(other.to_string()).code("invalid_adapter"),
     }
 }
@@ -139,14 +145,25 @@ pub async fn list(
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
-    let data = off_thread(move || {
-        Ok(served
-            .visible_adapters(&caller)
-            .iter()
-            .map(|(_, v)| served.summary(&caller, v))
-            .collect::<Vec<_>>())
-    })
-    .await?;
+    let listed = served.listing(&caller).await?;
+    let data: Vec<Value> = listed
+        .iter()
+        .map(|l| match &l.version {
+            Some(v) => served.summary(&caller, v),
+            // In the registry, not pulled to this replica yet.
+            None => json!({
+                "id": l.shown,
+                "object": "adapter",
+                "name": l.key.name,
+                "owner": l.key.tenant,
+                "public": l.public,
+                "version": null,
+                "created": l.created,
+                "parent": served.base_id,
+                "tiers": {"disk": false, "host": false, "device": false},
+            }),
+        })
+        .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -158,6 +175,7 @@ pub async fn get(
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
     let name = joined(&parts);
+    served.refresh(&caller, &name).await?;
     off_thread(move || match served.find(&caller, &name) {
         Some(v) => Ok(Json(served.describe(&caller, &v))),
         None => Err(ApiError::adapter_not_found(&name)),
@@ -180,6 +198,7 @@ pub async fn action(
         ))
         .code("unknown_url"));
     }
+    served.refresh(&caller, &name).await?;
     off_thread(move || {
         let v = served.managed(&caller, &name)?;
         if what == "load" {
@@ -219,6 +238,7 @@ pub async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     let served = state.served()?;
     let name = joined(&parts);
+    served.refresh(&caller, &name).await?;
     off_thread(move || {
         let v = served.managed(&caller, &name)?;
         let gone = served
@@ -226,9 +246,10 @@ pub async fn delete(
             .registry
             .delete(v.key())
             .map_err(adapter_error)?;
-        tracing::info!(adapter = %gone.key(), version = gone.id(), by = caller.label(), "adapter deleted");
+        let version = gone.as_ref().map_or(v.id(), |g| g.id());
+        tracing::info!(adapter = %v.key(), version, by = caller.label(), "adapter deleted");
         Ok(Json(
-            json!({"id": name, "object": "adapter", "version": gone.id(), "deleted": true}),
+            json!({"id": name, "object": "adapter", "version": version, "deleted": true}),
         ))
     })
     .await

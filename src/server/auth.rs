@@ -38,9 +38,14 @@ impl Caller {
 
     /// Its own adapters and public ones (a tenant); everything (an admin).
     pub fn can_use(&self, v: &Version) -> bool {
+        self.may_use(v.tenant(), v.is_public())
+    }
+
+    /// Whether it may use an adapter of tenant `owner` (`None`: shared) that is `public`.
+    pub fn may_use(&self, owner: Option<&str>, public: bool) -> bool {
         match self {
             Caller::Open | Caller::Admin => true,
-            Caller::Tenant(t) => v.is_public() || v.tenant() == Some(t.as_str()),
+            Caller::Tenant(t) => public || owner == Some(t.as_str()),
         }
     }
 

@@ -36,6 +36,7 @@ async fn resolve(
     caller: &Caller,
     model: &str,
 ) -> Result<Option<Arc<Version>>, ApiError> {
+    served.refresh(caller, model).await?;
     let (s, c, m) = (served.clone(), caller.clone(), model.to_string());
     off_thread(move || s.resolve(&c, &m)).await
 }

@@ -65,6 +65,14 @@ pub struct EngineSection {
     pub device_slot_bytes: u64,
     /// Bytes of host memory for validated adapters.
     pub host_cache_bytes: u64,
+    /// With an object-store registry (`[store] url`): bytes of the adapters directory
+    /// given to adapters pulled from it; beyond it, the least recently used ones no request
+    /// holds are removed from disk (and pulled again when named). 0: no limit.
+    pub disk_cache_bytes: u64,
+    /// With an object-store registry: how long one look-up of a name in the store stays
+    /// current; a deleted or replaced adapter is noticed at most this long after the
+    /// fact. 0: every request looks its adapter up.
+    pub adapter_lookup_ttl_seconds: f64,
     /// Longest sequence (prompt + output); 0 = the model's `max_position_embeddings`.
     pub max_context: usize,
     /// Most running sequences of one tenant; 0 = no cap beyond the fair share.
@@ -79,6 +87,8 @@ impl Default for EngineSection {
             prefill_chunk: 512,
             device_slot_bytes: 1 << 30,
             host_cache_bytes: 4 << 30,
+            disk_cache_bytes: 64 << 30,
+            adapter_lookup_ttl_seconds: 1.0,
             max_context: 0,
             max_running_per_tenant: 0,
         }
@@ -108,6 +118,16 @@ pub struct Limits {
 
 /// Longest request target hyper itself takes; `limits.max_uri_bytes` may not exceed it.
 pub const MAX_URI_BYTES: usize = (u16::MAX - 1) as usize;
+
+impl EngineSection {
+    /// The disk cache settings of an object-store adapter registry.
+    pub fn cache_settings(&self) -> crate::adapter::CacheSettings {
+        crate::adapter::CacheSettings {
+            disk_bytes: self.disk_cache_bytes,
+            lookup_ttl: seconds(self.adapter_lookup_ttl_seconds),
+        }
+    }
+}
 
 impl Limits {
     pub fn header_read_timeout(&self) -> Duration {
@@ -424,6 +444,10 @@ impl ServerConfig {
         }
         if !(self.shutdown.drain_seconds.is_finite() && self.shutdown.drain_seconds >= 0.0) {
             return Err("shutdown.drain_seconds must be >= 0".into());
+        }
+        let ttl = e.adapter_lookup_ttl_seconds;
+        if !(ttl.is_finite() && ttl >= 0.0) {
+            return Err("engine.adapter_lookup_ttl_seconds must be >= 0".into());
         }
         if self.limits.max_uri_bytes > MAX_URI_BYTES {
             return Err(format!(

@@ -72,6 +72,11 @@ impl ApiError {
         )
     }
 
+    /// 503: the object store holding adapters (or files) did not answer.
+    pub fn store_unavailable(message: impl Into<String>) -> Self {
+        Self::unavailable(message).code("store_unavailable")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

@@ -64,6 +64,7 @@ pub async fn load(
     }
     let served = state.served()?;
     let name = req.lora_name;
+    served.refresh(&caller, &name).await?;
     off_thread(move || {
         let v = served.managed(&caller, &name)?;
         served.place(&v)?;

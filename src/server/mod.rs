@@ -228,13 +228,24 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
                 config.adapters.display()
             )
         })?;
-    let registry = Arc::new(AdapterRegistry::new(
+    let registry = AdapterRegistry::new(
         store,
         base,
         dtype,
         config.engine.host_cache_bytes,
         Arc::new(AdapterStats::default()),
-    ));
+    );
+    // With a shared store, it is the adapters' authority and the directory its cache.
+    let registry = match config.store.open().map_err(anyhow::Error::msg)? {
+        Some(shared) => {
+            let remote = crate::adapter::remote::Remote::open(&shared)
+                .context("opening the adapter registry in the object store")?;
+            tracing::info!(registry = remote.url(), cache = %config.adapters.display(), "adapters: object-store registry with a local disk cache");
+            registry.with_remote(remote, config.engine.cache_settings())
+        }
+        None => registry,
+    };
+    let registry = Arc::new(registry);
     let e = &config.engine;
     let engine = Engine::start(
         loaded.model,
