@@ -392,6 +392,10 @@ impl Remote {
             });
         }
         let hash = content_hash(&files);
+        let refused = |h: &Option<Arc<Ref>>| !replace && h.as_ref().is_some_and(|h| !h.deleted);
+        if refused(&self.head(key).await?) {
+            return Err(RemoteError::Exists(key.qualified()));
+        }
         for f in &files {
             self.store
                 .upload_file(&object_path(key, &hash, &f.name), &dir.join(&f.name))
@@ -400,10 +404,14 @@ impl Remote {
         let mut published = None;
         for _ in 0..PUBLISH_ATTEMPTS {
             let head = self.head(key).await?;
-            if let Some(h) = &head {
-                if !h.deleted && !replace {
-                    return Err(RemoteError::Exists(key.qualified()));
+            if refused(&head) {
+                // Another first install won meanwhile: take back objects no ref names.
+                if head.as_ref().is_some_and(|h| h.hash != hash) {
+                    for f in &files {
+                        let _ = self.store.delete(&object_path(key, &hash, &f.name)).await;
+                    }
                 }
+                return Err(RemoteError::Exists(key.qualified()));
             }
             let r = Ref {
                 key: key.clone(),
