@@ -289,6 +289,7 @@ impl AdapterRegistry {
                     self.forget(old.id());
                 }
                 self.touch(key);
+                self.evict_over_budget(key);
                 Ok(done)
             }
             Err(AdapterError::Exists(_)) => match self.store.resolve(key) {
@@ -463,11 +464,8 @@ impl AdapterRegistry {
         let me = self.clone();
         let (k, rr) = (key.clone(), r.clone());
         let done = blocking(move || {
-            let done = me.install_published(&k, staging, &rr);
-            if done.is_ok() {
-                me.evict_over_budget(&k);
-            }
-            done.map(|d| d.version.id())
+            me.install_published(&k, staging, &rr)
+                .map(|d| d.version.id())
         })
         .await
         .map_err(|e| RemoteError::Io(std::io::Error::other(e.to_string())))?;

@@ -67,7 +67,7 @@ impl Served {
     /// Brings this replica's copy of the adapters `model` may name for `caller` in line
     /// with the object-store registry (nothing without one): 503 `store_unavailable` where
     /// the registry does not answer and this replica has no copy.
-    pub async fn refresh(&self, caller: &Caller, model: &str) -> Result<(), ApiError> {
+    pub async fn refresh(self: &Arc<Self>, caller: &Caller, model: &str) -> Result<(), ApiError> {
         let registry = &self.engine.registry;
         if registry.remote().is_none() {
             return Ok(());
@@ -77,7 +77,22 @@ impl Served {
             return Ok(());
         }
         let allow = |owner: Option<&str>, public: bool| caller.may_use(owner, public);
-        registry.refresh(&keys, &allow).await.map_err(adapter_error)
+        match registry.refresh(&keys, &allow).await {
+            Ok(()) => Ok(()),
+            // Another name `model` may mean is cached here: that one is served.
+            Err(e @ crate::adapter::AdapterError::StoreUnavailable(_)) => {
+                let (me, c, m) = (self.clone(), caller.clone(), model.to_string());
+                let cached = off_thread(move || Ok(me.resolve(&c, &m).ok().flatten().is_some()))
+                    .await
+                    .unwrap_or(false);
+                if cached {
+                    Ok(())
+                } else {
+                    Err(adapter_error(e))
+                }
+            }
+            Err(e) => Err(adapter_error(e)),
+        }
     }
 
     /// What the caller may use, under the names that reach it, in name order: with an
