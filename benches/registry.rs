@@ -128,6 +128,16 @@ async fn main() {
         }
         download.push(t.elapsed().as_secs_f64());
     }
+    // The registry's part of a pull: look-up, download and verification.
+    let mut fetch = Vec::new();
+    for i in 0..n {
+        let key = AdapterKey::shared(&format!("task{i}"));
+        let dest = tmp.path().join("fetched").join(i.to_string());
+        let t = Instant::now();
+        let head = remote.head(&key).await.expect("head").expect("published");
+        remote.fetch(&head, &dest).await.expect("fetch");
+        fetch.push(t.elapsed().as_secs_f64());
+    }
 
     let mut cfg = ServerConfig {
         model: Some(model_dir.clone()),
@@ -173,6 +183,7 @@ async fn main() {
 
     let mb = bytes as f64 / 1e6;
     let (dl, cl, cs) = (median(download), median(cold_local), median(cold_store));
+    let fe = median(fetch);
     let (wl, ws, b) = (median(warm_local), median(warm_store), median(base_ttft));
     println!(
         "{n} adapters of {mb:.1} MB ({layers} layers), moto S3 on loopback; medians:\n\
@@ -183,6 +194,7 @@ async fn main() {
          | cold adapter from local disk | {:.1} | 1.00 |\n\
          | cold adapter from the object store | {:.1} | {:.2} |\n\
          | plain download of the same bytes | {:.1} ({:.0} MB/s) | {:.2} |\n\
+         | registry look-up + download + SHA-256 check | {:.1} | {:.2} |\n\
          store cold - local cold = {:.1} ms = {:.2} x the plain download",
         b * 1e3,
         wl * 1e3,
@@ -193,6 +205,8 @@ async fn main() {
         dl * 1e3,
         mb / dl,
         dl / cl,
+        fe * 1e3,
+        fe / cl,
         (cs - cl) * 1e3,
         (cs - cl) / dl,
     );

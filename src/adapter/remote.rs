@@ -520,18 +520,15 @@ impl Remote {
         let key = r.key.qualified();
         for f in &r.files {
             let to: PathBuf = dest.join(&f.name);
+            let mut h = Sha256::new();
             let got = self
                 .store
-                .download_file(&object_path(&r.key, &r.hash, &f.name), &to)
+                .download_file_with(&object_path(&r.key, &r.hash, &f.name), &to, |b| h.update(b))
                 .await?;
             if got.is_none() {
                 return Err(RemoteError::Vanished(key));
             }
-            let path = to.clone();
-            let sha = tokio::task::spawn_blocking(move || sha256_file(&path))
-                .await
-                .map_err(|e| RemoteError::Io(std::io::Error::other(e.to_string())))??;
-            if got != Some(f.size) || sha != f.sha256 {
+            if got != Some(f.size) || hex::encode(h.finalize()) != f.sha256 {
                 return Err(RemoteError::Corrupt {
                     key,
                     message: format!("{} does not match its recorded size and SHA-256", f.name),

@@ -410,6 +410,17 @@ impl Store {
     /// into place). Returns the byte count, or `None` (and writes nothing) if there is no
     /// such object.
     pub async fn download_file(&self, key: &str, dest: &Path) -> Result<Option<u64>, StoreError> {
+        self.download_file_with(key, dest, |_| {}).await
+    }
+
+    /// [`download_file`](Self::download_file), showing `inspect` every chunk as it arrives
+    /// (to hash the bytes while they stream, say).
+    pub async fn download_file_with(
+        &self,
+        key: &str,
+        dest: &Path,
+        mut inspect: impl FnMut(&[u8]),
+    ) -> Result<Option<u64>, StoreError> {
         let path = self.path(key)?;
         let got = match self.inner.get(&path).await {
             Ok(g) => g,
@@ -426,6 +437,7 @@ impl Store {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| self.unavailable(e))?;
             n += chunk.len() as u64;
+            inspect(&chunk);
             tmp.write_all(&chunk)?;
         }
         tmp.as_file().sync_all()?;
