@@ -405,6 +405,9 @@ impl Staging {
     }
 }
 
+/// Decides, under the store lock, whether an install may replace the current version.
+pub type InstallCheck<'a> = dyn Fn(Option<&Arc<Version>>) -> Result<(), AdapterError> + 'a;
+
 /// What an install did.
 pub struct Installed {
     pub version: Arc<Version>,
@@ -672,7 +675,7 @@ impl AdapterStore {
         key: &AdapterKey,
         staging: Staging,
         public: bool,
-        check: &dyn Fn(Option<&Arc<Version>>) -> Result<(), AdapterError>,
+        check: &InstallCheck<'_>,
     ) -> Result<Installed, AdapterError> {
         self.install_as(key, staging, public, check)
     }
@@ -700,7 +703,7 @@ impl AdapterStore {
         key: &AdapterKey,
         staging: Staging,
         public: bool,
-        check: &dyn Fn(Option<&Arc<Version>>) -> Result<(), AdapterError>,
+        check: &InstallCheck<'_>,
     ) -> Result<Installed, AdapterError> {
         validate_name(&key.name)?;
         if let Some(t) = &key.tenant {
