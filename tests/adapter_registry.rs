@@ -15,6 +15,7 @@ use app::*;
 use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use common::*;
+use esft::adapter::{AdapterKey, AdapterRegistry};
 use esft::server::config::ServerConfig;
 use esft::store::{Store, Timeouts};
 use s3::S3Server;
@@ -143,7 +144,12 @@ async fn replicas_share_adapters_through_the_store() {
         .unwrap_or_else(|| panic!("{listed}"));
     assert_eq!(entry["tiers"]["disk"], false, "{entry}");
     assert!(!r2.adapters.join("remote-a").exists());
-    assert_eq!(greedy(&r2, ACME, "remote-a").await.unwrap(), want0);
+    // Many first requests at once: one pull, one version, the same output for each.
+    let firsts =
+        futures_util::future::join_all((0..6).map(|_| greedy(&r2, ACME, "remote-a"))).await;
+    for got in firsts {
+        assert_eq!(got.unwrap(), want0);
+    }
     assert!(r2.adapters.join("remote-a").is_dir());
     assert_eq!(greedy(&r1, ADMIN, "remote-a").await.unwrap(), want0);
 
@@ -190,6 +196,29 @@ async fn replicas_share_adapters_through_the_store() {
         .await;
     assert_error(&again, StatusCode::BAD_REQUEST, None);
     assert_eq!(greedy(&r1, ADMIN, "placed").await.unwrap(), want1);
+
+    // Published by a process without an engine (a training worker) for a tenant.
+    let store = Store::open_with(&s3.url("shared"), &Timeouts::default(), &s3.options()).unwrap();
+    let worker_dir = tempfile::tempdir().unwrap();
+    let (wd, src) = (worker_dir.path().to_path_buf(), a.path(0));
+    let published = tokio::task::spawn_blocking(move || {
+        let reg = AdapterRegistry::open_publisher(&wd.join("cache"), &fixture("lite"), &store)?;
+        let staging = reg.store.staging().unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, staging.dir().join(p.file_name().unwrap())).unwrap();
+        }
+        reg.check_servable(&staging.dir(), "trained", 1 << 30)
+            .unwrap();
+        reg.install_new(&AdapterKey::of_tenant("globex", "trained"), staging, false)
+            .map(|d| d.version.id())
+    })
+    .await
+    .unwrap();
+    assert!(published.is_ok(), "{published:?}");
+    assert_eq!(greedy(&r1, GLOBEX, "trained").await.unwrap(), want0);
+    assert_eq!(greedy(&r2, GLOBEX, "trained").await.unwrap(), want0);
+    assert_not_found(&greedy(&r2, ACME, "trained").await);
 
     // A tenant's private adapter: its own on both replicas, nobody else's on either.
     let (st, v) = upload(&r1, ACME, "?name=mine", a.tar(1)).await;

@@ -120,6 +120,32 @@ impl AdapterRegistry {
         self
     }
 
+    /// The registry of a process without an engine (a training worker) that publishes to
+    /// the object-store registry under `adapters/` of `shared`: `adapters` is its local
+    /// cache and staging area, `model_dir` the base model adapters are checked against
+    /// ([`AdapterRegistry::check_servable`], in f32). Publish with
+    /// [`AdapterRegistry::install`] (replacing) or [`AdapterRegistry::install_new`] on a
+    /// [`AdapterStore::staging`] directory of `self.store`, from a thread outside async
+    /// code: they block until the store has the adapter.
+    pub fn open_publisher(
+        adapters: &std::path::Path,
+        model_dir: &std::path::Path,
+        shared: &crate::store::Store,
+    ) -> Result<Self, AdapterError> {
+        let store = AdapterStore::open(adapters)
+            .map_err(|e| AdapterError::Io(adapters.display().to_string(), e))?;
+        let base = Arc::new(BaseModel::open(model_dir).map_err(AdapterError::Base)?);
+        let remote = Remote::open(shared)?;
+        Ok(Self::new(
+            store,
+            base,
+            DType::F32,
+            0,
+            Arc::new(AdapterStats::default()),
+        )
+        .with_remote(remote, CacheSettings::default()))
+    }
+
     /// The object-store registry, if there is one.
     pub fn remote(&self) -> Option<&Arc<Remote>> {
         self.shared.as_ref().map(|s| &s.remote)
