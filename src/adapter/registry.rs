@@ -329,6 +329,14 @@ impl AdapterRegistry {
         }
     }
 
+    /// Whether the store failed to answer within the last [`STORE_BACKOFF`].
+    fn store_down(&self) -> bool {
+        self.shared
+            .as_ref()
+            .and_then(|sh| sh.down_until.lock().ok().and_then(|d| *d))
+            .is_some_and(|t| Instant::now() < t)
+    }
+
     fn touch(&self, key: &AdapterKey) {
         if let Some(sh) = &self.shared {
             if let Ok(mut u) = sh.used.lock() {
@@ -392,13 +400,7 @@ impl AdapterRegistry {
         let me = self.clone();
         let k = key.clone();
         let local = blocking(move || me.store.resolve(&k)).await?;
-        let down = sh
-            .down_until
-            .lock()
-            .ok()
-            .and_then(|d| *d)
-            .is_some_and(|t| Instant::now() < t);
-        if down && local.is_some() {
+        if self.store_down() && local.is_some() {
             self.touch(key);
             return Ok(());
         }
@@ -550,7 +552,18 @@ impl AdapterRegistry {
         let Some(sh) = &self.shared else {
             return Ok(None);
         };
-        let heads = sh.remote.run(|r| async move { r.heads().await }).await?;
+        if self.store_down() {
+            return Err(AdapterError::StoreUnavailable(format!(
+                "{} did not answer moments ago",
+                sh.remote.url()
+            )));
+        }
+        let heads = sh.remote.run(|r| async move { r.heads().await }).await;
+        if let Ok(mut d) = sh.down_until.lock() {
+            let unavailable = heads.as_ref().err().is_some_and(|e| e.is_unavailable());
+            *d = unavailable.then(|| Instant::now() + STORE_BACKOFF);
+        }
+        let heads = heads?;
         let me = self.clone();
         let tombs: Vec<(AdapterKey, u64)> = heads
             .iter()
