@@ -179,11 +179,13 @@ pub struct JobRecord {
     pub error: Option<JobError>,
     /// The expert selection (filled once selection is done).
     pub esft: Option<Value>,
+    /// The holder of the job's last claim (see [`Lease`]); kept after it ends.
+    pub worker: Option<String>,
 }
 
 const COLUMNS: &str = "id, owner, model, status, created_at, started_at, finished_at, \
     estimated_finish, training_file, validation_file, suffix, seed, metadata, spec, adapter, \
-    fine_tuned_model, trained_tokens, error, esft";
+    fine_tuned_model, trained_tokens, error, esft, worker";
 
 fn json_column<T: serde::de::DeserializeOwned>(
     row: &DbRow,
@@ -228,6 +230,7 @@ impl JobRecord {
             trained_tokens: row.try_get("trained_tokens")?,
             error: json_column(row, "error")?,
             esft: json_column(row, "esft")?,
+            worker: row.try_get("worker")?,
         })
     }
 
@@ -444,11 +447,13 @@ pub enum JobsError {
     Db(#[from] sqlx::Error),
 }
 
-/// A worker's hold on the jobs it runs: its id (written on the job as `worker`) and how
-/// long a claim or renewal holds. Every write a worker makes to a job it runs
-/// (progress, events, checkpoints, its end) is conditional on still holding it, so a
-/// worker that lost its lease (it stalled, its job was cancelled or taken over) can
-/// change nothing of the job any more.
+/// A hold on a running job: its holder (written on the job as `worker`) and how long a
+/// claim or renewal holds. Every write a worker makes to a job it runs (progress, events,
+/// checkpoints, its end) is conditional on the job still naming this holder, so a holder
+/// that lost its lease (it stalled, the job was cancelled or taken over) can change
+/// nothing of the job any more. A runner takes a holder of its own for every claim
+/// ([`worker_id`] and a claim number), so even a job it loses and claims again is fenced
+/// from the earlier attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub worker: String,
@@ -456,22 +461,15 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// A lease for a worker named after this process: `host/pid/random`.
-    pub fn for_this_process(duration: Duration) -> Self {
-        Self {
-            worker: worker_id(),
-            duration,
-        }
-    }
-
     /// Unix milliseconds at which a claim or renewal made now expires.
     pub fn expiry(&self) -> i64 {
         now_ms().saturating_add(i64::try_from(self.duration.as_millis()).unwrap_or(i64::MAX))
     }
 }
 
-/// This process's worker id: `host/pid/random` (the random part tells a restarted process
-/// with the same pid from its predecessor).
+/// A new worker id for this process: `host/pid/random` (the random part tells a restarted
+/// process with the same pid from its predecessor). A claim's holder is this and
+/// `/<claim number>`.
 pub fn worker_id() -> String {
     format!(
         "{}/{}/{}",
@@ -495,15 +493,16 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
-/// Whether the worker `id` (see [`worker_id`]) is a process of this host that is gone:
-/// an earlier process with this process's pid, or a pid with no process. Another host's
-/// worker, or a live process, is not known to be gone.
+/// Whether the holder `id` (a [`worker_id`], or one and a claim number) belongs to a
+/// process of this host that is gone: an earlier process with this process's pid, or a
+/// pid with no process. `this` is this process's worker id. Another host's holder, or a
+/// live process's, is not known to be gone.
 pub fn worker_is_gone(id: &str, this: &str) -> bool {
-    let mut parts = id.rsplitn(3, '/');
-    let (Some(_random), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+    let mut parts = id.split('/');
+    let (Some(host), Some(pid), Some(random)) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    if id == this || host != hostname() {
+    if format!("{host}/{pid}/{random}") == this || host != hostname() {
         return false;
     }
     let Ok(pid) = pid.parse::<libc::pid_t>() else {
@@ -594,6 +593,7 @@ impl JobStore {
             trained_tokens: None,
             error: None,
             esft: None,
+            worker: None,
         };
         let spec =
             serde_json::to_string(&record.spec).map_err(|e| sqlx::Error::Encode(e.into()))?;
@@ -624,7 +624,7 @@ impl JobStore {
             .push_bind(spec)
             .push(", ")
             .push_bind(record.adapter.clone())
-            .push(", NULL, NULL, NULL, NULL");
+            .push(", NULL, NULL, NULL, NULL, NULL");
         let files = [
             ("training_file", Some(&record.training_file)),
             ("validation_file", record.validation_file.as_ref()),

@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 use super::db::now;
 use super::files::FileStore;
 use super::queue::{
-    worker_is_gone, EsftChoices, EventKind, JobError, JobRecord, JobStore, JobsError, Lease, Level,
-    Renewal, Status, AUTO_BATCH_TOKENS,
+    worker_id, worker_is_gone, EsftChoices, EventKind, JobError, JobRecord, JobStore, JobsError,
+    Lease, Level, Renewal, Status, AUTO_BATCH_TOKENS,
 };
 use crate::adapter::{AdapterKey, AdapterRegistry, ExpertConfig};
 use crate::store::Store;
@@ -114,8 +114,10 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Stop {
     ))
 }
 
-/// A running job.
+/// A running claim of a job (keyed by its holder: a job lost and claimed again has two
+/// while the first winds down).
 struct Active {
+    job_id: String,
     /// The child process running now.
     pid: Option<u32>,
     /// Why it must stop, once it must.
@@ -133,9 +135,10 @@ enum StopReason {
     Released,
 }
 
-impl Default for Active {
-    fn default() -> Self {
+impl Active {
+    fn new(job_id: &str) -> Self {
         Self {
+            job_id: job_id.to_string(),
             pid: None,
             stop: None,
             tokens_per_s: 0.0,
@@ -144,12 +147,19 @@ impl Default for Active {
     }
 }
 
+/// The holder of a claimed job (the `worker` its claim wrote).
+fn holder(job: &JobRecord) -> &str {
+    job.worker.as_deref().unwrap_or_default()
+}
+
 pub struct Runner {
     jobs: Arc<JobStore>,
     files: Arc<FileStore>,
     registry: Arc<AdapterRegistry>,
     cfg: RunnerConfig,
-    lease: Lease,
+    /// This process's worker id; each claim's holder is it and a claim number.
+    worker: String,
+    claims: std::sync::atomic::AtomicU64,
     active: Mutex<HashMap<String, Active>>,
     wake: tokio::sync::Notify,
     stopping: AtomicBool,
@@ -169,7 +179,7 @@ impl Runner {
         registry: Arc<AdapterRegistry>,
         cfg: RunnerConfig,
     ) -> Result<Arc<Self>, JobsError> {
-        let lease = Lease::for_this_process(cfg.lease);
+        let worker = worker_id();
         // A job is recorded only after its files were checked: one a crash caught before it
         // was queued goes on to the queue.
         for job in jobs.with_status(Status::ValidatingFiles).await? {
@@ -178,8 +188,8 @@ impl Runner {
         }
         // A job whose holder was a process of this host that is gone need not wait for its
         // lease to expire.
-        for (id, worker) in jobs.running_holders().await? {
-            if let Some(w) = worker.filter(|w| worker_is_gone(w, &lease.worker)) {
+        for (id, holder) in jobs.running_holders().await? {
+            if let Some(w) = holder.filter(|w| worker_is_gone(w, &worker)) {
                 jobs.release(
                     &id,
                     &w,
@@ -200,13 +210,14 @@ impl Runner {
             &["status"],
         )
         .map_err(|e| JobsError::Db(sqlx::Error::Protocol(e.to_string())))?;
-        tracing::info!(worker = %lease.worker, lease_seconds = cfg.lease.as_secs_f64(), max_concurrent = cfg.max_concurrent, "fine-tuning runner started");
+        tracing::info!(%worker, lease_seconds = cfg.lease.as_secs_f64(), max_concurrent = cfg.max_concurrent, "fine-tuning runner started");
         let runner = Arc::new(Self {
             jobs,
             files,
             registry,
             cfg,
-            lease,
+            worker,
+            claims: std::sync::atomic::AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
@@ -222,7 +233,24 @@ impl Runner {
 
     /// This runner's worker id (what the jobs it holds record as `worker`).
     pub fn worker(&self) -> &str {
-        &self.lease.worker
+        &self.worker
+    }
+
+    /// A lease for a new claim: a holder of its own.
+    fn next_lease(&self) -> Lease {
+        let n = self.claims.fetch_add(1, Ordering::SeqCst);
+        Lease {
+            worker: format!("{}/{n}", self.worker),
+            duration: self.cfg.lease,
+        }
+    }
+
+    /// The lease `holder` renews.
+    fn lease_of(&self, holder: &str) -> Lease {
+        Lease {
+            worker: holder.to_string(),
+            duration: self.cfg.lease,
+        }
     }
 
     /// Looks at the queue now (after a job is queued).
@@ -245,13 +273,25 @@ impl Runner {
     /// Stops the job `id` if it runs here: its child is killed at once. (Its status is
     /// the caller's to change first.)
     pub fn cancel(&self, id: &str) {
-        self.stop_job(id, StopReason::Cancelled);
+        let holders: Vec<String> = self
+            .active
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .filter(|(_, j)| j.job_id == id)
+                    .map(|(h, _)| h.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for h in holders {
+            self.stop_job(&h, StopReason::Cancelled);
+        }
     }
 
-    /// Marks the job `id` as stopping for `why` and kills its child.
-    fn stop_job(&self, id: &str, why: StopReason) {
+    /// Marks the claim `holder` as stopping for `why` and kills its child.
+    fn stop_job(&self, holder: &str, why: StopReason) {
         let pid = match self.active.lock() {
-            Ok(mut a) => a.get_mut(id).and_then(|j| {
+            Ok(mut a) => a.get_mut(holder).and_then(|j| {
                 j.stop.get_or_insert(why);
                 j.pid
             }),
@@ -296,7 +336,7 @@ impl Runner {
             }
             while self.running() < self.cfg.max_concurrent && !self.stopping.load(Ordering::SeqCst)
             {
-                match self.jobs.claim_next(&self.lease).await {
+                match self.jobs.claim_next(&self.next_lease()).await {
                     Ok(Some(job)) => self.launch(job),
                     Ok(None) => break,
                     Err(e) => {
@@ -319,44 +359,52 @@ impl Runner {
         let every = (self.cfg.lease / 3).max(Duration::from_millis(100));
         loop {
             tokio::time::sleep(every).await;
-            let ids: Vec<String> = self
+            let claims: Vec<(String, String)> = self
                 .active
                 .lock()
                 .map(|a| {
                     a.iter()
                         .filter(|(_, j)| j.stop.is_none())
-                        .map(|(id, _)| id.clone())
+                        .map(|(h, j)| (h.clone(), j.job_id.clone()))
                         .collect()
                 })
                 .unwrap_or_default();
-            for id in ids {
-                match self.jobs.renew(&id, &self.lease).await {
+            for (holder, id) in claims {
+                let lease = self.lease_of(&holder);
+                // An unreachable database can hold a query far longer than a lease: a renewal
+                // that takes longer than the interval counts as failed.
+                let renewed = match tokio::time::timeout(every, self.jobs.renew(&id, &lease)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(JobsError::Db(sqlx::Error::PoolTimedOut)),
+                };
+                match renewed {
                     Ok(Renewal::Held) => {
                         if let Ok(mut a) = self.active.lock() {
-                            if let Some(j) = a.get_mut(&id) {
+                            if let Some(j) = a.get_mut(&holder) {
                                 j.renewed = Instant::now();
                             }
                         }
                     }
                     Ok(Renewal::Cancelled) => {
                         tracing::info!(job = %id, "the job was cancelled: stopping it");
-                        self.stop_job(&id, StopReason::Cancelled);
+                        self.stop_job(&holder, StopReason::Cancelled);
                     }
                     Ok(Renewal::Lost) => {
                         tracing::warn!(job = %id, "the job's lease is lost: stopping it");
-                        self.stop_job(&id, StopReason::Lost);
+                        self.stop_job(&holder, StopReason::Lost);
                     }
                     Err(e) => {
                         let since = self
                             .active
                             .lock()
                             .ok()
-                            .and_then(|a| a.get(&id).map(|j| j.renewed.elapsed()))
+                            .and_then(|a| a.get(&holder).map(|j| j.renewed.elapsed()))
                             .unwrap_or_default();
                         tracing::warn!(job = %id, "renewing the job's lease failed ({:.1} s since the last renewal): {e}", since.as_secs_f64());
                         if since > self.cfg.lease {
                             tracing::error!(job = %id, "the job's lease expired unrenewed: abandoning it here");
-                            self.stop_job(&id, StopReason::Lost);
+                            self.stop_job(&holder, StopReason::Lost);
                         }
                     }
                 }
@@ -365,35 +413,48 @@ impl Runner {
     }
 
     fn launch(self: &Arc<Self>, job: JobRecord) {
+        let key = holder(&job).to_string();
         if let Ok(mut a) = self.active.lock() {
-            a.insert(job.id.clone(), Active::default());
+            a.insert(key.clone(), Active::new(&job.id));
         }
         let runner = self.clone();
         let rt = tokio::runtime::Handle::current();
         let id = job.id.clone();
+        let thread_key = key.clone();
         // A thread of its own per job: it spawns the children and outlives them, which
         // `PR_SET_PDEATHSIG` (tied to the spawning thread) needs.
         let spawned = std::thread::Builder::new()
             .name(format!("job-{}", &id[id.len().saturating_sub(8)..]))
             .spawn(move || {
+                let key = thread_key;
+                // An earlier claim of this job here (lost, its child killed) ends before this
+                // one touches the work directory.
+                let earlier = || {
+                    runner
+                        .active
+                        .lock()
+                        .is_ok_and(|a| a.iter().any(|(h, j)| j.job_id == job.id && *h != key))
+                };
+                while earlier() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 runner.run(&job, &rt);
                 if let Ok(mut a) = runner.active.lock() {
-                    a.remove(&job.id);
+                    a.remove(&key);
                 }
                 runner.wake();
             });
         if let Err(e) = spawned {
             if let Ok(mut a) = self.active.lock() {
-                a.remove(&id);
+                a.remove(&key);
             }
             let jobs = self.jobs.clone();
-            let worker = self.lease.worker.clone();
             tokio::spawn(async move {
                 tracing::error!("starting a thread for job {id}: {e}");
                 let _ = jobs
                     .fail_held(
                         &id,
-                        &worker,
+                        &key,
                         &JobError::new("internal_error", "the job could not be started"),
                     )
                     .await;
@@ -401,13 +462,13 @@ impl Runner {
         }
     }
 
-    /// Why the job `id` must stop, if it must.
-    fn stopped(&self, id: &str) -> Option<Stop> {
+    /// Why the claim `holder` must stop, if it must.
+    fn stopped(&self, holder: &str) -> Option<Stop> {
         let why = self
             .active
             .lock()
             .ok()
-            .and_then(|a| a.get(id).and_then(|j| j.stop))?;
+            .and_then(|a| a.get(holder).and_then(|j| j.stop))?;
         Some(match why {
             StopReason::Cancelled => Stop::Cancelled,
             StopReason::Lost => Stop::Lost,
@@ -419,20 +480,19 @@ impl Runner {
     fn event(
         &self,
         rt: &tokio::runtime::Handle,
-        id: &str,
+        job: &JobRecord,
         level: Level,
         kind: EventKind,
         message: &str,
         data: Option<Value>,
     ) {
-        if let Err(e) = rt.block_on(self.jobs.held_event(
-            id,
-            &self.lease.worker,
-            level,
-            kind,
-            message,
-            data.as_ref(),
-        )) {
+        let id = &job.id;
+        if let Err(e) =
+            rt.block_on(
+                self.jobs
+                    .held_event(id, holder(job), level, kind, message, data.as_ref()),
+            )
+        {
             tracing::error!("recording an event of job {id}: {e}");
         }
     }
@@ -467,22 +527,22 @@ impl Runner {
     fn checkpoint(
         &self,
         rt: &tokio::runtime::Handle,
-        id: &str,
+        job: &JobRecord,
         step: i64,
         metrics: Value,
         model: &str,
         message: &str,
     ) {
+        let id = &job.id;
         let recorded = self.persist(rt, "recording a checkpoint", || {
-            self.jobs
-                .checkpoint(id, &self.lease.worker, step, &metrics, model)
+            self.jobs.checkpoint(id, holder(job), step, &metrics, model)
         });
         if let Err(e) = recorded {
             tracing::error!("recording a checkpoint of job {id}: {e}");
         }
         self.event(
             rt,
-            id,
+            job,
             Level::Info,
             EventKind::Message,
             message,
@@ -500,7 +560,7 @@ impl Runner {
         let started = Instant::now();
         let dir = self.cfg.data_dir.join(JOBS_DIR).join(&job.id);
         let outcome = self.execute(job, &dir, rt);
-        let worker = self.lease.worker.as_str();
+        let worker = holder(job);
         let status = match outcome {
             Ok(()) => "succeeded",
             Err(Stop::Cancelled) => "cancelled",
@@ -743,7 +803,7 @@ impl Runner {
         } else {
             self.restore(job, dir, rt)?
         };
-        let worker = &self.lease.worker;
+        let worker = holder(job);
         let message = match restored {
             Some(step) => format!(
                 "Fine-tuning job resumed by worker {worker} from the checkpoint at step {step}"
@@ -753,7 +813,7 @@ impl Runner {
         };
         self.event(
             rt,
-            &job.id,
+            job,
             Level::Info,
             EventKind::Message,
             &message,
@@ -773,7 +833,7 @@ impl Runner {
         if job.esft.is_none() {
             self.event(
                 rt,
-                &job.id,
+                job,
                 Level::Info,
                 EventKind::Message,
                 &describe_selection(&summary),
@@ -795,7 +855,7 @@ impl Runner {
                 &out,
             )?
         };
-        if let Some(stop) = self.stopped(&job.id) {
+        if let Some(stop) = self.stopped(holder(job)) {
             return Err(stop);
         }
         self.install(job, rt, &out, trained_tokens)
@@ -815,7 +875,7 @@ impl Runner {
         if !scores.exists() {
             self.event(
                 rt,
-                &job.id,
+                job,
                 Level::Info,
                 EventKind::Message,
                 &format!(
@@ -826,7 +886,7 @@ impl Runner {
             );
             let mut last = Value::Null;
             self.child(
-                Some(&job.id),
+                Some(holder(job)),
                 &score_args(&self.cfg.model_dir, training, esft, job.seed, scores),
                 &|m| self.scrub(job, m),
                 |line| {
@@ -839,7 +899,7 @@ impl Runner {
             let tokens = last.get("tokens").and_then(Value::as_u64).unwrap_or(0);
             self.event(
                 rt,
-                &job.id,
+                job,
                 Level::Info,
                 EventKind::Message,
                 &format!("Scored the experts on {tokens} tokens"),
@@ -848,7 +908,7 @@ impl Runner {
         }
         if !experts.exists() {
             self.child(
-                Some(&job.id),
+                Some(holder(job)),
                 &select_args(scores, esft, experts),
                 &|m| self.scrub(job, m),
                 |_| {},
@@ -879,7 +939,7 @@ impl Runner {
         let mut step_times: Vec<f64> = Vec::new();
         let mut last_step_at = Instant::now();
         let adapter = job.adapter.clone();
-        self.child(Some(&job.id), &args, &|m| self.scrub(job, m), |line| {
+        self.child(Some(holder(job)), &args, &|m| self.scrub(job, m), |line| {
             let event = line.get("event").and_then(Value::as_str).unwrap_or("");
             let num = |k: &str| line.get(k).and_then(Value::as_f64);
             match event {
@@ -906,7 +966,7 @@ impl Runner {
                     };
                     self.event(
                         rt,
-                        &job.id,
+                        job,
                         Level::Info,
                         EventKind::Message,
                         &message,
@@ -931,7 +991,7 @@ impl Runner {
                         .unwrap_or(total_steps);
                     let rate = num("tokens_per_s").unwrap_or(0.0);
                     if let Ok(mut a) = self.active.lock() {
-                        if let Some(j) = a.get_mut(&job.id) {
+                        if let Some(j) = a.get_mut(holder(job)) {
                             j.tokens_per_s = rate;
                         }
                     }
@@ -946,7 +1006,7 @@ impl Runner {
                     });
                     self.event(
                         rt,
-                        &job.id,
+                        job,
                         Level::Info,
                         EventKind::Metrics,
                         &format!(
@@ -963,7 +1023,7 @@ impl Runner {
                         let eta = now() + left.ceil() as i64 + 2;
                         if let Err(e) = rt.block_on(self.jobs.set_progress(
                             &job.id,
-                            &self.lease.worker,
+                            holder(job),
                             trained_tokens,
                             Some(eta),
                         )) {
@@ -976,7 +1036,7 @@ impl Runner {
                     let step = line.get("step").and_then(Value::as_u64).unwrap_or(0);
                     self.event(
                         rt,
-                        &job.id,
+                        job,
                         Level::Info,
                         EventKind::Message,
                         &format!("Step {step}: validation loss={}", fmt_loss(valid_loss)),
@@ -992,7 +1052,7 @@ impl Runner {
                     // from anywhere.
                     if self.upload_state(job, rt, dir, step) {
                         let message = format!("Saved the training state at step {step}");
-                        self.checkpoint(rt, &job.id, step, metrics, &name, &message);
+                        self.checkpoint(rt, job, step, metrics, &name, &message);
                     }
                 }
                 "done" => {
@@ -1016,7 +1076,7 @@ impl Runner {
                         best.map(|b| format!(", best validation loss {b:.4}"))
                             .unwrap_or_default()
                     );
-                    self.checkpoint(rt, &job.id, steps, metrics, &adapter, &message);
+                    self.checkpoint(rt, job, steps, metrics, &adapter, &message);
                 }
                 _ => {}
             }
@@ -1045,8 +1105,9 @@ impl Runner {
             .map_err(|e| internal("creating a staging directory", e))?;
         copy_files(out, &staging.dir()).map_err(|e| internal("staging the adapter", e))?;
         // A lease just renewed: no other worker can take the job over while it installs.
+        let lease = self.lease_of(holder(job));
         match self.persist(rt, "renewing the lease", || {
-            self.jobs.renew(&job.id, &self.lease)
+            self.jobs.renew(&job.id, &lease)
         }) {
             Ok(Renewal::Held) => {}
             Ok(Renewal::Cancelled) => return Err(Stop::Cancelled),
@@ -1059,7 +1120,7 @@ impl Runner {
                 return Err(Stop::Lost);
             }
         }
-        if let Some(stop) = self.stopped(&job.id) {
+        if let Some(stop) = self.stopped(holder(job)) {
             return Err(stop);
         }
         // The adapter's name carries the job's id: a version already there is this job's,
@@ -1071,7 +1132,7 @@ impl Runner {
         let ours = done.version.id();
         let succeeded = self.persist(rt, "recording the job's success", || {
             self.jobs
-                .succeed(&job.id, &self.lease.worker, &job.adapter, trained_tokens)
+                .succeed(&job.id, holder(job), &job.adapter, trained_tokens)
         });
         if let Ok(true) = succeeded {
             tracing::info!(job = %job.id, adapter = %key, version = ours, "fine-tuned adapter installed");
