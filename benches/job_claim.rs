@@ -3,7 +3,9 @@
 //! directory's file) and on a throwaway PostgreSQL (`tests/common/postgres.rs`; skipped
 //! where none can be had). The worker side has a pool of its own, as another process
 //! would, and waits as the runner's dispatch loop does: put back expired leases, claim,
-//! sleep `poll_seconds` (a worker in another process has nothing to wake it sooner).
+//! sleep `poll_seconds` or until woken: on PostgreSQL the runner is woken by `NOTIFY` when
+//! any process queues a job (`JobStore::watch_queue`), measured last; SQLite has no such
+//! signal between processes.
 //!
 //! Printed per backend: the round trip of `SELECT 1` (the reference), one claim of a queued
 //! job (the claim's own cost: the least latency any waiting scheme could have), and the
@@ -73,13 +75,21 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
 
 async fn bench(name: &str, database: &str, rounds: usize, queries: usize, polls: &[u64]) {
     let dir = tempfile::tempdir().unwrap();
-    let files = FileStore::open(dir.path(), database, 1 << 30).await.unwrap();
+    let files = FileStore::open(dir.path(), database, 1 << 30)
+        .await
+        .unwrap();
     let jobs = JobStore::new(files.pool(), 0);
     let mut staged = files.staging().await.unwrap();
     let line = b"{\"prompt\": \"a\", \"completion\": \"b\"}\n";
     staged.write_all(line).unwrap();
     let file = files
-        .add(staged, line.len() as u64, None, "t.jsonl", PURPOSE_FINE_TUNE)
+        .add(
+            staged,
+            line.len() as u64,
+            None,
+            "t.jsonl",
+            PURPOSE_FINE_TUNE,
+        )
         .await
         .unwrap();
     // The worker's own pool, as another process would have.
@@ -115,22 +125,43 @@ async fn bench(name: &str, database: &str, rounds: usize, queries: usize, polls:
     println!("{name}: SELECT 1 round trip        median {t50:8.3} ms  p90 {t90:8.3} ms");
     println!("{name}: one claim (job queued)     median {c50:8.3} ms  p90 {c90:8.3} ms");
 
-    for &poll_ms in polls {
+    // Polling alone at each interval, then (PostgreSQL) woken by LISTEN/NOTIFY as the
+    // runner is, with the longest interval as the fallback.
+    let runs: Vec<(u64, bool)> = polls
+        .iter()
+        .map(|&p| (p, false))
+        .chain(polls.iter().max().map(|&p| (p, true)))
+        .collect();
+    for (poll_ms, notify) in runs {
         let poll = Duration::from_millis(poll_ms);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let listening = notify && {
+            let wake = wake.clone();
+            worker.watch_queue(move || wake.notify_one())
+        };
+        if notify && !listening {
+            continue;
+        }
         let waiter = {
             let (worker, lease, stop) = (worker.clone(), lease.clone(), stop.clone());
+            let wake = wake.clone();
             tokio::spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     worker.requeue_expired().await.unwrap();
                     while let Some(job) = worker.claim_next(&lease).await.unwrap() {
                         let _ = tx.send((job.id, Instant::now()));
                     }
-                    tokio::time::sleep(poll).await;
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(poll) => {}
+                    }
                 }
             })
         };
+        // The listener's connection is up before the first job.
+        tokio::time::sleep(Duration::from_millis(if listening { 300 } else { 0 })).await;
         let mut latencies = Vec::new();
         for i in 0..rounds {
             let job = jobs.create(new_job(&file.id)).await.unwrap();
@@ -148,8 +179,13 @@ async fn bench(name: &str, database: &str, rounds: usize, queries: usize, polls:
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         waiter.await.unwrap();
         let (l50, l90) = stats(latencies);
+        let how = if notify {
+            format!("LISTEN/NOTIFY + poll {poll_ms} ms")
+        } else {
+            format!("poll {poll_ms:>5} ms")
+        };
         println!(
-            "{name}: waiting worker, poll {poll_ms:>5} ms  median {l50:8.3} ms  p90 {l90:8.3} ms  ({rounds} jobs)"
+            "{name}: waiting worker, {how}  median {l50:8.3} ms  p90 {l90:8.3} ms  ({rounds} jobs)"
         );
     }
 }

@@ -543,6 +543,9 @@ fn in_list(statuses: &[Status]) -> String {
     format!("({})", names.join(", "))
 }
 
+/// The PostgreSQL channel on which a job's move to `queued` is announced.
+const QUEUED_CHANNEL: &str = "esft_jobs_queued";
+
 pub struct JobStore {
     pool: Pool,
     /// Most active jobs per owner (0: no limit).
@@ -753,6 +756,50 @@ impl JobStore {
         Ok(Page { items, has_more })
     }
 
+    /// Announces that a job may be claimed (PostgreSQL's `NOTIFY`, which
+    /// [`Self::watch_queue`] hears in every process); nothing on SQLite, whose other
+    /// processes find it when they next poll.
+    async fn announce_queued(&self) {
+        if Backend::of(&self.pool) == Backend::Postgres {
+            let sent = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(QUEUED_CHANNEL)
+                .execute(&self.pool)
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!("announcing a queued job: {e}");
+            }
+        }
+    }
+
+    /// On PostgreSQL, calls `on_queued` (on the current tokio runtime) whenever any
+    /// process moves a job to `queued` (`LISTEN`, on a connection of its own that is made
+    /// again whenever it drops); returns false, and does nothing, on SQLite.
+    pub fn watch_queue(&self, on_queued: impl Fn() + Send + Sync + 'static) -> bool {
+        if Backend::of(&self.pool) != Backend::Postgres {
+            return false;
+        }
+        let url = self.pool.connect_options().database_url.to_string();
+        tokio::spawn(async move {
+            loop {
+                match sqlx::postgres::PgListener::connect(&url).await {
+                    Ok(mut listener) => match listener.listen(QUEUED_CHANNEL).await {
+                        Ok(()) => {
+                            // A job queued while nobody listened is found by the next claim.
+                            on_queued();
+                            while listener.recv().await.is_ok() {
+                                on_queued();
+                            }
+                        }
+                        Err(e) => tracing::warn!("listening for queued jobs: {e}"),
+                    },
+                    Err(e) => tracing::warn!("connecting to listen for queued jobs: {e}"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        true
+    }
+
     /// Moves `id` from one of `from` to `to`; false when it was in none of them (another
     /// transition won).
     pub async fn transition(
@@ -775,7 +822,11 @@ impl JobStore {
         q.push(" WHERE id = ")
             .push_bind(id.to_string())
             .push(format!(" AND status IN {}", in_list(from)));
-        Ok(q.build().execute(&self.pool).await?.rows_affected() == 1)
+        let moved = q.build().execute(&self.pool).await?.rows_affected() == 1;
+        if moved && to == Status::Queued {
+            self.announce_queued().await;
+        }
+        Ok(moved)
     }
 
     /// Ends an active job as failed with `error`; false when it was no longer active.
@@ -974,6 +1025,9 @@ impl JobStore {
             ids.push(id);
         }
         tx.commit().await?;
+        if !ids.is_empty() {
+            self.announce_queued().await;
+        }
         Ok(ids)
     }
 
@@ -1003,6 +1057,7 @@ impl JobStore {
         )
         .await?;
         tx.commit().await?;
+        self.announce_queued().await;
         Ok(true)
     }
 

@@ -225,6 +225,13 @@ impl Runner {
             durations,
         });
         if runner.cfg.max_concurrent > 0 {
+            // Woken by jobs other processes queue, where the database can say so.
+            let weak = Arc::downgrade(&runner);
+            runner.jobs.watch_queue(move || {
+                if let Some(r) = weak.upgrade() {
+                    r.wake();
+                }
+            });
             tokio::spawn(runner.clone().dispatch());
             tokio::spawn(runner.clone().renewals());
         }
