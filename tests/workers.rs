@@ -11,6 +11,8 @@
 //!
 //! Both skip where PostgreSQL's server or moto is missing (and fail where
 //! `ESFT_E2E_REQUIRED=1`).
+// Both the PostgreSQL and the S3 helper include `common/tools.rs` as a module of their own.
+#![allow(clippy::duplicate_mod)]
 
 #[path = "common/http.rs"]
 mod http;

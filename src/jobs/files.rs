@@ -448,13 +448,13 @@ impl FileStore {
     pub async fn local_path(&self, id: &str) -> Result<PathBuf, FilesError> {
         let path = self.blob_path(id);
         if let Some(store) = &self.store {
-            if !tokio::fs::try_exists(&path).await.unwrap_or(false) {
-                if store.download_file(&object_key(id), &path).await?.is_none() {
-                    return Err(FilesError::Io(std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("{}: no such object", store.url()),
-                    )));
-                }
+            if !tokio::fs::try_exists(&path).await.unwrap_or(false)
+                && store.download_file(&object_key(id), &path).await?.is_none()
+            {
+                return Err(FilesError::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{}: no such object", store.url()),
+                )));
             }
         }
         Ok(path)
