@@ -439,8 +439,22 @@ fn a_worker_killed_mid_job_is_replaced_by_another_that_resumes_from_its_checkpoi
         .join(&adapter)
         .join("adapter.json");
     assert!(whole.is_file(), "{}", whole.display());
+    // A replica without the file's local copy serves it from the store; deleting the file
+    // removes it there.
+    let local = cluster.dir.path().join("replica/data/files").join(&file);
+    std::fs::remove_file(&local).unwrap();
+    let content = request(
+        replica.addr,
+        "GET",
+        &format!("/v1/files/{file}/content"),
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(content.status, 200);
+    assert_eq!(content.body, examples(40).into_bytes());
     // The job's work goes from the store once it ended (just after its success is
-    // recorded); the file stays.
+    // recorded); the file stays until it is deleted.
     let t = Instant::now();
     loop {
         let left = rt.block_on(store.list(&format!("jobs/{id}"))).unwrap();
@@ -454,6 +468,12 @@ fn a_worker_killed_mid_job_is_replaced_by_another_that_resumes_from_its_checkpoi
         .block_on(store.size(&format!("files/{file}")))
         .unwrap()
         .is_some());
+    let (status, v) = call(&replica, "DELETE", &format!("/v1/files/{file}"), None).unwrap();
+    assert_eq!((status, &v["deleted"]), (200, &json!(true)), "{v}");
+    assert!(rt
+        .block_on(store.size(&format!("files/{file}")))
+        .unwrap()
+        .is_none());
 }
 
 #[test]

@@ -57,6 +57,10 @@ use crate::store::Store;
 /// The work directories of jobs inside the data directory.
 pub const JOBS_DIR: &str = "jobs";
 
+/// How long a job the object store failed waits before it goes back to the queue (at most
+/// a lease).
+const STORE_BACKOFF: Duration = Duration::from_secs(5);
+
 const SCORES_FILE: &str = "scores.json";
 const EXPERTS_FILE: &str = "experts.json";
 /// The training and validation files inside a job's work directory (fetched from the
@@ -98,6 +102,15 @@ enum Stop {
     Lost,
     /// This runner stops: the job goes back to the queue.
     Released,
+    /// The object store could not be reached (what was being done): the job goes back to
+    /// the queue, for a later claim, rather than failing.
+    StoreUnavailable(String),
+}
+
+/// [`Stop::StoreUnavailable`] for `what`, the error logged.
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Stop {
+    tracing::warn!("fine-tuning job: {what}: {e}");
+    Stop::StoreUnavailable(what.to_string())
 }
 
 impl From<JobError> for Stop {
@@ -572,11 +585,21 @@ impl Runner {
             Ok(()) => "succeeded",
             Err(Stop::Cancelled) => "cancelled",
             Err(Stop::Lost) => "lost",
-            Err(Stop::Released) => {
-                let message = format!(
-                    "Worker {worker} stopped; the job is back in the queue and continues from \
-                     its last saved state"
-                );
+            Err(stop @ (Stop::Released | Stop::StoreUnavailable(_))) => {
+                let message = match stop {
+                    Stop::StoreUnavailable(what) => {
+                        // Not straight back: the store may be down for a while.
+                        std::thread::sleep(self.cfg.lease.min(STORE_BACKOFF));
+                        format!(
+                            "The object store could not be reached ({what}); the job is back \
+                             in the queue and continues from its last saved state"
+                        )
+                    }
+                    _ => format!(
+                        "Worker {worker} stopped; the job is back in the queue and continues \
+                         from its last saved state"
+                    ),
+                };
                 match self.persist(rt, "releasing a job", || {
                     self.jobs.release(&job.id, worker, &message)
                 }) {
@@ -654,7 +677,7 @@ impl Runner {
                     "file_not_found",
                     format!("the bytes of the file {id} are missing from the store"),
                 ))),
-                Err(e) => Err(internal("fetching the job's files from the store", e)),
+                Err(e) => Err(unavailable("fetching the job's files from the store", e)),
             }
         };
         let training = fetch(&job.training_file, TRAINING_FILE)?;
@@ -680,7 +703,7 @@ impl Runner {
         };
         for name in [SCORES_FILE, EXPERTS_FILE] {
             rt.block_on(store.download_file(&work_key(&job.id, name), &dir.join(name)))
-                .map_err(|e| internal("fetching the job's selection from the store", e))?;
+                .map_err(|e| unavailable("fetching the job's selection from the store", e))?;
         }
         let steps = self
             .persist(rt, "reading the checkpoints", || {
@@ -692,7 +715,7 @@ impl Runner {
             let prefix = checkpoint_prefix(&job.id, step);
             let entries = rt
                 .block_on(store.list(&prefix))
-                .map_err(|e| internal("listing the job's checkpoints in the store", e))?;
+                .map_err(|e| unavailable("listing the job's checkpoints in the store", e))?;
             if !entries.iter().any(|e| e.key.ends_with("/state.json")) {
                 // The record of the end of training (no state of its own), or a state
                 // already removed.
@@ -705,7 +728,7 @@ impl Runner {
             for entry in &entries {
                 let name = entry.key.rsplit('/').next().unwrap_or_default();
                 rt.block_on(store.download_file(&entry.key, &staged.path().join(name)))
-                    .map_err(|e| internal("fetching a checkpoint from the store", e))?;
+                    .map_err(|e| unavailable("fetching a checkpoint from the store", e))?;
             }
             let _ = std::fs::remove_dir_all(&state);
             std::fs::rename(staged.keep(), &state)
@@ -1228,9 +1251,8 @@ impl Runner {
         match rx.await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(Stop::Failed(e))) => Err(e),
-            Ok(Err(Stop::Cancelled | Stop::Lost | Stop::Released)) | Err(_) => {
-                Err(JobError::new("internal_error", "the preview stopped"))
-            }
+            Ok(Err(Stop::Cancelled | Stop::Lost | Stop::Released | Stop::StoreUnavailable(_)))
+            | Err(_) => Err(JobError::new("internal_error", "the preview stopped")),
         }
     }
 
