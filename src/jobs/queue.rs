@@ -1409,3 +1409,44 @@ async fn insert_event<'e, E: sqlx::Executor<'e, Database = super::db::Db>>(
     .await
     .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_is_known_gone_only_on_this_host() {
+        let this = worker_id();
+        let host = hostname();
+        assert!(this.starts_with(&format!("{host}/{}/", std::process::id())));
+        // This process, under its own id (a claim of it too): alive.
+        assert!(!worker_is_gone(&this, &this));
+        assert!(!worker_is_gone(&format!("{this}/3"), &this));
+        // An earlier process with this pid (another random part): gone.
+        let earlier = format!("{host}/{}/zzzzzzzz/0", std::process::id());
+        assert!(worker_is_gone(&earlier, &this));
+        // A child that exited and was reaped: gone. A live process (this one's parent): not.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(worker_is_gone(&format!("{host}/{pid}/abc/1"), &this));
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        assert!(!worker_is_gone(&format!("{host}/{parent}/abc/1"), &this));
+        // Another host's, or an id of another shape: not known.
+        assert!(!worker_is_gone(&format!("{host}-other/{pid}/abc/1"), &this));
+        assert!(!worker_is_gone("no-slashes", &this));
+        assert!(!worker_is_gone(&format!("{host}/not-a-pid/abc"), &this));
+    }
+
+    #[test]
+    fn a_lease_expires_its_duration_from_now() {
+        let lease = Lease {
+            worker: "w".into(),
+            duration: Duration::from_millis(2500),
+        };
+        let before = now_ms();
+        let at = lease.expiry();
+        assert!((before + 2500..=now_ms() + 2500).contains(&at), "{before} {at}");
+    }
+}
