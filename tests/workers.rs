@@ -7,7 +7,9 @@
 //!   killed with SIGKILL after its first recorded checkpoint, and a second worker, once the
 //!   lease expired, resumes from that checkpoint (not from scratch) and the job succeeds
 //!   exactly once, with every earlier event kept and no adapter left by the first worker;
-//! - PostgreSQL restarted mid-job: the worker reconnects and the job succeeds once.
+//! - PostgreSQL restarted mid-job: the worker reconnects and the job succeeds once;
+//! - a worker stopped with SIGTERM gives its job back to the queue at once (its lease far
+//!   from expiring), and another resumes it from its checkpoint.
 //!
 //! Both skip where PostgreSQL's server or moto is missing (and fail where
 //! `ESFT_E2E_REQUIRED=1`).
@@ -515,4 +517,68 @@ fn a_worker_rides_out_a_database_restart_and_the_job_succeeds_once() {
     );
     let steps = checkpoint_steps(&replica, &id);
     assert!(steps.contains(&(4 * STEPS as i64)), "{steps:?}");
+}
+
+#[test]
+fn a_worker_stopped_with_sigterm_gives_its_job_back_at_once() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let replica = Server::start(Path::new(BIN), &cluster.config("replica", 0), &[]);
+    // A lease far longer than the test: only the release can give the job back in time.
+    let mut first = Worker::start(
+        &cluster.config_with_lease("worker-1", 1, 600.0),
+        "machine-1",
+    );
+    let (id, _) = submit(&replica, 4 * STEPS);
+    let t = Instant::now();
+    while checkpoint_steps(&replica, &id).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no checkpoint\n{}",
+            first.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &first.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let t = Instant::now();
+    let exit = loop {
+        if let Some(status) = first.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the worker did not stop\n{}",
+            first.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "{exit:?}\n{}", first.log());
+    let record = job(&replica, &id);
+    assert_eq!(record["status"], "queued", "{record}\n{}", first.log());
+    let released = events(&replica, &id);
+    assert_eq!(count(&released, "stopped; the job is back in the queue"), 1);
+
+    let second = Worker::start(
+        &cluster.config_with_lease("worker-2", 1, 600.0),
+        "machine-2",
+    );
+    let logs = || format!("worker 2:\n{}\nreplica:\n{}", second.log(), replica.log());
+    let done = finished(&replica, &id, Duration::from_secs(180), &logs);
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", logs());
+    let after = events(&replica, &id);
+    let from = after
+        .iter()
+        .find_map(|(_, m, d)| {
+            m.contains("resumed by worker machine-2")
+                .then(|| d["checkpoint_step"].as_i64())
+        })
+        .flatten()
+        .unwrap_or_else(|| panic!("no resume from a checkpoint: {after:#?}"));
+    assert!(from > 0);
+    assert_eq!(count(&after, "successfully completed"), 1, "{after:#?}");
 }

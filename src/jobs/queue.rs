@@ -1447,6 +1447,9 @@ mod tests {
         };
         let before = now_ms();
         let at = lease.expiry();
-        assert!((before + 2500..=now_ms() + 2500).contains(&at), "{before} {at}");
+        assert!(
+            (before + 2500..=now_ms() + 2500).contains(&at),
+            "{before} {at}"
+        );
     }
 }
