@@ -658,6 +658,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_a_store_the_bytes_go_there_first_and_come_back_from_there() {
+        let store = Store::open("memory://").unwrap();
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let db = one.path().join("shared");
+        // Two processes' file stores on one database, each with its own files directory.
+        let first = FileStore::open(&db, "", 1 << 20)
+            .await
+            .unwrap()
+            .with_store(Some(store.clone()));
+        let a = add(&first, Some("acme"), LINE).await.unwrap();
+        assert_eq!(
+            store
+                .get(&object_key(&a.id))
+                .await
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            LINE.as_bytes()
+        );
+        let second = FileStore {
+            pool: first.pool(),
+            dir: two.path().join(FILES_DIR),
+            store: Some(store.clone()),
+            max_stored_bytes: 1 << 20,
+            commit: tokio::sync::Mutex::new(()),
+        };
+        assert!(!second.blob_path(&a.id).exists());
+        let fetched = second.local_path(&a.id).await.unwrap();
+        assert_eq!(std::fs::read(&fetched).unwrap(), LINE.as_bytes());
+        // A refused file reaches neither the store nor the records.
+        assert!(add(&first, Some("acme"), "not json\n").await.is_err());
+        assert_eq!(store.list(FILES_DIR).await.unwrap().len(), 1);
+        // A delete removes the object too.
+        assert!(second.delete(Some("acme"), &a.id).await.unwrap().is_some());
+        assert_eq!(store.get(&object_key(&a.id)).await.unwrap(), None);
+        assert!(second.local_path(&a.id).await.is_err());
+    }
+
+    #[tokio::test]
     async fn reopening_keeps_records_and_sweeps_leftovers() {
         let dir = tempfile::tempdir().unwrap();
         let kept = {
