@@ -4,7 +4,9 @@
 //!
 //! Every state change is one conditional `UPDATE` (`... WHERE status IN (...)`), so a
 //! cancel racing the runner's own transitions has exactly one winner, and a terminal
-//! status is never left again. A job names its files by id; while a job is active
+//! status is never left again. A running job is held by one claim at a time ([`Lease`]:
+//! `worker` and `lease_expires_at` on its row), and what its worker writes is conditional
+//! on still holding it; an expired lease puts the job back in the queue. A job names its files by id; while a job is active
 //! (`validating_files`, `queued`, `running`) the files it names cannot be deleted (see
 //! [`super::files::FileStore::delete`]). Owners and visibility follow the files: `None`
 //! is the admin, a viewer `None` sees every job. Knows nothing of HTTP or of how a job
@@ -1083,7 +1085,7 @@ impl JobStore {
         })
     }
 
-    /// The running jobs `worker` holds or held last, with their worker ids: `(id, worker)`.
+    /// The running jobs and their holders, oldest first: `(id, worker)`.
     pub async fn running_holders(&self) -> Result<Vec<(String, Option<String>)>, JobsError> {
         let rows = sqlx::query(
             "SELECT id, worker FROM jobs WHERE status = 'running' ORDER BY created_at, id",
