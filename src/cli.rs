@@ -28,6 +28,50 @@ pub enum Command {
     Serve(ServeArgs),
     /// Read an API key on standard input and print its SHA-256 (for the config file).
     HashKey,
+    /// Run fine-tuning jobs from the shared records database without serving (a training
+    /// worker; see `[fine_tuning]` and `[store]` in the config file).
+    Worker(WorkerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The TOML config file the replicas use (`[fine_tuning]` database and data_dir,
+    /// `[store]`, `model`, `adapters`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Hugging Face model directory (overrides `model` in the config file).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Adapters directory (overrides `adapters`).
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
+    /// Jobs trained at once (default: `fine_tuning.max_concurrent_jobs`, at least 1).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+}
+
+pub fn worker(args: &WorkerArgs) -> Result<()> {
+    use crate::server::config::{Overrides, ServerConfig};
+    let config = ServerConfig::load(
+        args.config.as_deref(),
+        &Overrides {
+            model: args.model.clone(),
+            adapters: args.adapters.clone(),
+            host: None,
+            port: None,
+        },
+    )
+    .map_err(anyhow::Error::msg)?;
+    let jobs = args
+        .jobs
+        .unwrap_or(config.fine_tuning.max_concurrent_jobs)
+        .max(1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("esft-worker")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(crate::server::worker::run(config, jobs))
 }
 
 #[derive(Args, Debug)]

@@ -14,6 +14,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => esft::cli::generate(args),
         Command::Serve(args) => esft::cli::serve(args),
         Command::HashKey => esft::cli::hash_key(),
+        Command::Worker(args) => esft::cli::worker(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

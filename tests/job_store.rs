@@ -8,8 +8,8 @@ mod postgres;
 
 use esft::jobs::files::{FileRecord, FileStore, FilesError, Order, PURPOSE_FINE_TUNE};
 use esft::jobs::queue::{
-    EsftChoices, EventKind, JobError, JobSpec, JobStore, JobsError, Level, NewJob, ScoreFunction,
-    Status,
+    EsftChoices, EventKind, JobError, JobSpec, JobStore, JobsError, Lease, Level, NewJob,
+    ScoreFunction, Status,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -17,6 +17,14 @@ use std::io::Write;
 use std::sync::Arc;
 
 const LINE: &str = "{\"prompt\": \"a\", \"completion\": \"b\"}\n";
+
+/// A worker's lease that outlives any test.
+fn lease() -> Lease {
+    Lease {
+        worker: "test-host/1/worker".into(),
+        duration: std::time::Duration::from_secs(600),
+    }
+}
 
 /// One database to run a test body on, and a data directory.
 struct Backend {
@@ -338,7 +346,7 @@ async fn jobs_round_trip_list_page_and_refuse_what_they_must() {
             .transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
             .await
             .unwrap());
-        let claimed = jobs.claim_next().await.unwrap().unwrap();
+        let claimed = jobs.claim_next(&lease()).await.unwrap().unwrap();
         assert_eq!(
             claimed.id, job.id,
             "{}: the oldest queued job first",
@@ -346,17 +354,28 @@ async fn jobs_round_trip_list_page_and_refuse_what_they_must() {
         );
         assert_eq!(claimed.status, Status::Running);
         assert!(claimed.started_at.is_some());
-        jobs.set_progress(&job.id, 1234, Some(1 << 33))
+        assert!(jobs
+            .set_progress(&job.id, &lease().worker, 1234, Some(1 << 33))
             .await
-            .unwrap();
-        jobs.set_selection(&job.id, &json!({"layers": {"1": [3, 5]}}))
+            .unwrap());
+        assert!(jobs
+            .set_selection(&job.id, &lease().worker, &json!({"layers": {"1": [3, 5]}}))
             .await
-            .unwrap();
+            .unwrap());
+        // Another worker's writes change nothing.
+        assert!(!jobs.set_progress(&job.id, "other", 1, None).await.unwrap());
+        assert!(!jobs
+            .succeed(&job.id, "other", "lite:acme", 1)
+            .await
+            .unwrap());
         let running = jobs.get(None, &job.id).await.unwrap().unwrap();
         assert_eq!(running.trained_tokens, Some(1234));
         assert_eq!(running.estimated_finish, Some(1 << 33));
         assert_eq!(running.esft, Some(json!({"layers": {"1": [3, 5]}})));
-        assert!(jobs.succeed(&job.id, "lite:acme", 4321).await.unwrap());
+        assert!(jobs
+            .succeed(&job.id, &lease().worker, "lite:acme", 4321)
+            .await
+            .unwrap());
         let done = jobs.get(None, &job.id).await.unwrap().unwrap();
         assert_eq!(done.status, Status::Succeeded);
         assert_eq!(done.fine_tuned_model.as_deref(), Some("lite:acme"));
@@ -368,7 +387,10 @@ async fn jobs_round_trip_list_page_and_refuse_what_they_must() {
             assert!(!jobs.transition(&job.id, &Status::ACTIVE, to).await.unwrap());
         }
         assert!(!jobs.fail(&job.id, &JobError::new("x", "y")).await.unwrap());
-        assert!(!jobs.succeed(&job.id, "again", 1).await.unwrap());
+        assert!(!jobs
+            .succeed(&job.id, &lease().worker, "again", 1)
+            .await
+            .unwrap());
         // A failure carries its error object.
         assert!(jobs
             .fail(
@@ -464,20 +486,39 @@ async fn events_and_checkpoints_keep_their_order_and_pages() {
             Err(JobsError::NoSuchCursor { .. })
         ));
 
-        // Checkpoints: one per step (a repeat changes nothing), newest step first.
+        // Checkpoints: recorded by the worker holding the job, one per step (a repeat
+        // changes nothing), newest step first.
+        assert!(!jobs
+            .checkpoint(&id, &lease().worker, 5, &json!({}), "m:5")
+            .await
+            .unwrap());
+        while jobs.claim_next(&lease()).await.unwrap().is_some() {}
+        assert!(!jobs
+            .checkpoint(&id, "another worker", 5, &json!({}), "m:5")
+            .await
+            .unwrap());
         for step in [10, 20, 30] {
-            jobs.checkpoint(
-                &id,
-                step,
-                &json!({"step": step, "train_loss": 1.0}),
-                &format!("m:{step}"),
-            )
-            .await
-            .unwrap();
+            assert!(jobs
+                .checkpoint(
+                    &id,
+                    &lease().worker,
+                    step,
+                    &json!({"step": step, "train_loss": 1.0}),
+                    &format!("m:{step}"),
+                )
+                .await
+                .unwrap());
         }
-        jobs.checkpoint(&id, 20, &json!({"replaced": true}), "other")
-            .await
-            .unwrap();
+        jobs.checkpoint(
+            &id,
+            &lease().worker,
+            20,
+            &json!({"replaced": true}),
+            "other",
+        )
+        .await
+        .unwrap();
+        assert_eq!(jobs.checkpoint_steps(&id).await.unwrap(), vec![30, 20, 10]);
         let ckpts = jobs.checkpoints(&id, None, 2).await.unwrap();
         assert!(ckpts.has_more);
         assert_eq!(
@@ -526,7 +567,12 @@ async fn a_cancel_racing_the_runner_has_one_winner_and_files_in_use_stay() {
                 } else {
                     Status::Queued
                 };
-                assert!(jobs.transition(&job.id, &[from], to).await.unwrap());
+                if to == Status::Running {
+                    let claimed = jobs.claim_next(&lease()).await.unwrap().unwrap();
+                    assert_eq!(claimed.id, job.id);
+                } else {
+                    assert!(jobs.transition(&job.id, &[from], to).await.unwrap());
+                }
             }
         }
         // The runner's success and a cancel, many times at once: exactly one wins, and the
@@ -542,7 +588,7 @@ async fn a_cancel_racing_the_runner_has_one_winner_and_files_in_use_stay() {
                             .then_some(Status::Cancelled)
                     })
                 } else {
-                    jobs.succeed(&id, "lite:x", 10)
+                    jobs.succeed(&id, &lease().worker, "lite:x", 10)
                         .await
                         .map(|won| won.then_some(Status::Succeeded))
                 }
@@ -603,7 +649,7 @@ async fn claimers_in_separate_processes_claim_each_job_once() {
             claimers.push(tokio::spawn(async move {
                 start.wait().await;
                 let mut mine = Vec::new();
-                while let Some(job) = store.claim_next().await? {
+                while let Some(job) = store.claim_next(&lease()).await? {
                     assert_eq!(job.status, Status::Running);
                     mine.push(job.id);
                 }
@@ -627,7 +673,7 @@ async fn claimers_in_separate_processes_claim_each_job_once() {
         assert_eq!(unique, queued_ids, "{}", b.name);
         assert!(jobs.with_status(Status::Queued).await.unwrap().is_empty());
         assert_eq!(jobs.with_status(Status::Running).await.unwrap().len(), JOBS);
-        assert!(jobs.claim_next().await.unwrap().is_none());
+        assert!(jobs.claim_next(&lease()).await.unwrap().is_none());
         eprintln!(
             "{}: {JOBS} jobs claimed by {busy} of {CLAIMERS} claimers",
             b.name
@@ -703,16 +749,214 @@ async fn a_claimer_skips_a_job_another_holds_locked() {
         .get("id");
         assert_eq!(held, order[0].id);
         let other = JobStore::new(b.files(1 << 20).await.pool(), 0);
-        let next = tokio::time::timeout(std::time::Duration::from_secs(5), other.claim_next())
-            .await
-            .expect("the claim waited on the locked job")
-            .unwrap()
-            .expect("the claim came back empty with jobs queued");
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            other.claim_next(&lease()),
+        )
+        .await
+        .expect("the claim waited on the locked job")
+        .unwrap()
+        .expect("the claim came back empty with jobs queued");
         assert_eq!(next.id, order[1].id);
         tx.rollback().await.unwrap();
         // Released, the held job is the next claimed.
-        assert_eq!(other.claim_next().await.unwrap().unwrap().id, order[0].id);
-        assert_eq!(other.claim_next().await.unwrap().unwrap().id, order[2].id);
-        assert!(other.claim_next().await.unwrap().is_none());
+        assert_eq!(
+            other.claim_next(&lease()).await.unwrap().unwrap().id,
+            order[0].id
+        );
+        assert_eq!(
+            other.claim_next(&lease()).await.unwrap().unwrap().id,
+            order[2].id
+        );
+        assert!(other.claim_next(&lease()).await.unwrap().is_none());
+    }
+}
+
+/// Leases: a claim holds a running job while its worker renews it; once it expires the job
+/// goes back to the queue once (however many processes look), with an event naming the
+/// worker that lost it; the next worker's claim takes it, and every write of the old
+/// worker (progress, events, checkpoints, success, failure, release) then changes nothing.
+/// A release gives a job back at once; a cancel is what the next renewal finds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_hold_expire_and_fence_the_worker_that_lost_them() {
+    use esft::jobs::queue::Renewal;
+    use std::time::Duration;
+    for b in backends() {
+        let files = b.files(1 << 20).await;
+        let jobs = Arc::new(JobStore::new(files.pool(), 0));
+        let id = queued(&files, &jobs, Some("acme")).await;
+        let a = Lease {
+            worker: "host-a/11/aaaa".into(),
+            duration: Duration::from_millis(1500),
+        };
+        let bw = Lease {
+            worker: "host-b/22/bbbb".into(),
+            duration: Duration::from_secs(600),
+        };
+        assert_eq!(jobs.claim_next(&a).await.unwrap().unwrap().id, id);
+        assert!(jobs.claim_next(&bw).await.unwrap().is_none(), "{}", b.name);
+        // Renewed, it stays held past its first expiry.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            assert_eq!(jobs.renew(&id, &a).await.unwrap(), Renewal::Held);
+            assert!(jobs.requeue_expired().await.unwrap().is_empty());
+        }
+        assert!(jobs
+            .checkpoint(&id, &a.worker, 5, &json!({"step": 5}), "m:5")
+            .await
+            .unwrap());
+        // Unrenewed, it expires, and processes looking at once put it back exactly once.
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        let mut lookers = Vec::new();
+        for _ in 0..4 {
+            let other = JobStore::new(b.files(1 << 20).await.pool(), 0);
+            lookers.push(tokio::spawn(async move { other.requeue_expired().await }));
+        }
+        let mut requeued = Vec::new();
+        for l in lookers {
+            requeued.extend(l.await.unwrap().unwrap());
+        }
+        assert_eq!(requeued, vec![id.clone()], "{}", b.name);
+        assert_eq!(jobs.status(&id).await.unwrap(), Some(Status::Queued));
+        let events = jobs.events(&id, None, 10).await.unwrap().items;
+        let lost: Vec<_> = events
+            .iter()
+            .filter(|e| e.message.contains("stopped renewing its lease"))
+            .collect();
+        assert_eq!(lost.len(), 1, "{}: {events:?}", b.name);
+        assert!(lost[0].message.contains("host-a/11/aaaa"));
+        assert_eq!(lost[0].data, Some(json!({"worker": "host-a/11/aaaa"})));
+
+        // Another worker takes it over; the old one can change nothing any more.
+        let taken = jobs.claim_next(&bw).await.unwrap().unwrap();
+        assert_eq!(
+            (taken.id.as_str(), taken.status),
+            (id.as_str(), Status::Running)
+        );
+        assert_eq!(jobs.renew(&id, &a).await.unwrap(), Renewal::Lost);
+        assert!(!jobs.set_progress(&id, &a.worker, 9, None).await.unwrap());
+        assert!(!jobs
+            .set_selection(&id, &a.worker, &json!({"x": 1}))
+            .await
+            .unwrap());
+        assert!(!jobs
+            .checkpoint(&id, &a.worker, 10, &json!({}), "m:10")
+            .await
+            .unwrap());
+        assert!(!jobs
+            .held_event(
+                &id,
+                &a.worker,
+                Level::Info,
+                EventKind::Message,
+                "stale",
+                None
+            )
+            .await
+            .unwrap());
+        assert!(!jobs
+            .fail_held(&id, &a.worker, &JobError::new("x", "y"))
+            .await
+            .unwrap());
+        assert!(!jobs.succeed(&id, &a.worker, "m", 1).await.unwrap());
+        assert!(!jobs.release(&id, &a.worker, "stale").await.unwrap());
+        assert_eq!(jobs.checkpoint_steps(&id).await.unwrap(), vec![5]);
+        let record = jobs.get(None, &id).await.unwrap().unwrap();
+        assert_eq!(record.status, Status::Running);
+        assert_eq!(record.trained_tokens, None);
+        assert!(jobs
+            .held_event(
+                &id,
+                &bw.worker,
+                Level::Info,
+                EventKind::Message,
+                "resumed",
+                None
+            )
+            .await
+            .unwrap());
+        assert!(!jobs
+            .events(&id, None, 100)
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.message == "stale"));
+
+        // A release puts it back at once, claimable again.
+        assert!(jobs
+            .release(&id, &bw.worker, "worker b stopped")
+            .await
+            .unwrap());
+        assert_eq!(jobs.status(&id).await.unwrap(), Some(Status::Queued));
+        assert_eq!(jobs.claim_next(&bw).await.unwrap().unwrap().id, id);
+        // A cancel is what the holder's next renewal finds.
+        assert!(jobs.cancel(None, &id).await.unwrap().unwrap().1);
+        assert_eq!(jobs.renew(&id, &bw).await.unwrap(), Renewal::Cancelled);
+        assert!(!jobs.succeed(&id, &bw.worker, "m", 1).await.unwrap());
+        assert_eq!(jobs.status(&id).await.unwrap(), Some(Status::Cancelled));
+
+        // A running job without a lease (left by a process that took none) goes back too.
+        let legacy = queued(&files, &jobs, None).await;
+        assert!(jobs
+            .transition(&legacy, &[Status::Queued], Status::Running)
+            .await
+            .unwrap());
+        assert_eq!(jobs.requeue_expired().await.unwrap(), vec![legacy.clone()]);
+        assert_eq!(jobs.status(&legacy).await.unwrap(), Some(Status::Queued));
+    }
+}
+
+/// A database made before leases existed gets their columns when it is opened, keeping
+/// its rows; opening it again changes nothing.
+#[tokio::test]
+async fn an_older_database_gains_the_lease_columns() {
+    use sqlx::Row;
+    for b in backends() {
+        sqlx::any::install_default_drivers();
+        let url = if b.database.is_empty() {
+            format!(
+                "sqlite://{}?mode=rwc",
+                b.data_dir.path().join("esft.db").display()
+            )
+        } else {
+            b.database.clone()
+        };
+        let old = sqlx::AnyPool::connect(&url).await.unwrap();
+        sqlx::query(
+            "CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT, model TEXT NOT NULL, \
+             status TEXT NOT NULL, created_at BIGINT NOT NULL, started_at BIGINT, \
+             finished_at BIGINT, estimated_finish BIGINT, training_file TEXT NOT NULL, \
+             validation_file TEXT, suffix TEXT, seed BIGINT NOT NULL, metadata TEXT, \
+             spec TEXT NOT NULL, adapter TEXT NOT NULL, fine_tuned_model TEXT, \
+             trained_tokens BIGINT, error TEXT, esft TEXT)",
+        )
+        .execute(&old)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO jobs (id, model, status, created_at, training_file, seed, spec, \
+             adapter) VALUES ('ftjob-old', 'm', 'running', 1, 'file-x', 1, $1, 'a')",
+        )
+        .bind(serde_json::to_string(&spec()).unwrap())
+        .execute(&old)
+        .await
+        .unwrap();
+        old.close().await;
+        for _ in 0..2 {
+            let files = b.files(1 << 20).await;
+            let row = sqlx::query("SELECT worker, lease_expires_at FROM jobs WHERE id = $1")
+                .bind("ftjob-old")
+                .fetch_one(&files.pool())
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", b.name));
+            assert_eq!(row.get::<Option<String>, _>("worker"), None);
+            assert_eq!(row.get::<Option<i64>, _>("lease_expires_at"), None);
+            files.pool().close().await;
+        }
+        // Its running job, held by nobody, goes back to the queue.
+        let files = b.files(1 << 20).await;
+        let jobs = JobStore::new(files.pool(), 0);
+        assert_eq!(jobs.requeue_expired().await.unwrap(), vec!["ftjob-old"]);
     }
 }

@@ -13,6 +13,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::ConnectOptions;
 use sqlx::Executor;
+use sqlx::Row;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -75,6 +76,18 @@ impl Backend {
         match self {
             Backend::Postgres => Some("SELECT 1 FROM pg_advisory_xact_lock(7262318)"),
             Backend::Sqlite => None,
+        }
+    }
+
+    /// A query counting the columns named `$2` of the table `$1` (1 if it has one, 0 if
+    /// not): the catalogue is the one thing the two databases name differently.
+    fn column_count(self) -> &'static str {
+        match self {
+            Backend::Postgres => {
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2"
+            }
+            Backend::Sqlite => "SELECT COUNT(*) AS n FROM pragma_table_info($1) WHERE name = $2",
         }
     }
 }
@@ -218,11 +231,27 @@ const SCHEMA: &[&str] = &[
     )",
 ];
 
+/// Columns added after the tables were first made: `(table, column, type)`, each added to a
+/// database that lacks it when it is opened.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // The worker holding a running job (`host/pid/random`), and until when (Unix
+    // milliseconds): see `queue::JobStore::claim`.
+    ("jobs", "worker", "TEXT"),
+    ("jobs", "lease_expires_at", "BIGINT"),
+];
+
 /// Unix seconds now: the time every record carries.
 pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Unix milliseconds now: the clock of leases.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Opens the records database `database` names (see [`Backend::of_setting`]; for SQLite
@@ -274,6 +303,22 @@ pub async fn open(data_dir: &Path, database: &str) -> Result<Pool, sqlx::Error> 
     for statement in SCHEMA {
         sqlx::query(statement).execute(&mut *tx).await?;
     }
+    // Columns an older database lacks (under the same lock as the tables, so two
+    // processes never both add one).
+    let backend = Backend::of(&pool);
+    for (table, column, kind) in ADDED_COLUMNS {
+        let n: i64 = sqlx::query(backend.column_count())
+            .bind(*table)
+            .bind(*column)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+        if n == 0 {
+            sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
     tx.commit().await?;
     Ok(pool)
 }
@@ -281,7 +326,6 @@ pub async fn open(data_dir: &Path, database: &str) -> Result<Pool, sqlx::Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::Row;
 
     #[test]
     fn the_setting_chooses_the_backend() {

@@ -1,12 +1,16 @@
 //! Uploaded files: their records (the `files` table) and their bytes
-//! (`DATA_DIR/files/<id>`).
+//! (`DATA_DIR/files/<id>`, and with an object store configured also `files/<id>` there,
+//! which every replica and worker reads).
 //!
 //! An upload is streamed by the caller into a [`FileStore::staging`] file inside the files
 //! directory; [`FileStore::add`] checks it line by line as training data, checks the
 //! owner's quota, fsyncs and renames it into place, and only then inserts its row. A
 //! delete removes the row first, then the bytes. So a crash leaves at most bytes without a
 //! row, never a row without its bytes, and [`FileStore::open`] removes such leftovers (and
-//! unfinished uploads). An owner is a tenant's name, or `None` for the admin (and the
+//! unfinished uploads). With an object store, the bytes go up to the store (one whole
+//! object) before the row is inserted, a delete removes the object after the row, and a
+//! process that lacks a file's bytes locally fetches them from the store
+//! ([`FileStore::local_path`]); the local copies are then a cache. An owner is a tenant's name, or `None` for the admin (and the
 //! callers of a server without keys); who may see what is the caller's `visible_to`:
 //! `None` sees every file, `Some(tenant)` only that tenant's. Knows nothing of HTTP.
 
@@ -18,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use super::data::{check_train_file, LineError};
 use super::db::{self, now, DbRow, Pool, Sql};
+use crate::store::{Store, StoreError};
 
 /// The one purpose files are uploaded for today.
 pub const PURPOSE_FINE_TUNE: &str = "fine-tune";
@@ -93,6 +98,9 @@ pub enum FilesError {
     /// Reading or writing the data directory (details for the log only: they name paths).
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The object store failed (unreachable: worth retrying).
+    #[error("{0}")]
+    Store(#[from] StoreError),
     #[error("{0}")]
     Db(#[from] sqlx::Error),
 }
@@ -114,6 +122,8 @@ pub struct Page {
 pub struct FileStore {
     pool: Pool,
     dir: PathBuf,
+    /// Where the bytes live for every machine (`None`: only in `dir`).
+    store: Option<Store>,
     max_stored_bytes: u64,
     /// Serialises the quota check with the insert it allows.
     commit: tokio::sync::Mutex<()>,
@@ -133,11 +143,23 @@ impl FileStore {
         let store = Self {
             pool,
             dir,
+            store: None,
             max_stored_bytes,
             commit: tokio::sync::Mutex::new(()),
         };
         store.sweep().await?;
         Ok(store)
+    }
+
+    /// Keeps the files' bytes in `store` too (under `files/<id>`); `None`: only locally.
+    pub fn with_store(mut self, store: Option<Store>) -> Self {
+        self.store = store;
+        self
+    }
+
+    /// The object store the bytes go to, if any.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
     }
 
     async fn sweep(&self) -> Result<(), FilesError> {
@@ -238,6 +260,15 @@ impl FileStore {
             std::fs::File::open(&dir)?.sync_all()
         })
         .await?;
+        if let Some(store) = &self.store {
+            if let Err(e) = store
+                .upload_file(&object_key(&record.id), &self.blob_path(&record.id))
+                .await
+            {
+                let _ = std::fs::remove_file(self.blob_path(&record.id));
+                return Err(e.into());
+            }
+        }
         let inserted = sqlx::query(
             "INSERT INTO files (id, owner, filename, purpose, bytes, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -252,6 +283,9 @@ impl FileStore {
         .await;
         if let Err(e) = inserted {
             let _ = std::fs::remove_file(self.blob_path(&record.id));
+            if let Some(store) = &self.store {
+                let _ = store.delete(&object_key(&record.id)).await;
+            }
             return Err(e.into());
         }
         Ok(record)
@@ -400,7 +434,30 @@ impl FileStore {
             _ => Ok(()),
         })
         .await?;
+        if let Some(store) = &self.store {
+            if let Err(e) = store.delete(&object_key(id)).await {
+                // The record is gone, so nothing reads the object any more.
+                tracing::warn!("removing the stored bytes of {id}: {e}");
+            }
+        }
         Ok(Some(record))
+    }
+
+    /// A local path holding the bytes of the file `id` (a record the caller has): its
+    /// local copy, fetched from the object store first where this process lacks it.
+    pub async fn local_path(&self, id: &str) -> Result<PathBuf, FilesError> {
+        let path = self.blob_path(id);
+        if let Some(store) = &self.store {
+            if !tokio::fs::try_exists(&path).await.unwrap_or(false)
+                && store.download_file(&object_key(id), &path).await?.is_none()
+            {
+                return Err(FilesError::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("{}: no such object", store.url()),
+                )));
+            }
+        }
+        Ok(path)
     }
 
     /// The records database (jobs keep their records beside the files').
@@ -412,6 +469,11 @@ impl FileStore {
     pub fn blob_path(&self, id: &str) -> PathBuf {
         self.dir.join(id)
     }
+}
+
+/// The key of a file's bytes in the object store.
+pub fn object_key(id: &str) -> String {
+    format!("{FILES_DIR}/{id}")
 }
 
 /// `file-` and 24 random letters and digits.
@@ -593,6 +655,45 @@ mod tests {
             .await
             .unwrap();
         assert!(other.files.is_empty() && !other.has_more);
+    }
+
+    #[tokio::test]
+    async fn with_a_store_the_bytes_go_there_first_and_come_back_from_there() {
+        let store = Store::open("memory://").unwrap();
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let db = one.path().join("shared");
+        // Two processes' file stores on one database, each with its own files directory.
+        let first = FileStore::open(&db, "", 1 << 20)
+            .await
+            .unwrap()
+            .with_store(Some(store.clone()));
+        let a = add(&first, Some("acme"), LINE).await.unwrap();
+        assert_eq!(
+            store
+                .get(&object_key(&a.id))
+                .await
+                .unwrap()
+                .unwrap()
+                .as_ref(),
+            LINE.as_bytes()
+        );
+        let second = FileStore {
+            pool: first.pool(),
+            dir: two.path().join(FILES_DIR),
+            store: Some(store.clone()),
+            max_stored_bytes: 1 << 20,
+            commit: tokio::sync::Mutex::new(()),
+        };
+        assert!(!second.blob_path(&a.id).exists());
+        let fetched = second.local_path(&a.id).await.unwrap();
+        assert_eq!(std::fs::read(&fetched).unwrap(), LINE.as_bytes());
+        // A refused file reaches neither the store nor the records.
+        assert!(add(&first, Some("acme"), "not json\n").await.is_err());
+        assert_eq!(store.list(FILES_DIR).await.unwrap().len(), 1);
+        // A delete removes the object too.
+        assert!(second.delete(Some("acme"), &a.id).await.unwrap().is_some());
+        assert_eq!(store.get(&object_key(&a.id)).await.unwrap(), None);
+        assert!(second.local_path(&a.id).await.is_err());
     }
 
     #[tokio::test]

@@ -6,8 +6,10 @@
 //! - [`data`]: the task-data JSONL formats and their per-line check (shared with
 //!   `esft-train`)
 //! - [`db`]: the records database (SQLite or PostgreSQL, one portable SQL through sqlx)
-//! - [`files`]: uploaded files: their records and their bytes under the data directory
-//! - [`queue`]: fine-tuning jobs' records, events and checkpoints, and the queue order
+//! - [`files`]: uploaded files: their records and their bytes (the data directory, and the
+//!   object store where one is configured)
+//! - [`queue`]: fine-tuning jobs' records, events and checkpoints, the queue order and the
+//!   leases of running jobs
 //! - [`runner`]: runs jobs as `esft-train` child processes and installs their adapters
 
 pub mod data;

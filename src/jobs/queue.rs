@@ -4,7 +4,9 @@
 //!
 //! Every state change is one conditional `UPDATE` (`... WHERE status IN (...)`), so a
 //! cancel racing the runner's own transitions has exactly one winner, and a terminal
-//! status is never left again. A job names its files by id; while a job is active
+//! status is never left again. A running job is held by one claim at a time ([`Lease`]:
+//! `worker` and `lease_expires_at` on its row), and what its worker writes is conditional
+//! on still holding it; an expired lease puts the job back in the queue. A job names its files by id; while a job is active
 //! (`validating_files`, `queued`, `running`) the files it names cannot be deleted (see
 //! [`super::files::FileStore::delete`]). Owners and visibility follow the files: `None`
 //! is the admin, a viewer `None` sees every job. Knows nothing of HTTP or of how a job
@@ -15,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use super::db::{now, Backend, DbRow, Pool, Sql};
+use super::db::{now, now_ms, Backend, DbRow, Pool, Sql};
+use std::time::Duration;
 
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -178,11 +181,13 @@ pub struct JobRecord {
     pub error: Option<JobError>,
     /// The expert selection (filled once selection is done).
     pub esft: Option<Value>,
+    /// The holder of the job's last claim (see [`Lease`]); kept after it ends.
+    pub worker: Option<String>,
 }
 
 const COLUMNS: &str = "id, owner, model, status, created_at, started_at, finished_at, \
     estimated_finish, training_file, validation_file, suffix, seed, metadata, spec, adapter, \
-    fine_tuned_model, trained_tokens, error, esft";
+    fine_tuned_model, trained_tokens, error, esft, worker";
 
 fn json_column<T: serde::de::DeserializeOwned>(
     row: &DbRow,
@@ -227,6 +232,7 @@ impl JobRecord {
             trained_tokens: row.try_get("trained_tokens")?,
             error: json_column(row, "error")?,
             esft: json_column(row, "esft")?,
+            worker: row.try_get("worker")?,
         })
     }
 
@@ -443,6 +449,87 @@ pub enum JobsError {
     Db(#[from] sqlx::Error),
 }
 
+/// A hold on a running job: its holder (written on the job as `worker`) and how long a
+/// claim or renewal holds. Every write a worker makes to a job it runs (progress, events,
+/// checkpoints, its end) is conditional on the job still naming this holder, so a holder
+/// that lost its lease (it stalled, the job was cancelled or taken over) can change
+/// nothing of the job any more. A runner takes a holder of its own for every claim
+/// ([`worker_id`] and a claim number), so even a job it loses and claims again is fenced
+/// from the earlier attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub worker: String,
+    pub duration: Duration,
+}
+
+impl Lease {
+    /// Unix milliseconds at which a claim or renewal made now expires.
+    pub fn expiry(&self) -> i64 {
+        now_ms().saturating_add(i64::try_from(self.duration.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+/// A new worker id for this process: `host/pid/random` (the random part tells a restarted
+/// process with the same pid from its predecessor). A claim's holder is this and
+/// `/<claim number>`.
+pub fn worker_id() -> String {
+    format!(
+        "{}/{}/{}",
+        hostname(),
+        std::process::id(),
+        Alphanumeric.sample_string(&mut rand::rng(), 8)
+    )
+}
+
+/// The machine's host name (`HOSTNAME`, else the kernel's, else `localhost`).
+pub fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty() && !h.contains('/'))
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty() && !h.contains('/'))
+        })
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Whether the holder `id` (a [`worker_id`], or one and a claim number) belongs to a
+/// process of this host that is gone: an earlier process with this process's pid, or a
+/// pid with no process. `this` is this process's worker id. Another host's holder, or a
+/// live process's, is not known to be gone.
+pub fn worker_is_gone(id: &str, this: &str) -> bool {
+    let mut parts = id.split('/');
+    let (Some(host), Some(pid), Some(random)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    if format!("{host}/{pid}/{random}") == this || host != hostname() {
+        return false;
+    }
+    let Ok(pid) = pid.parse::<libc::pid_t>() else {
+        return false;
+    };
+    if u32::try_from(pid).ok() == Some(std::process::id()) {
+        return true;
+    }
+    // SAFETY: signal 0 only checks whether the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    !alive
+}
+
+/// What a lease renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// Still held, for another lease duration.
+    Held,
+    /// The job was cancelled.
+    Cancelled,
+    /// Another worker holds the job, or it ended.
+    Lost,
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page<T> {
@@ -457,6 +544,9 @@ fn in_list(statuses: &[Status]) -> String {
         .collect();
     format!("({})", names.join(", "))
 }
+
+/// The PostgreSQL channel on which a job's move to `queued` is announced.
+const QUEUED_CHANNEL: &str = "esft_jobs_queued";
 
 pub struct JobStore {
     pool: Pool,
@@ -508,6 +598,7 @@ impl JobStore {
             trained_tokens: None,
             error: None,
             esft: None,
+            worker: None,
         };
         let spec =
             serde_json::to_string(&record.spec).map_err(|e| sqlx::Error::Encode(e.into()))?;
@@ -538,7 +629,7 @@ impl JobStore {
             .push_bind(spec)
             .push(", ")
             .push_bind(record.adapter.clone())
-            .push(", NULL, NULL, NULL, NULL");
+            .push(", NULL, NULL, NULL, NULL, NULL");
         let files = [
             ("training_file", Some(&record.training_file)),
             ("validation_file", record.validation_file.as_ref()),
@@ -667,6 +758,50 @@ impl JobStore {
         Ok(Page { items, has_more })
     }
 
+    /// Announces that a job may be claimed (PostgreSQL's `NOTIFY`, which
+    /// [`Self::watch_queue`] hears in every process); nothing on SQLite, whose other
+    /// processes find it when they next poll.
+    async fn announce_queued(&self) {
+        if Backend::of(&self.pool) == Backend::Postgres {
+            let sent = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(QUEUED_CHANNEL)
+                .execute(&self.pool)
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!("announcing a queued job: {e}");
+            }
+        }
+    }
+
+    /// On PostgreSQL, calls `on_queued` (on the current tokio runtime) whenever any
+    /// process moves a job to `queued` (`LISTEN`, on a connection of its own that is made
+    /// again whenever it drops); returns false, and does nothing, on SQLite.
+    pub fn watch_queue(&self, on_queued: impl Fn() + Send + Sync + 'static) -> bool {
+        if Backend::of(&self.pool) != Backend::Postgres {
+            return false;
+        }
+        let url = self.pool.connect_options().database_url.to_string();
+        tokio::spawn(async move {
+            loop {
+                match sqlx::postgres::PgListener::connect(&url).await {
+                    Ok(mut listener) => match listener.listen(QUEUED_CHANNEL).await {
+                        Ok(()) => {
+                            // A job queued while nobody listened is found by the next claim.
+                            on_queued();
+                            while listener.recv().await.is_ok() {
+                                on_queued();
+                            }
+                        }
+                        Err(e) => tracing::warn!("listening for queued jobs: {e}"),
+                    },
+                    Err(e) => tracing::warn!("connecting to listen for queued jobs: {e}"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        true
+    }
+
     /// Moves `id` from one of `from` to `to`; false when it was in none of them (another
     /// transition won).
     pub async fn transition(
@@ -689,11 +824,34 @@ impl JobStore {
         q.push(" WHERE id = ")
             .push_bind(id.to_string())
             .push(format!(" AND status IN {}", in_list(from)));
-        Ok(q.build().execute(&self.pool).await?.rows_affected() == 1)
+        let moved = q.build().execute(&self.pool).await?.rows_affected() == 1;
+        if moved && to == Status::Queued {
+            self.announce_queued().await;
+        }
+        Ok(moved)
     }
 
     /// Ends an active job as failed with `error`; false when it was no longer active.
     pub async fn fail(&self, id: &str, error: &JobError) -> Result<bool, JobsError> {
+        self.fail_as(id, None, error).await
+    }
+
+    /// [`Self::fail`] by the worker that runs the job: only while `worker` holds its lease.
+    pub async fn fail_held(
+        &self,
+        id: &str,
+        worker: &str,
+        error: &JobError,
+    ) -> Result<bool, JobsError> {
+        self.fail_as(id, Some(worker), error).await
+    }
+
+    async fn fail_as(
+        &self,
+        id: &str,
+        worker: Option<&str>,
+        error: &JobError,
+    ) -> Result<bool, JobsError> {
         let text = serde_json::to_string(error).map_err(|e| sqlx::Error::Encode(e.into()))?;
         // The status and its event in one transaction: whoever sees the job failed also
         // sees why in its events. An event appended concurrently can take the event's
@@ -703,16 +861,19 @@ impl JobStore {
         let mut tries = 0;
         loop {
             let mut tx = self.pool.begin().await?;
-            let done = sqlx::query(&format!(
-                "UPDATE jobs SET status = 'failed', finished_at = $1, estimated_finish = NULL, \
-                 error = $2 WHERE id = $3 AND status IN {}",
-                in_list(&Status::ACTIVE)
-            ))
-            .bind(now())
-            .bind(text.clone())
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+            let mut q = Sql::new("UPDATE jobs SET status = 'failed', finished_at = ");
+            q.push_bind(now())
+                .push(", estimated_finish = NULL, lease_expires_at = NULL, error = ")
+                .push_bind(text.clone())
+                .push(" WHERE id = ")
+                .push_bind(id.to_string());
+            match worker {
+                Some(w) => q
+                    .push(" AND status = 'running' AND worker = ")
+                    .push_bind(w.to_string()),
+                None => q.push(format!(" AND status IN {}", in_list(&Status::ACTIVE))),
+            };
+            let done = q.build().execute(&mut *tx).await?;
             if done.rows_affected() != 1 {
                 return Ok(false);
             }
@@ -737,24 +898,54 @@ impl JobStore {
         }
     }
 
-    /// Ends a running job as succeeded; false when it was no longer running (cancelled).
+    /// Ends a running job as succeeded, with its final event, in one transaction; false
+    /// (nothing changed) when it is no longer running or `worker` no longer holds it.
     pub async fn succeed(
         &self,
         id: &str,
+        worker: &str,
         model: &str,
         trained_tokens: i64,
     ) -> Result<bool, JobsError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET status = 'succeeded', finished_at = $1, estimated_finish = NULL, \
-             fine_tuned_model = $2, trained_tokens = $3 WHERE id = $4 AND status = 'running'",
-        )
-        .bind(now())
-        .bind(model)
-        .bind(trained_tokens)
-        .bind(id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let message = format!("The job has successfully completed: the model {model} is ready");
+        let data = json!({"fine_tuned_model": model}).to_string();
+        let mut tries = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let done = sqlx::query(
+                "UPDATE jobs SET status = 'succeeded', finished_at = $1, estimated_finish = NULL, \
+                 lease_expires_at = NULL, fine_tuned_model = $2, trained_tokens = $3 \
+                 WHERE id = $4 AND status = 'running' AND worker = $5",
+            )
+            .bind(now())
+            .bind(model)
+            .bind(trained_tokens)
+            .bind(id)
+            .bind(worker)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Ok(false);
+            }
+            let event = insert_event(
+                &mut *tx,
+                id,
+                Level::Info,
+                EventKind::Message,
+                &message,
+                Some(data.clone()),
+            )
+            .await;
+            tries += 1;
+            match event {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && tries < 10 => {}
+                Err(e) => return Err(e.into()),
+                Ok(()) => {
+                    tx.commit().await?;
+                    return Ok(true);
+                }
+            }
+        }
     }
 
     /// Cancels `id` if `viewer` may see it and it is active. `Ok(None)`: no such job;
@@ -773,20 +964,137 @@ impl JobStore {
         Ok(self.get(viewer, id).await?.map(|r| (r, changed)))
     }
 
-    /// Claims the oldest queued job for running: one `UPDATE` of the row its sub-select
-    /// picks, safe when several processes share the database (each job is claimed once;
-    /// see [`Backend::claim_lock`] for the one part that differs between backends).
-    pub async fn claim_next(&self) -> Result<Option<JobRecord>, JobsError> {
+    /// Claims the oldest queued job for `lease.worker`, which holds it until
+    /// `lease.duration` from now unless it renews ([`Self::renew`]): one `UPDATE` of the
+    /// row its sub-select picks, safe when several processes share the database (each job
+    /// is claimed once; see [`Backend::claim_lock`] for the one part that differs between
+    /// backends). Jobs whose holder stopped renewing come back to the queue through
+    /// [`Self::requeue_expired`].
+    pub async fn claim_next(&self, lease: &Lease) -> Result<Option<JobRecord>, JobsError> {
         let row = sqlx::query(&format!(
-            "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $1) \
+            "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $1), \
+             worker = $2, lease_expires_at = $3 \
              WHERE status = 'queued' AND id = (SELECT id FROM jobs WHERE status = 'queued' \
              ORDER BY created_at, id LIMIT 1{}) RETURNING {COLUMNS}",
             Backend::of(&self.pool).claim_lock()
         ))
         .bind(now())
+        .bind(lease.worker.as_str())
+        .bind(lease.expiry())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.as_ref().map(JobRecord::from_row).transpose()?)
+    }
+
+    /// Puts back in the queue every running job whose lease has expired (or that has none:
+    /// a job a process without leases left running), each with an event naming the worker
+    /// that lost it; returns those jobs' ids. One conditional `UPDATE`: of two processes
+    /// doing this at once, each job is put back by one, and a renewal that lands first
+    /// keeps the job where it is.
+    pub async fn requeue_expired(&self) -> Result<Vec<String>, JobsError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE jobs SET status = 'queued', lease_expires_at = NULL, estimated_finish = NULL \
+             WHERE status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < $1) \
+             RETURNING id, worker",
+        )
+        .bind(now_ms())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut ids = Vec::new();
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let worker: Option<String> = row.try_get("worker")?;
+            let message = match &worker {
+                Some(w) => format!(
+                    "Worker {w} stopped renewing its lease; the job is back in the queue and \
+                     continues from its last saved state"
+                ),
+                None => "The job was left running without a lease; it is back in the queue and \
+                         continues from its last saved state"
+                    .to_string(),
+            };
+            let data = json!({"worker": worker}).to_string();
+            insert_event(
+                &mut *tx,
+                &id,
+                Level::Warn,
+                EventKind::Message,
+                &message,
+                Some(data),
+            )
+            .await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        if !ids.is_empty() {
+            self.announce_queued().await;
+        }
+        Ok(ids)
+    }
+
+    /// Puts the running job `id` back in the queue at once if `worker` still holds it (its
+    /// holder is known to be gone, or gives it up), with the event `message`.
+    pub async fn release(&self, id: &str, worker: &str, message: &str) -> Result<bool, JobsError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'queued', lease_expires_at = NULL, estimated_finish = NULL \
+             WHERE id = $1 AND status = 'running' AND worker = $2",
+        )
+        .bind(id)
+        .bind(worker)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Ok(false);
+        }
+        let data = json!({"worker": worker}).to_string();
+        insert_event(
+            &mut *tx,
+            id,
+            Level::Warn,
+            EventKind::Message,
+            message,
+            Some(data),
+        )
+        .await?;
+        tx.commit().await?;
+        self.announce_queued().await;
+        Ok(true)
+    }
+
+    /// Extends `lease.worker`'s lease on the running job `id` to `lease.duration` from
+    /// now. [`Renewal::Lost`] when the job is no longer running or another worker holds
+    /// it: its holder must stop working on it.
+    pub async fn renew(&self, id: &str, lease: &Lease) -> Result<Renewal, JobsError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = $1 \
+             WHERE id = $2 AND status = 'running' AND worker = $3",
+        )
+        .bind(lease.expiry())
+        .bind(id)
+        .bind(lease.worker.as_str())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(Renewal::Held);
+        }
+        Ok(match self.status(id).await? {
+            Some(Status::Cancelled) => Renewal::Cancelled,
+            _ => Renewal::Lost,
+        })
+    }
+
+    /// The running jobs and their holders, oldest first: `(id, worker)`.
+    pub async fn running_holders(&self) -> Result<Vec<(String, Option<String>)>, JobsError> {
+        let rows = sqlx::query(
+            "SELECT id, worker FROM jobs WHERE status = 'running' ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("worker")?)))
+            .collect()
     }
 
     /// Jobs in `status`, oldest first.
@@ -815,33 +1123,44 @@ impl JobStore {
             .and_then(|s| Status::parse(&s)))
     }
 
-    /// Records the expert selection of a job.
-    pub async fn set_selection(&self, id: &str, esft: &Value) -> Result<(), JobsError> {
-        sqlx::query("UPDATE jobs SET esft = $1 WHERE id = $2")
-            .bind(esft.to_string())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Records the expert selection of a running job while `worker` holds it; false when
+    /// it does not.
+    pub async fn set_selection(
+        &self,
+        id: &str,
+        worker: &str,
+        esft: &Value,
+    ) -> Result<bool, JobsError> {
+        let done = sqlx::query(
+            "UPDATE jobs SET esft = $1 WHERE id = $2 AND status = 'running' AND worker = $3",
+        )
+        .bind(esft.to_string())
+        .bind(id)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
-    /// Records how far a running job is.
+    /// Records how far a running job is, while `worker` holds it; false when it does not.
     pub async fn set_progress(
         &self,
         id: &str,
+        worker: &str,
         trained_tokens: i64,
         estimated_finish: Option<i64>,
-    ) -> Result<(), JobsError> {
-        sqlx::query(
+    ) -> Result<bool, JobsError> {
+        let done = sqlx::query(
             "UPDATE jobs SET trained_tokens = $1, estimated_finish = $2 \
-             WHERE id = $3 AND status = 'running'",
+             WHERE id = $3 AND status = 'running' AND worker = $4",
         )
         .bind(trained_tokens)
         .bind(estimated_finish)
         .bind(id)
+        .bind(worker)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Appends an event to a job's log. Its `seq` is the job's last plus one, taken in the
@@ -868,6 +1187,45 @@ impl JobStore {
         }
     }
 
+    /// [`Self::event`] by the worker running the job: appended only while `worker` holds
+    /// it (false, nothing appended, when it does not).
+    pub async fn held_event(
+        &self,
+        job_id: &str,
+        worker: &str,
+        level: Level,
+        kind: EventKind,
+        message: &str,
+        data: Option<&Value>,
+    ) -> Result<bool, JobsError> {
+        let data = data.map(Value::to_string);
+        let mut tries = 0;
+        loop {
+            let inserted = sqlx::query(
+                "INSERT INTO job_events (id, job_id, seq, created_at, level, kind, message, data) \
+                 SELECT $1, $2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events \
+                 WHERE job_id = $2), $3, $4, $5, $6, $7 \
+                 FROM jobs WHERE id = $2 AND status = 'running' AND worker = $8",
+            )
+            .bind(new_event_id())
+            .bind(job_id)
+            .bind(now())
+            .bind(level.as_str())
+            .bind(kind.as_str())
+            .bind(message)
+            .bind(data.clone())
+            .bind(worker)
+            .execute(&self.pool)
+            .await;
+            tries += 1;
+            match inserted {
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && tries < 10 => {}
+                Err(e) => return Err(e.into()),
+                Ok(done) => return Ok(done.rows_affected() == 1),
+            }
+        }
+    }
+
     /// A job's events, newest first, after the event `after`.
     pub async fn events(
         &self,
@@ -886,17 +1244,33 @@ impl JobStore {
         page(rows.iter().map(JobEvent::from_row), limit)
     }
 
-    /// Records a checkpoint (a second one of the same step replaces nothing).
+    /// Records a checkpoint of a running job while `worker` holds it (a second one of the
+    /// same step replaces nothing); false when the worker does not hold the job.
     pub async fn checkpoint(
         &self,
         job_id: &str,
+        worker: &str,
         step: i64,
         metrics: &Value,
         model: &str,
-    ) -> Result<(), JobsError> {
+    ) -> Result<bool, JobsError> {
+        let held = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM jobs \
+             WHERE id = $1 AND status = 'running' AND worker = $2",
+        )
+        .bind(job_id)
+        .bind(worker)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get::<i64, _>("n")?;
+        if held == 0 {
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO job_checkpoints (id, job_id, step, created_at, metrics, model) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (job_id, step) DO NOTHING",
+             SELECT $1, $2, $3, $4, $5, $6 FROM jobs \
+             WHERE id = $2 AND status = 'running' AND worker = $7 \
+             ON CONFLICT (job_id, step) DO NOTHING",
         )
         .bind(format!(
             "ftckpt-{}",
@@ -907,9 +1281,23 @@ impl JobStore {
         .bind(now())
         .bind(metrics.to_string())
         .bind(model)
+        .bind(worker)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// The steps of a job's recorded checkpoints, highest first.
+    pub async fn checkpoint_steps(&self, job_id: &str) -> Result<Vec<i64>, JobsError> {
+        let rows =
+            sqlx::query("SELECT step FROM job_checkpoints WHERE job_id = $1 ORDER BY step DESC")
+                .bind(job_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get::<i64, _>("step"))
+            .collect::<Result<_, _>>()?)
     }
 
     /// A job's checkpoints, newest (highest step) first, after the checkpoint `after`.
@@ -989,6 +1377,14 @@ fn page<T>(
     Ok(Page { items, has_more })
 }
 
+/// `ftevent-` and 24 random letters and digits.
+fn new_event_id() -> String {
+    format!(
+        "ftevent-{}",
+        Alphanumeric.sample_string(&mut rand::rng(), 24)
+    )
+}
+
 /// Appends one event to `job_id`'s log, numbered after its last (a concurrent append can
 /// take the same number: the unique `(job_id, seq)` index then refuses this one).
 async fn insert_event<'e, E: sqlx::Executor<'e, Database = super::db::Db>>(
@@ -1004,10 +1400,7 @@ async fn insert_event<'e, E: sqlx::Executor<'e, Database = super::db::Db>>(
          SELECT $1, $2, COALESCE(MAX(seq), 0) + 1, $3, $4, $5, $6, $7 \
          FROM job_events WHERE job_id = $2",
     )
-    .bind(format!(
-        "ftevent-{}",
-        Alphanumeric.sample_string(&mut rand::rng(), 24)
-    ))
+    .bind(new_event_id())
     .bind(job_id)
     .bind(now())
     .bind(level.as_str())
@@ -1017,4 +1410,48 @@ async fn insert_event<'e, E: sqlx::Executor<'e, Database = super::db::Db>>(
     .execute(ex)
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_is_known_gone_only_on_this_host() {
+        let this = worker_id();
+        let host = hostname();
+        assert!(this.starts_with(&format!("{host}/{}/", std::process::id())));
+        // This process, under its own id (a claim of it too): alive.
+        assert!(!worker_is_gone(&this, &this));
+        assert!(!worker_is_gone(&format!("{this}/3"), &this));
+        // An earlier process with this pid (another random part): gone.
+        let earlier = format!("{host}/{}/zzzzzzzz/0", std::process::id());
+        assert!(worker_is_gone(&earlier, &this));
+        // A child that exited and was reaped: gone. A live process (this one's parent): not.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(worker_is_gone(&format!("{host}/{pid}/abc/1"), &this));
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        assert!(!worker_is_gone(&format!("{host}/{parent}/abc/1"), &this));
+        // Another host's, or an id of another shape: not known.
+        assert!(!worker_is_gone(&format!("{host}-other/{pid}/abc/1"), &this));
+        assert!(!worker_is_gone("no-slashes", &this));
+        assert!(!worker_is_gone(&format!("{host}/not-a-pid/abc"), &this));
+    }
+
+    #[test]
+    fn a_lease_expires_its_duration_from_now() {
+        let lease = Lease {
+            worker: "w".into(),
+            duration: Duration::from_millis(2500),
+        };
+        let before = now_ms();
+        let at = lease.expiry();
+        assert!(
+            (before + 2500..=now_ms() + 2500).contains(&at),
+            "{before} {at}"
+        );
+    }
 }

@@ -9,15 +9,30 @@
 //! 4. install: the adapter is checked as serving would check it and installed in the
 //!    owner's namespace of the adapter store, private, in one step.
 //!
+//! A runner is a worker: it claims a job with a lease ([`Lease`]) that it renews every
+//! third of the lease's duration, and every write it makes to the job's record is
+//! conditional on still holding it. A renewal that finds the job cancelled, or held by
+//! another worker, kills the child at once; so does failing to renew for longer than the
+//! lease (the database unreachable): the job is then left to whoever claims it next. Any
+//! runner puts jobs whose lease expired back in the queue ([`JobStore::requeue_expired`]),
+//! and at its start those its own host's dead processes held (a restarted server).
+//!
 //! Each phase's output is written atomically and skipped when present, and `train` always
-//! runs with `--resume`, so a job the server was killed in the middle of continues from its
-//! last saved state at the next start ([`Runner::start`] puts such jobs back in the queue).
+//! runs with `--resume`, so a job continues from its last saved state wherever it runs
+//! next. With an object store ([`FileStore::store`]) the work directory is only a cache:
+//! the training files come from the store, the scores and selection go up to
+//! `jobs/<id>/` there, and every saved state goes up to `jobs/<id>/checkpoints/<step>/`
+//! before its checkpoint is recorded; a worker that takes a job over fetches the selection
+//! and the latest recorded checkpoint first. Without a store all of it stays under the
+//! data directory, which only processes sharing it can resume from.
+//!
 //! The children read JSON lines on their stdout into the job's events, checkpoints and
 //! progress; they run at a lower priority with `training_threads` compute threads, die
-//! with the server (`PR_SET_PDEATHSIG`), and are killed at once on cancel. Whatever a job
-//! ends as, its work directory is removed; a job that does not succeed leaves no adapter.
-//! The server only ever sees records and adapters: a child that crashes or runs out of
-//! memory fails its job and nothing else.
+//! with the runner's process (`PR_SET_PDEATHSIG`), and are killed at once on cancel. A job
+//! that ends (succeeded, failed, cancelled) has its work directory and stored work
+//! removed; a job that does not succeed leaves no adapter. The process only ever sees
+//! records and adapters: a child that crashes or runs out of memory fails its job and
+//! nothing else.
 
 use prometheus::{HistogramOpts, HistogramVec};
 use serde_json::{json, Value};
@@ -26,21 +41,32 @@ use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::db::now;
 use super::files::FileStore;
 use super::queue::{
-    EsftChoices, EventKind, JobError, JobRecord, JobStore, Level, Status, AUTO_BATCH_TOKENS,
+    worker_id, worker_is_gone, EsftChoices, EventKind, JobError, JobRecord, JobStore, JobsError,
+    Lease, Level, Renewal, Status, AUTO_BATCH_TOKENS,
 };
-use crate::adapter::{AdapterKey, AdapterRegistry, ExpertConfig};
+use crate::adapter::{AdapterError, AdapterKey, AdapterRegistry, ExpertConfig};
+use crate::store::Store;
 
 /// The work directories of jobs inside the data directory.
 pub const JOBS_DIR: &str = "jobs";
 
+/// How long a job the object store failed waits before it goes back to the queue (at most
+/// a lease).
+const STORE_BACKOFF: Duration = Duration::from_secs(5);
+
 const SCORES_FILE: &str = "scores.json";
 const EXPERTS_FILE: &str = "experts.json";
+/// The training and validation files inside a job's work directory (fetched from the
+/// object store).
+const TRAINING_FILE: &str = "training.jsonl";
+const VALIDATION_FILE: &str = "validation.jsonl";
 
 /// How jobs run.
 #[derive(Debug, Clone)]
@@ -50,7 +76,7 @@ pub struct RunnerConfig {
     pub trainer: PathBuf,
     /// The base model's directory (what the server serves).
     pub model_dir: PathBuf,
-    /// Jobs trained at once.
+    /// Jobs trained at once; 0: none here (this process only accepts jobs, and previews).
     pub max_concurrent: usize,
     /// Compute threads of each child.
     pub threads: usize,
@@ -60,6 +86,10 @@ pub struct RunnerConfig {
     pub save_every: u64,
     /// Bytes of expert slots an adapter may need (the server's budget).
     pub slot_budget: usize,
+    /// How long a claim or renewal holds a job.
+    pub lease: Duration,
+    /// How often the queue is looked at without being woken.
+    pub poll: Duration,
 }
 
 /// Why a job stopped short of success.
@@ -67,6 +97,20 @@ pub struct RunnerConfig {
 enum Stop {
     Cancelled,
     Failed(JobError),
+    /// The lease is gone (another worker runs the job, or could): nothing more of the job
+    /// is this runner's to change.
+    Lost,
+    /// This runner stops: the job goes back to the queue.
+    Released,
+    /// The object store could not be reached (what was being done): the job goes back to
+    /// the queue, for a later claim, rather than failing.
+    StoreUnavailable(String),
+}
+
+/// [`Stop::StoreUnavailable`] for `what`, the error logged.
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Stop {
+    tracing::warn!("fine-tuning job: {what}: {e}");
+    Stop::StoreUnavailable(what.to_string())
 }
 
 impl From<JobError> for Stop {
@@ -83,14 +127,42 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Stop {
     ))
 }
 
-/// A running job.
-#[derive(Default)]
+/// A running claim of a job (keyed by its holder: a job lost and claimed again has two
+/// while the first winds down).
 struct Active {
+    job_id: String,
     /// The child process running now.
     pid: Option<u32>,
-    cancelled: bool,
+    /// Why it must stop, once it must.
+    stop: Option<StopReason>,
     /// Training tokens per second of the last step.
     tokens_per_s: f64,
+    /// The last renewal that held.
+    renewed: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Cancelled,
+    Lost,
+    Released,
+}
+
+impl Active {
+    fn new(job_id: &str) -> Self {
+        Self {
+            job_id: job_id.to_string(),
+            pid: None,
+            stop: None,
+            tokens_per_s: 0.0,
+            renewed: Instant::now(),
+        }
+    }
+}
+
+/// The holder of a claimed job (the `worker` its claim wrote).
+fn holder(job: &JobRecord) -> &str {
+    job.worker.as_deref().unwrap_or_default()
 }
 
 pub struct Runner {
@@ -98,8 +170,12 @@ pub struct Runner {
     files: Arc<FileStore>,
     registry: Arc<AdapterRegistry>,
     cfg: RunnerConfig,
+    /// This process's worker id; each claim's holder is it and a claim number.
+    worker: String,
+    claims: std::sync::atomic::AtomicU64,
     active: Mutex<HashMap<String, Active>>,
     wake: tokio::sync::Notify,
+    stopping: AtomicBool,
     /// One expert-selection preview at a time.
     previews: tokio::sync::Semaphore,
     /// Seconds from start to end of jobs that ended, by final status.
@@ -107,35 +183,35 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Puts jobs a previous process left running back in the queue and starts claiming
-    /// jobs (on the current tokio runtime).
+    /// Puts jobs that this host's dead processes held back in the queue, removes work
+    /// directories of jobs that ended, and starts claiming jobs (on the current tokio
+    /// runtime) as a worker of its own id.
     pub async fn start(
         jobs: Arc<JobStore>,
         files: Arc<FileStore>,
         registry: Arc<AdapterRegistry>,
         cfg: RunnerConfig,
-    ) -> Result<Arc<Self>, super::queue::JobsError> {
+    ) -> Result<Arc<Self>, JobsError> {
+        let worker = worker_id();
         // A job is recorded only after its files were checked: one a crash caught before it
         // was queued goes on to the queue.
         for job in jobs.with_status(Status::ValidatingFiles).await? {
             jobs.transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
                 .await?;
         }
-        for job in jobs.with_status(Status::Running).await? {
-            if jobs
-                .transition(&job.id, &[Status::Running], Status::Queued)
-                .await?
-            {
-                jobs.event(
-                    &job.id,
-                    Level::Warn,
-                    EventKind::Message,
+        // A job whose holder was a process of this host that is gone need not wait for its
+        // lease to expire.
+        for (id, holder) in jobs.running_holders().await? {
+            if let Some(w) = holder.filter(|w| worker_is_gone(w, &worker)) {
+                jobs.release(
+                    &id,
+                    &w,
                     "The server restarted; the job continues from its last saved state",
-                    None,
                 )
                 .await?;
             }
         }
+        sweep_work_dirs(&jobs, &cfg.data_dir.join(JOBS_DIR)).await;
         let durations = HistogramVec::new(
             HistogramOpts::new(
                 "esft_fine_tuning_job_duration_seconds",
@@ -146,19 +222,55 @@ impl Runner {
             ]),
             &["status"],
         )
-        .map_err(|e| super::queue::JobsError::Db(sqlx::Error::Protocol(e.to_string())))?;
+        .map_err(|e| JobsError::Db(sqlx::Error::Protocol(e.to_string())))?;
+        tracing::info!(%worker, lease_seconds = cfg.lease.as_secs_f64(), max_concurrent = cfg.max_concurrent, "fine-tuning runner started");
         let runner = Arc::new(Self {
             jobs,
             files,
             registry,
             cfg,
+            worker,
+            claims: std::sync::atomic::AtomicU64::new(0),
             active: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
+            stopping: AtomicBool::new(false),
             previews: tokio::sync::Semaphore::new(1),
             durations,
         });
-        tokio::spawn(runner.clone().dispatch());
+        if runner.cfg.max_concurrent > 0 {
+            // Woken by jobs other processes queue, where the database can say so.
+            let weak = Arc::downgrade(&runner);
+            runner.jobs.watch_queue(move || {
+                if let Some(r) = weak.upgrade() {
+                    r.wake();
+                }
+            });
+            tokio::spawn(runner.clone().dispatch());
+            tokio::spawn(runner.clone().renewals());
+        }
         Ok(runner)
+    }
+
+    /// This runner's worker id (what the jobs it holds record as `worker`).
+    pub fn worker(&self) -> &str {
+        &self.worker
+    }
+
+    /// A lease for a new claim: a holder of its own.
+    fn next_lease(&self) -> Lease {
+        let n = self.claims.fetch_add(1, Ordering::SeqCst);
+        Lease {
+            worker: format!("{}/{n}", self.worker),
+            duration: self.cfg.lease,
+        }
+    }
+
+    /// The lease `holder` renews.
+    fn lease_of(&self, holder: &str) -> Lease {
+        Lease {
+            worker: holder.to_string(),
+            duration: self.cfg.lease,
+        }
     }
 
     /// Looks at the queue now (after a job is queued).
@@ -181,9 +293,26 @@ impl Runner {
     /// Stops the job `id` if it runs here: its child is killed at once. (Its status is
     /// the caller's to change first.)
     pub fn cancel(&self, id: &str) {
+        let holders: Vec<String> = self
+            .active
+            .lock()
+            .map(|a| {
+                a.iter()
+                    .filter(|(_, j)| j.job_id == id)
+                    .map(|(h, _)| h.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for h in holders {
+            self.stop_job(&h, StopReason::Cancelled);
+        }
+    }
+
+    /// Marks the claim `holder` as stopping for `why` and kills its child.
+    fn stop_job(&self, holder: &str, why: StopReason) {
         let pid = match self.active.lock() {
-            Ok(mut a) => a.get_mut(id).and_then(|j| {
-                j.cancelled = true;
+            Ok(mut a) => a.get_mut(holder).and_then(|j| {
+                j.stop.get_or_insert(why);
                 j.pid
             }),
             Err(_) => None,
@@ -193,10 +322,41 @@ impl Runner {
         }
     }
 
+    /// Stops claiming, kills the children and gives the running jobs back to the queue
+    /// (for another worker, or this one's next start), waiting up to `wait` for that.
+    pub async fn shutdown(&self, wait: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        let ids: Vec<String> = self
+            .active
+            .lock()
+            .map(|a| a.keys().cloned().collect())
+            .unwrap_or_default();
+        for id in &ids {
+            self.stop_job(id, StopReason::Released);
+        }
+        let deadline = Instant::now() + wait;
+        while self.running() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn dispatch(self: Arc<Self>) {
         loop {
-            while self.running() < self.cfg.max_concurrent.max(1) {
-                match self.jobs.claim_next().await {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            match self.jobs.requeue_expired().await {
+                Ok(ids) => {
+                    for id in ids {
+                        tracing::warn!(job = %id, "a fine-tuning job's lease expired: it is back in the queue");
+                    }
+                }
+                Err(e) => tracing::error!("putting back jobs whose lease expired: {e}"),
+            }
+            while self.running() < self.cfg.max_concurrent && !self.stopping.load(Ordering::SeqCst)
+            {
+                match self.jobs.claim_next(&self.next_lease()).await {
                     Ok(Some(job)) => self.launch(job),
                     Ok(None) => break,
                     Err(e) => {
@@ -207,39 +367,114 @@ impl Runner {
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tokio::time::sleep(self.cfg.poll) => {}
+            }
+        }
+    }
+
+    /// Renews the lease of every job running here every third of the lease; stops the
+    /// jobs whose renewal says they are cancelled or held elsewhere, and those it could
+    /// not renew for longer than the lease.
+    async fn renewals(self: Arc<Self>) {
+        let every = (self.cfg.lease / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            let claims: Vec<(String, String)> = self
+                .active
+                .lock()
+                .map(|a| {
+                    a.iter()
+                        .filter(|(_, j)| j.stop.is_none())
+                        .map(|(h, j)| (h.clone(), j.job_id.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (holder, id) in claims {
+                let lease = self.lease_of(&holder);
+                // An unreachable database can hold a query far longer than a lease: a renewal
+                // that takes longer than the interval counts as failed.
+                let renewed = match tokio::time::timeout(every, self.jobs.renew(&id, &lease)).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(JobsError::Db(sqlx::Error::PoolTimedOut)),
+                };
+                match renewed {
+                    Ok(Renewal::Held) => {
+                        if let Ok(mut a) = self.active.lock() {
+                            if let Some(j) = a.get_mut(&holder) {
+                                j.renewed = Instant::now();
+                            }
+                        }
+                    }
+                    Ok(Renewal::Cancelled) => {
+                        tracing::info!(job = %id, "the job was cancelled: stopping it");
+                        self.stop_job(&holder, StopReason::Cancelled);
+                    }
+                    Ok(Renewal::Lost) => {
+                        tracing::warn!(job = %id, "the job's lease is lost: stopping it");
+                        self.stop_job(&holder, StopReason::Lost);
+                    }
+                    Err(e) => {
+                        let since = self
+                            .active
+                            .lock()
+                            .ok()
+                            .and_then(|a| a.get(&holder).map(|j| j.renewed.elapsed()))
+                            .unwrap_or_default();
+                        tracing::warn!(job = %id, "renewing the job's lease failed ({:.1} s since the last renewal): {e}", since.as_secs_f64());
+                        if since > self.cfg.lease {
+                            tracing::error!(job = %id, "the job's lease expired unrenewed: abandoning it here");
+                            self.stop_job(&holder, StopReason::Lost);
+                        }
+                    }
+                }
             }
         }
     }
 
     fn launch(self: &Arc<Self>, job: JobRecord) {
+        let key = holder(&job).to_string();
         if let Ok(mut a) = self.active.lock() {
-            a.insert(job.id.clone(), Active::default());
+            a.insert(key.clone(), Active::new(&job.id));
         }
         let runner = self.clone();
         let rt = tokio::runtime::Handle::current();
         let id = job.id.clone();
+        let thread_key = key.clone();
         // A thread of its own per job: it spawns the children and outlives them, which
         // `PR_SET_PDEATHSIG` (tied to the spawning thread) needs.
         let spawned = std::thread::Builder::new()
             .name(format!("job-{}", &id[id.len().saturating_sub(8)..]))
             .spawn(move || {
+                let key = thread_key;
+                // An earlier claim of this job here (lost, its child killed) ends before this
+                // one touches the work directory.
+                let earlier = || {
+                    runner
+                        .active
+                        .lock()
+                        .is_ok_and(|a| a.iter().any(|(h, j)| j.job_id == job.id && *h != key))
+                };
+                while earlier() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 runner.run(&job, &rt);
                 if let Ok(mut a) = runner.active.lock() {
-                    a.remove(&job.id);
+                    a.remove(&key);
                 }
                 runner.wake();
             });
         if let Err(e) = spawned {
             if let Ok(mut a) = self.active.lock() {
-                a.remove(&id);
+                a.remove(&key);
             }
             let jobs = self.jobs.clone();
             tokio::spawn(async move {
                 tracing::error!("starting a thread for job {id}: {e}");
                 let _ = jobs
-                    .fail(
+                    .fail_held(
                         &id,
+                        &key,
                         &JobError::new("internal_error", "the job could not be started"),
                     )
                     .await;
@@ -247,23 +482,63 @@ impl Runner {
         }
     }
 
-    fn cancelled(&self, id: &str) -> bool {
-        self.active
+    /// Why the claim `holder` must stop, if it must.
+    fn stopped(&self, holder: &str) -> Option<Stop> {
+        let why = self
+            .active
             .lock()
-            .is_ok_and(|a| a.get(id).is_some_and(|j| j.cancelled))
+            .ok()
+            .and_then(|a| a.get(holder).and_then(|j| j.stop))?;
+        Some(match why {
+            StopReason::Cancelled => Stop::Cancelled,
+            StopReason::Lost => Stop::Lost,
+            StopReason::Released => Stop::Released,
+        })
     }
 
+    /// Appends an event to the job's log while this runner holds it.
     fn event(
         &self,
         rt: &tokio::runtime::Handle,
-        id: &str,
+        job: &JobRecord,
         level: Level,
         kind: EventKind,
         message: &str,
         data: Option<Value>,
     ) {
-        if let Err(e) = rt.block_on(self.jobs.event(id, level, kind, message, data.as_ref())) {
+        let id = &job.id;
+        if let Err(e) =
+            rt.block_on(
+                self.jobs
+                    .held_event(id, holder(job), level, kind, message, data.as_ref()),
+            )
+        {
             tracing::error!("recording an event of job {id}: {e}");
+        }
+    }
+
+    /// Runs `op` on the records until it succeeds, for up to a lease's duration (the
+    /// database may be restarting): the writes a job's end depends on.
+    fn persist<T, F, Fut>(
+        &self,
+        rt: &tokio::runtime::Handle,
+        what: &str,
+        op: F,
+    ) -> Result<T, JobsError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, JobsError>>,
+    {
+        let deadline = Instant::now() + self.cfg.lease;
+        loop {
+            match rt.block_on(op()) {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!("{what}: {e}; trying again");
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -272,18 +547,22 @@ impl Runner {
     fn checkpoint(
         &self,
         rt: &tokio::runtime::Handle,
-        id: &str,
+        job: &JobRecord,
         step: i64,
         metrics: Value,
         model: &str,
         message: &str,
     ) {
-        if let Err(e) = rt.block_on(self.jobs.checkpoint(id, step, &metrics, model)) {
+        let id = &job.id;
+        let recorded = self.persist(rt, "recording a checkpoint", || {
+            self.jobs.checkpoint(id, holder(job), step, &metrics, model)
+        });
+        if let Err(e) = recorded {
             tracing::error!("recording a checkpoint of job {id}: {e}");
         }
         self.event(
             rt,
-            id,
+            job,
             Level::Info,
             EventKind::Message,
             message,
@@ -291,38 +570,254 @@ impl Runner {
         );
     }
 
-    /// Runs one claimed job to its end.
+    /// The object store the job's work goes to, if any.
+    fn store(&self) -> Option<&Store> {
+        self.files.store()
+    }
+
+    /// Runs one claimed job to its end (or until it must stop here).
     fn run(&self, job: &JobRecord, rt: &tokio::runtime::Handle) {
         let started = Instant::now();
         let dir = self.cfg.data_dir.join(JOBS_DIR).join(&job.id);
         let outcome = self.execute(job, &dir, rt);
+        let worker = holder(job);
         let status = match outcome {
-            Ok(()) => Status::Succeeded,
-            Err(Stop::Cancelled) => Status::Cancelled,
+            Ok(()) => "succeeded",
+            Err(Stop::Cancelled) => "cancelled",
+            Err(Stop::Lost) => "lost",
+            Err(stop @ (Stop::Released | Stop::StoreUnavailable(_))) => {
+                let message = match stop {
+                    Stop::StoreUnavailable(what) => {
+                        // Not straight back: the store may be down for a while.
+                        std::thread::sleep(self.cfg.lease.min(STORE_BACKOFF));
+                        format!(
+                            "The object store could not be reached ({what}); the job is back \
+                             in the queue and continues from its last saved state"
+                        )
+                    }
+                    _ => format!(
+                        "Worker {worker} stopped; the job is back in the queue and continues \
+                         from its last saved state"
+                    ),
+                };
+                match self.persist(rt, "releasing a job", || {
+                    self.jobs.release(&job.id, worker, &message)
+                }) {
+                    Ok(_) => "released",
+                    Err(e) => {
+                        tracing::error!("releasing job {}: {e}", job.id);
+                        "lost"
+                    }
+                }
+            }
             Err(Stop::Failed(error)) => {
-                match rt.block_on(self.jobs.fail(&job.id, &error)) {
+                match self.persist(rt, "recording a failure", || {
+                    self.jobs.fail_held(&job.id, worker, &error)
+                }) {
                     Ok(true) => {
                         tracing::warn!(job = %job.id, code = %error.code, "fine-tuning job failed: {}", error.message);
-                        Status::Failed
+                        "failed"
                     }
-                    // Cancelled meanwhile.
-                    Ok(false) => Status::Cancelled,
+                    // Cancelled or taken over meanwhile.
+                    Ok(false) => "lost",
                     Err(e) => {
                         tracing::error!("recording the failure of job {}: {e}", job.id);
-                        Status::Failed
+                        "lost"
                     }
                 }
             }
         };
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("removing {}: {e}", dir.display());
+        // The job's end: its work goes. A job stopped here keeps it for whoever runs it
+        // next (only the local directory without a store: with one, its work is there).
+        let ended = matches!(status, "succeeded" | "failed" | "cancelled");
+        if ended || (status == "released" && self.store().is_some()) {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("removing {}: {e}", dir.display());
+                }
+            }
+        }
+        if ended {
+            if let Some(store) = self.store() {
+                if let Err(e) = rt.block_on(remove_stored(store, &job.id)) {
+                    tracing::warn!("removing the stored work of job {}: {e}", job.id);
+                }
             }
         }
         self.durations
-            .with_label_values(&[status.as_str()])
+            .with_label_values(&[status])
             .observe(started.elapsed().as_secs_f64());
-        tracing::info!(job = %job.id, status = status.as_str(), seconds = started.elapsed().as_secs_f64(), "fine-tuning job ended");
+        tracing::info!(job = %job.id, status, seconds = started.elapsed().as_secs_f64(), "fine-tuning job ended here");
+    }
+
+    /// The training and validation files' local paths: the data directory's copies, or
+    /// with an object store, copies fetched into the work directory.
+    fn data_files(
+        &self,
+        job: &JobRecord,
+        dir: &Path,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(PathBuf, Option<PathBuf>), Stop> {
+        let Some(store) = self.store() else {
+            return Ok((
+                self.files.blob_path(&job.training_file),
+                job.validation_file
+                    .as_ref()
+                    .map(|f| self.files.blob_path(f)),
+            ));
+        };
+        let fetch = |id: &str, name: &str| -> Result<PathBuf, Stop> {
+            let dest = dir.join(name);
+            if dest.exists() {
+                return Ok(dest);
+            }
+            match rt.block_on(store.download_file(&super::files::object_key(id), &dest)) {
+                Ok(Some(_)) => Ok(dest),
+                Ok(None) => Err(Stop::Failed(JobError::new(
+                    "file_not_found",
+                    format!("the bytes of the file {id} are missing from the store"),
+                ))),
+                Err(e) => Err(unavailable("fetching the job's files from the store", e)),
+            }
+        };
+        let training = fetch(&job.training_file, TRAINING_FILE)?;
+        let validation = job
+            .validation_file
+            .as_ref()
+            .map(|v| fetch(v, VALIDATION_FILE))
+            .transpose()?;
+        Ok((training, validation))
+    }
+
+    /// Fills a fresh work directory from the object store: the scores and selection, and
+    /// the newest recorded checkpoint whose state is stored. Returns that checkpoint's
+    /// step.
+    fn restore(
+        &self,
+        job: &JobRecord,
+        dir: &Path,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<Option<i64>, Stop> {
+        let Some(store) = self.store() else {
+            return Ok(None);
+        };
+        for name in [SCORES_FILE, EXPERTS_FILE] {
+            rt.block_on(store.download_file(&work_key(&job.id, name), &dir.join(name)))
+                .map_err(|e| unavailable("fetching the job's selection from the store", e))?;
+        }
+        let steps = self
+            .persist(rt, "reading the checkpoints", || {
+                self.jobs.checkpoint_steps(&job.id)
+            })
+            .map_err(|e| internal("reading the job's checkpoints", e))?;
+        let state = state_dir(dir, &job.adapter);
+        for step in steps {
+            let prefix = checkpoint_prefix(&job.id, step);
+            let entries = rt
+                .block_on(store.list(&prefix))
+                .map_err(|e| unavailable("listing the job's checkpoints in the store", e))?;
+            if !entries.iter().any(|e| e.key.ends_with("/state.json")) {
+                // The record of the end of training (no state of its own), or a state
+                // already removed.
+                continue;
+            }
+            let staged = tempfile::Builder::new()
+                .prefix(".restore-")
+                .tempdir_in(dir)
+                .map_err(|e| internal("restoring a checkpoint", e))?;
+            for entry in &entries {
+                let name = entry.key.rsplit('/').next().unwrap_or_default();
+                rt.block_on(store.download_file(&entry.key, &staged.path().join(name)))
+                    .map_err(|e| unavailable("fetching a checkpoint from the store", e))?;
+            }
+            let _ = std::fs::remove_dir_all(&state);
+            std::fs::rename(staged.keep(), &state)
+                .map_err(|e| internal("restoring a checkpoint", e))?;
+            return Ok(Some(step));
+        }
+        Ok(None)
+    }
+
+    /// Uploads `file` of the job's work to the store (when there is one); a failure is
+    /// logged: a worker that takes the job over redoes that phase.
+    fn upload_work(&self, job: &JobRecord, rt: &tokio::runtime::Handle, file: &Path) {
+        let (Some(store), Some(name)) = (self.store(), file.file_name().and_then(|n| n.to_str()))
+        else {
+            return;
+        };
+        if let Err(e) = rt.block_on(store.upload_file(&work_key(&job.id, name), file)) {
+            tracing::warn!(job = %job.id, "uploading {name} to the store: {e}");
+        }
+    }
+
+    /// Uploads the saved state of `step` to the store: a copy taken while the trainer
+    /// goes on (the state directory is replaced whole at each save; a copy whose
+    /// `state.json` is not at `step` before and after is discarded). False when no whole
+    /// copy went up.
+    fn upload_state(
+        &self,
+        job: &JobRecord,
+        rt: &tokio::runtime::Handle,
+        dir: &Path,
+        step: i64,
+    ) -> bool {
+        let Some(store) = self.store() else {
+            return true;
+        };
+        let state = state_dir(dir, &job.adapter);
+        let at = |d: &Path| -> Option<i64> {
+            let text = std::fs::read_to_string(d.join("state.json")).ok()?;
+            serde_json::from_str::<Value>(&text)
+                .ok()?
+                .get("step")?
+                .as_i64()
+        };
+        let copy = (|| -> std::io::Result<Option<tempfile::TempDir>> {
+            if at(&state) != Some(step) {
+                return Ok(None);
+            }
+            let snap = tempfile::Builder::new()
+                .prefix(".snapshot-")
+                .tempdir_in(dir)?;
+            for entry in std::fs::read_dir(&state)? {
+                let entry = entry?;
+                std::fs::copy(entry.path(), snap.path().join(entry.file_name()))?;
+            }
+            Ok((at(&state) == Some(step) && at(snap.path()) == Some(step)).then_some(snap))
+        })();
+        let snap = match copy {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                tracing::warn!(job = %job.id, step, "the saved state changed while it was copied: not uploaded");
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, step, "copying the saved state: {e}");
+                return false;
+            }
+        };
+        let prefix = checkpoint_prefix(&job.id, step);
+        let uploaded = (|| -> Result<(), String> {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(snap.path())
+                .map_err(|e| e.to_string())?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            // `state.json` last: a state is whole in the store once it is there.
+            files.sort_by_key(|p| p.file_name().is_some_and(|n| n == "state.json"));
+            for f in files {
+                let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                rt.block_on(store.upload_file(&format!("{prefix}/{name}"), &f))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })();
+        match uploaded {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(job = %job.id, step, "uploading the saved state: {e}");
+                false
+            }
+        }
     }
 
     fn execute(
@@ -333,32 +828,42 @@ impl Runner {
     ) -> Result<(), Stop> {
         let resumed = dir.exists();
         std::fs::create_dir_all(dir).map_err(|e| internal("creating the job's directory", e))?;
+        let restored = if resumed {
+            None
+        } else {
+            self.restore(job, dir, rt)?
+        };
+        let worker = holder(job);
+        let message = match restored {
+            Some(step) => format!(
+                "Fine-tuning job resumed by worker {worker} from the checkpoint at step {step}"
+            ),
+            None if resumed => format!("Fine-tuning job resumed by worker {worker}"),
+            None => format!("Fine-tuning job started by worker {worker}"),
+        };
         self.event(
             rt,
-            &job.id,
+            job,
             Level::Info,
             EventKind::Message,
-            if resumed {
-                "Fine-tuning job resumed"
-            } else {
-                "Fine-tuning job started"
-            },
-            None,
+            &message,
+            Some(json!({"worker": worker, "checkpoint_step": restored})),
         );
         let esft = &job.spec.esft;
-        let training = self.files.blob_path(&job.training_file);
+        let (training, validation) = self.data_files(job, dir, rt)?;
         let scores = dir.join(SCORES_FILE);
         let experts = dir.join(EXPERTS_FILE);
         self.select(job, rt, &training, esft, &scores, &experts)?;
         let ec = read_expert_config(&experts)?;
         let summary = selection_summary(&ec, &self.registry, esft);
-        if let Err(e) = rt.block_on(self.jobs.set_selection(&job.id, &summary)) {
-            return Err(internal("recording the selection", e));
-        }
-        if !resumed || job.esft.is_none() {
+        self.persist(rt, "recording the selection", || {
+            self.jobs.set_selection(&job.id, worker, &summary)
+        })
+        .map_err(|e| internal("recording the selection", e))?;
+        if job.esft.is_none() {
             self.event(
                 rt,
-                &job.id,
+                job,
                 Level::Info,
                 EventKind::Message,
                 &describe_selection(&summary),
@@ -370,10 +875,18 @@ impl Runner {
         let trained_tokens = if out.exists() {
             job.trained_tokens.unwrap_or(0)
         } else {
-            self.train(job, rt, &training, &experts, &out)?
+            self.train(
+                job,
+                rt,
+                dir,
+                &training,
+                validation.as_deref(),
+                &experts,
+                &out,
+            )?
         };
-        if self.cancelled(&job.id) {
-            return Err(Stop::Cancelled);
+        if let Some(stop) = self.stopped(holder(job)) {
+            return Err(stop);
         }
         self.install(job, rt, &out, trained_tokens)
     }
@@ -392,7 +905,7 @@ impl Runner {
         if !scores.exists() {
             self.event(
                 rt,
-                &job.id,
+                job,
                 Level::Info,
                 EventKind::Message,
                 &format!(
@@ -403,7 +916,7 @@ impl Runner {
             );
             let mut last = Value::Null;
             self.child(
-                Some(&job.id),
+                Some(holder(job)),
                 &score_args(&self.cfg.model_dir, training, esft, job.seed, scores),
                 &|m| self.scrub(job, m),
                 |line| {
@@ -412,10 +925,11 @@ impl Runner {
                     }
                 },
             )?;
+            self.upload_work(job, rt, scores);
             let tokens = last.get("tokens").and_then(Value::as_u64).unwrap_or(0);
             self.event(
                 rt,
-                &job.id,
+                job,
                 Level::Info,
                 EventKind::Message,
                 &format!("Scored the experts on {tokens} tokens"),
@@ -424,36 +938,29 @@ impl Runner {
         }
         if !experts.exists() {
             self.child(
-                Some(&job.id),
+                Some(holder(job)),
                 &select_args(scores, esft, experts),
                 &|m| self.scrub(job, m),
                 |_| {},
             )?;
+            self.upload_work(job, rt, experts);
         }
         Ok(())
     }
 
     /// Trains the adapter into `out`; returns the tokens trained.
+    #[allow(clippy::too_many_arguments)]
     fn train(
         &self,
         job: &JobRecord,
         rt: &tokio::runtime::Handle,
+        dir: &Path,
         training: &Path,
+        validation: Option<&Path>,
         experts: &Path,
         out: &Path,
     ) -> Result<i64, Stop> {
-        let validation = job
-            .validation_file
-            .as_ref()
-            .map(|f| self.files.blob_path(f));
-        let args = train_args(
-            &self.cfg,
-            job,
-            training,
-            validation.as_deref(),
-            experts,
-            out,
-        );
+        let args = train_args(&self.cfg, job, training, validation, experts, out);
         let mut total_steps = job.spec.esft.steps.unwrap_or(0);
         let mut trained_tokens = job.trained_tokens.unwrap_or(0);
         let mut train_loss: Option<f64> = None;
@@ -462,7 +969,7 @@ impl Runner {
         let mut step_times: Vec<f64> = Vec::new();
         let mut last_step_at = Instant::now();
         let adapter = job.adapter.clone();
-        self.child(Some(&job.id), &args, &|m| self.scrub(job, m), |line| {
+        self.child(Some(holder(job)), &args, &|m| self.scrub(job, m), |line| {
             let event = line.get("event").and_then(Value::as_str).unwrap_or("");
             let num = |k: &str| line.get(k).and_then(Value::as_f64);
             match event {
@@ -489,7 +996,7 @@ impl Runner {
                     };
                     self.event(
                         rt,
-                        &job.id,
+                        job,
                         Level::Info,
                         EventKind::Message,
                         &message,
@@ -514,7 +1021,7 @@ impl Runner {
                         .unwrap_or(total_steps);
                     let rate = num("tokens_per_s").unwrap_or(0.0);
                     if let Ok(mut a) = self.active.lock() {
-                        if let Some(j) = a.get_mut(&job.id) {
+                        if let Some(j) = a.get_mut(holder(job)) {
                             j.tokens_per_s = rate;
                         }
                     }
@@ -529,7 +1036,7 @@ impl Runner {
                     });
                     self.event(
                         rt,
-                        &job.id,
+                        job,
                         Level::Info,
                         EventKind::Metrics,
                         &format!(
@@ -544,9 +1051,12 @@ impl Runner {
                         let per_step = recent.iter().sum::<f64>() / recent.len().max(1) as f64;
                         let left = total_steps.saturating_sub(step) as f64 * per_step;
                         let eta = now() + left.ceil() as i64 + 2;
-                        if let Err(e) =
-                            rt.block_on(self.jobs.set_progress(&job.id, trained_tokens, Some(eta)))
-                        {
+                        if let Err(e) = rt.block_on(self.jobs.set_progress(
+                            &job.id,
+                            holder(job),
+                            trained_tokens,
+                            Some(eta),
+                        )) {
                             tracing::error!("recording the progress of job {}: {e}", job.id);
                         }
                     }
@@ -556,7 +1066,7 @@ impl Runner {
                     let step = line.get("step").and_then(Value::as_u64).unwrap_or(0);
                     self.event(
                         rt,
-                        &job.id,
+                        job,
                         Level::Info,
                         EventKind::Message,
                         &format!("Step {step}: validation loss={}", fmt_loss(valid_loss)),
@@ -568,8 +1078,12 @@ impl Runner {
                     let metrics =
                         json!({"step": step, "train_loss": train_loss, "valid_loss": valid_loss});
                     let name = format!("{adapter}:ckpt-step-{step}");
-                    let message = format!("Saved the training state at step {step}");
-                    self.checkpoint(rt, &job.id, step, metrics, &name, &message);
+                    // Stored before it is recorded: a recorded checkpoint can be resumed
+                    // from anywhere.
+                    if self.upload_state(job, rt, dir, step) {
+                        let message = format!("Saved the training state at step {step}");
+                        self.checkpoint(rt, job, step, metrics, &name, &message);
+                    }
                 }
                 "done" => {
                     if let Some(t) = line.get("trained_tokens").and_then(Value::as_i64) {
@@ -592,7 +1106,7 @@ impl Runner {
                         best.map(|b| format!(", best validation loss {b:.4}"))
                             .unwrap_or_default()
                     );
-                    self.checkpoint(rt, &job.id, steps, metrics, &adapter, &message);
+                    self.checkpoint(rt, job, steps, metrics, &adapter, &message);
                 }
                 _ => {}
             }
@@ -620,43 +1134,59 @@ impl Runner {
             .staging()
             .map_err(|e| internal("creating a staging directory", e))?;
         copy_files(out, &staging.dir()).map_err(|e| internal("staging the adapter", e))?;
-        if self.cancelled(&job.id) {
-            return Err(Stop::Cancelled);
+        // A lease just renewed: no other worker can take the job over while it installs.
+        let lease = self.lease_of(holder(job));
+        match self.persist(rt, "renewing the lease", || {
+            self.jobs.renew(&job.id, &lease)
+        }) {
+            Ok(Renewal::Held) => {}
+            Ok(Renewal::Cancelled) => return Err(Stop::Cancelled),
+            Ok(Renewal::Lost) => return Err(Stop::Lost),
+            Err(e) => {
+                tracing::error!(
+                    "renewing the lease of job {} before installing: {e}",
+                    job.id
+                );
+                return Err(Stop::Lost);
+            }
         }
+        if let Some(stop) = self.stopped(holder(job)) {
+            return Err(stop);
+        }
+        // The adapter's name carries the job's id: a version already there is this job's,
+        // from a worker that installed it and died before recording the success.
         let done = self
             .registry
             .install(&key, staging, false)
-            .map_err(|e| internal("installing the adapter", e))?;
-        match rt.block_on(self.jobs.succeed(&job.id, &job.adapter, trained_tokens)) {
-            Ok(true) => {
-                tracing::info!(job = %job.id, adapter = %key, version = done.version.id(), "fine-tuned adapter installed");
-                self.event(
-                    rt,
-                    &job.id,
-                    Level::Info,
-                    EventKind::Message,
-                    &format!(
-                        "The job has successfully completed: the model {} is ready",
-                        job.adapter
-                    ),
-                    Some(json!({"fine_tuned_model": job.adapter})),
-                );
-                Ok(())
+            .map_err(|e| match e {
+                AdapterError::StoreUnavailable(_) => unavailable("publishing the adapter", e),
+                e => internal("installing the adapter", e),
+            })?;
+        let ours = done.version.id();
+        let succeeded = self.persist(rt, "recording the job's success", || {
+            self.jobs
+                .succeed(&job.id, holder(job), &job.adapter, trained_tokens)
+        });
+        if let Ok(true) = succeeded {
+            tracing::info!(job = %job.id, adapter = %key, version = ours, "fine-tuned adapter installed");
+            return Ok(());
+        }
+        // Cancelled or taken over while it installed (or the record could not be written):
+        // the adapter goes again, unless another version replaced it meanwhile.
+        if let Err(e) = &succeeded {
+            tracing::error!("recording the success of job {}: {e}", job.id);
+        }
+        if self.registry.store.resolve(&key).map(|v| v.id()) == Some(ours) {
+            if let Err(e) = self.registry.delete(&key) {
+                tracing::error!("removing the adapter of job {}: {e}", job.id);
             }
-            other => {
-                // Cancelled while it installed (or the record could not be written): the
-                // adapter goes again.
-                if let Err(e) = &other {
-                    tracing::error!("recording the success of job {}: {e}", job.id);
-                }
-                if let Err(e) = self.registry.delete(&key) {
-                    tracing::error!("removing the adapter of job {}: {e}", job.id);
-                }
-                match other {
-                    Ok(_) => Err(Stop::Cancelled),
-                    Err(e) => Err(internal("recording the job's success", e)),
-                }
-            }
+        }
+        match succeeded {
+            Ok(_) => match rt.block_on(self.jobs.status(&job.id)) {
+                Ok(Some(Status::Cancelled)) => Err(Stop::Cancelled),
+                _ => Err(Stop::Lost),
+            },
+            Err(e) => Err(internal("recording the job's success", e)),
         }
     }
 
@@ -673,7 +1203,13 @@ impl Runner {
             .await
             .map_err(|_| JobError::new("internal_error", "the server is shutting down"))?;
         let runner = self.clone();
-        let training = self.files.blob_path(training_file);
+        let training = self.files.local_path(training_file).await.map_err(|e| {
+            tracing::error!("fetching the file {training_file} for a preview: {e}");
+            JobError::new(
+                "internal_error",
+                "the training file could not be read; the server log has the details",
+            )
+        })?;
         let file_id = training_file.to_string();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new()
@@ -718,9 +1254,8 @@ impl Runner {
         match rx.await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(Stop::Failed(e))) => Err(e),
-            Ok(Err(Stop::Cancelled)) | Err(_) => {
-                Err(JobError::new("internal_error", "the preview stopped"))
-            }
+            Ok(Err(Stop::Cancelled | Stop::Lost | Stop::Released | Stop::StoreUnavailable(_)))
+            | Err(_) => Err(JobError::new("internal_error", "the preview stopped")),
         }
     }
 
@@ -735,8 +1270,8 @@ impl Runner {
         mut each: impl FnMut(&Value),
     ) -> Result<(), Stop> {
         if let Some(id) = job_id {
-            if self.cancelled(id) {
-                return Err(Stop::Cancelled);
+            if let Some(stop) = self.stopped(id) {
+                return Err(stop);
             }
         }
         let mut cmd = Command::new(&self.cfg.trainer);
@@ -771,14 +1306,14 @@ impl Runner {
         })?;
         let pid = child.id();
         if let Some(id) = job_id {
-            let cancelled = match self.active.lock() {
+            let stopping = match self.active.lock() {
                 Ok(mut a) => a.get_mut(id).is_some_and(|j| {
                     j.pid = Some(pid);
-                    j.cancelled
+                    j.stop.is_some()
                 }),
                 Err(_) => false,
             };
-            if cancelled {
+            if stopping {
                 kill(pid);
             }
         }
@@ -812,8 +1347,8 @@ impl Runner {
                     j.tokens_per_s = 0.0;
                 }
             }
-            if self.cancelled(id) {
-                return Err(Stop::Cancelled);
+            if let Some(stop) = self.stopped(id) {
+                return Err(stop);
             }
         }
         let status = status.map_err(|e| internal("waiting for the trainer", e))?;
@@ -871,6 +1406,11 @@ impl Runner {
         let mut swap = |path: PathBuf, name: &str| {
             m = m.replace(&path.display().to_string(), name);
         };
+        let dir = self.cfg.data_dir.join(JOBS_DIR).join(&job.id);
+        swap(dir.join(TRAINING_FILE), &job.training_file);
+        if let Some(v) = &job.validation_file {
+            swap(dir.join(VALIDATION_FILE), v);
+        }
         swap(self.files.blob_path(&job.training_file), &job.training_file);
         if let Some(v) = &job.validation_file {
             swap(self.files.blob_path(v), v);
@@ -882,6 +1422,56 @@ impl Runner {
         swap(self.cfg.data_dir.clone(), "the data directory");
         swap(self.cfg.model_dir.clone(), &job.model);
         m
+    }
+}
+
+/// The hidden directory beside the adapter's where `esft-train train` keeps its resumable
+/// state (`esft-train`'s `state_dir`).
+fn state_dir(dir: &Path, adapter: &str) -> PathBuf {
+    dir.join(format!(".{adapter}.train-state"))
+}
+
+/// The key of a job's work file `name` in the object store.
+fn work_key(job_id: &str, name: &str) -> String {
+    format!("{JOBS_DIR}/{job_id}/{name}")
+}
+
+/// The prefix of a job's saved state at `step` in the object store.
+fn checkpoint_prefix(job_id: &str, step: i64) -> String {
+    format!("{JOBS_DIR}/{job_id}/checkpoints/{step}")
+}
+
+/// Removes everything a job keeps in the object store.
+async fn remove_stored(store: &Store, job_id: &str) -> Result<(), crate::store::StoreError> {
+    for entry in store.list(&format!("{JOBS_DIR}/{job_id}")).await? {
+        store.delete(&entry.key).await?;
+    }
+    Ok(())
+}
+
+/// Removes the work directories of jobs that ended or are unknown (left by jobs that
+/// another worker finished after this one lost them).
+async fn sweep_work_dirs(jobs: &JobStore, root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("ftjob-") {
+            continue;
+        }
+        match jobs.status(&name).await {
+            Ok(Some(s)) if s.is_active() => {}
+            Ok(_) => {
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::warn!("removing {}: {e}", entry.path().display());
+                }
+            }
+            Err(e) => {
+                tracing::warn!("sweeping job directories: {e}");
+                return;
+            }
+        }
     }
 }
 

@@ -238,8 +238,15 @@ pub struct FineTuningConfig {
     pub max_stored_bytes_per_tenant: u64,
     /// The `esft-train` executable jobs run; empty: the one beside `esft-serve`.
     pub trainer: PathBuf,
-    /// Jobs trained at once; the others wait in the queue.
+    /// Jobs trained at once; the others wait in the queue. 0: this process trains none
+    /// (a replica that only accepts jobs, for workers elsewhere to run).
     pub max_concurrent_jobs: usize,
+    /// How long a worker's claim on a running job holds without a renewal (renewed every
+    /// third of it): how soon another worker takes over the job of one that died.
+    pub lease_seconds: f64,
+    /// How often a worker looks at the queue without being woken (the claim latency of a
+    /// job queued by another process, at most).
+    pub poll_seconds: f64,
     /// Compute threads of a training job; 0: half the cores (at least one).
     pub training_threads: usize,
     /// Niceness of training processes (0-19): serving keeps the upper hand.
@@ -269,6 +276,16 @@ impl FineTuningConfig {
             .unwrap_or_else(|| PathBuf::from(name))
     }
 
+    /// How long a claim on a job holds without renewal.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs_f64(self.lease_seconds)
+    }
+
+    /// How often the queue is polled.
+    pub fn poll(&self) -> Duration {
+        Duration::from_secs_f64(self.poll_seconds)
+    }
+
     /// Compute threads of a training job.
     pub fn threads(&self) -> usize {
         match self.training_threads {
@@ -289,6 +306,8 @@ impl Default for FineTuningConfig {
             max_stored_bytes_per_tenant: 10 << 30,
             trainer: PathBuf::new(),
             max_concurrent_jobs: 1,
+            lease_seconds: 30.0,
+            poll_seconds: 1.0,
             training_threads: 0,
             training_nice: 10,
             max_active_jobs_per_tenant: 8,
@@ -408,10 +427,6 @@ impl ServerConfig {
                 usize::try_from(self.fine_tuning.max_file_bytes).unwrap_or(usize::MAX),
             ),
             (
-                "fine_tuning.max_concurrent_jobs",
-                self.fine_tuning.max_concurrent_jobs,
-            ),
-            (
                 "fine_tuning.save_every_steps",
                 usize::try_from(self.fine_tuning.save_every_steps).unwrap_or(usize::MAX),
             ),
@@ -432,6 +447,14 @@ impl ServerConfig {
                 "fine_tuning.database must be \"\" (SQLite in data_dir) or a postgres:// URL"
                     .into(),
             );
+        }
+        for (k, v) in [
+            ("fine_tuning.lease_seconds", self.fine_tuning.lease_seconds),
+            ("fine_tuning.poll_seconds", self.fine_tuning.poll_seconds),
+        ] {
+            if !(v.is_finite() && v >= 0.05) {
+                return Err(format!("{k} must be a number of seconds, at least 0.05"));
+            }
         }
         if !(0..=19).contains(&self.fine_tuning.training_nice) {
             return Err("fine_tuning.training_nice must be from 0 to 19".into());

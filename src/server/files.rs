@@ -81,6 +81,11 @@ fn files_error(e: FilesError) -> ApiError {
             format!("`after` must be the id of a file in the list; there is no file `{id}`"),
         ),
         FilesError::Io(e) => ApiError::logged("storing files", &e),
+        FilesError::Store(e) => {
+            tracing::error!("the object store of files: {e}");
+            ApiError::unavailable("the file store is unavailable; try again shortly")
+                .code("store_unavailable")
+        }
         FilesError::Db(e) => ApiError::logged("reading or writing the files database", &e),
     }
 }
@@ -303,7 +308,8 @@ pub async fn get(
     }
 }
 
-/// `GET /v1/files/{id}/content`: the bytes as uploaded, streamed from the data directory.
+/// `GET /v1/files/{id}/content`: the bytes as uploaded, streamed from the data directory
+/// (fetched from the object store first where this replica lacks them).
 pub async fn content(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -315,7 +321,8 @@ pub async fn content(
         .await
         .map_err(files_error)?
         .ok_or_else(|| not_found(&id))?;
-    let file = tokio::fs::File::open(store.blob_path(&record.id))
+    let path = store.local_path(&record.id).await.map_err(files_error)?;
+    let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| ApiError::logged(&format!("reading the bytes of {}", record.id), &e))?;
     let stream = futures_util::stream::unfold(Some(file), |state| async move {

@@ -8,6 +8,7 @@
 //! - [`metrics`]: Prometheus text; [`errors`]: OpenAI-shaped errors; [`body`]: reading
 //!   request bodies (size limit, idle timeout)
 //! - [`listen`]: the accept loop and HTTP/1.1 connections, every request head checked
+//! - [`worker`]: `esft-serve worker`, the fine-tuning runner without HTTP
 
 pub mod admin;
 pub mod auth;
@@ -23,6 +24,7 @@ pub mod listen;
 pub mod metrics;
 pub mod models;
 pub mod openai;
+pub mod worker;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::header;
@@ -91,9 +93,11 @@ impl AppState {
         let store = self
             .files
             .get_or_try_init(|| async {
+                let store = self.config.store.open().map_err(anyhow::Error::msg)?;
                 FileStore::open(&ft.data_dir, &ft.database, ft.max_stored_bytes_per_tenant)
                     .await
-                    .map(Arc::new)
+                    .map(|f| Arc::new(f.with_store(store)))
+                    .map_err(anyhow::Error::from)
             })
             .await
             .map_err(|e| {
@@ -140,6 +144,8 @@ impl AppState {
                     nice: ft.training_nice,
                     save_every: ft.save_every_steps,
                     slot_budget: served.engine.config.device_slot_bytes,
+                    lease: ft.lease(),
+                    poll: ft.poll(),
                 };
                 let jobs = self.jobs().await?;
                 let files = self.files().await?;
@@ -547,6 +553,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     .await?;
     if let Ok(e) = load_failed_rx.try_recv() {
         return Err(e.context("the model could not be loaded"));
+    }
+    if let Some(runner) = state.started_runner() {
+        // Jobs running here go back to the queue at once rather than when their lease
+        // expires.
+        runner.shutdown(Duration::from_secs(10)).await;
     }
     if let Some(engine) = state.engine() {
         let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;

@@ -1,7 +1,8 @@
 //! A throwaway PostgreSQL server for the tests that run the records database on it: its
 //! cluster made by `initdb` in a temporary directory, started by `pg_ctl` on a Unix socket
-//! in that directory only (no TCP port, so tests in parallel never collide), stopped
-//! (`pg_ctl stop -m immediate`) and removed on drop.
+//! in that directory only (no TCP port, so tests in parallel never collide), restarted on
+//! request ([`Postgres::restart`]), stopped (`pg_ctl stop -m immediate`) and removed on
+//! drop.
 //!
 //! The server binaries are found through `ESFT_PG_BIN` (a directory), then `PATH`, then
 //! Debian's `/usr/lib/postgresql/<version>/bin` (the newest). `initdb` refuses to run as
@@ -156,21 +157,48 @@ impl Postgres {
                 .args(["-U", SUPERUSER, "--auth=trust", "--no-sync", "-E", "UTF8"])
                 .output(),
         )?;
+        pg.run_server()?;
+        Ok(pg)
+    }
+
+    /// Starts the server on the cluster (its socket in the same directory each time).
+    fn run_server(&self) -> Result<(), String> {
         let options = format!(
             "-p {PORT} -k {} -c listen_addresses='' -c fsync=off -c max_connections=200",
-            pg.socket.display()
+            self.socket.display()
         );
         check(
             "pg_ctl start",
-            pg.command("pg_ctl")
+            self.command("pg_ctl")
                 .arg("-D")
-                .arg(&pg.data)
+                .arg(&self.data)
                 .args(["-o", &options, "-l"])
-                .arg(pg.socket.join("server.log"))
+                .arg(self.socket.join("server.log"))
                 .args(["-w", "-t", "60", "start"])
                 .output(),
         )?;
-        Ok(pg)
+        Ok(())
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: every session is disconnected), leaves it
+    /// down for `down`, and starts it again on the same data directory and socket: what
+    /// clients see of a database restart. Returns once it accepts connections again.
+    pub fn restart(&self, down: std::time::Duration) {
+        let stopped = check(
+            "pg_ctl stop",
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "fast", "-w", "stop"])
+                .output(),
+        );
+        if let Err(e) = stopped {
+            panic!("{e}");
+        }
+        std::thread::sleep(down);
+        if let Err(e) = self.run_server() {
+            panic!("{e}");
+        }
     }
 
     /// The server binary `name`, run as the unprivileged user where this process is root.
