@@ -38,16 +38,9 @@ pub fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// Whether the products run in AVX-512 register tiles on this CPU.
+/// Whether the products run in register tiles on this CPU (AVX-512, or AVX2 with FMA).
 pub fn tiled() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    simd::tiled()
 }
 
 /// Whether [`linear`] is the faster product for `rows` rows on this CPU.
