@@ -5,9 +5,12 @@
 //!
 //! With AVX-512 the product runs in register tiles of up to 4 x-rows by 4 w-rows: each step
 //! along `k` loads 8 vectors and issues 16 fused multiply-adds, so a weight row is read once
-//! per 4 rows of `x` instead of once per row. Without it, one 8-wide FMA dot product per pair
-//! (AVX2), else portable code. Which path runs is decided per call from the CPU's features
-//! (the detection is cached by the standard library).
+//! per 4 rows of `x` instead of once per row. With AVX2 and FMA (16 registers of 8 lanes)
+//! the tiles are 4 x-rows by 3 w-rows (12 accumulators). Either way each output is one
+//! accumulator summed along `k` in order and reduced in one fixed tree, so its bits do not
+//! depend on the tile it falls in or on how many rows are multiplied. Without either,
+//! portable dot products. Which path runs is decided per call from the CPU's features (the
+//! detection is cached by the standard library).
 //!
 //! The rows `w` may be stored in f32, bf16 or f16 ([`Stored`]): narrower rows are widened
 //! to f32 as they are loaded (exactly: every bf16 and f16 value is an f32 value), so the
@@ -1086,6 +1089,24 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+}
+#[cfg(test)]
+mod speed_probe {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn probe() {
+        for (m, n, k) in [(128, 64, 512), (1024, 64, 512), (128, 512, 256), (4, 64, 512), (96, 256, 512)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut out = vec![0f32; m * n];
+            let reps = (2_000_000_000 / (m * n * k)).max(1);
+            let t = std::time::Instant::now();
+            for _ in 0..reps { products(&x, m, &w, n, k, &mut out, n); }
+            let s = t.elapsed().as_secs_f64();
+            println!("{m}x{n}x{k}: {:.1} GFLOP/s", 2.0 * (m * n * k * reps) as f64 / s / 1e9);
         }
     }
 }
