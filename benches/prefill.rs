@@ -132,7 +132,10 @@ fn main() -> AnyResult<()> {
     };
     let batches: Vec<usize> = list("ESFT_BENCH_BATCHES", "1,32")
         .iter()
-        .map(|s| s.parse().expect("ESFT_BENCH_BATCHES: comma-separated sizes"))
+        .map(|s| {
+            s.parse()
+                .expect("ESFT_BENCH_BATCHES: comma-separated sizes")
+        })
         .collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut reference = Reference::from_env();
@@ -141,7 +144,10 @@ fn main() -> AnyResult<()> {
     }
 
     let mut report = Vec::new();
-    for name in list("ESFT_BENCH_MODELS", "deepseek-v2,qwen3-moe,deepseek-v3,olmoe") {
+    for name in list(
+        "ESFT_BENCH_MODELS",
+        "deepseek-v2,qwen3-moe,deepseek-v3,olmoe",
+    ) {
         let config = match name.as_str() {
             "deepseek-v2" => bench_config(layers),
             "qwen3-moe" => qwen3_config(layers),

@@ -948,7 +948,11 @@ mod tests {
                 for r in 0..m {
                     for j in 0..n {
                         let want = avx2_order(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]);
-                        assert_eq!(got[r * n + j].to_bits(), want.to_bits(), "{m}x{n}x{k} {r},{j}");
+                        assert_eq!(
+                            got[r * n + j].to_bits(),
+                            want.to_bits(),
+                            "{m}x{n}x{k} {r},{j}"
+                        );
                     }
                 }
             }
@@ -1089,24 +1093,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-}
-#[cfg(test)]
-mod speed_probe {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn probe() {
-        for (m, n, k) in [(128, 64, 512), (1024, 64, 512), (128, 512, 256), (4, 64, 512), (96, 256, 512)] {
-            let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
-            let mut out = vec![0f32; m * n];
-            let reps = (2_000_000_000 / (m * n * k)).max(1);
-            let t = std::time::Instant::now();
-            for _ in 0..reps { products(&x, m, &w, n, k, &mut out, n); }
-            let s = t.elapsed().as_secs_f64();
-            println!("{m}x{n}x{k}: {:.1} GFLOP/s", 2.0 * (m * n * k * reps) as f64 / s / 1e9);
         }
     }
 }
