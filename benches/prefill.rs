@@ -12,10 +12,12 @@
 //! each round also runs `ESFT_BENCH_HF_SCRIPT` (default `../shared/tools/hf_decode_bench.py`
 //! beside the repository) on the same checkpoint directory, same batch sizes, prompt
 //! length and thread count, right after ours; the ratio is the median of per-round ratios,
-//! so a slow minute of a shared machine counts against both sides alike. Its prefill is
-//! `model(ids)`, which computes the LM head at every position (ours computes it at the last
-//! one, as serving does). Without the variable, or when the script fails (no torch), only
-//! our numbers are reported.
+//! so a slow minute of a shared machine counts against both sides alike. The script's
+//! prefill is `model(ids)`, which computes the LM head at every position (ours computes it
+//! at the last one, as serving does), so each round also times transformers' prefill with
+//! `logits_to_keep=1` in the same way (a second number and ratio, "last position").
+//! Without the variable, or when the reference fails (no torch), only our numbers are
+//! reported.
 //!
 //! Knobs: `ESFT_BENCH_PROMPT` (32), `ESFT_BENCH_BATCHES` ("1,32"), `ESFT_BENCH_REPS` (3),
 //! `ESFT_BENCH_LAYERS` (8), `ESFT_BENCH_MODELS` (comma-separated, default
@@ -64,6 +66,26 @@ fn ours_prefill(model: &Decoder, prompts: &[Vec<u32>]) -> AnyResult<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// transformers' prefill as serving needs it (`logits_to_keep=1`: the LM head at the last
+/// position only, as ours), timed like `hf_decode_bench.py` times `model(ids)`.
+const LAST_POSITION: &str = r#"
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+d, batches, p, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32); m.eval()
+out = {}
+for b in map(int, batches.split(",")):
+    ids = torch.randint(2, m.config.vocab_size, (b, p), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m(ids[:, :8], logits_to_keep=1)
+        t0 = time.perf_counter()
+        m(ids, logits_to_keep=1)
+        t = time.perf_counter() - t0
+    out[b] = {"prefill_tok_s": b * p / t}
+print(json.dumps(out))
+"#;
+
 /// The transformers reference, when a Python is given.
 struct Reference {
     python: PathBuf,
@@ -81,21 +103,28 @@ impl Reference {
         Some(Reference { python, script })
     }
 
-    /// Prefill tokens/s per batch size, from one run of the script.
+    /// Prefill tokens/s per batch size: from one run of the script, or with `last`, of
+    /// [`LAST_POSITION`].
     fn prefill(
         &self,
         dir: &Path,
         batches: &[usize],
         prompt: usize,
         threads: usize,
+        last: bool,
     ) -> Result<Vec<f64>, String> {
         let list: Vec<String> = batches.iter().map(|b| b.to_string()).collect();
-        let out = Command::new(&self.python)
-            .arg(&self.script)
-            .arg(dir)
-            .args(["--batch", &list.join(",")])
-            .args(["--prompt", &prompt.to_string()])
-            .args(["--new", "1", "--threads", &threads.to_string()])
+        let mut cmd = Command::new(&self.python);
+        if last {
+            cmd.args(["-c", LAST_POSITION]).arg(dir).arg(list.join(","));
+            cmd.args([prompt.to_string(), threads.to_string()]);
+        } else {
+            cmd.arg(&self.script).arg(dir);
+            cmd.args(["--batch", &list.join(",")]);
+            cmd.args(["--prompt", &prompt.to_string()]);
+            cmd.args(["--new", "1", "--threads", &threads.to_string()]);
+        }
+        let out = cmd
             .output()
             .map_err(|e| format!("{}: {e}", self.python.display()))?;
         if !out.status.success() {
@@ -163,9 +192,10 @@ fn main() -> AnyResult<()> {
             .iter()
             .map(|&b| prompts(b, prompt_len, vocab))
             .collect();
-        let mut ours: Vec<Vec<f64>> = vec![Vec::new(); batches.len()];
-        let mut theirs: Vec<Vec<f64>> = vec![Vec::new(); batches.len()];
-        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); batches.len()];
+        let per_batch = || vec![Vec::<f64>::new(); batches.len()];
+        let mut ours = per_batch();
+        // [script, last position]: transformers' tokens/s and ours over theirs per round.
+        let (mut theirs, mut ratios) = ([per_batch(), per_batch()], [per_batch(), per_batch()]);
         for round in 0..=reps {
             let mut tok_s = Vec::new();
             for (&b, p) in batches.iter().zip(&inputs) {
@@ -174,23 +204,23 @@ fn main() -> AnyResult<()> {
             if round == 0 {
                 continue; // warm-up
             }
-            let hf = match reference.as_ref() {
-                Some(r) => match r.prefill(dir.path(), &batches, prompt_len, threads) {
-                    Ok(v) => Some(v),
+            for (i, t) in tok_s.iter().enumerate() {
+                ours[i].push(*t);
+            }
+            for (v, last) in [false, true].into_iter().enumerate() {
+                let Some(r) = reference.as_ref() else { break };
+                match r.prefill(dir.path(), &batches, prompt_len, threads, last) {
+                    Ok(hf) => {
+                        eprintln!("{name} round {round}: ours {tok_s:.0?}, transformers {hf:.0?}");
+                        for (i, t) in tok_s.iter().enumerate() {
+                            theirs[v][i].push(hf[i]);
+                            ratios[v][i].push(t / hf[i]);
+                        }
+                    }
                     Err(e) => {
                         println!("transformers reference failed ({e}): ours only");
                         reference = None;
-                        None
                     }
-                },
-                None => None,
-            };
-            eprintln!("{name} round {round}: ours {tok_s:.0?} transformers {hf:.0?}");
-            for (i, t) in tok_s.iter().enumerate() {
-                ours[i].push(*t);
-                if let Some(hf) = &hf {
-                    theirs[i].push(hf[i]);
-                    ratios[i].push(t / hf[i]);
                 }
             }
         }
@@ -199,11 +229,18 @@ fn main() -> AnyResult<()> {
             let o = median(ours[i].clone());
             let mut row = json!({"batch": b, "prefill_tok_s": o});
             let mut line = format!("{name:12} batch {b:3}: prefill {o:8.0} tok/s");
-            if !theirs[i].is_empty() {
-                let (t, r) = (median(theirs[i].clone()), median(ratios[i].clone()));
-                row["transformers_prefill_tok_s"] = t.into();
-                row["ratio"] = r.into();
-                line += &format!("  transformers {t:8.0} tok/s  ours / theirs {r:.2}x");
+            for (v, key) in ["transformers", "transformers_last_position"]
+                .iter()
+                .enumerate()
+            {
+                if theirs[v][i].is_empty() {
+                    continue;
+                }
+                let (t, r) = (median(theirs[v][i].clone()), median(ratios[v][i].clone()));
+                row[format!("{key}_prefill_tok_s")] = t.into();
+                row[format!("{key}_ratio")] = r.into();
+                let label = ["script", "last position"][v];
+                line += &format!("  transformers ({label}) {t:6.0} tok/s, ours / theirs {r:.2}x");
             }
             println!("{line}");
             rows.push(row);
