@@ -28,46 +28,12 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::qwen3_moe;
-use common::{env_usize, median};
+use common::{deepseek_v3_config, env_usize, median, qwen3_config};
 use esft::model::init::write_random_checkpoint;
 use esft::model::{Decoder, LoadOptions, LogitsWanted, SeqCache, SeqInput};
 use serde_json::{json, Value};
 
 type AnyResult<T> = anyhow::Result<T>;
-
-fn qwen3_config(layers: usize) -> Value {
-    json!({
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-        "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 0,
-        "decoder_sparse_step": 1, "eos_token_id": 1, "head_dim": 64, "hidden_act": "silu",
-        "hidden_size": 512, "initializer_range": 0.02, "intermediate_size": 1408,
-        "max_position_embeddings": 4096, "max_window_layers": layers, "mlp_only_layers": [],
-        "moe_intermediate_size": 256, "norm_topk_prob": true, "num_attention_heads": 8,
-        "num_experts": 64, "num_experts_per_tok": 8, "num_hidden_layers": layers,
-        "num_key_value_heads": 4, "output_router_logits": false, "rms_norm_eps": 1e-6,
-        "rope_scaling": null, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
-        "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "float32",
-        "use_cache": true, "use_sliding_window": false, "vocab_size": 32000
-    })
-}
-
-fn deepseek_v3_config(layers: usize) -> Value {
-    json!({
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-        "attention_bias": false, "bos_token_id": 0, "eos_token_id": 1,
-        "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 512,
-        "intermediate_size": 1408, "kv_lora_rank": 128, "max_position_embeddings": 4096,
-        "moe_intermediate_size": 256, "moe_layer_freq": 1, "n_group": 8,
-        "n_routed_experts": 64, "n_shared_experts": 1, "norm_topk_prob": true,
-        "num_attention_heads": 8, "num_experts_per_tok": 8, "num_hidden_layers": layers,
-        "num_key_value_heads": 8, "num_nextn_predict_layers": 0, "q_lora_rank": null,
-        "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "rms_norm_eps": 1e-6,
-        "rope_scaling": null, "rope_theta": 10000.0, "routed_scaling_factor": 2.5,
-        "scoring_func": "sigmoid", "tie_word_embeddings": false, "topk_group": 4,
-        "topk_method": "noaux_tc", "torch_dtype": "float32", "v_head_dim": 64,
-        "vocab_size": 32000
-    })
-}
 
 fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;

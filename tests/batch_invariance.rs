@@ -1,7 +1,7 @@
-//! On a CPU whose products run in the AVX-512 tiles, every f32 inference product sums each
-//! output in a fixed order: a sequence's logits are then the same bits whether it runs
-//! alone or in a batch, and whether its prompt is prefilled at once or in chunks beside
-//! other sequences' decode steps.
+//! On a CPU whose products run in register tiles (AVX-512, or AVX2 with FMA), every f32
+//! inference product sums each output in a fixed order: a sequence's logits are then the
+//! same bits whether it runs alone or in a batch, and whether its prompt is prefilled at
+//! once or in chunks beside other sequences' decode steps.
 
 mod common;
 
@@ -12,7 +12,7 @@ use esft::model::{DeepSeekV2, LogitsWanted, SeqCache, SeqInput};
 #[test]
 fn logits_do_not_depend_on_batch_or_chunking() {
     if !cpu_kernels::tiled() {
-        eprintln!("skipped: this CPU has no AVX-512, so product kernels change with batch size");
+        eprintln!("skipped: this CPU has no register tiles, so products change with batch size");
         return;
     }
     for name in [

@@ -2,12 +2,13 @@
 //! and the training products), the grouped SwiGLU experts of an MoE layer in one call, and
 //! attention against the latent caches of a whole batch in one call.
 //!
-//! candle's general matmul packs the weight matrix on every call and, on stable Rust, runs
-//! 8-wide AVX2 microkernels. These kernels read each weight row once, straight from the
-//! tensor, multiply it with up to 4 rows at a time in AVX-512 registers ([`simd`]), and
-//! split the work across threads by output tiles (products), by expert rows and columns
-//! (MoE) or by query token and heads (attention). Without AVX-512 they fall back to one
-//! dot product per output, and callers use them only where that still wins, or where the
+//! candle's general matmul packs the weight matrix on every call and sums each output in
+//! an order that depends on the matrix sizes. These kernels read each weight row straight
+//! from the tensor, multiply it with up to 4 rows at a time in register tiles ([`simd`]:
+//! AVX-512, or AVX2 with FMA), each output one sum in a fixed order, and split the work
+//! across threads by output tiles (products), by expert rows and columns (MoE) or by query
+//! token and heads (attention). Without either instruction set they fall back to one dot
+//! product per output, and callers use them only where that still wins, or where the
 //! weights are stored narrower than f32: weight rows may be bf16 or f16 (widened as they
 //! are read, [`simd::Stored`]), which candle's matmul cannot multiply with f32 inputs.
 
@@ -26,10 +27,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 use half::{bf16, f16};
 
-/// Without AVX-512: most rows for which [`linear`] beats candle's gemm (measured on the
-/// runtime benchmark's shapes), and most rows per expert for which [`grouped_swiglu`]
-/// beats per-expert gemm calls. With AVX-512 the register tiles win at every size
-/// (numbers in the README), so these kernels take every product.
+/// Without register tiles: most rows for which [`linear`] beats candle's gemm (measured on
+/// the runtime benchmark's shapes), and most rows per expert for which [`grouped_swiglu`]
+/// beats per-expert gemm calls. With them (AVX-512, or AVX2 with FMA) the kernels win at
+/// every size (numbers in the README), so they take every product.
 const DOT_LINEAR_ROWS: usize = 16;
 const DOT_GROUPED_ROWS: usize = 128;
 
@@ -38,16 +39,9 @@ pub fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32
 }
 
-/// Whether the products run in AVX-512 register tiles on this CPU.
+/// Whether the products run in register tiles on this CPU (AVX-512, or AVX2 with FMA).
 pub fn tiled() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    simd::tiled()
 }
 
 /// Whether [`linear`] is the faster product for `rows` rows on this CPU.

@@ -5,9 +5,12 @@
 //!
 //! With AVX-512 the product runs in register tiles of up to 4 x-rows by 4 w-rows: each step
 //! along `k` loads 8 vectors and issues 16 fused multiply-adds, so a weight row is read once
-//! per 4 rows of `x` instead of once per row. Without it, one 8-wide FMA dot product per pair
-//! (AVX2), else portable code. Which path runs is decided per call from the CPU's features
-//! (the detection is cached by the standard library).
+//! per 4 rows of `x` instead of once per row. With AVX2 and FMA (16 registers of 8 lanes)
+//! the tiles are 4 x-rows by 3 w-rows (12 accumulators). Either way each output is one
+//! accumulator summed along `k` in order and reduced in one fixed tree, so its bits do not
+//! depend on the tile it falls in or on how many rows are multiplied. Without either,
+//! portable dot products. Which path runs is decided per call from the CPU's features (the
+//! detection is cached by the standard library).
 //!
 //! The rows `w` may be stored in f32, bf16 or f16 ([`Stored`]): narrower rows are widened
 //! to f32 as they are loaded (exactly: every bf16 and f16 value is an f32 value), so the
@@ -97,12 +100,30 @@ pub unsafe fn products_to<W: Stored>(
             unsafe { avx512::products(x, m, w, n, k, out, ldo) };
             return;
         }
+        if avx2::detected() {
+            // SAFETY: as above.
+            unsafe { avx2::products(x, m, w, n, k, out, ldo) };
+            return;
+        }
     }
     // SAFETY: the caller's promise.
     unsafe { products_by_dot(x, m, w, n, k, out, ldo) }
 }
 
-/// [`products_to`] one dot product per output: the path without AVX-512.
+/// Whether the products run in register tiles on this CPU: AVX-512, or AVX2 with FMA
+/// (and F16C for f16 rows).
+pub fn tiled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") || avx2::detected()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`products_to`] one dot product per output: the path without register tiles.
 ///
 /// # Safety
 /// As for [`products_to`].
@@ -230,6 +251,11 @@ pub unsafe fn weighted_to(
             unsafe { avx512::weighted_to(a, lda, m, b, ldb, n, width, out, ldo, accumulate) };
             return;
         }
+        if avx2::detected() {
+            // SAFETY: as above.
+            unsafe { avx2::weighted_to(a, lda, m, b, ldb, n, width, out, ldo, accumulate) };
+            return;
+        }
     }
     for r in 0..m {
         for d in 0..width {
@@ -296,6 +322,281 @@ pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         i += 1;
     }
     s
+}
+
+/// The register tiles with 8-lane AVX2 vectors, for CPUs without AVX-512.
+///
+/// Every output `x_r . w_j` is one accumulator of 8 lanes, lane `l` summing the products
+/// at `k = l, l + 8, ...` in order (the tail masked to zeros), then the lanes summed in
+/// one fixed tree, `((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))`. The tile shape
+/// only decides how many outputs are computed side by side, so an output has the same
+/// bits whatever the number of rows, the tile it falls in, or the thread that runs it.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Stored, StoredKind};
+    use std::arch::x86_64::*;
+
+    /// How far ahead (in bytes) of each weight row a tile of decode-sized rows
+    /// prefetches (weights then stream from memory once; with more rows they are
+    /// re-read from cache and the prefetches would only take load slots).
+    const PREFETCH_AHEAD_BYTES: usize = 4096;
+
+    /// Most rows of `x` for which the weight rows are prefetched.
+    const PREFETCH_ROWS: usize = 4;
+
+    /// `TAIL[8 - len..16 - len]`: the load mask of the first `len` lanes.
+    static TAIL: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    pub fn detected() -> bool {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+
+    /// The mask of the first `len <= 8` lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tail_mask(len: usize) -> __m256i {
+        _mm256_loadu_si256(TAIL.as_ptr().add(8 - len).cast())
+    }
+
+    /// See [`super::products_to`]; the caller has checked the features and the input
+    /// lengths and guarantees the output.
+    ///
+    /// Four rows of `x` at a time (they stay in L1) against three weight rows at a time
+    /// (twelve accumulators); fewer rows take wider tiles, up to eight weight rows for one
+    /// row, so that enough independent sums are in flight.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn products<W: Stored>(
+        x: &[f32],
+        m: usize,
+        w: &[W],
+        n: usize,
+        k: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let (xp, wp, op) = (x.as_ptr(), w.as_ptr(), out);
+        let prefetch = m <= PREFETCH_ROWS;
+        let mut r = 0;
+        while r < m {
+            let rb = (m - r).min(4);
+            let widest = match rb {
+                1 => 8,
+                2 => 4,
+                _ => 3,
+            };
+            let mut j = 0;
+            while j < n {
+                let jb = (n - j).min(widest);
+                let (xt, wt, ot) = (xp.add(r * k), wp.add(j * k), op.add(r * ldo + j));
+                macro_rules! run {
+                    ($($R:literal, $J:literal);*) => {
+                        match (rb, jb, prefetch) {
+                            $(
+                                ($R, $J, true) => tile::<W, $R, $J, true>(xt, wt, k, ot, ldo),
+                                ($R, $J, false) => tile::<W, $R, $J, false>(xt, wt, k, ot, ldo),
+                            )*
+                            _ => unreachable!("tile sizes follow the row count"),
+                        }
+                    };
+                }
+                run!(4, 3; 4, 2; 4, 1; 3, 3; 3, 2; 3, 1; 2, 4; 2, 3; 2, 2; 2, 1;
+                     1, 8; 1, 7; 1, 6; 1, 5; 1, 4; 1, 3; 1, 2; 1, 1);
+                j += jb;
+            }
+            r += rb;
+        }
+    }
+
+    /// One `R x J` tile: `R` rows of `x` against `J` rows of `w`, all `k` long.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<W: Stored, const R: usize, const J: usize, const PREFETCH: bool>(
+        x: *const f32,
+        w: *const W,
+        k: usize,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); J]; R];
+        let ahead = PREFETCH_AHEAD_BYTES / std::mem::size_of::<W>();
+        let mut i = 0;
+        while i + 8 <= k {
+            let mut wv = [_mm256_setzero_ps(); J];
+            for (jj, v) in wv.iter_mut().enumerate() {
+                *v = load8(w.add(jj * k + i));
+                if PREFETCH && i % 16 == 0 {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(jj * k + i + ahead).cast());
+                }
+            }
+            for (rr, row) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(x.add(rr * k + i));
+                for (a, v) in row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, *v, *a);
+                }
+            }
+            i += 8;
+        }
+        if i < k {
+            let mask = tail_mask(k - i);
+            let mut wv = [_mm256_setzero_ps(); J];
+            for (jj, v) in wv.iter_mut().enumerate() {
+                *v = load_tail(w.add(jj * k + i), k - i);
+            }
+            for (rr, row) in acc.iter_mut().enumerate() {
+                let xv = _mm256_maskload_ps(x.add(rr * k + i), mask);
+                for (a, v) in row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, *v, *a);
+                }
+            }
+        }
+        let mut sums = [0f32; 16];
+        let flat: [__m256; 16] = std::array::from_fn(|i| {
+            if i < R * J {
+                acc[i / J][i % J]
+            } else {
+                _mm256_setzero_ps()
+            }
+        });
+        for eighth in 0..(R * J).div_ceil(8) {
+            let v: [__m256; 8] = std::array::from_fn(|i| flat[eighth * 8 + i]);
+            _mm256_storeu_ps(sums.as_mut_ptr().add(eighth * 8), sums8(v));
+        }
+        for rr in 0..R {
+            for jj in 0..J {
+                *out.add(rr * ldo + jj) = sums[rr * J + jj];
+            }
+        }
+    }
+
+    /// 8 stored values from `p`, widened to f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8<W: Stored>(p: *const W) -> __m256 {
+        match W::KIND {
+            StoredKind::F32 => _mm256_loadu_ps(p.cast()),
+            StoredKind::Bf16 => {
+                // bf16 is the high half of an f32: zero-extend each to 32 bits and shift.
+                let h = _mm_loadu_si128(p.cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+            StoredKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+        }
+    }
+
+    /// The first `len < 8` stored values from `p` widened to f32, the other lanes zero.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_tail<W: Stored>(p: *const W, len: usize) -> __m256 {
+        let mut lanes = [0f32; 8];
+        for (i, l) in lanes.iter_mut().enumerate().take(len) {
+            *l = (*p.add(i)).to_f32();
+        }
+        _mm256_loadu_ps(lanes.as_ptr())
+    }
+
+    /// The lane sums of eight vectors, each in the tree of the module comment, as one
+    /// vector.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sums8(v: [__m256; 8]) -> __m256 {
+        // Per 128-bit half: pairs, then pairs of pairs; then the halves added.
+        let a01 = _mm256_hadd_ps(v[0], v[1]);
+        let a23 = _mm256_hadd_ps(v[2], v[3]);
+        let a45 = _mm256_hadd_ps(v[4], v[5]);
+        let a67 = _mm256_hadd_ps(v[6], v[7]);
+        let b0 = _mm256_hadd_ps(a01, a23);
+        let b1 = _mm256_hadd_ps(a45, a67);
+        let lo = _mm256_permute2f128_ps::<0x20>(b0, b1);
+        let hi = _mm256_permute2f128_ps::<0x31>(b0, b1);
+        _mm256_add_ps(lo, hi)
+    }
+
+    /// See [`super::weighted_to`]; the caller has checked the features and the ranges.
+    /// Four rows of `a` at a time, 16 columns of `b` (two vectors) per pass over its rows.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_to(
+        a: *const f32,
+        lda: usize,
+        m: usize,
+        b: *const f32,
+        ldb: usize,
+        n: usize,
+        width: usize,
+        out: *mut f32,
+        ldo: usize,
+        accumulate: bool,
+    ) {
+        let mut r = 0;
+        while r < m {
+            let rb = (m - r).min(4);
+            let (ar, or) = (a.add(r * lda), out.add(r * ldo));
+            match rb {
+                4 => weighted_tile::<4>(ar, lda, b, ldb, n, width, or, ldo, accumulate),
+                3 => weighted_tile::<3>(ar, lda, b, ldb, n, width, or, ldo, accumulate),
+                2 => weighted_tile::<2>(ar, lda, b, ldb, n, width, or, ldo, accumulate),
+                _ => weighted_tile::<1>(ar, lda, b, ldb, n, width, or, ldo, accumulate),
+            }
+            r += rb;
+        }
+    }
+
+    /// `R` rows of `a` against the rows of `b`, 16 columns at a time (the last ones
+    /// masked). Each output sums its `n` products in order, one fused multiply-add each.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_tile<const R: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        n: usize,
+        width: usize,
+        out: *mut f32,
+        ldo: usize,
+        accumulate: bool,
+    ) {
+        let mut d = 0;
+        while d < width {
+            let lanes = (width - d).min(16);
+            let masks = [tail_mask(lanes.min(8)), tail_mask(lanes.saturating_sub(8))];
+            let full = lanes == 16;
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            if accumulate {
+                for (rr, row) in acc.iter_mut().enumerate() {
+                    for (v, av) in row.iter_mut().enumerate() {
+                        *av = _mm256_maskload_ps(out.wrapping_add(rr * ldo + d + 8 * v), masks[v]);
+                    }
+                }
+            }
+            for j in 0..n {
+                let row = b.add(j * ldb + d);
+                let bv: [__m256; 2] = if full {
+                    [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))]
+                } else {
+                    [
+                        _mm256_maskload_ps(row, masks[0]),
+                        _mm256_maskload_ps(row.wrapping_add(8), masks[1]),
+                    ]
+                };
+                for (rr, acc_r) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*a.add(rr * lda + j));
+                    for (acc_v, b_v) in acc_r.iter_mut().zip(&bv) {
+                        *acc_v = _mm256_fmadd_ps(av, *b_v, *acc_v);
+                    }
+                }
+            }
+            for (rr, row) in acc.iter().enumerate() {
+                for (v, av) in row.iter().enumerate() {
+                    _mm256_maskstore_ps(out.wrapping_add(rr * ldo + d + 8 * v), masks[v], *av);
+                }
+            }
+            d += lanes;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -612,6 +913,63 @@ mod tests {
                 products_by_dot(&x, m, &wide, n, k, want.as_mut_ptr(), n);
             }
             assert_eq!(bits(&got), bits(&want), "by dot {m}x{n}x{k}");
+        }
+    }
+
+    /// The AVX2 tiles' sum for one output, lane by lane with fused multiply-adds, then
+    /// the lanes in the fixed tree.
+    fn avx2_order(x: &[f32], w: &[f32]) -> f32 {
+        let mut lanes = [0f32; 8];
+        for (i, (a, b)) in x.iter().zip(w).enumerate() {
+            lanes[i % 8] = a.mul_add(*b, lanes[i % 8]);
+        }
+        let l = lanes;
+        ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+    }
+
+    #[test]
+    fn avx2_tiles_sum_every_output_in_one_order_whatever_the_rows() {
+        #[cfg(target_arch = "x86_64")]
+        let avx2_path = !std::arch::is_x86_feature_detected!("avx512f") && avx2::detected();
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2_path = false;
+        if !avx2_path {
+            eprintln!("skipped: the AVX2 tiles are not this CPU's path");
+            return;
+        }
+        // Every row count takes different tile shapes (4x3, 3x3, 2x4, 1x8 and their
+        // column tails); every output must be the same bits as the one-order reference.
+        for k in [1, 7, 8, 9, 31, 64, 100, 513] {
+            let n = 23;
+            let w = values(n * k, 21);
+            let x = values(13 * k, 22);
+            for m in [1, 2, 3, 4, 5, 6, 7, 13] {
+                let mut got = vec![f32::NAN; m * n];
+                products(&x, m, &w, n, k, &mut got, n);
+                for r in 0..m {
+                    for j in 0..n {
+                        let want = avx2_order(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k]);
+                        assert_eq!(
+                            got[r * n + j].to_bits(),
+                            want.to_bits(),
+                            "{m}x{n}x{k} {r},{j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_rows_get_the_same_bits_in_any_row_count() {
+        let (n, width, ld) = (29, 37, 40);
+        let (a, b) = (values(9 * n, 31), values(n * ld, 32));
+        let mut all = vec![0f32; 9 * width];
+        weighted_sum(&a, 9, &b, n, ld, width, &mut all);
+        for r in 0..9 {
+            let mut one = vec![0f32; width];
+            weighted_sum(&a[r * n..(r + 1) * n], 1, &b, n, ld, width, &mut one);
+            assert_eq!(one, all[r * width..(r + 1) * width], "row {r}");
         }
     }
 
