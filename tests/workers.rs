@@ -2,13 +2,15 @@
 //! (moto on loopback), with real `esft-serve` and `esft-train` binaries on the `lite`
 //! fixture:
 //!
-//! - a replica with no local workers (`max_concurrent_jobs = 0`) accepts a file and a job;
+//! - a replica with no local workers (`max_concurrent_jobs = 0`) accepts a tenant's file
+//!   and job;
 //!   a worker (`esft-serve worker`) trains it, checkpointing to the store; the worker is
 //!   killed with SIGKILL after its first recorded checkpoint, and a second worker, once the
 //!   lease expired, resumes from that checkpoint (not from scratch) and the job succeeds
 //!   exactly once, with every earlier event kept and no adapter left by the first worker;
 //!   the adapter, published to the registry in the store, is served by the replica and by
-//!   one started afterwards, greedy-equal to the adapter applied locally;
+//!   one started afterwards, greedy-equal to the adapter applied locally, and to no other
+//!   tenant on either;
 //! - PostgreSQL restarted mid-job: the worker reconnects and the job succeeds once;
 //! - a worker stopped with SIGTERM gives its job back to the queue at once (its lease far
 //!   from expiring), and another resumes it from its checkpoint.
@@ -25,6 +27,7 @@ mod postgres;
 #[path = "common/s3.rs"]
 mod s3;
 
+use esft::server::auth::hash_key;
 use http::{request, Server};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -39,6 +42,9 @@ const STEPS: u64 = 14;
 const SAVE_EVERY: u64 = 2;
 /// The lease of the test workers.
 const LEASE_SECONDS: f64 = 2.0;
+const ADMIN: &str = "workers-admin-key";
+const ACME: &str = "workers-acme-key";
+const GLOBEX: &str = "workers-globex-key";
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lite")
@@ -117,6 +123,14 @@ save_every_steps = {SAVE_EVERY}
 lease_seconds = {lease_seconds}
 poll_seconds = 0.2
 training_threads = 1
+[auth]
+admin_key_sha256 = ["{admin}"]
+[[auth.tenants]]
+name = "acme"
+key_sha256 = ["{acme}"]
+[[auth.tenants]]
+name = "globex"
+key_sha256 = ["{globex}"]
 [store]
 url = {url:?}
 options = {{ {options} }}
@@ -128,6 +142,9 @@ retry_timeout_seconds = 2.0
                 database = self.database,
                 url = self.s3.url("esft"),
                 options = options.join(", "),
+                admin = hash_key(ADMIN),
+                acme = hash_key(ACME),
+                globex = hash_key(GLOBEX),
             ),
         )
         .unwrap();
@@ -194,13 +211,28 @@ impl Drop for Worker {
     }
 }
 
+/// A request as the tenant `acme`, whose files and jobs these are.
 fn call(s: &Server, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, Value)> {
+    call_as(ACME, s, method, path, body)
+}
+
+fn call_as(
+    key: &str,
+    s: &Server,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Option<(u16, Value)> {
     let bytes = body.map(|b| b.to_string().into_bytes());
+    let auth = format!("Bearer {key}");
     let r = request(
         s.addr,
         method,
         path,
-        &[("content-type", "application/json")],
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &auth),
+        ],
         bytes.as_deref(),
     )
     .ok()?;
@@ -272,11 +304,12 @@ fn submit(replica: &Server, steps: u64) -> (String, String) {
     form.extend_from_slice(examples(40).as_bytes());
     form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
     let ct = format!("multipart/form-data; boundary={boundary}");
+    let auth = format!("Bearer {ACME}");
     let up = request(
         replica.addr,
         "POST",
         "/v1/files",
-        &[("content-type", &ct)],
+        &[("content-type", &ct), ("authorization", &auth)],
         Some(&form),
     )
     .unwrap();
@@ -339,11 +372,15 @@ const NEW_TOKENS: usize = 8;
 
 /// Greedy text of `model` for [`PROMPT`] from a replica, and its tokens' log-probabilities.
 fn complete(s: &Server, model: &str) -> (String, Vec<f64>) {
+    complete_as(ACME, s, model)
+}
+
+fn complete_as(key: &str, s: &Server, model: &str) -> (String, Vec<f64>) {
     let body = json!({
         "model": model, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0,
         "logprobs": 0,
     });
-    let (status, v) = call(s, "POST", "/v1/completions", Some(&body)).unwrap();
+    let (status, v) = call_as(key, s, "POST", "/v1/completions", Some(&body)).unwrap();
     assert_eq!(status, 200, "{v}");
     let choice = &v["choices"][0];
     let logprobs = choice["logprobs"]["token_logprobs"]
@@ -490,7 +527,7 @@ fn a_worker_killed_mid_job_is_replaced_by_another_that_resumes_from_its_checkpoi
     let whole = cluster
         .dir
         .path()
-        .join("worker-2/adapters")
+        .join("worker-2/adapters/@acme")
         .join(&adapter)
         .join("adapter.json");
     assert!(whole.is_file(), "{}", whole.display());
@@ -509,15 +546,24 @@ fn a_worker_killed_mid_job_is_replaced_by_another_that_resumes_from_its_checkpoi
     // The trained experts change the model's probabilities (the greedy text of this tiny
     // model may stay the base's).
     assert_ne!(complete(&later, "lite").1, served[1].1);
+    // The adapter is acme's: another tenant finds it on neither replica.
+    for r in [&replica, &later] {
+        let body = json!({"model": adapter, "prompt": PROMPT, "max_tokens": 1});
+        let (status, v) = call_as(GLOBEX, r, "POST", "/v1/completions", Some(&body)).unwrap();
+        assert_eq!(status, 404, "{v}");
+        let (_, models) = call_as(GLOBEX, r, "GET", "/v1/models", None).unwrap();
+        assert!(!models.to_string().contains(&adapter), "{models}");
+    }
     // A replica without the file's local copy serves it from the store; deleting the file
     // removes it there.
     let local = cluster.dir.path().join("replica/data/files").join(&file);
     std::fs::remove_file(&local).unwrap();
+    let auth = format!("Bearer {ACME}");
     let content = request(
         replica.addr,
         "GET",
         &format!("/v1/files/{file}/content"),
-        &[],
+        &[("authorization", &auth)],
         None,
     )
     .unwrap();
