@@ -853,14 +853,9 @@ impl JobStore {
         error: &JobError,
     ) -> Result<bool, JobsError> {
         let text = serde_json::to_string(error).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        // The status and its event in one transaction: whoever sees the job failed also
-        // sees why in its events. An event appended concurrently can take the event's
-        // number; the transaction is then rolled back and tried again.
         let message = format!("The job failed: {}", error.message);
         let data = json!({"code": error.code}).to_string();
-        let mut tries = 0;
-        loop {
-            let mut tx = self.pool.begin().await?;
+        let update = || {
             let mut q = Sql::new("UPDATE jobs SET status = 'failed', finished_at = ");
             q.push_bind(now())
                 .push(", estimated_finish = NULL, lease_expires_at = NULL, error = ")
@@ -873,6 +868,28 @@ impl JobStore {
                     .push_bind(w.to_string()),
                 None => q.push(format!(" AND status IN {}", in_list(&Status::ACTIVE))),
             };
+            q
+        };
+        self.change_with_event(id, update, Level::Error, &message, &data)
+            .await
+    }
+
+    /// Runs `update` (an UPDATE of the job's row alone) and appends the job's event in one
+    /// transaction: whoever sees the change also sees its event. False (nothing changed)
+    /// when `update` matched no row. An event appended concurrently can take the event's
+    /// number; the transaction is then rolled back and run again.
+    async fn change_with_event(
+        &self,
+        id: &str,
+        update: impl Fn() -> Sql,
+        level: Level,
+        message: &str,
+        data: &str,
+    ) -> Result<bool, JobsError> {
+        let mut tries = 0;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let q = update();
             let done = q.build().execute(&mut *tx).await?;
             if done.rows_affected() != 1 {
                 return Ok(false);
@@ -880,10 +897,10 @@ impl JobStore {
             let event = insert_event(
                 &mut *tx,
                 id,
-                Level::Error,
+                level,
                 EventKind::Message,
-                &message,
-                Some(data.clone()),
+                message,
+                Some(data.to_string()),
             )
             .await;
             tries += 1;
@@ -909,43 +926,21 @@ impl JobStore {
     ) -> Result<bool, JobsError> {
         let message = format!("The job has successfully completed: the model {model} is ready");
         let data = json!({"fine_tuned_model": model}).to_string();
-        let mut tries = 0;
-        loop {
-            let mut tx = self.pool.begin().await?;
-            let done = sqlx::query(
-                "UPDATE jobs SET status = 'succeeded', finished_at = $1, estimated_finish = NULL, \
-                 lease_expires_at = NULL, fine_tuned_model = $2, trained_tokens = $3 \
-                 WHERE id = $4 AND status = 'running' AND worker = $5",
-            )
-            .bind(now())
-            .bind(model)
-            .bind(trained_tokens)
-            .bind(id)
-            .bind(worker)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() != 1 {
-                return Ok(false);
-            }
-            let event = insert_event(
-                &mut *tx,
-                id,
-                Level::Info,
-                EventKind::Message,
-                &message,
-                Some(data.clone()),
-            )
-            .await;
-            tries += 1;
-            match event {
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && tries < 10 => {}
-                Err(e) => return Err(e.into()),
-                Ok(()) => {
-                    tx.commit().await?;
-                    return Ok(true);
-                }
-            }
-        }
+        let update = || {
+            let mut q = Sql::new("UPDATE jobs SET status = 'succeeded', finished_at = ");
+            q.push_bind(now())
+                .push(", estimated_finish = NULL, lease_expires_at = NULL, fine_tuned_model = ")
+                .push_bind(model)
+                .push(", trained_tokens = ")
+                .push_bind(trained_tokens)
+                .push(" WHERE id = ")
+                .push_bind(id)
+                .push(" AND status = 'running' AND worker = ")
+                .push_bind(worker);
+            q
+        };
+        self.change_with_event(id, update, Level::Info, &message, &data)
+            .await
     }
 
     /// Cancels `id` if `viewer` may see it and it is active. `Ok(None)`: no such job;
