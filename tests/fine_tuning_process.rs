@@ -12,7 +12,7 @@ mod http;
 mod tools;
 
 use esft::server::auth::hash_key;
-use http::{request, Server};
+use http::{request, upload_for_fine_tuning, Server};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -184,27 +184,7 @@ key_sha256 = ["{globex}"]
 
     // A job that the server is killed in the middle of.
     let bytes = std::fs::read(&train).unwrap();
-    let boundary = "esft-kill-9-boundary";
-    let mut form = Vec::new();
-    form.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
-             --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"law.jsonl\"\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    form.extend_from_slice(&bytes);
-    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let auth = format!("Bearer {ACME}");
-    let ct = format!("multipart/form-data; boundary={boundary}");
-    let up = request(
-        server.addr,
-        "POST",
-        "/v1/files",
-        &[("authorization", &auth), ("content-type", &ct)],
-        Some(&form),
-    )
-    .unwrap();
+    let up = upload_for_fine_tuning(server.addr, ACME, "law.jsonl", &bytes).unwrap();
     assert_eq!(up.status, 200, "{}", up.text());
     let file = up.json()["id"].as_str().unwrap().to_string();
     let (status, job) = call(

@@ -10,7 +10,7 @@
 //!   exactly once, with every earlier event kept and no adapter left by the first worker;
 //!   the adapter, published to the registry in the store, is served by the replica and by
 //!   one started afterwards, greedy-equal to the adapter applied locally, and to no other
-//!   tenant on either;
+//!   tenant on either; deleted through one replica, it is served by neither;
 //! - PostgreSQL restarted mid-job: the worker reconnects and the job succeeds once;
 //! - a worker stopped with SIGTERM gives its job back to the queue at once (its lease far
 //!   from expiring), and another resumes it from its checkpoint.
@@ -28,7 +28,7 @@ mod postgres;
 mod s3;
 
 use esft::server::auth::hash_key;
-use http::{request, Server};
+use http::{request, upload_for_fine_tuning, Server};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -295,24 +295,8 @@ fn checkpoint_steps(s: &Server, id: &str) -> Vec<i64> {
 
 /// Uploads the training file through the replica and creates the job; its id and the file's.
 fn submit(replica: &Server, steps: u64) -> (String, String) {
-    let boundary = "esft-workers-boundary";
-    let mut form = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.jsonl\"\r\n\r\n"
-    )
-    .into_bytes();
-    form.extend_from_slice(examples(40).as_bytes());
-    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let ct = format!("multipart/form-data; boundary={boundary}");
-    let auth = format!("Bearer {ACME}");
-    let up = request(
-        replica.addr,
-        "POST",
-        "/v1/files",
-        &[("content-type", &ct), ("authorization", &auth)],
-        Some(&form),
-    )
-    .unwrap();
+    let up =
+        upload_for_fine_tuning(replica.addr, ACME, "t.jsonl", examples(40).as_bytes()).unwrap();
     assert_eq!(up.status, 200, "{}", up.text());
     let file = up.json()["id"].as_str().unwrap().to_string();
     let (status, v) = call(
@@ -553,6 +537,27 @@ fn a_worker_killed_mid_job_is_replaced_by_another_that_resumes_from_its_checkpoi
         assert_eq!(status, 404, "{v}");
         let (_, models) = call_as(GLOBEX, r, "GET", "/v1/models", None).unwrap();
         assert!(!models.to_string().contains(&adapter), "{models}");
+    }
+    // Deleted through the later replica (globex may not): served by neither any more.
+    let path = format!("/v1/adapters/{adapter}");
+    let (status, v) = call_as(GLOBEX, &later, "DELETE", &path, None).unwrap();
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = call(&later, "DELETE", &path, None).unwrap();
+    assert_eq!(status, 200, "{v}");
+    // (Each replica looks a name up again once its last look-up is older than
+    // `engine.adapter_lookup_ttl_seconds`, 1 s by default.)
+    for r in [&replica, &later] {
+        let body = json!({"model": adapter, "prompt": PROMPT, "max_tokens": 1});
+        let t = Instant::now();
+        loop {
+            let (status, v) = call(r, "POST", "/v1/completions", Some(&body)).unwrap();
+            if status == 404 {
+                break;
+            }
+            assert_eq!(status, 200, "{v}");
+            assert!(t.elapsed() < Duration::from_secs(5), "still served: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     // A replica without the file's local copy serves it from the store; deleting the file
     // removes it there.

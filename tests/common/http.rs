@@ -311,3 +311,30 @@ pub fn request(
 ) -> std::io::Result<Response> {
     send(addr, method, path, headers, body)?.read_all()
 }
+
+/// `POST /v1/files` of `bytes` as `filename` with purpose `fine-tune`, as the bearer of
+/// `key` (a multipart form, as the `openai` client sends it).
+pub fn upload_for_fine_tuning(
+    addr: SocketAddr,
+    key: &str,
+    filename: &str,
+    bytes: &[u8],
+) -> std::io::Result<Response> {
+    let boundary = "esft-test-upload-boundary";
+    let mut form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\r\n"
+    )
+    .into_bytes();
+    form.extend_from_slice(bytes);
+    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let auth = format!("Bearer {key}");
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    request(
+        addr,
+        "POST",
+        "/v1/files",
+        &[("authorization", &auth), ("content-type", &ct)],
+        Some(&form),
+    )
+}
