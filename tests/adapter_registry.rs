@@ -152,6 +152,18 @@ async fn replicas_share_adapters_through_the_store() {
     }
     assert!(r2.adapters.join("remote-a").is_dir());
     assert_eq!(greedy(&r1, ADMIN, "remote-a").await.unwrap(), want0);
+    // Names no adapter has, asked for many times at once: each a 404, and no per-name state
+    // stays behind (any client may name anything).
+    let unknown = futures_util::future::join_all((0..40).map(|i| {
+        let r2 = &r2;
+        async move { greedy(r2, ACME, &format!("no-such-{}", i % 20)).await }
+    }))
+    .await;
+    for got in &unknown {
+        assert_not_found(got);
+    }
+    let registry = r2.state.served().unwrap().engine.registry.clone();
+    assert_eq!(registry.names_in_lookup(), 0);
 
     // Replaced through replica 2: both serve the new content, whole.
     let (st, v) = upload(&r2, ADMIN, "?name=remote-a&public=true", a.tar(1)).await;

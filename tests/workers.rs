@@ -293,6 +293,22 @@ fn checkpoint_steps(s: &Server, id: &str) -> Vec<i64> {
     }
 }
 
+/// Waits for the job's first recorded checkpoint; its step.
+fn first_checkpoint(s: &Server, id: &str, log: &dyn Fn() -> String) -> i64 {
+    let t = Instant::now();
+    loop {
+        if let Some(step) = checkpoint_steps(s, id).into_iter().max() {
+            return step;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no checkpoint was recorded\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Uploads the training file through the replica and creates the job; its id and the file's.
 fn submit(replica: &Server, steps: u64) -> (String, String) {
     let up =
@@ -426,18 +442,7 @@ fn a_worker_killed_mid_job_is_replaced_by_another_that_resumes_from_its_checkpoi
 
     let first_config = cluster.config("worker-1", 1);
     let mut first = Worker::start(&first_config, "machine-1");
-    let t = Instant::now();
-    let step = loop {
-        if let Some(s) = checkpoint_steps(&replica, &id).into_iter().max() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "no checkpoint was recorded\n{}",
-            first.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let step = first_checkpoint(&replica, &id, &|| first.log());
     assert!(step > 0);
     // A recorded checkpoint is in the store.
     let stored = rt
@@ -606,15 +611,7 @@ fn a_worker_rides_out_a_database_restart_and_the_job_succeeds_once() {
     // A lease longer than the restart: the worker keeps the job through it.
     let worker = Worker::start(&cluster.config_with_lease("worker", 1, 10.0), "machine-1");
     let (id, _) = submit(&replica, 4 * STEPS);
-    let t = Instant::now();
-    while checkpoint_steps(&replica, &id).is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "no checkpoint\n{}",
-            worker.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    first_checkpoint(&replica, &id, &|| worker.log());
     cluster.pg.restart(Duration::from_secs(3));
     let logs = || format!("worker:\n{}\nreplica:\n{}", worker.log(), replica.log());
     let done = finished(&replica, &id, Duration::from_secs(180), &logs);
@@ -650,15 +647,7 @@ fn a_worker_stopped_with_sigterm_gives_its_job_back_at_once() {
         "machine-1",
     );
     let (id, _) = submit(&replica, 4 * STEPS);
-    let t = Instant::now();
-    while checkpoint_steps(&replica, &id).is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "no checkpoint\n{}",
-            first.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    first_checkpoint(&replica, &id, &|| first.log());
     let term = Command::new("kill")
         .args(["-TERM", &first.child.id().to_string()])
         .status()

@@ -56,6 +56,8 @@ struct Shared {
 
 /// How long the store counts as down after it failed to answer.
 const STORE_BACKOFF: Duration = Duration::from_secs(5);
+/// Entries of the look-up times map beyond which the stale ones are dropped.
+const CHECKED_PRUNE_AT: usize = 4096;
 
 pub struct AdapterRegistry {
     pub store: AdapterStore,
@@ -366,6 +368,14 @@ impl AdapterRegistry {
         Ok(())
     }
 
+    /// Names this registry keeps per-name look-up state for: those being looked up now.
+    pub fn names_in_lookup(&self) -> usize {
+        self.shared
+            .as_ref()
+            .and_then(|sh| sh.gates.lock().ok().map(|g| g.len()))
+            .unwrap_or(0)
+    }
+
     fn gate(&self, key: &AdapterKey) -> Option<Arc<tokio::sync::Mutex<()>>> {
         let sh = self.shared.as_ref()?;
         let mut g = sh.gates.lock().ok()?;
@@ -380,11 +390,44 @@ impl AdapterRegistry {
         let Some(sh) = &self.shared else {
             return Ok(());
         };
-        let gate = self.gate(key);
-        let _turn = match &gate {
-            Some(g) => Some(g.lock().await),
-            None => None,
+        let Some(gate) = self.gate(key) else {
+            return self.refresh_gated(sh, key, allow).await;
         };
+        let turn = gate.lock().await;
+        let done = self.refresh_gated(sh, key, allow).await;
+        drop(turn);
+        // The gate goes with its last user: names asked for once (any client may name
+        // anything) leave nothing behind.
+        if let Ok(mut g) = sh.gates.lock() {
+            if Arc::strong_count(&gate) == 2 {
+                g.remove(key);
+            }
+        }
+        done
+    }
+
+    /// Notes that `key` was looked up now; entries older than the look-up TTL go when the
+    /// map grows, so names asked for once do not accumulate.
+    fn mark_checked(sh: &Shared, key: &AdapterKey) {
+        let ttl = sh.settings.lookup_ttl;
+        if ttl.is_zero() {
+            return;
+        }
+        if let Ok(mut c) = sh.checked.lock() {
+            if c.len() >= CHECKED_PRUNE_AT {
+                c.retain(|_, t| t.elapsed() < ttl);
+            }
+            c.insert(key.clone(), Instant::now());
+        }
+    }
+
+    /// [`Self::refresh_one`] holding the name's gate.
+    async fn refresh_gated(
+        self: &Arc<Self>,
+        sh: &Shared,
+        key: &AdapterKey,
+        allow: &(dyn Fn(Option<&str>, bool) -> bool + Sync),
+    ) -> Result<(), AdapterError> {
         let ttl = sh.settings.lookup_ttl;
         if !ttl.is_zero()
             && sh
@@ -419,9 +462,7 @@ impl AdapterRegistry {
             }
             match outcome {
                 Ok(()) => {
-                    if let Ok(mut c) = sh.checked.lock() {
-                        c.insert(key.clone(), Instant::now());
-                    }
+                    Self::mark_checked(sh, key);
                     return Ok(());
                 }
                 Err(RemoteError::Vanished(_)) if attempts < 3 => continue,
