@@ -111,7 +111,7 @@ impl<'a> Batch<'a> {
 }
 
 fn main() {
-    esft::util::pin_thread_count();
+    esft::util::prepare_process();
     let steps = env_usize("ESFT_BENCH_STEPS", 32).max(1);
     let reps = env_usize("ESFT_BENCH_REPS", 3).max(1);
     let layers = env_usize("ESFT_BENCH_LAYERS", 8).max(2);

@@ -147,7 +147,7 @@ impl Reference {
 }
 
 fn main() -> AnyResult<()> {
-    esft::util::pin_thread_count();
+    esft::util::prepare_process();
     let prompt_len = env_usize("ESFT_BENCH_PROMPT", 32).max(1);
     let reps = env_usize("ESFT_BENCH_REPS", 3).max(1);
     let layers = env_usize("ESFT_BENCH_LAYERS", 8).max(2);

@@ -394,7 +394,7 @@ impl SuiteResult {
 }
 
 fn main() -> AnyResult<()> {
-    esft::util::pin_thread_count();
+    esft::util::prepare_process();
     let steps = env_usize("ESFT_BENCH_STEPS", 32).max(1);
     let reps = env_usize("ESFT_BENCH_REPS", 5).max(1);
     let prompt_len = env_usize("ESFT_BENCH_PROMPT", 128).max(1);

@@ -109,7 +109,7 @@ fn prepare(
 }
 
 fn main() -> anyhow::Result<()> {
-    esft::util::pin_thread_count();
+    esft::util::prepare_process();
     let layers = env_usize("BENCH_TRAIN_LAYERS", 8);
     let n_samples = env_usize("BENCH_TRAIN_SAMPLES", 4);
     let seq = env_usize("BENCH_TRAIN_SEQ", 256);

@@ -2,7 +2,7 @@ use clap::Parser;
 use esft::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
-    esft::util::pin_thread_count();
+    esft::util::prepare_process();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

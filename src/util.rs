@@ -37,13 +37,74 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Pins the compute thread count (`RAYON_NUM_THREADS`) to the available cores unless the
-/// user set it. candle looks the count up on every matmul and, when the variable is unset,
-/// re-reads `/proc/cpuinfo` each time, which costs more than a decode-sized matmul. Call at
-/// the start of `main`, before any other thread exists.
-pub fn pin_thread_count() {
+/// Sets up the process for the compute kernels; call at the start of `main`, before any
+/// other thread exists.
+///
+/// - Pins the compute thread count (`RAYON_NUM_THREADS`) to the available cores unless
+///   the user set it. candle looks the count up on every matmul and, when the variable is
+///   unset, re-reads `/proc/cpuinfo` each time, which costs more than a decode-sized
+///   matmul.
+/// - With glibc, keeps freed memory for reuse (see [`keep_freed_memory`]).
+pub fn prepare_process() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let _ = keep_freed_memory();
+}
+
+/// Allocations below this size come from malloc's heaps instead of their own mapping.
+const MMAP_THRESHOLD: usize = 64 << 20;
+
+/// Free memory malloc may hold at the top of a heap before returning it to the system.
+const TRIM_THRESHOLD: usize = 1 << 30;
+
+/// Makes glibc's malloc reuse freed activation buffers instead of handing them back to
+/// the kernel. A forward allocates and frees the same large buffers (megabytes each) layer
+/// after layer; by default glibc maps each one afresh and unmaps it on free (its adaptive
+/// threshold also lets the thread arenas trim them), so every layer pays page faults and
+/// the kernel's zeroing of every page again: batched prefill ran 20% slower that way
+/// (`benches/prefill.rs`). The cost: up to [`TRIM_THRESHOLD`] of freed memory per heap
+/// stays with the process. An explicit `MALLOC_MMAP_THRESHOLD_` or
+/// `MALLOC_TRIM_THRESHOLD_` in the environment wins. Other C libraries: nothing to do.
+/// Returns whether malloc took every value it was given.
+fn keep_freed_memory() -> bool {
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        true
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut taken = true;
+        let settings = [
+            (
+                "MALLOC_MMAP_THRESHOLD_",
+                libc::M_MMAP_THRESHOLD,
+                MMAP_THRESHOLD,
+            ),
+            (
+                "MALLOC_TRIM_THRESHOLD_",
+                libc::M_TRIM_THRESHOLD,
+                TRIM_THRESHOLD,
+            ),
+        ];
+        for (env, param, value) in settings {
+            if std::env::var_os(env).is_none() {
+                let value = libc::c_int::try_from(value).unwrap_or(libc::c_int::MAX);
+                // SAFETY: mallopt only changes malloc's parameters, and is called before
+                // other threads allocate. A refused value leaves glibc's default.
+                taken &= unsafe { libc::mallopt(param, value) } == 1;
+            }
+        }
+        taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn malloc_takes_the_reuse_settings() {
+        // glibc refuses mmap thresholds above its heap size limit; these must be taken.
+        assert!(super::keep_freed_memory());
     }
 }

@@ -7,7 +7,7 @@ use esft_train::error;
 use esft_train::progress::error_line;
 
 fn main() -> std::process::ExitCode {
-    esft::util::pin_thread_count();
+    esft::util::prepare_process();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

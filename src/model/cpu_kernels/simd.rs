@@ -336,13 +336,10 @@ mod avx2 {
     use super::{Stored, StoredKind};
     use std::arch::x86_64::*;
 
-    /// How far ahead (in bytes) of each weight row a tile of decode-sized rows
-    /// prefetches (weights then stream from memory once; with more rows they are
-    /// re-read from cache and the prefetches would only take load slots).
+    /// How far ahead (in bytes) of each weight row the tiles of the first rows of `x`
+    /// prefetch: they stream the weights from memory; the later rows re-read them from
+    /// cache, where prefetches would only take load slots.
     const PREFETCH_AHEAD_BYTES: usize = 4096;
-
-    /// Most rows of `x` for which the weight rows are prefetched.
-    const PREFETCH_ROWS: usize = 4;
 
     /// `TAIL[8 - len..16 - len]`: the load mask of the first `len` lanes.
     static TAIL: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -377,9 +374,9 @@ mod avx2 {
         ldo: usize,
     ) {
         let (xp, wp, op) = (x.as_ptr(), w.as_ptr(), out);
-        let prefetch = m <= PREFETCH_ROWS;
         let mut r = 0;
         while r < m {
+            let prefetch = r == 0;
             let rb = (m - r).min(4);
             let widest = match rb {
                 1 => 8,
