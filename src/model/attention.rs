@@ -270,10 +270,14 @@ pub(super) fn attend(
             .map(|((start, len, _), kv)| cpu_kernels::LatentSeq {
                 start: *start,
                 len: *len,
-                kv,
+                kv: std::slice::from_ref(kv),
             })
             .collect();
-        return cpu_kernels::latent_attention(q, &batch, v_width, scale);
+        let parts = cpu_kernels::RowParts {
+            key_offset: 0,
+            value_width: v_width,
+        };
+        return cpu_kernels::latent_attention(q, &batch, parts, scale);
     }
     attend_per_sequence(ops, q, rows, seqs, v_width, scale)
 }
@@ -374,7 +378,7 @@ impl LatentCache {
             .unwrap_or(0)
     }
 
-    fn append(&mut self, rows: &Tensor, differentiable: bool) -> Result<()> {
+    pub(super) fn append(&mut self, rows: &Tensor, differentiable: bool) -> Result<()> {
         let (add, width) = rows.dims2()?;
         if differentiable {
             // In-place writes are invisible to autograd: build the cache by concatenation.
@@ -408,7 +412,7 @@ impl LatentCache {
         Ok(())
     }
 
-    fn view(&self) -> Result<Tensor> {
+    pub(super) fn view(&self) -> Result<Tensor> {
         match &self.buf {
             Some(b) => b.narrow(0, 0, self.len),
             None => candle_core::bail!("empty latent cache"),

@@ -3,10 +3,11 @@
 //! each sequence's new tokens against its own key/value cache, and the output projection.
 //!
 //! Query head `h` reads kv head `h / (heads / kv_heads)`. Each kv head of each sequence has
-//! its own row cache ([`LatentCache`]) holding `[v | k]` per token (`2 * head_dim` values):
-//! queried with `[0 | q]`, those rows are exactly the keys and values of MLA's latent
-//! attention core ([`super::attention::attend`]), so both attentions share one core - its
-//! batched CPU kernel, its per-sequence candle path and its training node.
+//! its own row cache ([`LatentCache`]) holding `[v | k]` per token (`2 * head_dim` values),
+//! the layout of MLA's latent rows, so both attentions share one core. The batched CPU
+//! kernel takes every kv head in one call and reads the keys at their offset in the rows;
+//! the per-sequence candle path and the training node take one kv head at a time, queried
+//! with `[0 | q]`, for which the rows are exactly keys and values.
 
 use candle_core::{Device, Result, Tensor};
 
@@ -111,23 +112,65 @@ impl GqaAttention {
         let q = ops.rope_half_split(&q, cos, sin)?;
         let k = ops.rope_half_split(&k, cos, sin)?;
         let v = ops.linear(x, &self.v)?.reshape((n, kvh, hd))?;
-        let group = nh / kvh;
-        let q = q.reshape((n, kvh, group, hd))?;
-        let zeros = Tensor::zeros((n, group, hd), q.dtype(), q.device())?;
-        let kernel = !ops.differentiable && cpu_kernels::takes_linear(x, &self.k, n);
-        let mut outs = Vec::with_capacity(kvh);
-        for j in 0..kvh {
-            let qj = Tensor::cat(&[&zeros, &q.narrow(1, j, 1)?.squeeze(1)?], 2)?;
-            let rows =
-                Tensor::cat(&[v.narrow(1, j, 1)?, k.narrow(1, j, 1)?], 2)?.reshape((n, 2 * hd))?;
-            let mut head_seqs: Vec<(usize, usize, &mut LatentCache)> = seqs
-                .iter_mut()
-                .map(|(start, len, caches)| (*start, *len, &mut caches[j]))
-                .collect();
-            let o = attend(ops, &qj, &rows, &mut head_seqs, hd, self.scale, kernel)?;
-            outs.push(o.reshape((n, group, hd))?);
-        }
-        let o = Tensor::cat(&outs, 1)?.reshape((n, nh * hd))?;
+        let o = if !ops.differentiable && cpu_kernels::takes_linear(x, &self.k, n) {
+            self.attend_kernel(&q, &k, &v, seqs)?
+        } else {
+            // One kv head at a time through the shared core, queried with `[0 | q]`.
+            let group = nh / kvh;
+            let q = q.reshape((n, kvh, group, hd))?;
+            let zeros = Tensor::zeros((n, group, hd), q.dtype(), q.device())?;
+            let mut outs = Vec::with_capacity(kvh);
+            for j in 0..kvh {
+                let qj = Tensor::cat(&[&zeros, &q.narrow(1, j, 1)?.squeeze(1)?], 2)?;
+                let rows = Tensor::cat(&[v.narrow(1, j, 1)?, k.narrow(1, j, 1)?], 2)?
+                    .reshape((n, 2 * hd))?;
+                let mut head_seqs: Vec<(usize, usize, &mut LatentCache)> = seqs
+                    .iter_mut()
+                    .map(|(start, len, caches)| (*start, *len, &mut caches[j]))
+                    .collect();
+                let o = attend(ops, &qj, &rows, &mut head_seqs, hd, self.scale, false)?;
+                outs.push(o.reshape((n, group, hd))?);
+            }
+            Tensor::cat(&outs, 1)?
+        };
+        let o = o.reshape((n, nh * hd))?;
         ops.linear(&o, &self.o)
+    }
+
+    /// Every kv head of every sequence in one call of the CPU kernel, which reads the keys
+    /// in place from the `[v | k]` rows (so the queries need no zero half). `q`: `[n, heads,
+    /// head_dim]`, `k`, `v`: `[n, kv_heads, head_dim]`. Returns `[n * heads, head_dim]`.
+    fn attend_kernel(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &mut [(usize, usize, &mut [LatentCache])],
+    ) -> Result<Tensor> {
+        let rows = Tensor::cat(&[v, k], 2)?; // [n, kv_heads, 2 * head_dim]
+        for (start, len, caches) in seqs.iter_mut() {
+            let mine = rows.narrow(0, *start, *len)?;
+            for (j, cache) in caches.iter_mut().enumerate() {
+                cache.append(&mine.narrow(1, j, 1)?.squeeze(1)?, false)?;
+            }
+        }
+        let views = seqs
+            .iter()
+            .map(|(_, _, caches)| caches.iter().map(|c| c.view()).collect())
+            .collect::<Result<Vec<Vec<Tensor>>>>()?;
+        let batch: Vec<cpu_kernels::LatentSeq<'_>> = seqs
+            .iter()
+            .zip(&views)
+            .map(|((start, len, _), kv)| cpu_kernels::LatentSeq {
+                start: *start,
+                len: *len,
+                kv,
+            })
+            .collect();
+        let parts = cpu_kernels::RowParts {
+            key_offset: self.head_dim,
+            value_width: self.head_dim,
+        };
+        cpu_kernels::latent_attention(q, &batch, parts, self.scale)
     }
 }

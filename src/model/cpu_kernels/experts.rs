@@ -145,7 +145,7 @@ pub fn grouped_swiglu(
                 let down_w = &w[d0 * inter..(d0 + cols) * inter];
                 // SAFETY: rows first..first + rows, columns d0..d0 + cols of the output
                 // belong to this task alone.
-                unsafe { simd::products_to(a, rows, down_w, cols, inter, o, hidden) };
+                unsafe { simd::products_to(a, rows, down_w, cols, inter, inter, o, hidden) };
             });
             for r in 0..rows {
                 let weight = row_weights[first + r];

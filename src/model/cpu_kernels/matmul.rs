@@ -141,6 +141,7 @@ unsafe fn transposed_tile<W: simd::Stored>(a: &[f32], b: &[W], k: usize, n: usiz
             &b[t.c0 * k..(t.c0 + t.cols) * k],
             t.cols,
             k,
+            k,
             t.out,
             n,
         )
@@ -273,7 +274,16 @@ pub fn heads_linear(x: &Tensor, w: &Tensor, rows: std::ops::Range<usize>) -> Res
                     // SAFETY: this task writes columns h * width + c0 .. + cols of every token
                     // row of the n x (heads * width) buffer, which no other task writes.
                     unsafe {
-                        simd::products_to(xh, n, wt, cols, k, dst.at(h * width + c0), heads * width)
+                        simd::products_to(
+                            xh,
+                            n,
+                            wt,
+                            cols,
+                            k,
+                            k,
+                            dst.at(h * width + c0),
+                            heads * width,
+                        )
                     };
                 };
                 run_tasks(heads * col_tiles, n * heads * width * k, task);

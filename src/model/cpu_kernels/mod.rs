@@ -17,7 +17,7 @@ mod experts;
 mod matmul;
 mod simd;
 
-pub use attention::{latent_attention, LatentSeq};
+pub use attention::{latent_attention, LatentSeq, RowParts};
 pub use experts::{grouped_swiglu, ExpertGroup};
 pub use matmul::{
     heads_linear, linear, matmul, matmul_slices, matmul_storage, product, product_dims, RhsRows,

@@ -70,26 +70,29 @@ pub fn products<W: Stored>(
         "products: output shorter than m x ldo"
     );
     // SAFETY: `out` is exclusively borrowed and holds every position written.
-    unsafe { products_to(x, m, w, n, k, out.as_mut_ptr(), ldo) }
+    unsafe { products_to(x, m, w, n, k, k, out.as_mut_ptr(), ldo) }
 }
 
 /// [`products`] into a raw output, for parallel tasks that fill disjoint columns of one
-/// buffer.
+/// buffer, with the rows of `w` `ldw >= k` apart (row `j` is `w[j*ldw .. j*ldw + k]`: the
+/// first `k` columns of wider rows).
 ///
 /// # Safety
 /// `out.add(r * ldo + j)` must be valid for writes for every `r < m`, `j < n`, and nothing
 /// else may access those positions during the call.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn products_to<W: Stored>(
     x: &[f32],
     m: usize,
     w: &[W],
     n: usize,
     k: usize,
+    ldw: usize,
     out: *mut f32,
     ldo: usize,
 ) {
     assert!(
-        x.len() >= m * k && w.len() >= n * k,
+        x.len() >= m * k && k <= ldw && (n == 0 || w.len() >= (n - 1) * ldw + k),
         "products: inputs shorter than m, n, k"
     );
     #[cfg(target_arch = "x86_64")]
@@ -97,17 +100,17 @@ pub unsafe fn products_to<W: Stored>(
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the feature was just detected; the inputs were checked above and the
             // output is the caller's promise.
-            unsafe { avx512::products(x, m, w, n, k, out, ldo) };
+            unsafe { avx512::products(x, m, w, n, k, ldw, out, ldo) };
             return;
         }
         if avx2::detected() {
             // SAFETY: as above.
-            unsafe { avx2::products(x, m, w, n, k, out, ldo) };
+            unsafe { avx2::products(x, m, w, n, k, ldw, out, ldo) };
             return;
         }
     }
     // SAFETY: the caller's promise.
-    unsafe { products_by_dot(x, m, w, n, k, out, ldo) }
+    unsafe { products_by_dot(x, m, w, n, k, ldw, out, ldo) }
 }
 
 /// Whether the products run in register tiles on this CPU: AVX-512, or AVX2 with FMA
@@ -127,12 +130,14 @@ pub fn tiled() -> bool {
 ///
 /// # Safety
 /// As for [`products_to`].
+#[allow(clippy::too_many_arguments)]
 unsafe fn products_by_dot<W: Stored>(
     x: &[f32],
     m: usize,
     w: &[W],
     n: usize,
     k: usize,
+    ldw: usize,
     out: *mut f32,
     ldo: usize,
 ) {
@@ -141,7 +146,7 @@ unsafe fn products_by_dot<W: Stored>(
             let xr = &x[r * k..(r + 1) * k];
             for j in 0..n {
                 // SAFETY: the caller's promise.
-                unsafe { *out.add(r * ldo + j) = dot(xr, &w[j * k..(j + 1) * k]) };
+                unsafe { *out.add(r * ldo + j) = dot(xr, &w[j * ldw..j * ldw + k]) };
             }
         }
         return;
@@ -149,7 +154,7 @@ unsafe fn products_by_dot<W: Stored>(
     // Narrow rows: widened one row at a time, then the same dot products.
     let mut row = vec![0f32; k];
     for j in 0..n {
-        for (d, v) in row.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+        for (d, v) in row.iter_mut().zip(&w[j * ldw..j * ldw + k]) {
             *d = v.to_f32();
         }
         for r in 0..m {
@@ -178,7 +183,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         if std::arch::is_x86_feature_detected!("avx512f") {
             let mut out = 0f32;
             // SAFETY: the feature was just detected; both slices hold `n` values.
-            unsafe { avx512::products::<f32>(a, 1, b, 1, n, &mut out, 1) };
+            unsafe { avx512::products::<f32>(a, 1, b, 1, n, n, &mut out, 1) };
             return out;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -364,12 +369,14 @@ mod avx2 {
     /// (twelve accumulators); fewer rows take wider tiles, up to eight weight rows for one
     /// row, so that enough independent sums are in flight.
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn products<W: Stored>(
         x: &[f32],
         m: usize,
         w: &[W],
         n: usize,
         k: usize,
+        ldw: usize,
         out: *mut f32,
         ldo: usize,
     ) {
@@ -386,13 +393,13 @@ mod avx2 {
             let mut j = 0;
             while j < n {
                 let jb = (n - j).min(widest);
-                let (xt, wt, ot) = (xp.add(r * k), wp.add(j * k), op.add(r * ldo + j));
+                let (xt, wt, ot) = (xp.add(r * k), wp.add(j * ldw), op.add(r * ldo + j));
                 macro_rules! run {
                     ($($R:literal, $J:literal);*) => {
                         match (rb, jb, prefetch) {
                             $(
-                                ($R, $J, true) => tile::<W, $R, $J, true>(xt, wt, k, ot, ldo),
-                                ($R, $J, false) => tile::<W, $R, $J, false>(xt, wt, k, ot, ldo),
+                                ($R, $J, true) => tile::<W, $R, $J, true>(xt, wt, k, ldw, ot, ldo),
+                                ($R, $J, false) => tile::<W, $R, $J, false>(xt, wt, k, ldw, ot, ldo),
                             )*
                             _ => unreachable!("tile sizes follow the row count"),
                         }
@@ -406,13 +413,15 @@ mod avx2 {
         }
     }
 
-    /// One `R x J` tile: `R` rows of `x` against `J` rows of `w`, all `k` long.
+    /// One `R x J` tile: `R` rows of `x` against `J` rows of `w` (`ldw` apart), all `k`
+    /// long.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<W: Stored, const R: usize, const J: usize, const PREFETCH: bool>(
         x: *const f32,
         w: *const W,
         k: usize,
+        ldw: usize,
         out: *mut f32,
         ldo: usize,
     ) {
@@ -422,9 +431,9 @@ mod avx2 {
         while i + 8 <= k {
             let mut wv = [_mm256_setzero_ps(); J];
             for (jj, v) in wv.iter_mut().enumerate() {
-                *v = load8(w.add(jj * k + i));
+                *v = load8(w.add(jj * ldw + i));
                 if PREFETCH && i % 16 == 0 {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(jj * k + i + ahead).cast());
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(jj * ldw + i + ahead).cast());
                 }
             }
             for (rr, row) in acc.iter_mut().enumerate() {
@@ -439,7 +448,7 @@ mod avx2 {
             let mask = tail_mask(k - i);
             let mut wv = [_mm256_setzero_ps(); J];
             for (jj, v) in wv.iter_mut().enumerate() {
-                *v = load_tail(w.add(jj * k + i), k - i);
+                *v = load_tail(w.add(jj * ldw + i), k - i);
             }
             for (rr, row) in acc.iter_mut().enumerate() {
                 let xv = _mm256_maskload_ps(x.add(rr * k + i), mask);
@@ -609,12 +618,14 @@ mod avx512 {
     /// See [`super::products_to`]; the caller has checked the feature and the input lengths
     /// and guarantees the output.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn products<W: Stored>(
         x: &[f32],
         m: usize,
         w: &[W],
         n: usize,
         k: usize,
+        ldw: usize,
         out: *mut f32,
         ldo: usize,
     ) {
@@ -625,11 +636,11 @@ mod avx512 {
             let mut r = 0;
             while r < m {
                 let rb = (m - r).min(4);
-                let (xt, wt, ot) = (xp.add(r * k), wp.add(j * k), op.add(r * ldo + j));
+                let (xt, wt, ot) = (xp.add(r * k), wp.add(j * ldw), op.add(r * ldo + j));
                 macro_rules! run {
                     ($($R:literal, $J:literal);*) => {
                         match (rb, jb) {
-                            $(($R, $J) => tile::<W, $R, $J>(xt, wt, k, ot, ldo),)*
+                            $(($R, $J) => tile::<W, $R, $J>(xt, wt, k, ldw, ot, ldo),)*
                             _ => unreachable!("tile sizes are 1..=4"),
                         }
                     };
@@ -722,7 +733,8 @@ mod avx512 {
         }
     }
 
-    /// One `R x J` tile: `R` rows of `x` against `J` rows of `w`, all `k` long, 16 lanes at
+    /// One `R x J` tile: `R` rows of `x` against `J` rows of `w` (`ldw` apart), all `k`
+    /// long. 16 lanes at
     /// a time with the tail masked.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -730,6 +742,7 @@ mod avx512 {
         x: *const f32,
         w: *const W,
         k: usize,
+        ldw: usize,
         out: *mut f32,
         ldo: usize,
     ) {
@@ -738,10 +751,10 @@ mod avx512 {
         while i + 16 <= k {
             let mut wv = [_mm512_setzero_ps(); J];
             for (jj, v) in wv.iter_mut().enumerate() {
-                *v = load16(w.add(jj * k + i));
+                *v = load16(w.add(jj * ldw + i));
                 // Weight rows stream from memory: ask for the line 8 KB ahead of each.
                 let ahead = PREFETCH_AHEAD_BYTES / std::mem::size_of::<W>();
-                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(jj * k + i + ahead).cast());
+                _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(jj * ldw + i + ahead).cast());
             }
             for (rr, row) in acc.iter_mut().enumerate() {
                 let xv = _mm512_loadu_ps(x.add(rr * k + i));
@@ -755,7 +768,7 @@ mod avx512 {
             let mask: __mmask16 = ((1u32 << (k - i)) - 1) as u16;
             let mut wv = [_mm512_setzero_ps(); J];
             for (jj, v) in wv.iter_mut().enumerate() {
-                *v = load_tail(w.add(jj * k + i), k - i);
+                *v = load_tail(w.add(jj * ldw + i), k - i);
             }
             for (rr, row) in acc.iter_mut().enumerate() {
                 let xv = _mm512_maskz_loadu_ps(mask, x.add(rr * k + i));
@@ -870,7 +883,7 @@ mod tests {
                     products(&x, m, &w, n, k, &mut got, n);
                     let mut by_dot = vec![f32::NAN; m * n];
                     // SAFETY: `by_dot` holds m x n values.
-                    unsafe { products_by_dot(&x, m, &w, n, k, by_dot.as_mut_ptr(), n) };
+                    unsafe { products_by_dot(&x, m, &w, n, k, k, by_dot.as_mut_ptr(), n) };
                     for ((g, d), e) in got.iter().zip(&by_dot).zip(&want) {
                         assert!(
                             (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
@@ -906,8 +919,8 @@ mod tests {
             assert_eq!(bits(&got), bits(&want), "{m}x{n}x{k}");
             // SAFETY: both buffers hold m x n values.
             unsafe {
-                products_by_dot(&x, m, &w, n, k, got.as_mut_ptr(), n);
-                products_by_dot(&x, m, &wide, n, k, want.as_mut_ptr(), n);
+                products_by_dot(&x, m, &w, n, k, k, got.as_mut_ptr(), n);
+                products_by_dot(&x, m, &wide, n, k, k, want.as_mut_ptr(), n);
             }
             assert_eq!(bits(&got), bits(&want), "by dot {m}x{n}x{k}");
         }
@@ -1000,6 +1013,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn products_read_the_first_k_columns_of_wider_rows() {
+        // Rows of w 29 apart, of which the first 20 (from an offset of 3) are the ones
+        // multiplied: the same bits as the packed rows, on every path.
+        let (m, n, k, ldw, offset) = (5, 7, 20, 29, 3);
+        let x = values(m * k, 5);
+        let wide = values(offset + n * ldw, 6);
+        let packed: Vec<f32> = (0..n)
+            .flat_map(|j| wide[offset + j * ldw..offset + j * ldw + k].to_vec())
+            .collect();
+        let mut want = vec![0f32; m * n];
+        products(&x, m, &packed, n, k, &mut want, n);
+        let mut got = vec![0f32; m * n];
+        // SAFETY: `got` holds m x n values.
+        unsafe { products_to(&x, m, &wide[offset..], n, k, ldw, got.as_mut_ptr(), n) };
+        assert_eq!(got, want);
+        let mut by_dot = vec![0f32; m * n];
+        let mut packed_by_dot = vec![0f32; m * n];
+        // SAFETY: as above.
+        unsafe {
+            products_by_dot(&x, m, &wide[offset..], n, k, ldw, by_dot.as_mut_ptr(), n);
+            products_by_dot(&x, m, &packed, n, k, k, packed_by_dot.as_mut_ptr(), n);
+        }
+        assert_eq!(by_dot, packed_by_dot);
     }
 
     #[test]
