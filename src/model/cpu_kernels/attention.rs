@@ -50,7 +50,7 @@ pub fn latent_attention(
     let (n, heads, qw) = q.dims3()?;
     let (key_offset, v_width) = (parts.key_offset, parts.value_width);
     let kv_heads = seqs.first().map_or(1, |s| s.kv.len());
-    if kv_heads == 0 || heads % kv_heads != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         candle_core::bail!("attention: {heads} query heads over {kv_heads} caches");
     }
     let q = q.contiguous()?;
@@ -105,7 +105,7 @@ pub fn latent_attention(
     let per_cache = heads / kv_heads;
     let g = (1..=HEAD_GROUP.min(per_cache))
         .rev()
-        .find(|g| per_cache % g == 0)
+        .find(|g| per_cache.is_multiple_of(*g))
         .unwrap_or(1);
     let groups = heads / g;
     let mut out = vec![0f32; n * heads * v_width];
