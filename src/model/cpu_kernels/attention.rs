@@ -12,6 +12,7 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
+use super::activations::softmax_scaled;
 use super::cpu_f32;
 use super::simd::{products_to, weighted_sum};
 
@@ -137,14 +138,7 @@ pub fn latent_attention(
                 )
             };
             for row in scores.chunks_exact_mut(visible) {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-                let mut sum = 0f32;
-                for v in row.iter_mut() {
-                    *v = (*v * scale - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
+                softmax_scaled(row, scale);
             }
             weighted_sum(scores, g, cache, visible, width, v_width, o);
         });

@@ -4,7 +4,9 @@
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{cpu_stored, on_stored, simd, with_f32, SharedOut, StoredRows, LINEAR_BLOCK};
+use super::{
+    activations, cpu_stored, on_stored, simd, with_f32, SharedOut, StoredRows, LINEAR_BLOCK,
+};
 
 /// One expert's rows of a grouped MoE product.
 pub struct ExpertGroup<'a> {
@@ -117,12 +119,13 @@ pub fn grouped_swiglu(
                 });
                 let base = act_start + (first - g.start) * inter + c0;
                 for r in 0..rows {
-                    for c in 0..cols {
-                        let (a, u) = (gate[r * cols + c], up[r * cols + c]);
-                        // SAFETY: row r, columns c0..c0 + cols of this chunk's activations
-                        // belong to this task alone.
-                        unsafe { *act_dst.at(base + r * inter + c) = a / (1.0 + (-a).exp()) * u };
-                    }
+                    // SAFETY: row r, columns c0..c0 + cols of this chunk's activations
+                    // belong to this task alone.
+                    let act_row = unsafe {
+                        std::slice::from_raw_parts_mut(act_dst.at(base + r * inter), cols)
+                    };
+                    let gu = r * cols..(r + 1) * cols;
+                    activations::silu_mul(&gate[gu.clone()], &up[gu], act_row);
                 }
             });
         // Pass 2: down projection and routing weight.

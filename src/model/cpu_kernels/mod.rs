@@ -12,6 +12,7 @@
 //! weights are stored narrower than f32: weight rows may be bf16 or f16 (widened as they
 //! are read, [`simd::Stored`]), which candle's matmul cannot multiply with f32 inputs.
 
+mod activations;
 mod attention;
 mod experts;
 mod matmul;
