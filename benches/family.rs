@@ -150,6 +150,7 @@ fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
 }
 
 fn main() -> AnyResult<()> {
+    esft::util::prepare_process();
     let steps = env_usize("ESFT_BENCH_STEPS", 32);
     let reps = env_usize("ESFT_BENCH_REPS", 3);
     let prompt_len = env_usize("ESFT_BENCH_PROMPT", 64);
