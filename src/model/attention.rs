@@ -257,29 +257,51 @@ pub(super) fn attend(
     kernel: bool,
 ) -> Result<Tensor> {
     if kernel {
-        for (start, len, cache) in seqs.iter_mut() {
-            cache.append(&rows.narrow(0, *start, *len)?, false)?;
-        }
-        let views = seqs
-            .iter()
-            .map(|(_, _, cache)| cache.view())
-            .collect::<Result<Vec<_>>>()?;
-        let batch: Vec<cpu_kernels::LatentSeq<'_>> = seqs
-            .iter()
-            .zip(&views)
-            .map(|((start, len, _), kv)| cpu_kernels::LatentSeq {
-                start: *start,
-                len: *len,
-                kv: std::slice::from_ref(kv),
-            })
+        let (n, width) = rows.dims2()?;
+        let mut one: Vec<(usize, usize, &mut [LatentCache])> = seqs
+            .iter_mut()
+            .map(|(start, len, cache)| (*start, *len, std::slice::from_mut(&mut **cache)))
             .collect();
         let parts = cpu_kernels::RowParts {
             key_offset: 0,
             value_width: v_width,
         };
-        return cpu_kernels::latent_attention(q, &batch, parts, scale);
+        return attend_kernel(q, &rows.reshape((n, 1, width))?, &mut one, parts, scale);
     }
     attend_per_sequence(ops, q, rows, seqs, v_width, scale)
+}
+
+/// Every sequence and cache in one call of the batched CPU kernel (f32 inference). `rows`:
+/// `[n, caches, width]`, appended first to each sequence's caches (one per key/value head;
+/// MLA: one); `q`: `[n, heads, q width]`, head `h` reading cache `h / (heads / caches)`.
+/// Returns `[n * heads, parts.value_width]`.
+pub(super) fn attend_kernel(
+    q: &Tensor,
+    rows: &Tensor,
+    seqs: &mut [(usize, usize, &mut [LatentCache])],
+    parts: cpu_kernels::RowParts,
+    scale: f64,
+) -> Result<Tensor> {
+    for (start, len, caches) in seqs.iter_mut() {
+        let mine = rows.narrow(0, *start, *len)?;
+        for (j, cache) in caches.iter_mut().enumerate() {
+            cache.append(&mine.narrow(1, j, 1)?.squeeze(1)?, false)?;
+        }
+    }
+    let views = seqs
+        .iter()
+        .map(|(_, _, caches)| caches.iter().map(|c| c.view()).collect())
+        .collect::<Result<Vec<Vec<Tensor>>>>()?;
+    let batch: Vec<cpu_kernels::LatentSeq<'_>> = seqs
+        .iter()
+        .zip(&views)
+        .map(|((start, len, _), kv)| cpu_kernels::LatentSeq {
+            start: *start,
+            len: *len,
+            kv,
+        })
+        .collect();
+    cpu_kernels::latent_attention(q, &batch, parts, scale)
 }
 
 /// [`attend`] one sequence at a time with candle ops (and autograd nodes when
@@ -378,7 +400,7 @@ impl LatentCache {
             .unwrap_or(0)
     }
 
-    pub(super) fn append(&mut self, rows: &Tensor, differentiable: bool) -> Result<()> {
+    fn append(&mut self, rows: &Tensor, differentiable: bool) -> Result<()> {
         let (add, width) = rows.dims2()?;
         if differentiable {
             // In-place writes are invisible to autograd: build the cache by concatenation.
@@ -412,7 +434,7 @@ impl LatentCache {
         Ok(())
     }
 
-    pub(super) fn view(&self) -> Result<Tensor> {
+    fn view(&self) -> Result<Tensor> {
         match &self.buf {
             Some(b) => b.narrow(0, 0, self.len),
             None => candle_core::bail!("empty latent cache"),

@@ -11,7 +11,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use super::attention::{attend, LatentCache};
+use super::attention::{attend, attend_kernel, LatentCache};
 use super::config::{Config, GqaConfig, QkNorm};
 use super::cpu_kernels;
 use super::load::{Precision, WeightStore};
@@ -113,7 +113,14 @@ impl GqaAttention {
         let k = ops.rope_half_split(&k, cos, sin)?;
         let v = ops.linear(x, &self.v)?.reshape((n, kvh, hd))?;
         let o = if !ops.differentiable && cpu_kernels::takes_linear(x, &self.k, n) {
-            self.attend_kernel(&q, &k, &v, seqs)?
+            // Every kv head in one call; the keys are read in place from the `[v | k]`
+            // rows, so the queries need no zero half.
+            let rows = Tensor::cat(&[&v, &k], 2)?; // [n, kv_heads, 2 * head_dim]
+            let parts = cpu_kernels::RowParts {
+                key_offset: hd,
+                value_width: hd,
+            };
+            attend_kernel(&q, &rows, seqs, parts, self.scale)?
         } else {
             // One kv head at a time through the shared core, queried with `[0 | q]`.
             let group = nh / kvh;
@@ -135,42 +142,5 @@ impl GqaAttention {
         };
         let o = o.reshape((n, nh * hd))?;
         ops.linear(&o, &self.o)
-    }
-
-    /// Every kv head of every sequence in one call of the CPU kernel, which reads the keys
-    /// in place from the `[v | k]` rows (so the queries need no zero half). `q`: `[n, heads,
-    /// head_dim]`, `k`, `v`: `[n, kv_heads, head_dim]`. Returns `[n * heads, head_dim]`.
-    fn attend_kernel(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        seqs: &mut [(usize, usize, &mut [LatentCache])],
-    ) -> Result<Tensor> {
-        let rows = Tensor::cat(&[v, k], 2)?; // [n, kv_heads, 2 * head_dim]
-        for (start, len, caches) in seqs.iter_mut() {
-            let mine = rows.narrow(0, *start, *len)?;
-            for (j, cache) in caches.iter_mut().enumerate() {
-                cache.append(&mine.narrow(1, j, 1)?.squeeze(1)?, false)?;
-            }
-        }
-        let views = seqs
-            .iter()
-            .map(|(_, _, caches)| caches.iter().map(|c| c.view()).collect())
-            .collect::<Result<Vec<Vec<Tensor>>>>()?;
-        let batch: Vec<cpu_kernels::LatentSeq<'_>> = seqs
-            .iter()
-            .zip(&views)
-            .map(|((start, len, _), kv)| cpu_kernels::LatentSeq {
-                start: *start,
-                len: *len,
-                kv,
-            })
-            .collect();
-        let parts = cpu_kernels::RowParts {
-            key_offset: self.head_dim,
-            value_width: self.head_dim,
-        };
-        cpu_kernels::latent_attention(q, &batch, parts, self.scale)
     }
 }
