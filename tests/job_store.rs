@@ -8,8 +8,8 @@ mod postgres;
 
 use esft::jobs::files::{FileRecord, FileStore, FilesError, Order, PURPOSE_FINE_TUNE};
 use esft::jobs::queue::{
-    EsftChoices, EventKind, JobError, JobSpec, JobStore, JobsError, Lease, Level, NewJob,
-    ScoreFunction, Status,
+    EsftChoices, EventKind, JobError, JobEvent, JobSpec, JobStore, JobsError, Lease, Level, NewJob,
+    Page, ScoreFunction, Status,
 };
 use serde_json::json;
 use std::collections::HashSet;
@@ -415,6 +415,52 @@ async fn jobs_round_trip_list_page_and_refuse_what_they_must() {
         assert_eq!(
             jobs.with_status(Status::ValidatingFiles).await.unwrap(),
             vec![jobs.get(None, &third.id).await.unwrap().unwrap()]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_validated_job_is_queued_with_its_event_in_one_step() {
+    for b in backends() {
+        let files = b.files(1 << 20).await;
+        let jobs = JobStore::new(files.pool(), 0);
+        let file = add(&files, Some("acme")).await.unwrap();
+        let job = jobs
+            .create(new_job(Some("acme"), &file.id, None))
+            .await
+            .unwrap();
+        assert!(jobs.queue_validated(&job.id).await.unwrap(), "{}", b.name);
+        let now = jobs.get(None, &job.id).await.unwrap().unwrap();
+        assert_eq!(now.status, Status::Queued, "{}", b.name);
+        let messages = |page: &Page<JobEvent>| -> Vec<String> {
+            page.items.iter().map(|e| e.message.clone()).collect()
+        };
+        let events = jobs.events(&job.id, None, 100).await.unwrap();
+        assert_eq!(
+            messages(&events),
+            ["Files validated, moving job to queued state"],
+            "{}",
+            b.name
+        );
+        // Only a job still validating its files moves: no second move, no second event.
+        assert!(!jobs.queue_validated(&job.id).await.unwrap());
+        assert_eq!(
+            jobs.events(&job.id, None, 100).await.unwrap().items.len(),
+            1
+        );
+        // A job cancelled while its files were checked stays cancelled, without the event.
+        let other = jobs
+            .create(new_job(Some("acme"), &file.id, None))
+            .await
+            .unwrap();
+        jobs.cancel(Some("acme"), &other.id).await.unwrap();
+        assert!(!jobs.queue_validated(&other.id).await.unwrap());
+        let after = jobs.get(None, &other.id).await.unwrap().unwrap();
+        assert_eq!(after.status, Status::Cancelled, "{}", b.name);
+        let logged = messages(&jobs.events(&other.id, None, 100).await.unwrap());
+        assert!(
+            !logged.iter().any(|m| m.starts_with("Files validated")),
+            "{logged:?}"
         );
     }
 }

@@ -870,8 +870,33 @@ impl JobStore {
             };
             q
         };
-        self.change_with_event(id, update, Level::Error, &message, &data)
+        self.change_with_event(id, update, Level::Error, &message, Some(&data))
             .await
+    }
+
+    /// Puts a job whose files were checked in the queue, with its event, in one
+    /// transaction: a worker that claims it at once writes its events after this one.
+    /// False (nothing changed) when it is no longer validating its files (cancelled).
+    pub async fn queue_validated(&self, id: &str) -> Result<bool, JobsError> {
+        let update = || {
+            let mut q = Sql::new("UPDATE jobs SET status = ");
+            q.push_bind(Status::Queued.as_str())
+                .push(" WHERE id = ")
+                .push_bind(id.to_string())
+                .push(format!(
+                    " AND status IN {}",
+                    in_list(&[Status::ValidatingFiles])
+                ));
+            q
+        };
+        let message = "Files validated, moving job to queued state";
+        let moved = self
+            .change_with_event(id, update, Level::Info, message, None)
+            .await?;
+        if moved {
+            self.announce_queued().await;
+        }
+        Ok(moved)
     }
 
     /// Runs `update` (an UPDATE of the job's row alone) and appends the job's event in one
@@ -884,7 +909,7 @@ impl JobStore {
         update: impl Fn() -> Sql,
         level: Level,
         message: &str,
-        data: &str,
+        data: Option<&str>,
     ) -> Result<bool, JobsError> {
         let mut tries = 0;
         loop {
@@ -900,7 +925,7 @@ impl JobStore {
                 level,
                 EventKind::Message,
                 message,
-                Some(data.to_string()),
+                data.map(str::to_string),
             )
             .await;
             tries += 1;
@@ -939,7 +964,7 @@ impl JobStore {
                 .push_bind(worker);
             q
         };
-        self.change_with_event(id, update, Level::Info, &message, &data)
+        self.change_with_event(id, update, Level::Info, &message, Some(&data))
             .await
     }
 

@@ -196,8 +196,7 @@ impl Runner {
         // A job is recorded only after its files were checked: one a crash caught before it
         // was queued goes on to the queue.
         for job in jobs.with_status(Status::ValidatingFiles).await? {
-            jobs.transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
-                .await?;
+            jobs.queue_validated(&job.id).await?;
         }
         // A job whose holder was a process of this host that is gone need not wait for its
         // lease to expire.

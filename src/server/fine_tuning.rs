@@ -543,11 +543,7 @@ pub async fn create(
         record(Level::Info, format!("Validating validation file: {v}")).await?;
     }
     let mut job = job;
-    if jobs
-        .transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
-        .await
-        .map_err(jobs_error)?
-    {
+    if jobs.queue_validated(&job.id).await.map_err(jobs_error)? {
         // The job as it was queued: the runner may claim it before this answer is sent.
         job.status = Status::Queued;
     } else {
@@ -558,11 +554,6 @@ pub async fn create(
             .map_err(jobs_error)?
             .ok_or_else(|| not_found(&job.id))?;
     }
-    record(
-        Level::Info,
-        "Files validated, moving job to queued state".into(),
-    )
-    .await?;
     runner.wake();
     tracing::info!(job = %job.id, by = caller.label(), adapter = %job.adapter, "fine-tuning job created");
     Ok(Json(job.to_openai(organization(&job))))
