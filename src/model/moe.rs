@@ -656,9 +656,9 @@ impl Moe {
                 w.resize(n * k + n, 1.0);
                 shared_done = true;
             }
-            let idx = Tensor::from_slice(&rows, rows.len(), dev)?;
-            let ys = cpu_kernels::grouped_swiglu(&x.index_select(&idx, 0)?, &groups, &w)?;
-            Tensor::zeros((n, hidden), x.dtype(), dev)?.index_add(&idx, &ys, 0)?
+            let xs = cpu_kernels::gather_rows(x, &rows)?;
+            let ys = cpu_kernels::grouped_swiglu(&xs, &groups, &w)?;
+            cpu_kernels::scatter_add_rows(&ys, &rows, n)?
         } else {
             let token_idx = Tensor::from_slice(&token_order, n * k, dev)?;
             let xs = x.index_select(&token_idx, 0)?;

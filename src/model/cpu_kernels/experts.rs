@@ -1,7 +1,9 @@
 //! The routed (and shared) experts of an MoE layer in one call: SwiGLU products for the
-//! rows of every expert, grouped by expert.
+//! rows of every expert, grouped by expert; and the moves around it, each split over the
+//! threads: gathering the tokens' rows in expert order, and summing the weighted expert
+//! outputs back per token.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::{
@@ -162,11 +164,144 @@ pub fn grouped_swiglu(
     Tensor::from_vec(out, (total, hidden), &Device::Cpu)
 }
 
+/// Rows per parallel task of the row moves (256 KB at hidden 512); fewer rows in all run on
+/// the calling thread.
+const MOVE_ROWS: usize = 128;
+
+/// The rows of `x` (`[n, hidden]`, f32) at `rows`, in that order (repeats allowed):
+/// `[rows.len(), hidden]`.
+pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    let (n, hidden) = x.dims2()?;
+    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+        candle_core::bail!("gather_rows: row {bad} of {n}");
+    }
+    if hidden == 0 {
+        return Tensor::zeros((rows.len(), 0), DType::F32, &Device::Cpu);
+    }
+    let mut out = vec![0f32; rows.len() * hidden];
+    with_f32(x, |xs| {
+        let copy = |(chunk, dst): (usize, &mut [f32])| {
+            let first = chunk * MOVE_ROWS;
+            for (r, d) in rows[first..].iter().zip(dst.chunks_exact_mut(hidden)) {
+                let r = *r as usize;
+                d.copy_from_slice(&xs[r * hidden..(r + 1) * hidden]);
+            }
+        };
+        if rows.len() <= MOVE_ROWS {
+            copy((0, &mut out[..]));
+        } else {
+            out.par_chunks_mut(MOVE_ROWS * hidden)
+                .enumerate()
+                .for_each(copy);
+        }
+    })?;
+    Tensor::from_vec(out, (rows.len(), hidden), &Device::Cpu)
+}
+
+/// `out[t] = 0 + ys[i_1] + ys[i_2] + ...` over the rows `i_1 < i_2 < ...` of `ys` (`[m,
+/// hidden]`, f32) with `rows[i] == t`, for every `t < n`: exactly what
+/// `zeros([n, hidden]).index_add(rows, ys, 0)` computes (the same additions in the same
+/// order), with the tokens split over the threads.
+pub fn scatter_add_rows(ys: &Tensor, rows: &[u32], n: usize) -> Result<Tensor> {
+    let (m, hidden) = ys.dims2()?;
+    if rows.len() != m {
+        candle_core::bail!("scatter_add_rows: {} targets for {m} rows", rows.len());
+    }
+    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+        candle_core::bail!("scatter_add_rows: row {bad} of {n}");
+    }
+    if hidden == 0 {
+        return Tensor::zeros((n, 0), DType::F32, &Device::Cpu);
+    }
+    // Each token's source rows, in increasing order (a counting sort by token).
+    let mut start = vec![0usize; n + 1];
+    for &r in rows {
+        start[r as usize + 1] += 1;
+    }
+    for t in 0..n {
+        start[t + 1] += start[t];
+    }
+    let mut next = start.clone();
+    let mut order = vec![0usize; m];
+    for (i, &r) in rows.iter().enumerate() {
+        order[next[r as usize]] = i;
+        next[r as usize] += 1;
+    }
+    let mut out = vec![0f32; n * hidden];
+    with_f32(ys, |ys| {
+        let sum = |(chunk, dst): (usize, &mut [f32])| {
+            let first = chunk * MOVE_ROWS;
+            for (t, d) in (first..).zip(dst.chunks_exact_mut(hidden)) {
+                for &i in &order[start[t]..start[t + 1]] {
+                    for (o, v) in d.iter_mut().zip(&ys[i * hidden..(i + 1) * hidden]) {
+                        *o += v;
+                    }
+                }
+            }
+        };
+        if m <= MOVE_ROWS {
+            sum((0, &mut out[..]));
+        } else {
+            out.par_chunks_mut(MOVE_ROWS * hidden)
+                .enumerate()
+                .for_each(sum);
+        }
+    })?;
+    Tensor::from_vec(out, (n, hidden), &Device::Cpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{bits, max_diff};
     use super::*;
     use candle_core::{DType, Device};
+
+    #[test]
+    fn row_moves_equal_index_select_and_index_add_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (n, hidden) = (300, 12);
+        let x = Tensor::randn(0f32, 1., (n, hidden), &dev).unwrap();
+        // Each token 7 times (6 routed and a shared pass), in expert order; token 5 never.
+        let rows: Vec<u32> = (0..7 * n)
+            .map(|i| ((i * 37) % n) as u32)
+            .filter(|&r| r != 5)
+            .collect();
+        let idx = Tensor::from_slice(&rows, rows.len(), &dev).unwrap();
+        let gathered = gather_rows(&x, &rows).unwrap();
+        assert_eq!(bits(&gathered), bits(&x.index_select(&idx, 0).unwrap()));
+        // Values with signed zeros and mixed magnitudes, so any other order of the sums
+        // or another start than +0 would show.
+        let m = rows.len();
+        let ys: Vec<f32> = (0..m * hidden)
+            .map(|i| match i % 5 {
+                0 => -0.0,
+                1 => 1e8 * ((i % 7) as f32 - 3.0),
+                _ => ((i * 13) % 11) as f32 * 0.37 - 2.0,
+            })
+            .collect();
+        let ys = Tensor::from_vec(ys, (m, hidden), &dev).unwrap();
+        let want = Tensor::zeros((n, hidden), candle_core::DType::F32, &dev)
+            .unwrap()
+            .index_add(&idx, &ys, 0)
+            .unwrap();
+        assert_eq!(bits(&scatter_add_rows(&ys, &rows, n).unwrap()), bits(&want));
+        // A batch under one task's worth of rows takes the calling thread: same rule.
+        let few = &rows[..10];
+        let few_idx = Tensor::from_slice(few, 10, &dev).unwrap();
+        let few_ys = ys.narrow(0, 0, 10).unwrap();
+        let want = Tensor::zeros((n, hidden), candle_core::DType::F32, &dev)
+            .unwrap()
+            .index_add(&few_idx, &few_ys, 0)
+            .unwrap();
+        assert_eq!(
+            bits(&scatter_add_rows(&few_ys, few, n).unwrap()),
+            bits(&want)
+        );
+        // Rows out of range are refused.
+        assert!(gather_rows(&x, &[n as u32]).is_err());
+        assert!(scatter_add_rows(&few_ys, &[n as u32; 10], n).is_err());
+        assert!(scatter_add_rows(&few_ys, &rows[..9], n).is_err());
+    }
 
     #[test]
     fn narrow_experts_give_the_bits_of_their_f32_values() {

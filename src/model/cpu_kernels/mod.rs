@@ -19,7 +19,7 @@ mod matmul;
 mod simd;
 
 pub use attention::{latent_attention, LatentSeq, RowParts};
-pub use experts::{grouped_swiglu, ExpertGroup};
+pub use experts::{gather_rows, grouped_swiglu, scatter_add_rows, ExpertGroup};
 pub use matmul::{
     heads_linear, linear, matmul, matmul_slices, matmul_storage, product, product_dims, RhsRows,
 };
