@@ -187,13 +187,7 @@ pub fn gather_rows(x: &Tensor, rows: &[u32]) -> Result<Tensor> {
                 d.copy_from_slice(&xs[r * hidden..(r + 1) * hidden]);
             }
         };
-        if rows.len() <= MOVE_ROWS {
-            copy((0, &mut out[..]));
-        } else {
-            out.par_chunks_mut(MOVE_ROWS * hidden)
-                .enumerate()
-                .for_each(copy);
-        }
+        by_row_chunks(&mut out, hidden, rows.len(), copy);
     })?;
     Tensor::from_vec(out, (rows.len(), hidden), &Device::Cpu)
 }
@@ -239,15 +233,27 @@ pub fn scatter_add_rows(ys: &Tensor, rows: &[u32], n: usize) -> Result<Tensor> {
                 }
             }
         };
-        if m <= MOVE_ROWS {
-            sum((0, &mut out[..]));
-        } else {
-            out.par_chunks_mut(MOVE_ROWS * hidden)
-                .enumerate()
-                .for_each(sum);
-        }
+        by_row_chunks(&mut out, hidden, m, sum);
     })?;
     Tensor::from_vec(out, (n, hidden), &Device::Cpu)
+}
+
+/// Runs `task((chunk, rows))` over `out` (rows of `hidden`) in chunks of `MOVE_ROWS`
+/// rows across the pool; when `work_rows` rows of input or fewer are moved, once over all
+/// of `out` (chunk 0) on the calling thread.
+fn by_row_chunks(
+    out: &mut [f32],
+    hidden: usize,
+    work_rows: usize,
+    task: impl Fn((usize, &mut [f32])) + Sync + Send,
+) {
+    if work_rows <= MOVE_ROWS {
+        task((0, out));
+    } else {
+        out.par_chunks_mut(MOVE_ROWS * hidden)
+            .enumerate()
+            .for_each(task);
+    }
 }
 
 #[cfg(test)]
