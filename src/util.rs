@@ -67,10 +67,11 @@ const TRIM_THRESHOLD: usize = 1 << 30;
 /// every layer then pays page faults and the kernel's zeroing of every page again. With
 /// one heap for every thread (the main one, which grows as needed), buffers up to
 /// [`MMAP_THRESHOLD`] from it, and up to [`TRIM_THRESHOLD`] of freed memory kept, batched
-/// prefill ran 1.3x faster (`benches/prefill.rs`, 32 prompts of 32 tokens) and 1.2x with
+/// prefill ran 1.27x faster (`benches/prefill.rs`, 32 prompts of 32 tokens) and 1.31x with
 /// prompts of 128. Small allocations still come from each thread's own cache. An explicit
 /// `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` in the
 /// environment wins. Other C libraries: nothing to do.
+///
 /// Returns whether malloc took every value it was given.
 fn keep_freed_memory() -> bool {
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -462,6 +462,48 @@ async fn a_validated_job_is_queued_with_its_event_in_one_step() {
             !logged.iter().any(|m| m.starts_with("Files validated")),
             "{logged:?}"
         );
+
+        // A claimer racing the moves logs its start the moment it claims: on every job the
+        // queue event comes first.
+        let jobs = Arc::new(jobs);
+        // The first job is still queued: out of the way first.
+        assert_eq!(jobs.claim_next(&lease()).await.unwrap().unwrap().id, job.id);
+        let mut ids = Vec::new();
+        for _ in 0..24 {
+            let job = jobs.create(new_job(None, &file.id, None)).await.unwrap();
+            ids.push(job.id);
+        }
+        let claimer = {
+            let jobs = jobs.clone();
+            tokio::spawn(async move {
+                let mut claimed = 0;
+                while claimed < 24 {
+                    match jobs.claim_next(&lease()).await.unwrap() {
+                        Some(job) => {
+                            jobs.event(&job.id, Level::Info, EventKind::Message, "started", None)
+                                .await
+                                .unwrap();
+                            claimed += 1;
+                        }
+                        None => tokio::task::yield_now().await,
+                    }
+                }
+            })
+        };
+        for id in &ids {
+            assert!(jobs.queue_validated(id).await.unwrap());
+        }
+        claimer.await.unwrap();
+        for id in &ids {
+            // Newest first.
+            let logged = messages(&jobs.events(id, None, 100).await.unwrap());
+            assert_eq!(
+                logged,
+                ["started", "Files validated, moving job to queued state"],
+                "{}",
+                b.name
+            );
+        }
     }
 }
 

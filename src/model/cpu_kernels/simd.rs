@@ -337,7 +337,7 @@ pub(super) unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// only decides how many outputs are computed side by side, so an output has the same
 /// bits whatever the number of rows, the tile it falls in, or the thread that runs it.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use super::{Stored, StoredKind};
     use std::arch::x86_64::*;
 
@@ -358,7 +358,7 @@ mod avx2 {
     /// The mask of the first `len <= 8` lanes.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn tail_mask(len: usize) -> __m256i {
+    pub(in crate::model::cpu_kernels) unsafe fn tail_mask(len: usize) -> __m256i {
         _mm256_loadu_si256(TAIL.as_ptr().add(8 - len).cast())
     }
 
