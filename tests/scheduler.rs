@@ -6,7 +6,10 @@ mod common;
 
 use common::*;
 use esft::adapter::{AdapterKey, AdapterRegistry, AdapterStats, AdapterStore, BaseModel, Version};
-use esft::engine::{Engine, EngineConfig, Event, FinishReason, GenerateRequest, SamplingParams};
+use esft::engine::{
+    Engine, EngineConfig, Event, FinishReason, GenerateRequest, OverloadReason, SamplingParams,
+    SubmitError,
+};
 use esft::model::LoadedModel;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -58,6 +61,7 @@ fn request(prompt: &[u32], adapter: Option<&Arc<Version>>, n: usize) -> Generate
         },
         adapter: adapter.cloned(),
         tenant: None,
+        arrival: None,
     }
 }
 
@@ -148,7 +152,7 @@ fn check_mixed_batch(fixture_name: &str) {
                     assert_eq!(completion_tokens, got.len());
                     break;
                 }
-                Event::Error(e) => panic!("{e}"),
+                other => panic!("{other:?}"),
             }
         }
         assert_eq!(got, want[i], "{fixture_name}: request {i}");
@@ -270,18 +274,29 @@ fn invalid_requests_are_refused_at_submit() {
             ..EngineConfig::default()
         },
     );
-    assert_eq!(eng.submit(request(&[], None, 4)).err().unwrap().0, "prompt");
     assert_eq!(
-        eng.submit(request(&[0, 9999], None, 4)).err().unwrap().0,
-        "prompt"
+        eng.submit(request(&[], None, 4))
+            .err()
+            .map(|e| invalid_field(&e)),
+        Some("prompt")
     );
     assert_eq!(
-        eng.submit(request(&[1; 64], None, 4)).err().unwrap().0,
-        "prompt"
+        eng.submit(request(&[0, 9999], None, 4))
+            .err()
+            .map(|e| invalid_field(&e)),
+        Some("prompt")
     );
     assert_eq!(
-        eng.submit(request(&[1], None, 0)).err().unwrap().0,
-        "max_tokens"
+        eng.submit(request(&[1; 64], None, 4))
+            .err()
+            .map(|e| invalid_field(&e)),
+        Some("prompt")
+    );
+    assert_eq!(
+        eng.submit(request(&[1], None, 0))
+            .err()
+            .map(|e| invalid_field(&e)),
+        Some("max_tokens")
     );
     // A request that would run past the context stops with `length`.
     let c = eng
@@ -345,7 +360,7 @@ fn a_request_keeps_its_version_across_replacement_and_the_old_slots_are_freed() 
         match ev {
             Event::Token(t) => got1.push(t.token),
             Event::Finished { .. } => break,
-            Event::Error(e) => panic!("{e}"),
+            other => panic!("{other:?}"),
         }
     }
     assert_eq!(got1, want1, "the running request finished on its version");
@@ -372,6 +387,14 @@ fn four_slots(root: &Path, cap: usize) -> Arc<Engine> {
             ..EngineConfig::default()
         },
     )
+}
+
+/// The field an invalid request was refused for.
+fn invalid_field(e: &SubmitError) -> &'static str {
+    match e {
+        SubmitError::Invalid(field, _) => field,
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A request of `tenant` for `n` tokens.
@@ -442,5 +465,114 @@ fn the_per_tenant_cap_leaves_room_for_others() {
     for h in a {
         assert_eq!(h.collect_blocking().finish, Some(FinishReason::Length));
     }
+    eng.shutdown();
+}
+
+#[test]
+fn waiting_is_bounded_in_all_and_per_tenant_and_refused_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eng = engine(
+        tmp.path(),
+        EngineConfig {
+            max_running: 2,
+            max_batch_tokens: 64,
+            max_waiting: 3,
+            max_waiting_per_tenant: 2,
+            ..EngineConfig::default()
+        },
+    );
+    // Two run (their places are given back as they start), two of a's wait.
+    let mut running: Vec<_> = (0..2).map(|_| eng.submit(of("a", 400)).unwrap()).collect();
+    for h in &mut running {
+        assert!(matches!(h.events.blocking_recv(), Some(Event::Token(_))));
+    }
+    let queued: Vec<_> = (0..2).map(|_| eng.submit(of("a", 4)).unwrap()).collect();
+    assert_eq!(eng.admission.waiting(), 2);
+    // a's third waiter: its tenant's limit. b fits once, then the whole limit is reached.
+    let e = eng.submit(of("a", 4)).err().unwrap();
+    assert!(
+        matches!(&e, SubmitError::Overloaded(o) if o.reason == OverloadReason::TenantWaiting),
+        "{e:?}"
+    );
+    let b = eng.submit(of("b", 4)).unwrap();
+    let e = eng.submit(of("c", 4)).err().unwrap();
+    assert!(
+        matches!(&e, SubmitError::Overloaded(o) if o.reason == OverloadReason::Waiting),
+        "{e:?}"
+    );
+    // Several places at once are all or none.
+    assert!(eng.reserve(Some("c"), 2).is_err());
+    assert_eq!(eng.admission.waiting(), 3);
+    // Cancelled waiters give their places back.
+    drop(queued);
+    drop(running);
+    assert_eq!(b.collect_blocking().tokens.len(), 4);
+    assert_eq!(eng.admission.waiting(), 0);
+    assert_eq!(
+        eng.submit(of("c", 2))
+            .unwrap()
+            .collect_blocking()
+            .tokens
+            .len(),
+        2
+    );
+    eng.shutdown();
+}
+
+#[test]
+fn a_request_waiting_too_long_is_dropped_and_one_running_too_long_ends_as_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eng = engine(
+        tmp.path(),
+        EngineConfig {
+            max_running: 1,
+            max_batch_tokens: 64,
+            max_queue: Some(std::time::Duration::from_millis(100)),
+            max_request: Some(std::time::Duration::from_millis(200)),
+            ..EngineConfig::default()
+        },
+    );
+    let started = std::time::Instant::now();
+    let mut long = eng.submit(of("a", 100_000)).unwrap();
+    assert!(matches!(long.events.blocking_recv(), Some(Event::Token(_))));
+    let mut waiter = eng.submit(of("b", 4)).unwrap();
+    // The waiter never starts (the one slot is busy) and is dropped after its wait.
+    match waiter.events.blocking_recv() {
+        Some(Event::QueueTimeout(waited)) => {
+            assert!(
+                waited >= std::time::Duration::from_millis(100),
+                "{waited:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(eng.stats.queue_timeouts.load(Ordering::Relaxed), 1);
+    // The long one ends by time as `length`, with every token it made counted.
+    let mut tokens = 1;
+    let end = loop {
+        match long.events.blocking_recv() {
+            Some(Event::Token(_)) => tokens += 1,
+            Some(Event::Finished {
+                reason,
+                completion_tokens,
+                ..
+            }) => break (reason, completion_tokens),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(end, (FinishReason::Length, tokens));
+    // Ended by time, well before the context (4096) would have ended it.
+    assert!(tokens + prompts()[0].len() < 4000, "{tokens}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert_eq!(eng.stats.request_timeouts.load(Ordering::Relaxed), 1);
+    // A request that starts at once is not touched by the queue limit.
+    assert_eq!(
+        eng.submit(of("b", 4))
+            .unwrap()
+            .collect_blocking()
+            .tokens
+            .len(),
+        4
+    );
     eng.shutdown();
 }

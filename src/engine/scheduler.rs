@@ -20,10 +20,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use super::admission::{Admission, Overload, OverloadReason, WaitSlot};
 use super::batch::step;
 use super::sampler::SamplingParams;
 use super::sequence::{FinishReason, Sequence, TokenEvent};
@@ -47,6 +48,15 @@ pub struct EngineConfig {
     pub max_context: usize,
     /// Most running sequences of one tenant; 0 = only the fair share applies.
     pub max_running_per_tenant: usize,
+    /// Most sequences accepted and not yet running, in all and of one tenant; beyond them a
+    /// request is refused ([`Overload`]). 0 = no limit.
+    pub max_waiting: usize,
+    pub max_waiting_per_tenant: usize,
+    /// A sequence waiting longer than this to start is dropped ([`Event::QueueTimeout`]).
+    pub max_queue: Option<Duration>,
+    /// A request running longer than this (from its arrival) ends with the tokens so far,
+    /// `finish_reason` `length`.
+    pub max_request: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -58,9 +68,29 @@ impl Default for EngineConfig {
             device_slot_bytes: 1 << 30,
             max_context: 4096,
             max_running_per_tenant: 0,
+            max_waiting: 0,
+            max_waiting_per_tenant: 0,
+            max_queue: None,
+            max_request: None,
         }
     }
 }
+
+/// Why [`Engine::submit`] refused a request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    /// A field of the request is out of range (the field, what is wrong).
+    #[error("{1}")]
+    Invalid(&'static str, String),
+    /// Too many sequences are waiting.
+    #[error(transparent)]
+    Overloaded(#[from] Overload),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// What an overloaded engine tells a refused client to wait before retrying.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// A generation request as the engine receives it (already tokenized).
 #[derive(Debug, Clone)]
@@ -71,6 +101,9 @@ pub struct GenerateRequest {
     pub adapter: Option<Arc<Version>>,
     /// Who asked: admission is fair among tenants (`None`: callers without a tenant).
     pub tenant: Option<String>,
+    /// When the request arrived (the start of its `max_queue` and `max_request` time);
+    /// `None`: when it is submitted.
+    pub arrival: Option<Instant>,
 }
 
 impl GenerateRequest {
@@ -90,6 +123,8 @@ pub enum Event {
     },
     /// The request could not run (adapter refused, model error).
     Error(String),
+    /// The request waited `max_queue` without starting, and was dropped.
+    QueueTimeout(Duration),
 }
 
 /// The caller's side of a request: its events, and cancellation when dropped.
@@ -119,6 +154,10 @@ impl RequestHandle {
                 }
                 Event::Error(e) => {
                     out.error = Some(e);
+                    break;
+                }
+                Event::QueueTimeout(waited) => {
+                    out.error = Some(format!("waited {waited:?} without starting"));
                     break;
                 }
             }
@@ -161,6 +200,12 @@ pub struct EngineStats {
     pub per_adapter: Mutex<HashMap<String, AdapterLoad>>,
     /// Adapter versions resident in device slots.
     pub device_versions: Mutex<Vec<VersionId>>,
+    /// Requests refused at `max_waiting` and at `max_waiting_per_tenant`.
+    pub rejected_waiting: AtomicU64,
+    pub rejected_tenant_waiting: AtomicU64,
+    /// Sequences dropped after waiting `max_queue`, and ended at `max_request`.
+    pub queue_timeouts: AtomicU64,
+    pub request_timeouts: AtomicU64,
 }
 
 /// Requests of one adapter in the engine now.
@@ -186,6 +231,9 @@ struct Pending {
     req: GenerateRequest,
     events: UnboundedSender<Event>,
     cancel: Arc<AtomicBool>,
+    /// Its place in the waiting count, given back when it starts.
+    slot: WaitSlot,
+    arrival: Instant,
 }
 
 /// Who runs and waits, per tenant, and each tenant's fair share of the running slots, as
@@ -209,6 +257,8 @@ pub struct Engine {
     pub registry: Arc<AdapterRegistry>,
     pub tokenizer: Arc<TextTokenizer>,
     pub config: EngineConfig,
+    /// The waiting limits ([`Engine::reserve`]).
+    pub admission: Admission,
     vocab_size: usize,
     eos: Vec<u32>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -262,6 +312,11 @@ impl Engine {
             stats,
             registry,
             tokenizer,
+            admission: Admission::new(
+                config.max_waiting,
+                config.max_waiting_per_tenant,
+                RETRY_AFTER,
+            ),
             config,
             vocab_size,
             eos,
@@ -273,14 +328,43 @@ impl Engine {
         &self.eos
     }
 
-    /// Checks a request and queues it. Errors name the offending field.
-    pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle, (&'static str, String)> {
-        req.params.validate()?;
+    /// Places in the waiting count for `n` sequences of `tenant`, all or none: taken before
+    /// any work is spent on a request, so an overloaded engine refuses it at once.
+    pub fn reserve(&self, tenant: Option<&str>, n: usize) -> Result<Vec<WaitSlot>, Overload> {
+        self.admission.reserve(tenant, n).inspect_err(|o| {
+            let counter = match o.reason {
+                OverloadReason::Waiting => &self.stats.rejected_waiting,
+                OverloadReason::TenantWaiting => &self.stats.rejected_tenant_waiting,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    /// Checks a request and queues it, taking its place in the waiting count. Errors name
+    /// the offending field.
+    pub fn submit(&self, req: GenerateRequest) -> Result<RequestHandle, SubmitError> {
+        let slot = self
+            .reserve(req.tenant.as_deref(), 1)?
+            .pop()
+            .unwrap_or_else(WaitSlot::none);
+        self.submit_reserved(req, slot)
+    }
+
+    /// [`Engine::submit`] with the place in the waiting count taken before
+    /// ([`Engine::reserve`]).
+    pub fn submit_reserved(
+        &self,
+        req: GenerateRequest,
+        slot: WaitSlot,
+    ) -> Result<RequestHandle, SubmitError> {
+        req.params
+            .validate()
+            .map_err(|(p, m)| SubmitError::Invalid(p, m))?;
         if req.prompt.is_empty() {
-            return Err(("prompt", "the prompt is empty".into()));
+            return Err(SubmitError::Invalid("prompt", "the prompt is empty".into()));
         }
         if let Some(bad) = req.prompt.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err((
+            return Err(SubmitError::Invalid(
                 "prompt",
                 format!(
                     "token id {bad} is out of range (vocab size {})",
@@ -289,7 +373,7 @@ impl Engine {
             ));
         }
         if req.prompt.len() >= self.config.max_context {
-            return Err((
+            return Err(SubmitError::Invalid(
                 "prompt",
                 format!(
                     "the prompt has {} tokens; the context is {}",
@@ -302,13 +386,15 @@ impl Engine {
         let cancel = Arc::new(AtomicBool::new(false));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let pending = Pending {
+            arrival: req.arrival.unwrap_or_else(Instant::now),
             req,
             events: etx,
             cancel: cancel.clone(),
+            slot,
         };
         self.tx
             .send(Command::Submit(Box::new(pending)))
-            .map_err(|_| ("engine", "the engine has stopped".to_string()))?;
+            .map_err(|_| SubmitError::Stopped)?;
         Ok(RequestHandle {
             id,
             events: erx,
@@ -524,12 +610,32 @@ impl Scheduler {
         }
     }
 
+    /// Drops cancelled and timed-out waiters and ends cancelled and overdue sequences.
     fn drop_cancelled(&mut self) {
         self.waiting
             .retain(|p| !p.cancel.load(Ordering::Relaxed) && !p.events.is_closed());
+        if let Some(max) = self.config.max_queue {
+            let stats = &self.stats;
+            self.waiting.retain(|p| {
+                let waited = p.arrival.elapsed();
+                let late = waited > max;
+                if late {
+                    stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                    let _ = p.events.send(Event::QueueTimeout(waited));
+                }
+                !late
+            });
+        }
         for r in &mut self.running {
             if r.pending.cancel.load(Ordering::Relaxed) || r.pending.events.is_closed() {
                 r.seq.cancel();
+            } else if self
+                .config
+                .max_request
+                .is_some_and(|max| r.pending.arrival.elapsed() > max)
+                && r.seq.end_by_time()
+            {
+                self.stats.request_timeouts.fetch_add(1, Ordering::Relaxed);
             }
         }
         self.retire();
@@ -640,9 +746,10 @@ impl Scheduler {
                     }
                 }
             };
-            let Some(p) = self.waiting.remove(i) else {
+            let Some(mut p) = self.waiting.remove(i) else {
                 break;
             };
+            p.slot.release();
             if let Some(v) = &adapter {
                 self.slots.pin(v.id());
             }

@@ -45,6 +45,8 @@ pub struct Sequence {
     max_len: usize,
     text: String,
     finish: Option<FinishReason>,
+    /// Out of time: the next token is the last (`length`).
+    time_up: bool,
 }
 
 impl Sequence {
@@ -74,6 +76,7 @@ impl Sequence {
             max_len,
             text: String::new(),
             finish: None,
+            time_up: false,
         }
     }
 
@@ -163,7 +166,8 @@ impl Sequence {
             }
         }
         if finish.is_none()
-            && (self.generated.len() >= self.params().max_tokens
+            && (self.time_up
+                || self.generated.len() >= self.params().max_tokens
                 || self.prompt.len() + self.generated.len() >= self.max_len)
         {
             finish = Some(FinishReason::Length);
@@ -183,6 +187,21 @@ impl Sequence {
             finish,
             logprobs: lp,
         })
+    }
+
+    /// Ends the sequence for lack of time, as `length`: at once while it has produced
+    /// nothing, else with the next token (which releases any text still held back).
+    /// Returns whether this call ended it (false when it had ended or was ending).
+    pub fn end_by_time(&mut self) -> bool {
+        if self.finish.is_some() || self.time_up {
+            return false;
+        }
+        if self.generated.is_empty() {
+            self.finish = Some(FinishReason::Length);
+        } else {
+            self.time_up = true;
+        }
+        true
     }
 
     pub fn cancel(&mut self) {

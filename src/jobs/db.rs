@@ -238,6 +238,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // milliseconds): see `queue::JobStore::claim`.
     ("jobs", "worker", "TEXT"),
     ("jobs", "lease_expires_at", "BIGINT"),
+    // How many training samples a file holds, counted when it was uploaded (NULL for files
+    // uploaded before it was recorded: counted again when a job names them).
+    ("files", "samples", "BIGINT"),
 ];
 
 /// Unix seconds now: the time every record carries.

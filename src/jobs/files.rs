@@ -20,7 +20,7 @@ use sqlx::Row;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use super::data::{check_train_file, LineError};
+use super::data::{check_train_file, LineError, DEFAULT_MAX_LINE_BYTES};
 use super::db::{self, now, DbRow, Pool, Sql};
 use crate::store::{Store, StoreError};
 
@@ -45,6 +45,9 @@ pub struct FileRecord {
     pub bytes: u64,
     /// Unix seconds.
     pub created_at: i64,
+    /// Training samples (non-blank lines) counted at upload; `None` for a file uploaded
+    /// before they were counted.
+    pub samples: Option<u64>,
 }
 
 impl FileRecord {
@@ -71,6 +74,9 @@ impl FileRecord {
             purpose: row.try_get("purpose")?,
             bytes: u64::try_from(row.try_get::<i64, _>("bytes")?).unwrap_or(0),
             created_at: row.try_get("created_at")?,
+            samples: row
+                .try_get::<Option<i64>, _>("samples")?
+                .and_then(|n| u64::try_from(n).ok()),
         })
     }
 
@@ -79,7 +85,7 @@ impl FileRecord {
     }
 }
 
-const COLUMNS: &str = "id, owner, filename, purpose, bytes, created_at";
+const COLUMNS: &str = "id, owner, filename, purpose, bytes, created_at, samples";
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
@@ -125,6 +131,8 @@ pub struct FileStore {
     /// Where the bytes live for every machine (`None`: only in `dir`).
     store: Option<Store>,
     max_stored_bytes: u64,
+    /// Longest line of a training file.
+    max_line_bytes: usize,
     /// Serialises the quota check with the insert it allows.
     commit: tokio::sync::Mutex<()>,
 }
@@ -145,6 +153,7 @@ impl FileStore {
             dir,
             store: None,
             max_stored_bytes,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             commit: tokio::sync::Mutex::new(()),
         };
         store.sweep().await?;
@@ -154,6 +163,13 @@ impl FileStore {
     /// Keeps the files' bytes in `store` too (under `files/<id>`); `None`: only locally.
     pub fn with_store(mut self, store: Option<Store>) -> Self {
         self.store = store;
+        self
+    }
+
+    /// Refuses files with a line longer than `max` bytes (default
+    /// [`DEFAULT_MAX_LINE_BYTES`]).
+    pub fn with_max_line_bytes(mut self, max: usize) -> Self {
+        self.max_line_bytes = max;
         self
     }
 
@@ -226,10 +242,11 @@ impl FileStore {
                 message: "the file is empty".into(),
             }));
         }
-        let staged = blocking(move || {
+        let max_line = self.max_line_bytes;
+        let (staged, samples) = blocking(move || {
             let file = std::fs::File::open(staged.path())?;
-            match check_train_file(std::io::BufReader::new(file)) {
-                Ok(_) => Ok(Ok(staged)),
+            match check_train_file(std::io::BufReader::new(file), max_line) {
+                Ok(n) => Ok(Ok((staged, n))),
                 Err(e) => Ok(Err(e)),
             }
         })
@@ -252,6 +269,7 @@ impl FileStore {
             purpose: purpose.to_string(),
             bytes,
             created_at: now(),
+            samples: Some(samples as u64),
         };
         let (dir, dest) = (self.dir.clone(), self.blob_path(&record.id));
         blocking(move || {
@@ -270,8 +288,8 @@ impl FileStore {
             }
         }
         let inserted = sqlx::query(
-            "INSERT INTO files (id, owner, filename, purpose, bytes, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO files (id, owner, filename, purpose, bytes, created_at, samples) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&record.id)
         .bind(&record.owner)
@@ -279,6 +297,7 @@ impl FileStore {
         .bind(&record.purpose)
         .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
         .bind(record.created_at)
+        .bind(i64::try_from(samples).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await;
         if let Err(e) = inserted {
@@ -458,6 +477,25 @@ impl FileStore {
             }
         }
         Ok(path)
+    }
+
+    /// How many training samples the file of `record` holds: as counted at upload, or for
+    /// an older file counted now from its bytes (fetched from the object store where this
+    /// process lacks them).
+    pub async fn samples(
+        &self,
+        record: &FileRecord,
+    ) -> Result<Result<usize, LineError>, FilesError> {
+        if let Some(n) = record.samples {
+            return Ok(Ok(usize::try_from(n).unwrap_or(usize::MAX)));
+        }
+        let path = self.local_path(&record.id).await?;
+        let max_line = self.max_line_bytes;
+        blocking(move || {
+            let file = std::fs::File::open(&path)?;
+            Ok(check_train_file(std::io::BufReader::new(file), max_line))
+        })
+        .await
     }
 
     /// The records database (jobs keep their records beside the files').
@@ -682,6 +720,7 @@ mod tests {
             dir: two.path().join(FILES_DIR),
             store: Some(store.clone()),
             max_stored_bytes: 1 << 20,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             commit: tokio::sync::Mutex::new(()),
         };
         assert!(!second.blob_path(&a.id).exists());

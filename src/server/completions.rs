@@ -9,13 +9,14 @@ use std::time::Instant;
 
 use super::auth::Caller;
 use super::errors::{off_thread, ApiError, ApiJson};
-use super::generate::{respond_stream, respond_whole, submit, Kind, Reply};
+use super::generate::{merged, reserve, respond_stream, respond_whole, submit, Kind, Reply};
 use super::openai::{
     encode_chat, encode_prompt, refuse_by_length, Bounds, ChatRequest, CompletionRequest, Plan,
     Prompt,
 };
 use super::{AppState, Served};
 use crate::adapter::Version;
+use crate::engine::WaitSlot;
 
 /// Completions default to 16 tokens, as OpenAI's do.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
@@ -48,16 +49,24 @@ async fn run(
     caller: Caller,
     adapter: Option<Arc<Version>>,
     plan: Plan,
+    slots: Vec<WaitSlot>,
     arrival: Instant,
 ) -> Result<Response, ApiError> {
     let served = state.served()?;
-    let handles = submit(&served.engine, &plan, adapter.as_ref(), caller.tenant())?;
+    let handles = submit(
+        &served.engine,
+        &plan,
+        adapter.as_ref(),
+        caller.tenant(),
+        slots,
+        arrival,
+    )?;
     let reply = Reply::new(kind, model, arrival, plan.params.logprobs);
     let tok = served.engine.tokenizer.clone();
     if plan.stream {
-        Ok(respond_stream(state, tok, reply, &plan, handles))
+        respond_stream(state, tok, reply, &plan, merged(handles)).await
     } else {
-        respond_whole(state, tok, reply, &plan, handles).await
+        respond_whole(state, tok, reply, &plan, merged(handles)).await
     }
 }
 
@@ -68,6 +77,8 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let served = state.served()?;
+    let max_n = state.config.limits.max_n;
+    let slots = reserve(&served.engine, caller.tenant(), req.n, max_n)?;
     let adapter = resolve(&served, &caller, &req.model).await?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
@@ -92,6 +103,7 @@ pub async fn completions(
         caller,
         adapter,
         plan,
+        slots,
         arrival,
     )
     .await
@@ -104,6 +116,8 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let served = state.served()?;
+    let max_n = state.config.limits.max_n;
+    let slots = reserve(&served.engine, caller.tenant(), req.n, max_n)?;
     let adapter = resolve(&served, &caller, &req.model).await?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
@@ -119,5 +133,15 @@ pub async fn chat(
     let plan = req
         .common()?
         .plan(prompt, logprobs, None, &bounds(&state, served.max_context))?;
-    run(state, Kind::Chat, req.model, caller, adapter, plan, arrival).await
+    run(
+        state,
+        Kind::Chat,
+        req.model,
+        caller,
+        adapter,
+        plan,
+        slots,
+        arrival,
+    )
+    .await
 }

@@ -77,6 +77,11 @@ pub struct EngineSection {
     pub max_context: usize,
     /// Most running sequences of one tenant; 0 = no cap beyond the fair share.
     pub max_running_per_tenant: usize,
+    /// Most sequences accepted and not yet running (429 `server_overloaded` beyond it);
+    /// 0 = no limit.
+    pub max_waiting: usize,
+    /// The same, for one tenant's sequences; 0 = no limit beyond `max_waiting`.
+    pub max_waiting_per_tenant: usize,
 }
 
 impl Default for EngineSection {
@@ -91,6 +96,8 @@ impl Default for EngineSection {
             adapter_lookup_ttl_seconds: 1.0,
             max_context: 0,
             max_running_per_tenant: 0,
+            max_waiting: 512,
+            max_waiting_per_tenant: 256,
         }
     }
 }
@@ -114,6 +121,14 @@ pub struct Limits {
     pub header_read_timeout_seconds: f64,
     /// Seconds a request body may go without a byte before it is refused (408).
     pub body_read_timeout_seconds: f64,
+    /// Longest line of an uploaded training file (400 naming the line above it).
+    pub max_line_bytes: usize,
+    /// A generation request that waits longer than this to start is answered 429 and
+    /// dropped; 0 = no limit.
+    pub max_queue_seconds: f64,
+    /// A generation request running longer than this (from its arrival) ends with the
+    /// tokens so far, `finish_reason: "length"`; 0 = no limit.
+    pub max_request_seconds: f64,
 }
 
 /// Longest request target hyper itself takes; `limits.max_uri_bytes` may not exceed it.
@@ -137,6 +152,16 @@ impl Limits {
     pub fn body_read_timeout(&self) -> Duration {
         seconds(self.body_read_timeout_seconds)
     }
+
+    /// `max_queue_seconds` (`None`: no limit).
+    pub fn max_queue(&self) -> Option<Duration> {
+        (self.max_queue_seconds > 0.0).then(|| seconds(self.max_queue_seconds))
+    }
+
+    /// `max_request_seconds` (`None`: no limit).
+    pub fn max_request(&self) -> Option<Duration> {
+        (self.max_request_seconds > 0.0).then(|| seconds(self.max_request_seconds))
+    }
 }
 
 /// A validated number of seconds as a `Duration` (absurdly long ones are capped at a year).
@@ -156,6 +181,9 @@ impl Default for Limits {
             max_uri_bytes: 8 << 10,
             header_read_timeout_seconds: 30.0,
             body_read_timeout_seconds: 30.0,
+            max_line_bytes: crate::jobs::data::DEFAULT_MAX_LINE_BYTES,
+            max_queue_seconds: 60.0,
+            max_request_seconds: 900.0,
         }
     }
 }
@@ -422,6 +450,7 @@ impl ServerConfig {
             ("limits.max_body_bytes", self.limits.max_body_bytes),
             ("limits.max_header_bytes", self.limits.max_header_bytes),
             ("limits.max_uri_bytes", self.limits.max_uri_bytes),
+            ("limits.max_line_bytes", self.limits.max_line_bytes),
             (
                 "fine_tuning.max_file_bytes",
                 usize::try_from(self.fine_tuning.max_file_bytes).unwrap_or(usize::MAX),
@@ -489,6 +518,17 @@ impl ServerConfig {
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(format!("{k} must be a number of seconds above 0"));
+            }
+        }
+        for (k, v) in [
+            ("limits.max_queue_seconds", self.limits.max_queue_seconds),
+            (
+                "limits.max_request_seconds",
+                self.limits.max_request_seconds,
+            ),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("{k} must be a number of seconds, 0 for no limit"));
             }
         }
         let hex = |k: &str| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit());

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -25,7 +27,16 @@ impl ApiError {
             kind,
             param: None,
             code: None,
+            retry_after: None,
         }
+    }
+
+    /// 429: the server has no room for the request now; try again after `retry_after`.
+    pub fn overloaded(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "server_overloaded", message)
+            .code("server_overloaded");
+        e.retry_after = Some(retry_after.as_secs().max(1));
+        e
     }
 
     /// 400 for a request field.
@@ -99,21 +110,62 @@ impl ApiError {
         self
     }
 
+    /// The JSON body. Never over [`MAX_ERROR_BODY_BYTES`]: a message or `param` that
+    /// quotes the client's input at length is cut to an excerpt.
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({
             "error": {
-                "message": self.message,
+                "message": excerpt(&self.message, MAX_MESSAGE_JSON_BYTES),
                 "type": self.kind,
-                "param": self.param,
+                "param": self.param.as_deref().map(|p| excerpt(p, MAX_PARAM_JSON_BYTES)),
                 "code": self.code,
             }
         })
     }
 }
 
+/// The largest error body, in bytes of JSON.
+pub const MAX_ERROR_BODY_BYTES: usize = 4096;
+/// What of it a message and a `param` may take, escaped as JSON; the rest (the keys, the
+/// type and the code) fits in what is left.
+const MAX_MESSAGE_JSON_BYTES: usize = 3072;
+const MAX_PARAM_JSON_BYTES: usize = 512;
+
+/// `text`, cut where its JSON-escaped form would exceed `max` bytes, with a note of how
+/// much was left out.
+pub fn excerpt(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| match c {
+        '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    };
+    // Room for the note.
+    let budget = max.saturating_sub(48);
+    let mut used = 0;
+    for (i, c) in text.char_indices() {
+        used += escaped(c);
+        if used > budget {
+            if text[i..].chars().map(escaped).sum::<usize>() + used - escaped(c) <= max {
+                return std::borrow::Cow::Borrowed(text);
+            }
+            return std::borrow::Cow::Owned(format!(
+                "{}... ({} more bytes)",
+                &text[..i],
+                text.len() - i
+            ));
+        }
+    }
+    std::borrow::Cow::Borrowed(text)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 
@@ -178,6 +230,40 @@ mod tests {
     struct T {
         a: u32,
         b: Option<Vec<String>>,
+    }
+
+    #[test]
+    fn error_bodies_stay_small_whatever_they_quote() {
+        for text in [
+            "x".repeat(1 << 20),
+            "\u{1}".repeat(100_000),
+            "\"".repeat(10_000),
+            "é".repeat(5_000),
+            // An escape that would cross the limit.
+            format!("{}\u{1}", "a".repeat(MAX_MESSAGE_JSON_BYTES - 3)),
+        ] {
+            let e = ApiError::invalid(&text, text.clone());
+            let body = e.body().to_string();
+            assert!(body.len() <= MAX_ERROR_BODY_BYTES, "{} bytes", body.len());
+            let message = e.body()["error"]["message"].as_str().unwrap().to_string();
+            let head: String = text.chars().take(8).collect();
+            assert!(message.starts_with(&head), "{message:.40}");
+            assert!(
+                message.ends_with("more bytes)"),
+                "{}",
+                &message[message.len() - 40..]
+            );
+        }
+        // What fits is left whole, right up to the limit.
+        let fits = "a".repeat(MAX_MESSAGE_JSON_BYTES);
+        assert_eq!(excerpt(&fits, MAX_MESSAGE_JSON_BYTES), fits.as_str());
+        let over = "a".repeat(MAX_MESSAGE_JSON_BYTES + 1);
+        let cut = excerpt(&over, MAX_MESSAGE_JSON_BYTES);
+        assert!(
+            cut.len() <= MAX_MESSAGE_JSON_BYTES && cut.ends_with("more bytes)"),
+            "{cut}"
+        );
+        assert_eq!(excerpt("short", 100), "short");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use axum::Json;
 use futures_util::Stream;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +29,14 @@ use crate::jobs::files::{FileRecord, FilesError, Order, PURPOSE_FINE_TUNE};
 
 /// Room for the multipart envelope (boundaries, part headers, `purpose`) beyond the file.
 const ENVELOPE_BYTES: u64 = 64 << 10;
+
+/// Most bytes of the body received but not yet handed out as field data: what the
+/// multipart reader may hold while it looks for a boundary or the end of a part's
+/// headers (a few chunks of the connection, plus the envelope).
+const MAX_UNREAD_BYTES: u64 = (1 << 20) + ENVELOPE_BYTES;
+
+/// Longest value of a form field other than the file (`purpose`).
+const MAX_FIELD_BYTES: usize = 256;
 
 /// Largest `limit` of a listing.
 const MAX_LIST: usize = 10_000;
@@ -60,7 +69,7 @@ fn too_large(limit: u64) -> ApiError {
     .code("file_too_large")
 }
 
-fn files_error(e: FilesError) -> ApiError {
+pub(super) fn files_error(e: FilesError) -> ApiError {
     match e {
         FilesError::Invalid(e) => {
             ApiError::invalid("file", FilesError::Invalid(e).to_string()).code("invalid_file")
@@ -90,17 +99,30 @@ fn files_error(e: FilesError) -> ApiError {
     }
 }
 
+fn envelope_too_large() -> ApiError {
+    ApiError::bad_request(format!(
+        "the multipart form has more than {MAX_UNREAD_BYTES} bytes outside its fields' values \
+         (boundaries and part headers)"
+    ))
+    .code("invalid_multipart")
+}
+
 /// The request body as a stream that gives up, recording why in `failure`, when no byte
-/// arrives for `idle` or more than `limit` bytes come.
+/// arrives for `idle`, more than `limit` bytes come, or more than [`MAX_UNREAD_BYTES`] of
+/// what came have not been handed out as field data (`delivered` counts those): so the
+/// multipart reader never buffers more than that looking for a boundary or the end of a
+/// part's headers.
 fn guarded(
     body: Body,
     idle: Duration,
     limit: u64,
+    delivered: Arc<AtomicU64>,
     failure: Arc<Mutex<Option<ApiError>>>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     let start = Some((body.into_data_stream(), 0u64));
     futures_util::stream::unfold(start, move |state| {
         let failure = failure.clone();
+        let delivered = delivered.clone();
         async move {
             let (mut stream, total) = state?;
             let fail = |e: ApiError| {
@@ -114,6 +136,9 @@ fn guarded(
                     let total = total + b.len() as u64;
                     if total > limit {
                         return fail(too_large(limit.saturating_sub(ENVELOPE_BYTES)));
+                    }
+                    if total.saturating_sub(delivered.load(Ordering::Relaxed)) > MAX_UNREAD_BYTES {
+                        return fail(envelope_too_large());
                     }
                     Some((Ok(b), Some((stream, total))))
                 }
@@ -145,13 +170,21 @@ pub async fn upload(
     let max = state.config.fine_tuning.max_file_bytes;
     let idle = state.config.limits.body_read_timeout();
     let failure = Arc::new(Mutex::new(None::<ApiError>));
+    let delivered = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();
     let body = Body::from_stream(guarded(
         body,
         idle,
         max.saturating_add(ENVELOPE_BYTES),
+        delivered.clone(),
         failure.clone(),
     ));
+    let deliver = |chunk: Option<Bytes>| {
+        if let Some(c) = &chunk {
+            delivered.fetch_add(c.len() as u64, Ordering::Relaxed);
+        }
+        chunk
+    };
     let mut form = Multipart::from_request(Request::from_parts(parts, body), &())
         .await
         .map_err(|e| {
@@ -179,7 +212,17 @@ pub async fn upload(
     while let Some(mut field) = form.next_field().await.map_err(why)? {
         match field.name() {
             Some("purpose") => {
-                purpose = Some(field.text().await.map_err(why)?);
+                let mut value = Vec::new();
+                while let Some(chunk) = deliver(field.chunk().await.map_err(why)?) {
+                    if value.len() + chunk.len() > MAX_FIELD_BYTES {
+                        return Err(ApiError::invalid(
+                            "purpose",
+                            format!("`purpose` is longer than {MAX_FIELD_BYTES} bytes: send `fine-tune`"),
+                        ));
+                    }
+                    value.extend_from_slice(&chunk);
+                }
+                purpose = Some(String::from_utf8_lossy(&value).into_owned());
             }
             Some("file") => {
                 if staged.is_some() {
@@ -189,7 +232,7 @@ pub async fn upload(
                 let tmp = store.staging().await.map_err(files_error)?;
                 let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(io)?);
                 let mut bytes = 0u64;
-                while let Some(chunk) = field.chunk().await.map_err(why)? {
+                while let Some(chunk) = deliver(field.chunk().await.map_err(why)?) {
                     bytes += chunk.len() as u64;
                     if bytes > max {
                         return Err(too_large(max));
@@ -201,7 +244,7 @@ pub async fn upload(
                 staged = Some((tmp, bytes, filename));
             }
             // Other fields are read and ignored.
-            _ => while field.chunk().await.map_err(why)?.is_some() {},
+            _ => while deliver(field.chunk().await.map_err(why)?).is_some() {},
         }
     }
     let purpose = purpose.ok_or_else(|| {

@@ -17,10 +17,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::auth::Caller;
-use super::errors::{off_thread, ApiError, ApiJson};
+use super::errors::{ApiError, ApiJson};
 use super::files::page_limit;
 use super::AppState;
-use crate::jobs::data::check_train_file;
 use crate::jobs::files::PURPOSE_FINE_TUNE;
 use crate::jobs::queue::{
     new_job_id, EsftChoices, EventKind, JobRecord, JobSpec, JobsError, Level, NewJob,
@@ -427,16 +426,14 @@ async fn check_file(
         )
         .code("invalid_file_purpose"));
     }
-    let path = store.blob_path(id);
-    let count = off_thread(move || {
-        let file = std::fs::File::open(&path)
-            .map_err(|e| ApiError::logged("reading an uploaded file", &e))?;
-        check_train_file(std::io::BufReader::new(file)).map_err(|e| {
+    let count = store
+        .samples(&record)
+        .await
+        .map_err(super::files::files_error)?
+        .map_err(|e| {
             ApiError::invalid(param, format!("the file is not valid training data: {e}"))
                 .code("invalid_training_file")
-        })
-    })
-    .await?;
+        })?;
     if count < min {
         return Err(ApiError::invalid(
             param,

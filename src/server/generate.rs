@@ -16,7 +16,13 @@ use super::errors::ApiError;
 use super::openai::Plan;
 use super::AppState;
 use crate::adapter::Version;
-use crate::engine::{Engine, Event, FinishReason, GenerateRequest, RequestHandle, TokenLogprobs};
+use crate::engine::{
+    Engine, Event, FinishReason, GenerateRequest, Overload, RequestHandle, SubmitError,
+    TokenLogprobs, WaitSlot,
+};
+
+/// The events of a request's choices, tagged with the choice index.
+pub type Events = BoxStream<'static, (usize, Event)>;
 use crate::model::tokenizer::TextTokenizer;
 
 /// Which API is answering.
@@ -76,14 +82,38 @@ impl Reply {
     }
 }
 
-/// Submits the plan's `n` sequences (choice `i` is seeded with `seed + i`).
+/// 429 for a request refused by the engine's waiting limits.
+pub fn overloaded(o: Overload) -> ApiError {
+    ApiError::overloaded(o.to_string(), o.retry_after)
+}
+
+/// Places in the engine's waiting count for a request of `n` choices (`n` as asked,
+/// within 1..=`max_n`: an `n` out of range is refused later, by the plan), taken before
+/// any work is spent on the request.
+pub fn reserve(
+    engine: &Engine,
+    tenant: Option<&str>,
+    n: Option<u64>,
+    max_n: usize,
+) -> Result<Vec<WaitSlot>, ApiError> {
+    let n = usize::try_from(n.unwrap_or(1))
+        .unwrap_or(usize::MAX)
+        .clamp(1, max_n.max(1));
+    engine.reserve(tenant, n).map_err(overloaded)
+}
+
+/// Submits the plan's `n` sequences (choice `i` is seeded with `seed + i`), each with one
+/// of the places `slots` took for it.
 pub fn submit(
     engine: &Engine,
     plan: &Plan,
     adapter: Option<&Arc<Version>>,
     tenant: Option<&str>,
+    slots: Vec<WaitSlot>,
+    arrival: Instant,
 ) -> Result<Vec<RequestHandle>, ApiError> {
     let mut handles = Vec::with_capacity(plan.n);
+    let mut slots = slots.into_iter();
     for i in 0..plan.n {
         let mut params = plan.params.clone();
         params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
@@ -92,24 +122,49 @@ pub fn submit(
             params,
             adapter: adapter.cloned(),
             tenant: tenant.map(str::to_string),
+            arrival: Some(arrival),
         };
-        let h = engine.submit(req).map_err(|(p, m)| match p {
-            "engine" => ApiError::unavailable(m),
-            p => ApiError::invalid(p, m),
+        let slot = match slots.next() {
+            Some(slot) => slot,
+            None => engine
+                .reserve(tenant, 1)
+                .map_err(overloaded)?
+                .pop()
+                .unwrap_or_else(WaitSlot::none),
+        };
+        let h = engine.submit_reserved(req, slot).map_err(|e| match e {
+            SubmitError::Invalid(p, m) => ApiError::invalid(p, m),
+            SubmitError::Overloaded(o) => overloaded(o),
+            SubmitError::Stopped => ApiError::unavailable(e.to_string()),
         })?;
         handles.push(h);
     }
     Ok(handles)
 }
 
+/// 429 for a request that waited `limits.max_queue_seconds` without starting.
+fn queue_timeout(waited: Duration) -> ApiError {
+    ApiError::overloaded(
+        format!(
+            "the request waited {:.1} s without starting and was dropped: the server is overloaded",
+            waited.as_secs_f64()
+        ),
+        Duration::from_secs(1),
+    )
+    .code("queue_timeout")
+}
+
 /// The events of every choice, tagged with the choice index; each choice's stream ends
-/// after its `Finished` or `Error`.
-fn merged(handles: Vec<RequestHandle>) -> BoxStream<'static, (usize, Event)> {
+/// after its `Finished`, `Error` or `QueueTimeout`.
+pub fn merged(handles: Vec<RequestHandle>) -> Events {
     let streams = handles.into_iter().enumerate().map(|(i, h)| {
         stream::unfold(Some(h), move |h| async move {
             let mut h = h?;
             let ev = h.events.recv().await?;
-            let terminal = matches!(ev, Event::Finished { .. } | Event::Error(_));
+            let terminal = matches!(
+                ev,
+                Event::Finished { .. } | Event::Error(_) | Event::QueueTimeout(_)
+            );
             Some(((i, ev), if terminal { None } else { Some(h) }))
         })
         .boxed()
@@ -272,6 +327,12 @@ impl Run {
                 m.finished.with_label_values(&["error"]).inc();
                 Err(ApiError::internal(msg))
             }
+            Event::QueueTimeout(waited) => {
+                self.choices[i].done = true;
+                self.left -= 1;
+                m.finished.with_label_values(&["queue_timeout"]).inc();
+                Err(queue_timeout(waited))
+            }
         }
     }
 
@@ -342,10 +403,9 @@ pub async fn respond_whole(
     tok: Arc<TextTokenizer>,
     reply: Reply,
     plan: &Plan,
-    handles: Vec<RequestHandle>,
+    mut events: Events,
 ) -> Result<Response, ApiError> {
     let mut run = Run::new(state, tok, reply, plan);
-    let mut events = merged(handles);
     while run.left > 0 {
         let Some((i, ev)) = events.next().await else {
             return Err(ApiError::unavailable("the engine stopped"));
@@ -382,7 +442,7 @@ pub async fn respond_whole(
 /// The SSE state machine: engine events in, `data:` chunks out.
 struct Streamer {
     run: Run,
-    events: BoxStream<'static, (usize, Event)>,
+    events: Events,
     include_usage: bool,
     queue: VecDeque<SseEvent>,
     done: bool,
@@ -483,17 +543,29 @@ impl Streamer {
     }
 }
 
-/// Runs the plan and answers as server-sent events.
-pub fn respond_stream(
+/// Runs the plan and answers as server-sent events, once the first event has come: a
+/// request dropped before it started (it waited too long) is answered 429 rather than
+/// with a stream.
+pub async fn respond_stream(
     state: Arc<AppState>,
     tok: Arc<TextTokenizer>,
     reply: Reply,
     plan: &Plan,
-    handles: Vec<RequestHandle>,
-) -> Response {
+    mut events: Events,
+) -> Result<Response, ApiError> {
+    let first = events.next().await;
+    if let Some((_, Event::QueueTimeout(waited))) = first {
+        state
+            .metrics
+            .finished
+            .with_label_values(&["queue_timeout"])
+            .inc_by(plan.n as u64);
+        return Err(queue_timeout(waited));
+    }
+    let events = stream::iter(first).chain(events).boxed();
     let mut s = Streamer {
         run: Run::new(state, tok, reply, plan),
-        events: merged(handles),
+        events,
         include_usage: plan.include_usage,
         queue: VecDeque::new(),
         done: false,
@@ -503,7 +575,7 @@ pub fn respond_stream(
         let ev = s.next().await?;
         Some((Ok::<_, Infallible>(ev), s))
     });
-    Sse::new(body)
+    Ok(Sse::new(body)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response()
+        .into_response())
 }

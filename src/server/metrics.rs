@@ -307,6 +307,22 @@ fn engine_families(e: &EngineStats, max_labels: usize, reveal_private: bool) -> 
             MetricType::COUNTER,
             vec![counter_metric(vec![], get(&e.steps) as f64)],
         ),
+        family(
+            "esft_requests_rejected_total",
+            "Requests refused or cut short for load: refused at engine.max_waiting or \
+             max_waiting_per_tenant, dropped after limits.max_queue_seconds waiting \
+             (queue_timeout), ended at limits.max_request_seconds (request_timeout).",
+            MetricType::COUNTER,
+            [
+                ("max_waiting", &e.rejected_waiting),
+                ("max_waiting_per_tenant", &e.rejected_tenant_waiting),
+                ("queue_timeout", &e.queue_timeouts),
+                ("request_timeout", &e.request_timeouts),
+            ]
+            .into_iter()
+            .map(|(reason, n)| counter_metric(vec![label("reason", reason)], get(n) as f64))
+            .collect(),
+        ),
     ];
     // Per adapter, bounded: the busiest `max_labels` adapters by name, the rest summed;
     // adapters that are not public are named only to scrapers that may see them all.

@@ -96,7 +96,12 @@ impl AppState {
                 let store = self.config.store.open().map_err(anyhow::Error::msg)?;
                 FileStore::open(&ft.data_dir, &ft.database, ft.max_stored_bytes_per_tenant)
                     .await
-                    .map(|f| Arc::new(f.with_store(store)))
+                    .map(|f| {
+                        Arc::new(
+                            f.with_store(store)
+                                .with_max_line_bytes(self.config.limits.max_line_bytes),
+                        )
+                    })
                     .map_err(anyhow::Error::from)
             })
             .await
@@ -264,6 +269,10 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
             device_slot_bytes: usize::try_from(e.device_slot_bytes).unwrap_or(usize::MAX),
             max_context,
             max_running_per_tenant: e.max_running_per_tenant,
+            max_waiting: e.max_waiting,
+            max_waiting_per_tenant: e.max_waiting_per_tenant,
+            max_queue: config.limits.max_queue(),
+            max_request: config.limits.max_request(),
         },
     );
     Ok(Served {

@@ -33,7 +33,8 @@ pub async fn run(config: ServerConfig, jobs_at_once: usize) -> anyhow::Result<()
                 ft.data_dir.display()
             )
         })?
-        .with_store(store.clone());
+        .with_store(store.clone())
+        .with_max_line_bytes(config.limits.max_line_bytes);
     let files = Arc::new(files);
     let jobs = Arc::new(JobStore::new(files.pool(), ft.max_active_jobs_per_tenant));
     let model_dir = config

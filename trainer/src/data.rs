@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
 
-use esft::jobs::data::{for_each_json_line, parse_train_line, Message, TrainLine, NO_SAMPLES};
+use esft::jobs::data::{
+    for_each_json_line, for_each_line, parse_train_line, LineError, Message, TrainLine, NO_SAMPLES,
+};
 
 use crate::error::{DataProblem, Failure};
 use esft::model::tokenizer::TextTokenizer;
@@ -75,13 +77,25 @@ impl SpecialIds {
 /// is an error. The line reading is the server's too ([`esft::jobs::data`]). A bad line is
 /// [`Failure::InvalidData`], a file without lines [`Failure::DataTooSmall`].
 pub(crate) fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>> {
-    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for_each_json_line(std::io::BufReader::new(file), |line, v| {
-        out.push((line, v));
-        Ok(())
-    })
-    .map_err(|e| -> anyhow::Error {
+    read_lines(path, |reader| {
+        for_each_json_line(reader, usize::MAX, |line, v| {
+            out.push((line, v));
+            Ok(())
+        })
+    })?;
+    Ok(out)
+}
+
+/// Runs a line reader of [`esft::jobs::data`] over the file `path`, its errors as
+/// [`Failure`]s. Lines have no length limit here: the server checks uploads against its
+/// own, and a local file is the operator's.
+fn read_lines(
+    path: &Path,
+    read: impl FnOnce(std::io::BufReader<std::fs::File>) -> Result<usize, LineError>,
+) -> Result<usize> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    read(std::io::BufReader::new(file)).map_err(|e| -> anyhow::Error {
         let problem = DataProblem::new(path, e.line, e.message.clone());
         match e.line {
             Some(_) => Failure::InvalidData(problem).into(),
@@ -89,8 +103,7 @@ pub(crate) fn json_lines(path: &Path) -> Result<Vec<(usize, serde_json::Value)>>
             // The file could not be read: not a problem of its content.
             None => anyhow::anyhow!("{problem}"),
         }
-    })?;
-    Ok(out)
+    })
 }
 
 /// What a training file must satisfy.
@@ -110,34 +123,31 @@ pub fn load_train(
     limits: Limits,
 ) -> Result<Vec<Sample>> {
     let mut out = Vec::new();
-    for (line, v) in json_lines(path)? {
-        let refuse =
-            |message: String| Failure::InvalidData(DataProblem::new(path, Some(line), message));
-        let parsed = parse_train_line(&v).map_err(refuse)?;
-        let sample = match parsed {
-            TrainLine::Chat { messages } => format_chat(&messages, tok, ids, line),
-            TrainLine::Plain { prompt, completion } => {
-                format_plain(&prompt, &completion, tok, ids, line)
+    read_lines(path, |reader| {
+        for_each_line(reader, usize::MAX, |line, text| {
+            let sample = match parse_train_line(text)? {
+                TrainLine::Chat { messages } => format_chat(&messages, tok, ids, line),
+                TrainLine::Plain { prompt, completion } => {
+                    format_plain(&prompt, &completion, tok, ids, line)
+                }
+                TrainLine::Text { text } => format_text(&text, tok, ids, line),
             }
-            TrainLine::Text { text } => format_text(&text, tok, ids, line),
-        }
-        .map_err(|e| refuse(format!("{e:#}")))?;
-        if let Some(max) = limits.max_tokens {
-            if sample.len() > max {
-                return Err(refuse(format!(
-                    "the sample has {} tokens, more than --seq-len {max}",
-                    sample.len()
-                ))
-                .into());
+            .map_err(|e| format!("{e:#}"))?;
+            if let Some(max) = limits.max_tokens {
+                if sample.len() > max {
+                    return Err(format!(
+                        "the sample has {} tokens, more than --seq-len {max}",
+                        sample.len()
+                    ));
+                }
             }
-        }
-        if limits.need_targets && sample.target_count() == 0 {
-            return Err(
-                refuse("the sample has no unmasked assistant turn to learn from".into()).into(),
-            );
-        }
-        out.push(sample);
-    }
+            if limits.need_targets && sample.target_count() == 0 {
+                return Err("the sample has no unmasked assistant turn to learn from".into());
+            }
+            out.push(sample);
+            Ok(())
+        })
+    })?;
     Ok(out)
 }
 
