@@ -278,6 +278,65 @@ async fn bad_uploads_are_refused_and_leave_nothing() {
 }
 
 #[tokio::test]
+async fn hostile_uploads_are_refused_early_with_small_answers() {
+    let srv = server(true, |c| {
+        c.limits.max_line_bytes = 64 << 10;
+        c.fine_tuning.max_file_bytes = 32 << 20;
+    });
+    let small = |got: &(StatusCode, Value)| {
+        let len = got.1.to_string().len();
+        assert!(len <= 4096, "an error body of {len} bytes");
+    };
+    // A huge `purpose`: refused, quoted at most in part.
+    let purpose = vec![b'p'; 16 << 20];
+    let got = srv
+        .upload_parts(
+            Some(ACME),
+            &[("purpose", None, &purpose), ("file", Some("t.jsonl"), TRAIN.as_bytes())],
+        )
+        .await;
+    assert_error(&got, StatusCode::BAD_REQUEST, Some("purpose"));
+    small(&got);
+    // A line over the limit, named by its number (the long line holds a million numbers).
+    let zeros = vec!["0"; 1 << 20].join(",");
+    let long = format!("{TRAIN}{{\"text\": \"a\", \"x\": [{zeros}]}}\n");
+    let got = upload(&srv, Some(ACME), long.as_bytes()).await;
+    assert_error(&got, StatusCode::BAD_REQUEST, Some("file"));
+    small(&got);
+    let msg = got.1["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("line 4: the line is longer than the limit of 65536 bytes"), "{msg}");
+    // Just under the limit, the same shape is training data (unknown fields are allowed).
+    let fits = format!("{{\"text\": \"a\", \"x\": [{}]}}\n", vec!["0"; 30_000].join(","));
+    assert_eq!(upload(&srv, Some(ACME), fits.as_bytes()).await.0, StatusCode::OK);
+    // A part whose headers never end, and a preamble with no boundary: the multipart
+    // reader is not left to buffer them.
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    let endless_headers = [
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; x=\"").into_bytes(),
+        vec![b'h'; 8 << 20],
+    ]
+    .concat();
+    for body in [endless_headers, vec![b'-'; 8 << 20]] {
+        // In chunks, as a connection delivers them.
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            body.chunks(64 << 10).map(|c| Ok(c.to_vec())).collect();
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        let got = json(send(&srv, Method::POST, "/v1/files", Some(ACME), Some(&ct), body).await);
+        assert_error(&got, StatusCode::BAD_REQUEST, None);
+        small(&got);
+        assert_eq!(got.1["error"]["code"], "invalid_multipart", "{}", got.1);
+    }
+    // A huge unknown field name in a JSON body is quoted in part too.
+    let key = "k".repeat(1 << 20);
+    let got = srv
+        .post("/v1/fine_tuning/jobs", Some(ACME), serde_json::json!({ key: 1 }))
+        .await;
+    assert_eq!(got.0, StatusCode::BAD_REQUEST, "{:.200}", got.1);
+    small(&got);
+    assert_eq!(stored(&srv).len(), 1, "{:?}", stored(&srv));
+}
+
+#[tokio::test]
 async fn a_stalled_upload_is_refused_with_408() {
     let srv = server(true, |c| c.limits.body_read_timeout_seconds = 0.3);
     let head = form(&[

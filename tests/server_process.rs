@@ -499,3 +499,73 @@ fn serve_stops_with_a_message_when_the_files_database_cannot_open() {
         "{stderr}"
     );
 }
+
+/// `(name, file bytes)` of a hostile upload of about `total` bytes in lines of about
+/// `line` bytes: every line holds what the training format does not use, in bulk.
+fn hostile_files(total: usize, line: usize) -> Vec<(&'static str, Vec<u8>)> {
+    let lines = |make: &dyn Fn(usize) -> String| -> Vec<u8> {
+        let one = make(line);
+        one.repeat((total / one.len()).max(1)).into_bytes()
+    };
+    let numbers = |len: usize| {
+        let zeros = "0,".repeat((len - 40) / 2);
+        format!("{{\"text\": \"a\", \"x\": [{}0]}}\n", zeros)
+    };
+    let messages = |len: usize| {
+        let m = r#"{"role": "user", "content": ""},"#;
+        format!(
+            "{{\"messages\": [{}{{\"role\": \"assistant\", \"content\": \"x\"}}]}}\n",
+            m.repeat((len - 80) / m.len())
+        )
+    };
+    let nested = |len: usize| {
+        let depth = (len - 40) / 2;
+        format!("{{\"text\": \"a\", \"x\": {}{}}}\n", "[".repeat(depth), "]".repeat(depth))
+    };
+    vec![
+        // The issue's shape: one line far over the line limit.
+        ("one long line", numbers(total).into_bytes()),
+        ("lines of numbers", lines(&numbers)),
+        ("lines of tiny messages", lines(&messages)),
+        ("lines of nested lists", lines(&nested)),
+    ]
+}
+
+#[test]
+fn hostile_uploads_raise_the_peak_rss_by_a_bounded_amount() {
+    const LINE: usize = 4 << 20;
+    const TOTAL: usize = 96 << 20;
+    let s = setup(&format!("[limits]\nmax_line_bytes = {LINE}\n"));
+    let server = Server::start(Path::new(BIN), &s.config, &[]);
+    // 64 MiB plus a small multiple of the line limit.
+    let bound = (64 << 20) + 4 * LINE as u64;
+    for (name, bytes) in hostile_files(TOTAL, LINE - 64) {
+        let before = server.rss_bytes();
+        server.reset_peak_rss();
+        let r = http::upload_for_fine_tuning(server.addr, ACME, "hostile.jsonl", &bytes).unwrap();
+        let peak = server.peak_rss_bytes();
+        let rise = peak.saturating_sub(before);
+        eprintln!(
+            "{name}: {} MiB uploaded, answered {}, peak RSS {} MiB, {:.1} MiB over the {} MiB before",
+            bytes.len() >> 20,
+            r.status,
+            peak >> 20,
+            rise as f64 / (1 << 20) as f64,
+            before >> 20
+        );
+        let text = r.text();
+        assert!(text.len() <= 4096, "{name}: {} bytes of answer", text.len());
+        if name == "one long line" {
+            assert_eq!(r.status, 400, "{name}: {text}");
+            assert!(text.contains("line 1: the line is longer than the limit"), "{text}");
+        } else {
+            assert_eq!(r.status, 200, "{name}: {text:.300}");
+        }
+        assert!(
+            rise <= bound,
+            "{name}: the peak RSS rose by {} MiB, more than {} MiB",
+            rise >> 20,
+            bound >> 20
+        );
+    }
+}

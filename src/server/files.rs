@@ -133,12 +133,14 @@ fn guarded(
             };
             match next_chunk(&mut stream, idle).await {
                 Ok(Some(b)) => {
+                    // Checked before this chunk is added: the reader holds at most the
+                    // limit and one chunk of the connection.
+                    if total.saturating_sub(delivered.load(Ordering::Relaxed)) > MAX_UNREAD_BYTES {
+                        return fail(envelope_too_large());
+                    }
                     let total = total + b.len() as u64;
                     if total > limit {
                         return fail(too_large(limit.saturating_sub(ENVELOPE_BYTES)));
-                    }
-                    if total.saturating_sub(delivered.load(Ordering::Relaxed)) > MAX_UNREAD_BYTES {
-                        return fail(envelope_too_large());
                     }
                     Some((Ok(b), Some((stream, total))))
                 }
