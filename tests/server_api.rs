@@ -1113,3 +1113,142 @@ async fn a_client_that_disconnects_cancels_its_sequence() {
         "{text}"
     );
 }
+
+/// A request through the router: status, headers and body.
+async fn exchange(s: &Srv, key: &str, body: Value) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/completions")
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = s.app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes().to_vec();
+    (parts.status, parts.headers, bytes)
+}
+
+async fn wait_waiting(engine: &esft::engine::Engine, want: usize) {
+    for _ in 0..500 {
+        if engine.admission.waiting() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} waiting, want {want}", engine.admission.waiting());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_at_once_per_tenant_and_in_all() {
+    let s = std::sync::Arc::new(server(true, |c| {
+        c.engine.max_running = 1;
+        c.engine.max_batch_tokens = 64;
+        c.engine.max_waiting = 2;
+        c.engine.max_waiting_per_tenant = 1;
+    }));
+    let engine = s.state.served().unwrap().engine.clone();
+    let long = json!({"model": "lite", "prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": true});
+    // One runs; one of acme's waits.
+    let running = tokio::spawn({
+        let s = s.clone();
+        let body = long.clone();
+        async move { exchange(&s, ADMIN, body).await }
+    });
+    assert!(wait_running(&engine, 1).await);
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { exchange(&s, ACME, json!({"model": "lite", "prompt": [5], "max_tokens": 2})).await }
+    });
+    wait_waiting(&engine, 1).await;
+    // acme's second: its tenant's limit; answered at once, OpenAI-shaped, with Retry-After.
+    let t0 = std::time::Instant::now();
+    let (st, headers, body) =
+        exchange(&s, ACME, json!({"model": "lite", "prompt": "hello", "max_tokens": 2})).await;
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_error(&(st, v.clone()), StatusCode::TOO_MANY_REQUESTS, None);
+    assert_eq!(v["error"]["code"], "server_overloaded", "{v}");
+    assert_eq!(v["error"]["type"], "server_overloaded", "{v}");
+    assert_eq!(headers["retry-after"], "1");
+    // globex fits (2 in all), then n = 2 would pass the whole limit: refused whole.
+    let globex = tokio::spawn({
+        let s = s.clone();
+        async move { exchange(&s, GLOBEX, json!({"model": "lite", "prompt": [5], "max_tokens": 2})).await }
+    });
+    wait_waiting(&engine, 2).await;
+    let (st, _, body) = exchange(
+        &s,
+        ADMIN,
+        json!({"model": "lite", "prompt": [5], "max_tokens": 2, "n": 2}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{}", String::from_utf8_lossy(&body));
+    let (_, text) = s.get_text("/metrics", Some(ADMIN)).await;
+    for line in [
+        "esft_requests_rejected_total{reason=\"max_waiting\"} 1",
+        "esft_requests_rejected_total{reason=\"max_waiting_per_tenant\"} 1",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+    // The waiting ones run once the long one ends; nothing is left counted.
+    running.abort();
+    for h in [waiting, globex] {
+        let (st, _, body) = h.await.unwrap();
+        assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    }
+    wait_waiting(&engine, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waits_too_long_gets_429_and_one_that_runs_too_long_ends_as_length() {
+    let s = std::sync::Arc::new(server(true, |c| {
+        c.engine.max_running = 1;
+        c.engine.max_batch_tokens = 64;
+        c.limits.max_queue_seconds = 0.1;
+        c.limits.max_request_seconds = 0.25;
+    }));
+    let engine = s.state.served().unwrap().engine.clone();
+    let long = json!({"model": "lite", "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": true});
+    for stream in [false, true] {
+        let running = tokio::spawn({
+            let s = s.clone();
+            let mut body = long.clone();
+            body["stream"] = json!(stream);
+            async move { exchange(&s, ADMIN, body).await }
+        });
+        assert!(wait_running(&engine, 1).await);
+        // A second request waits behind it past max_queue_seconds: 429, not a stream.
+        let (st, _, body) = exchange(
+            &s,
+            ACME,
+            json!({"model": "lite", "prompt": [5], "max_tokens": 2, "stream": stream}),
+        )
+        .await;
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_error(&(st, v.clone()), StatusCode::TOO_MANY_REQUESTS, None);
+        assert_eq!(v["error"]["code"], "queue_timeout", "{v}");
+        // The long one ends at max_request_seconds with what it made, as `length`.
+        let (st, _, body) = running.await.unwrap();
+        assert_eq!(st, StatusCode::OK);
+        let (finish, tokens) = if stream {
+            let data = sse_data(&body);
+            assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+            let last: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+            (last["choices"][0]["finish_reason"].clone(), data.len() - 2)
+        } else {
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+            (v["choices"][0]["finish_reason"].clone(), n)
+        };
+        assert_eq!(finish, "length", "stream={stream}");
+        assert!(tokens > 0 && tokens < 4000, "stream={stream}: {tokens}");
+    }
+    let (_, text) = s.get_text("/metrics", Some(ADMIN)).await;
+    for line in [
+        "esft_requests_rejected_total{reason=\"queue_timeout\"} 2",
+        "esft_requests_rejected_total{reason=\"request_timeout\"} 2",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
+    }
+}
