@@ -815,6 +815,43 @@ async fn processes_opening_a_new_database_at_once_all_succeed() {
 /// On PostgreSQL a claimer passes over a job another claimer holds locked (mid-claim, its
 /// transaction open) and takes the next one at once, instead of waiting for that one or
 /// coming back empty (`FOR UPDATE SKIP LOCKED`). SQLite has one writer and no row locks.
+#[tokio::test]
+async fn the_next_claim_goes_to_the_tenant_with_the_fewest_running_jobs() {
+    for b in backends() {
+        let files = b.files(1 << 20).await;
+        let jobs = JobStore::new(files.pool(), 0);
+        // a queues three, b one a moment later, the admin one after that.
+        let mut a = Vec::new();
+        for _ in 0..3 {
+            a.push(queued(&files, &jobs, Some("a")).await);
+        }
+        let b_job = queued(&files, &jobs, Some("b")).await;
+        let admin = queued(&files, &jobs, None).await;
+        // Creation times a second apart, in that order (records keep whole seconds).
+        let all = [&a[0], &a[1], &a[2], &b_job, &admin];
+        for (i, id) in all.iter().enumerate() {
+            sqlx::query("UPDATE jobs SET created_at = $1 WHERE id = $2")
+                .bind(1_000_000 + i as i64)
+                .bind(id.as_str())
+                .execute(&files.pool())
+                .await
+                .unwrap();
+        }
+        let mut order = Vec::new();
+        while let Some(j) = jobs.claim_next(&lease()).await.unwrap() {
+            order.push(j.id);
+        }
+        // Nobody runs: the oldest (a's). Then b and the admin (no running job) before a's
+        // second, and a's others once every owner runs one.
+        assert_eq!(
+            order,
+            vec![a[0].clone(), b_job, admin, a[1].clone(), a[2].clone()],
+            "{}",
+            b.name
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claimer_skips_a_job_another_holds_locked() {
     use sqlx::Row;

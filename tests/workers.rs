@@ -690,3 +690,54 @@ fn a_worker_stopped_with_sigterm_gives_its_job_back_at_once() {
     assert!(from > 0);
     assert_eq!(count(&after, "successfully completed"), 1, "{after:#?}");
 }
+
+#[test]
+fn a_file_uploaded_through_one_replica_serves_jobs_and_previews_through_another() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let one = Server::start(Path::new(BIN), &cluster.config("replica-1", 0), &[]);
+    let two = Server::start(Path::new(BIN), &cluster.config("replica-2", 1), &[]);
+    let up = upload_for_fine_tuning(one.addr, ACME, "t.jsonl", examples(40).as_bytes()).unwrap();
+    assert_eq!(up.status, 200, "{}", up.text());
+    let file = up.json()["id"].as_str().unwrap().to_string();
+    // Replica 2 never saw the bytes: it reads them from the store.
+    let (status, preview) = call_as(
+        ACME,
+        &two,
+        "POST",
+        "/v1/fine_tuning/expert_selection",
+        Some(&json!({"model": "lite", "training_file": file, "seed": 1,
+                     "esft": {"scoring_tokens": 400, "top_p": 0.5}})),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{preview}\n{}", two.log());
+    assert!(preview["selected_experts"].as_u64().unwrap() > 0, "{preview}");
+    let (status, created) = call(
+        &two,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(&json!({
+            "model": "lite",
+            "training_file": file,
+            "suffix": "x",
+            "method": {"type": "supervised",
+                       "esft": {"steps": 2, "scoring_tokens": 400, "seq_len": 64}},
+        })),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{created}\n{}", two.log());
+    let id = created["id"].as_str().unwrap().to_string();
+    let logs = || format!("replica 2:\n{}\nreplica 1:\n{}", two.log(), one.log());
+    let done = finished(&one, &id, Duration::from_secs(180), &logs);
+    assert_eq!(done["status"], "succeeded", "{done}\n{}", logs());
+    let (status, _) = call_as(
+        ACME,
+        &two,
+        "GET",
+        &format!("/v1/files/{file}/content"),
+        None,
+    )
+    .unwrap_or((0, Value::Null));
+    assert_eq!(status, 200);
+}

@@ -984,7 +984,9 @@ impl JobStore {
         Ok(self.get(viewer, id).await?.map(|r| (r, changed)))
     }
 
-    /// Claims the oldest queued job for `lease.worker`, which holds it until
+    /// Claims the next queued job for `lease.worker`: a job of the owner with the fewest
+    /// running jobs, the oldest of those (so one tenant's backlog never holds another's
+    /// job back behind all of it). The worker holds it until
     /// `lease.duration` from now unless it renews ([`Self::renew`]): one `UPDATE` of the
     /// row its sub-select picks, safe when several processes share the database (each job
     /// is claimed once; see [`Backend::claim_lock`] for the one part that differs between
@@ -994,8 +996,10 @@ impl JobStore {
         let row = sqlx::query(&format!(
             "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $1), \
              worker = $2, lease_expires_at = $3 \
-             WHERE status = 'queued' AND id = (SELECT id FROM jobs WHERE status = 'queued' \
-             ORDER BY created_at, id LIMIT 1{}) RETURNING {COLUMNS}",
+             WHERE status = 'queued' AND id = (SELECT id FROM jobs q WHERE status = 'queued' \
+             ORDER BY (SELECT COUNT(*) FROM jobs r WHERE r.status = 'running' \
+             AND r.owner IS NOT DISTINCT FROM q.owner), created_at, id LIMIT 1{}) \
+             RETURNING {COLUMNS}",
             Backend::of(&self.pool).claim_lock()
         ))
         .bind(now())
