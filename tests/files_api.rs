@@ -292,7 +292,10 @@ async fn hostile_uploads_are_refused_early_with_small_answers() {
     let got = srv
         .upload_parts(
             Some(ACME),
-            &[("purpose", None, &purpose), ("file", Some("t.jsonl"), TRAIN.as_bytes())],
+            &[
+                ("purpose", None, &purpose),
+                ("file", Some("t.jsonl"), TRAIN.as_bytes()),
+            ],
         )
         .await;
     assert_error(&got, StatusCode::BAD_REQUEST, Some("purpose"));
@@ -304,10 +307,19 @@ async fn hostile_uploads_are_refused_early_with_small_answers() {
     assert_error(&got, StatusCode::BAD_REQUEST, Some("file"));
     small(&got);
     let msg = got.1["error"]["message"].as_str().unwrap();
-    assert!(msg.contains("line 4: the line is longer than the limit of 65536 bytes"), "{msg}");
+    assert!(
+        msg.contains("line 4: the line is longer than the limit of 65536 bytes"),
+        "{msg}"
+    );
     // Just under the limit, the same shape is training data (unknown fields are allowed).
-    let fits = format!("{{\"text\": \"a\", \"x\": [{}]}}\n", vec!["0"; 30_000].join(","));
-    assert_eq!(upload(&srv, Some(ACME), fits.as_bytes()).await.0, StatusCode::OK);
+    let fits = format!(
+        "{{\"text\": \"a\", \"x\": [{}]}}\n",
+        vec!["0"; 30_000].join(",")
+    );
+    assert_eq!(
+        upload(&srv, Some(ACME), fits.as_bytes()).await.0,
+        StatusCode::OK
+    );
     // A part whose headers never end, and a preamble with no boundary: the multipart
     // reader is not left to buffer them.
     let ct = format!("multipart/form-data; boundary={BOUNDARY}");
@@ -329,7 +341,11 @@ async fn hostile_uploads_are_refused_early_with_small_answers() {
     // A huge unknown field name in a JSON body is quoted in part too.
     let key = "k".repeat(1 << 20);
     let got = srv
-        .post("/v1/fine_tuning/jobs", Some(ACME), serde_json::json!({ key: 1 }))
+        .post(
+            "/v1/fine_tuning/jobs",
+            Some(ACME),
+            serde_json::json!({ key: 1 }),
+        )
         .await;
     assert_eq!(got.0, StatusCode::BAD_REQUEST, "{:.200}", got.1);
     small(&got);

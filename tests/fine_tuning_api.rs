@@ -673,3 +673,147 @@ async fn bad_requests_are_refused_with_openai_errors() {
         assert_eq!(s, StatusCode::OK);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_max_job_seconds_fails_with_job_timeout_and_leaves_no_work() {
+    let srv = server(false, |c| {
+        c.fine_tuning.max_job_seconds = 3.0;
+        c.fine_tuning.lease_seconds = 1.5;
+        c.fine_tuning.save_every_steps = 5;
+        c.fine_tuning.max_steps = 1000;
+    });
+    let training = file(&srv, None, 40).await;
+    // Far more steps than three seconds allow.
+    let created = create(&srv, None, job(&training, 1000)).await;
+    let id = created["id"].as_str().unwrap();
+    let done = wait_for(&srv, None, id, 120, |v| {
+        ["succeeded", "failed", "cancelled"].contains(&v["status"].as_str().unwrap())
+    })
+    .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "job_timeout", "{done}");
+    let took = done["finished_at"].as_i64().unwrap() - done["created_at"].as_i64().unwrap();
+    assert!(took < 30, "{took} s");
+    // Its partial work is gone; no adapter.
+    let work = srv.state.config.fine_tuning.data_dir.join("jobs").join(id);
+    for _ in 0..100 {
+        if !work.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!work.exists(), "{}", work.display());
+    assert_eq!(done["fine_tuned_model"], Value::Null);
+    // The caps: more steps, epochs or scoring tokens than configured are refused.
+    for (path, value, param) in [
+        ("/method/esft/steps", json!(1001), "method.esft.steps"),
+        (
+            "/method/esft/scoring_tokens",
+            json!(2_000_000),
+            "method.esft.scoring_tokens",
+        ),
+        (
+            "/method/supervised/hyperparameters/n_epochs",
+            json!(101),
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+    ] {
+        let mut body = job(&training, 10);
+        *body.pointer_mut(path).unwrap_or(&mut Value::Null) = value.clone();
+        if path.ends_with("n_epochs") {
+            body["method"]["supervised"]["hyperparameters"]["n_epochs"] = value;
+        }
+        let got = srv.post("/v1/fine_tuning/jobs", None, body).await;
+        assert_error(&got, StatusCode::BAD_REQUEST, Some(param));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previews_run_one_per_tenant_stop_with_their_client_and_time_out() {
+    let srv = std::sync::Arc::new(server(true, |c| {
+        c.fine_tuning.max_concurrent_previews = Some(2);
+        c.fine_tuning.preview_timeout_seconds = 1.5;
+    }));
+    // A large scoring run: far longer than the timeout.
+    let big = file(&srv, Some(ACME), 24_000).await;
+    let body = json!({"model": "lite", "training_file": big,
+                      "esft": {"scoring_tokens": 1_000_000}});
+    let first = tokio::spawn({
+        let srv = srv.clone();
+        let body = body.clone();
+        async move {
+            srv.post("/v1/fine_tuning/expert_selection", Some(ACME), body)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // acme's second preview: refused while its first runs.
+    let got = srv
+        .post("/v1/fine_tuning/expert_selection", Some(ACME), body.clone())
+        .await;
+    assert_error(&got, StatusCode::TOO_MANY_REQUESTS, None);
+    assert_eq!(got.1["error"]["code"], "preview_in_progress", "{}", got.1);
+    // The first runs out of time: stopped, 503 preview_timeout.
+    let got = first.await.unwrap();
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, None);
+    assert_eq!(got.1["error"]["code"], "preview_timeout", "{}", got.1);
+    // A preview whose client goes away is stopped: no trainer child is left running.
+    let trainer = srv.state.config.fine_tuning.trainer_path();
+    let children = || {
+        let me = std::process::id().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                // ppid is the fourth field, after the parenthesised name.
+                stat.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(1))
+                    == Some(&me)
+            })
+            .filter(|e| {
+                std::fs::read_link(e.path().join("exe"))
+                    .is_ok_and(|x| x.file_name() == trainer.file_name())
+            })
+            .count()
+    };
+    let gone = tokio::spawn({
+        let srv = srv.clone();
+        async move {
+            srv.post("/v1/fine_tuning/expert_selection", Some(ACME), body)
+                .await
+        }
+    });
+    let mut started = false;
+    for _ in 0..100 {
+        if children() > 0 {
+            started = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started, "the preview's trainer never started");
+    gone.abort();
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = children();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "the abandoned preview's trainer still runs");
+    // A server that trains nothing runs no previews unless told to.
+    let replica = server(true, |c| c.fine_tuning.max_concurrent_jobs = 0);
+    let small = file(&replica, Some(ACME), 40).await;
+    let got = replica
+        .post(
+            "/v1/fine_tuning/expert_selection",
+            Some(ACME),
+            json!({"model": "lite", "training_file": small}),
+        )
+        .await;
+    assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, None);
+    assert_eq!(got.1["error"]["code"], "preview_unavailable", "{}", got.1);
+}

@@ -1148,7 +1148,8 @@ async fn a_full_queue_answers_429_at_once_per_tenant_and_in_all() {
         c.engine.max_waiting_per_tenant = 1;
     }));
     let engine = s.state.served().unwrap().engine.clone();
-    let long = json!({"model": "lite", "prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": true});
+    let long =
+        json!({"model": "lite", "prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": true});
     // One runs; one of acme's waits.
     let running = tokio::spawn({
         let s = s.clone();
@@ -1158,13 +1159,24 @@ async fn a_full_queue_answers_429_at_once_per_tenant_and_in_all() {
     assert!(wait_running(&engine, 1).await);
     let waiting = tokio::spawn({
         let s = s.clone();
-        async move { exchange(&s, ACME, json!({"model": "lite", "prompt": [5], "max_tokens": 2})).await }
+        async move {
+            exchange(
+                &s,
+                ACME,
+                json!({"model": "lite", "prompt": [5], "max_tokens": 2}),
+            )
+            .await
+        }
     });
     wait_waiting(&engine, 1).await;
     // acme's second: its tenant's limit; answered at once, OpenAI-shaped, with Retry-After.
     let t0 = std::time::Instant::now();
-    let (st, headers, body) =
-        exchange(&s, ACME, json!({"model": "lite", "prompt": "hello", "max_tokens": 2})).await;
+    let (st, headers, body) = exchange(
+        &s,
+        ACME,
+        json!({"model": "lite", "prompt": "hello", "max_tokens": 2}),
+    )
+    .await;
     assert!(t0.elapsed() < Duration::from_secs(2));
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_error(&(st, v.clone()), StatusCode::TOO_MANY_REQUESTS, None);
@@ -1174,7 +1186,14 @@ async fn a_full_queue_answers_429_at_once_per_tenant_and_in_all() {
     // globex fits (2 in all), then n = 2 would pass the whole limit: refused whole.
     let globex = tokio::spawn({
         let s = s.clone();
-        async move { exchange(&s, GLOBEX, json!({"model": "lite", "prompt": [5], "max_tokens": 2})).await }
+        async move {
+            exchange(
+                &s,
+                GLOBEX,
+                json!({"model": "lite", "prompt": [5], "max_tokens": 2}),
+            )
+            .await
+        }
     });
     wait_waiting(&engine, 2).await;
     let (st, _, body) = exchange(
@@ -1183,7 +1202,12 @@ async fn a_full_queue_answers_429_at_once_per_tenant_and_in_all() {
         json!({"model": "lite", "prompt": [5], "max_tokens": 2, "n": 2}),
     )
     .await;
-    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        st,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     let (_, text) = s.get_text("/metrics", Some(ADMIN)).await;
     for line in [
         "esft_requests_rejected_total{reason=\"max_waiting\"} 1",
@@ -1209,7 +1233,8 @@ async fn a_request_that_waits_too_long_gets_429_and_one_that_runs_too_long_ends_
         c.limits.max_request_seconds = 0.25;
     }));
     let engine = s.state.served().unwrap().engine.clone();
-    let long = json!({"model": "lite", "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": true});
+    let long =
+        json!({"model": "lite", "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": true});
     for stream in [false, true] {
         let running = tokio::spawn({
             let s = s.clone();

@@ -520,7 +520,11 @@ fn hostile_files(total: usize, line: usize) -> Vec<(&'static str, Vec<u8>)> {
     };
     let nested = |len: usize| {
         let depth = (len - 40) / 2;
-        format!("{{\"text\": \"a\", \"x\": {}{}}}\n", "[".repeat(depth), "]".repeat(depth))
+        format!(
+            "{{\"text\": \"a\", \"x\": {}{}}}\n",
+            "[".repeat(depth),
+            "]".repeat(depth)
+        )
     };
     vec![
         // The shape: one line far over the line limit.
@@ -557,7 +561,10 @@ fn hostile_uploads_raise_the_peak_rss_by_a_bounded_amount() {
         assert!(text.len() <= 4096, "{name}: {} bytes of answer", text.len());
         if name == "one long line" {
             assert_eq!(r.status, 400, "{name}: {text}");
-            assert!(text.contains("line 1: the line is longer than the limit"), "{text}");
+            assert!(
+                text.contains("line 1: the line is longer than the limit"),
+                "{text}"
+            );
         } else {
             assert_eq!(r.status, 200, "{name}: {text:.300}");
         }

@@ -712,7 +712,10 @@ fn a_file_uploaded_through_one_replica_serves_jobs_and_previews_through_another(
     )
     .unwrap();
     assert_eq!(status, 200, "{preview}\n{}", two.log());
-    assert!(preview["selected_experts"].as_u64().unwrap() > 0, "{preview}");
+    assert!(
+        preview["selected_experts"].as_u64().unwrap() > 0,
+        "{preview}"
+    );
     let (status, created) = call(
         &two,
         "POST",

@@ -673,7 +673,7 @@ mod tests {
                 Err("message 0 `content` is not a string"),
             ),
             (format!("{{\"prompt\": {{\"a\": [{zeros}]}}, \"completion\": \"c\"}}"), Err("`prompt` is not a string")),
-            (format!("{{\"prompt\": \"p\", \"completion\": 3}}"), Err("`completion` is not a string")),
+            ("{\"prompt\": \"p\", \"completion\": 3}".to_string(), Err("`completion` is not a string")),
             (format!("[{zeros}]"), Err("expected a JSON object")),
             // A field given twice is refused rather than one of them silently used.
             ("{\"text\": \"a\", \"text\": \"b\"}".into(), Err("the field `text` appears twice")),

@@ -88,6 +88,13 @@ pub struct RunnerConfig {
     pub slot_budget: usize,
     /// How long a claim or renewal holds a job.
     pub lease: Duration,
+    /// Longest a job may take from its first start; past it the job fails
+    /// (`job_timeout`) and its work is removed. `None`: no limit.
+    pub max_job: Option<Duration>,
+    /// Expert-selection previews run at once (0: previews are off here), and how long
+    /// one may take before it is stopped.
+    pub max_previews: usize,
+    pub preview_timeout: Duration,
     /// How often the queue is looked at without being woken.
     pub poll: Duration,
 }
@@ -139,6 +146,8 @@ struct Active {
     tokens_per_s: f64,
     /// The last renewal that held.
     renewed: Instant,
+    /// When the job must have ended (`max_job` from its first start).
+    deadline: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,16 +155,78 @@ enum StopReason {
     Cancelled,
     Lost,
     Released,
+    /// The job ran past `max_job` (its limit, for the message).
+    TimedOut(Duration),
 }
 
 impl Active {
-    fn new(job_id: &str) -> Self {
+    fn new(job: &JobRecord, max_job: Option<Duration>) -> Self {
+        // Counted from the job's first start, whichever worker it was on.
+        let deadline = max_job.map(|max| {
+            let ran = u64::try_from(now() - job.started_at.unwrap_or_else(now)).unwrap_or(0);
+            Instant::now() + max.saturating_sub(Duration::from_secs(ran))
+        });
         Self {
-            job_id: job_id.to_string(),
+            job_id: job.id.clone(),
             pid: None,
             stop: None,
             tokens_per_s: 0.0,
             renewed: Instant::now(),
+            deadline,
+        }
+    }
+}
+
+/// Whose trainer child a [`Runner::child`] runs: a job's (by its holder), or a preview's.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    Job(&'a str),
+    Preview(&'a PreviewControl),
+}
+
+/// A running preview's child, to stop from outside.
+#[derive(Default)]
+struct PreviewControl {
+    pid: Mutex<Option<u32>>,
+    stopped: AtomicBool,
+}
+
+/// Stops a preview's children when dropped (its request ended: answered, timed out, or
+/// abandoned by its client).
+struct StopOnDrop(Arc<PreviewControl>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::SeqCst);
+        if let Some(pid) = self.0.pid.lock().ok().and_then(|p| *p) {
+            kill(pid);
+        }
+    }
+}
+
+/// An owner's one preview at a time: taken while its preview runs.
+struct PreviewTurn<'a> {
+    running: &'a Mutex<std::collections::HashSet<Option<String>>>,
+    owner: Option<String>,
+}
+
+impl<'a> PreviewTurn<'a> {
+    /// `None` while `owner` has a preview running.
+    fn take(
+        running: &'a Mutex<std::collections::HashSet<Option<String>>>,
+        owner: Option<&str>,
+    ) -> Option<Self> {
+        let owner = owner.map(str::to_string);
+        let taken = running.lock().ok()?.insert(owner.clone());
+        // (Built only when taken: a turn dropped gives its owner's place back.)
+        taken.then(|| Self { running, owner })
+    }
+}
+
+impl Drop for PreviewTurn<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.running.lock() {
+            set.remove(&self.owner);
         }
     }
 }
@@ -176,8 +247,10 @@ pub struct Runner {
     active: Mutex<HashMap<String, Active>>,
     wake: tokio::sync::Notify,
     stopping: AtomicBool,
-    /// One expert-selection preview at a time.
+    /// Expert-selection previews at once (`max_previews`).
     previews: tokio::sync::Semaphore,
+    /// The owners with a preview running (one each at a time).
+    previewing: Mutex<std::collections::HashSet<Option<String>>>,
     /// Seconds from start to end of jobs that ended, by final status.
     pub durations: HistogramVec,
 }
@@ -224,6 +297,8 @@ impl Runner {
         .map_err(|e| JobsError::Db(sqlx::Error::Protocol(e.to_string())))?;
         tracing::info!(%worker, lease_seconds = cfg.lease.as_secs_f64(), max_concurrent = cfg.max_concurrent, "fine-tuning runner started");
         let runner = Arc::new(Self {
+            previews: tokio::sync::Semaphore::new(cfg.max_previews),
+            previewing: Mutex::new(std::collections::HashSet::new()),
             jobs,
             files,
             registry,
@@ -233,7 +308,6 @@ impl Runner {
             active: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
-            previews: tokio::sync::Semaphore::new(1),
             durations,
         });
         if runner.cfg.max_concurrent > 0 {
@@ -372,12 +446,30 @@ impl Runner {
     }
 
     /// Renews the lease of every job running here every third of the lease; stops the
-    /// jobs whose renewal says they are cancelled or held elsewhere, and those it could
-    /// not renew for longer than the lease.
+    /// jobs whose renewal says they are cancelled or held elsewhere, those it could not
+    /// renew for longer than the lease, and those past their deadline.
     async fn renewals(self: Arc<Self>) {
         let every = (self.cfg.lease / 3).max(Duration::from_millis(100));
         loop {
             tokio::time::sleep(every).await;
+            let late: Vec<String> = self
+                .active
+                .lock()
+                .map(|a| {
+                    a.iter()
+                        .filter(|(_, j)| {
+                            j.stop.is_none() && j.deadline.is_some_and(|d| Instant::now() >= d)
+                        })
+                        .map(|(h, _)| h.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for holder in late {
+                tracing::warn!(%holder, "a fine-tuning job ran past fine_tuning.max_job_seconds: stopping it");
+                if let Some(max) = self.cfg.max_job {
+                    self.stop_job(&holder, StopReason::TimedOut(max));
+                }
+            }
             let claims: Vec<(String, String)> = self
                 .active
                 .lock()
@@ -434,7 +526,7 @@ impl Runner {
     fn launch(self: &Arc<Self>, job: JobRecord) {
         let key = holder(&job).to_string();
         if let Ok(mut a) = self.active.lock() {
-            a.insert(key.clone(), Active::new(&job.id));
+            a.insert(key.clone(), Active::new(&job, self.cfg.max_job));
         }
         let runner = self.clone();
         let rt = tokio::runtime::Handle::current();
@@ -492,6 +584,14 @@ impl Runner {
             StopReason::Cancelled => Stop::Cancelled,
             StopReason::Lost => Stop::Lost,
             StopReason::Released => Stop::Released,
+            StopReason::TimedOut(limit) => Stop::Failed(JobError::new(
+                "job_timeout",
+                format!(
+                    "the job ran longer than this server's limit of {} s \
+                     (fine_tuning.max_job_seconds); ask for fewer steps or epochs",
+                    limit.as_secs()
+                ),
+            )),
         })
     }
 
@@ -915,7 +1015,7 @@ impl Runner {
             );
             let mut last = Value::Null;
             self.child(
-                Some(holder(job)),
+                Owner::Job(holder(job)),
                 &score_args(&self.cfg.model_dir, training, esft, job.seed, scores),
                 &|m| self.scrub(job, m),
                 |line| {
@@ -937,7 +1037,7 @@ impl Runner {
         }
         if !experts.exists() {
             self.child(
-                Some(holder(job)),
+                Owner::Job(holder(job)),
                 &select_args(scores, esft, experts),
                 &|m| self.scrub(job, m),
                 |_| {},
@@ -968,7 +1068,7 @@ impl Runner {
         let mut step_times: Vec<f64> = Vec::new();
         let mut last_step_at = Instant::now();
         let adapter = job.adapter.clone();
-        self.child(Some(holder(job)), &args, &|m| self.scrub(job, m), |line| {
+        self.child(Owner::Job(holder(job)), &args, &|m| self.scrub(job, m), |line| {
             let event = line.get("event").and_then(Value::as_str).unwrap_or("");
             let num = |k: &str| line.get(k).and_then(Value::as_f64);
             match event {
@@ -1192,15 +1292,43 @@ impl Runner {
     /// Previews the selection a job would make on `training` (score and select only).
     pub async fn preview(
         self: &Arc<Self>,
+        owner: Option<&str>,
         training_file: &str,
         esft: EsftChoices,
         seed: i64,
     ) -> Result<Value, JobError> {
-        let _turn = self
-            .previews
-            .acquire()
+        if self.cfg.max_previews == 0 {
+            return Err(JobError::new(
+                "preview_unavailable",
+                "this server runs no expert-selection previews (fine_tuning.max_concurrent_previews = 0); \
+                 ask a server that trains",
+            ));
+        }
+        let _mine = PreviewTurn::take(&self.previewing, owner).ok_or_else(|| {
+            JobError::new(
+                "preview_in_progress",
+                "a preview of yours is running; wait for it to end",
+            )
+        })?;
+        let deadline = tokio::time::Instant::now() + self.cfg.preview_timeout;
+        let timed_out = || {
+            JobError::new(
+                "preview_timeout",
+                format!(
+                    "the preview took longer than this server's limit of {} s \
+                     (fine_tuning.preview_timeout_seconds); ask for fewer scoring_tokens",
+                    self.cfg.preview_timeout.as_secs()
+                ),
+            )
+        };
+        let _turn = tokio::time::timeout_at(deadline, self.previews.acquire())
             .await
+            .map_err(|_| timed_out())?
             .map_err(|_| JobError::new("internal_error", "the server is shutting down"))?;
+        // Stops the children when this future is dropped: the client went away, or the
+        // time ran out.
+        let control = Arc::new(PreviewControl::default());
+        let _stop_on_drop = StopOnDrop(control.clone());
         let runner = self.clone();
         let training = self.files.local_path(training_file).await.map_err(|e| {
             tracing::error!("fetching the file {training_file} for a preview: {e}");
@@ -1229,12 +1357,13 @@ impl Runner {
                     let experts = dir.path().join(EXPERTS_FILE);
                     let mut tokens = 0;
                     let args = score_args(&runner.cfg.model_dir, &training, &esft, seed, &scores);
-                    runner.child(None, &args, &scrub, |line| {
+                    let of = Owner::Preview(&control);
+                    runner.child(of, &args, &scrub, |line| {
                         if line.get("event").and_then(Value::as_str) == Some("done") {
                             tokens = line.get("tokens").and_then(Value::as_u64).unwrap_or(0);
                         }
                     })?;
-                    runner.child(None, &select_args(&scores, &esft, &experts), &scrub, |_| {})?;
+                    runner.child(of, &select_args(&scores, &esft, &experts), &scrub, |_| {})?;
                     let ec = read_expert_config(&experts)?;
                     let mut summary = selection_summary(&ec, &runner.registry, &esft);
                     if let Some(o) = summary.as_object_mut() {
@@ -1250,7 +1379,10 @@ impl Runner {
                 format!("the preview could not start: {e}"),
             ));
         }
-        match rx.await {
+        let result = tokio::time::timeout_at(deadline, rx)
+            .await
+            .map_err(|_| timed_out())?;
+        match result {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(Stop::Failed(e))) => Err(e),
             Ok(Err(Stop::Cancelled | Stop::Lost | Stop::Released | Stop::StoreUnavailable(_)))
@@ -1263,14 +1395,23 @@ impl Runner {
     /// turns a trainer message into one a client may see.
     fn child(
         &self,
-        job_id: Option<&str>,
+        owner: Owner<'_>,
         args: &[OsString],
         scrub: &dyn Fn(&str) -> String,
         mut each: impl FnMut(&Value),
     ) -> Result<(), Stop> {
+        let job_id = match owner {
+            Owner::Job(id) => Some(id),
+            Owner::Preview(_) => None,
+        };
         if let Some(id) = job_id {
             if let Some(stop) = self.stopped(id) {
                 return Err(stop);
+            }
+        }
+        if let Owner::Preview(c) = owner {
+            if c.stopped.load(Ordering::SeqCst) {
+                return Err(Stop::Cancelled);
             }
         }
         let mut cmd = Command::new(&self.cfg.trainer);
@@ -1316,6 +1457,14 @@ impl Runner {
                 kill(pid);
             }
         }
+        if let Owner::Preview(c) = owner {
+            if let Ok(mut p) = c.pid.lock() {
+                *p = Some(pid);
+            }
+            if c.stopped.load(Ordering::SeqCst) {
+                kill(pid);
+            }
+        }
         let stderr = child.stderr.take().map(|mut e| {
             std::thread::spawn(move || {
                 let mut text = String::new();
@@ -1348,6 +1497,14 @@ impl Runner {
             }
             if let Some(stop) = self.stopped(id) {
                 return Err(stop);
+            }
+        }
+        if let Owner::Preview(c) = owner {
+            if let Ok(mut p) = c.pid.lock() {
+                *p = None;
+            }
+            if c.stopped.load(Ordering::SeqCst) {
+                return Err(Stop::Cancelled);
             }
         }
         let status = status.map_err(|e| internal("waiting for the trainer", e))?;

@@ -29,7 +29,27 @@ fn bounds(state: &AppState, max_context: usize) -> Bounds {
     }
 }
 
-/// Runs tokenizer work on the blocking pool.
+/// A request's arrival and its places in the engine's waiting count, taken first: an
+/// overloaded engine refuses it before any work is spent on it.
+struct Ticket {
+    arrival: Instant,
+    slots: Vec<WaitSlot>,
+}
+
+impl Ticket {
+    fn take(
+        state: &AppState,
+        served: &Served,
+        caller: &Caller,
+        n: Option<u64>,
+    ) -> Result<Self, ApiError> {
+        let arrival = Instant::now();
+        let max_n = state.config.limits.max_n;
+        let slots = reserve(&served.engine, caller.tenant(), n, max_n)?;
+        Ok(Self { arrival, slots })
+    }
+}
+
 /// The adapter version `model` names (off the async workers: a name not known yet makes
 /// the store rescan the adapters directory).
 async fn resolve(
@@ -49,16 +69,16 @@ async fn run(
     caller: Caller,
     adapter: Option<Arc<Version>>,
     plan: Plan,
-    slots: Vec<WaitSlot>,
-    arrival: Instant,
+    ticket: Ticket,
 ) -> Result<Response, ApiError> {
     let served = state.served()?;
+    let arrival = ticket.arrival;
     let handles = submit(
         &served.engine,
         &plan,
         adapter.as_ref(),
         caller.tenant(),
-        slots,
+        ticket.slots,
         arrival,
     )?;
     let reply = Reply::new(kind, model, arrival, plan.params.logprobs);
@@ -75,10 +95,8 @@ pub async fn completions(
     caller: Caller,
     ApiJson(mut req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let arrival = Instant::now();
     let served = state.served()?;
-    let max_n = state.config.limits.max_n;
-    let slots = reserve(&served.engine, caller.tenant(), req.n, max_n)?;
+    let ticket = Ticket::take(&state, &served, &caller, req.n)?;
     let adapter = resolve(&served, &caller, &req.model).await?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
@@ -103,8 +121,7 @@ pub async fn completions(
         caller,
         adapter,
         plan,
-        slots,
-        arrival,
+        ticket,
     )
     .await
 }
@@ -114,10 +131,8 @@ pub async fn chat(
     caller: Caller,
     ApiJson(mut req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let arrival = Instant::now();
     let served = state.served()?;
-    let max_n = state.config.limits.max_n;
-    let slots = reserve(&served.engine, caller.tenant(), req.n, max_n)?;
+    let ticket = Ticket::take(&state, &served, &caller, req.n)?;
     let adapter = resolve(&served, &caller, &req.model).await?;
     req.refuse_unsupported()?;
     let logprobs = req.logprobs()?;
@@ -133,15 +148,5 @@ pub async fn chat(
     let plan = req
         .common()?
         .plan(prompt, logprobs, None, &bounds(&state, served.max_context))?;
-    run(
-        state,
-        Kind::Chat,
-        req.model,
-        caller,
-        adapter,
-        plan,
-        slots,
-        arrival,
-    )
-    .await
+    run(state, Kind::Chat, req.model, caller, adapter, plan, ticket).await
 }

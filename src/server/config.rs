@@ -285,6 +285,18 @@ pub struct FineTuningConfig {
     pub save_every_steps: u64,
     /// Fewest examples a training file must hold.
     pub min_training_examples: usize,
+    /// Longest a job may take from its first start (it then fails, `job_timeout`, and
+    /// its work is removed); 0 = no limit.
+    pub max_job_seconds: f64,
+    /// Most optimizer steps, epochs and scoring tokens a job may ask for (400 above).
+    pub max_steps: u64,
+    pub max_epochs: u64,
+    pub max_scoring_tokens: u64,
+    /// Expert-selection previews run at once by this process; absent: 1 where it trains
+    /// jobs (`max_concurrent_jobs` > 0), none where it does not. 0: previews are off.
+    pub max_concurrent_previews: Option<usize>,
+    /// Longest a preview may take (it is then stopped, 503 `preview_timeout`).
+    pub preview_timeout_seconds: f64,
 }
 
 impl FineTuningConfig {
@@ -314,6 +326,22 @@ impl FineTuningConfig {
         Duration::from_secs_f64(self.poll_seconds)
     }
 
+    /// `max_job_seconds` (`None`: no limit).
+    pub fn max_job(&self) -> Option<Duration> {
+        (self.max_job_seconds > 0.0).then(|| seconds(self.max_job_seconds))
+    }
+
+    /// Previews run at once here (see `max_concurrent_previews`).
+    pub fn previews(&self) -> usize {
+        self.max_concurrent_previews
+            .unwrap_or(usize::from(self.max_concurrent_jobs > 0))
+    }
+
+    /// Longest a preview may take.
+    pub fn preview_timeout(&self) -> Duration {
+        seconds(self.preview_timeout_seconds)
+    }
+
     /// Compute threads of a training job.
     pub fn threads(&self) -> usize {
         match self.training_threads {
@@ -341,6 +369,12 @@ impl Default for FineTuningConfig {
             max_active_jobs_per_tenant: 8,
             save_every_steps: 25,
             min_training_examples: 10,
+            max_job_seconds: 21600.0,
+            max_steps: 100_000,
+            max_epochs: 100,
+            max_scoring_tokens: 1_000_000,
+            max_concurrent_previews: None,
+            preview_timeout_seconds: 300.0,
         }
     }
 }
@@ -521,6 +555,29 @@ impl ServerConfig {
             }
         }
         for (k, v) in [
+            ("fine_tuning.max_steps", self.fine_tuning.max_steps),
+            ("fine_tuning.max_epochs", self.fine_tuning.max_epochs),
+            (
+                "fine_tuning.max_scoring_tokens",
+                self.fine_tuning.max_scoring_tokens,
+            ),
+        ] {
+            if v == 0 {
+                return Err(format!("{k} must be at least 1"));
+            }
+        }
+        if !(self.fine_tuning.preview_timeout_seconds.is_finite()
+            && self.fine_tuning.preview_timeout_seconds > 0.0)
+        {
+            return Err(
+                "fine_tuning.preview_timeout_seconds must be a number of seconds above 0".into(),
+            );
+        }
+        for (k, v) in [
+            (
+                "fine_tuning.max_job_seconds",
+                self.fine_tuning.max_job_seconds,
+            ),
             ("limits.max_queue_seconds", self.limits.max_queue_seconds),
             (
                 "limits.max_request_seconds",

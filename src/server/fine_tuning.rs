@@ -127,6 +127,26 @@ fn boolean(value: Option<&Value>, param: &str) -> Result<Option<bool>, ApiError>
     }
 }
 
+/// What a job may ask for: the context bounds `seq_len`, the configuration the rest.
+struct Caps {
+    max_context: usize,
+    max_steps: u64,
+    max_epochs: u64,
+    max_scoring_tokens: u64,
+}
+
+impl Caps {
+    fn of(state: &AppState, max_context: usize) -> Self {
+        let ft = &state.config.fine_tuning;
+        Self {
+            max_context,
+            max_steps: ft.max_steps,
+            max_epochs: ft.max_epochs,
+            max_scoring_tokens: ft.max_scoring_tokens,
+        }
+    }
+}
+
 /// The hyperparameters and esft choices of a request, resolved. `hyper` is OpenAI's
 /// `hyperparameters` object, `esft` esft's own; `max_context` bounds `seq_len`.
 fn resolve_spec(
@@ -134,8 +154,9 @@ fn resolve_spec(
     hyper_param: &str,
     esft: Option<&Value>,
     esft_param: &str,
-    max_context: usize,
+    caps: &Caps,
 ) -> Result<JobSpec, ApiError> {
+    let max_context = caps.max_context;
     let empty = Map::new();
     let object = |v: Option<&Value>, param: &str| -> Result<Map<String, Value>, ApiError> {
         match v {
@@ -156,7 +177,12 @@ fn resolve_spec(
         ));
     }
     let p = |k: &str| format!("{hyper_param}.{k}");
-    let n_epochs = auto_number(h.get("n_epochs"), &p("n_epochs"), true, (1.0, 100.0))?;
+    let n_epochs = auto_number(
+        h.get("n_epochs"),
+        &p("n_epochs"),
+        true,
+        (1.0, caps.max_epochs as f64),
+    )?;
     let batch_size = auto_number(h.get("batch_size"), &p("batch_size"), true, (1.0, 1024.0))?;
     let multiplier = auto_number(
         h.get("learning_rate_multiplier"),
@@ -211,7 +237,12 @@ fn resolve_spec(
         &q("train_non_expert_modules"),
     )?
     .unwrap_or(false);
-    let steps = auto_number(e.get("steps"), &q("steps"), true, (1.0, 1e6))?;
+    let steps = auto_number(
+        e.get("steps"),
+        &q("steps"),
+        true,
+        (1.0, caps.max_steps as f64),
+    )?;
     let learning_rate = auto_number(
         e.get("learning_rate"),
         &q("learning_rate"),
@@ -222,13 +253,13 @@ fn resolve_spec(
         e.get("scoring_tokens"),
         &q("scoring_tokens"),
         true,
-        (1.0, 1e8),
+        (1.0, caps.max_scoring_tokens as f64),
     )?;
     let longest = max_context.max(16) as f64;
     let seq_len = auto_number(e.get("seq_len"), &q("seq_len"), true, (16.0, longest))?;
     let multiplier = multiplier.unwrap_or(1.0);
     Ok(JobSpec {
-        n_epochs: n_epochs.map_or(DEFAULT_EPOCHS, |n| n as u32),
+        n_epochs: n_epochs.map_or(DEFAULT_EPOCHS.min(caps.max_epochs as u32), |n| n as u32),
         batch_size: batch_size.map(|b| b as u32),
         learning_rate_multiplier: multiplier,
         esft: EsftChoices {
@@ -238,7 +269,10 @@ fn resolve_spec(
             train_non_expert_modules,
             steps: steps.map(|s| s as u64),
             learning_rate: learning_rate.unwrap_or(BASE_LEARNING_RATE * multiplier),
-            scoring_tokens: scoring_tokens.map_or(DEFAULT_SCORING_TOKENS, |t| t as u64),
+            scoring_tokens: scoring_tokens
+                .map_or(DEFAULT_SCORING_TOKENS.min(caps.max_scoring_tokens), |t| {
+                    t as u64
+                }),
             seq_len: seq_len.map(|s| s as usize),
         },
     })
@@ -478,7 +512,8 @@ pub async fn create(
         ));
     }
     let [(hyper, hyper_param), (esft, esft_param)] = located_choices(&body)?;
-    let spec = resolve_spec(hyper, hyper_param, esft, esft_param, served.max_context)?;
+    let caps = Caps::of(&state, served.max_context);
+    let spec = resolve_spec(hyper, hyper_param, esft, esft_param, &caps)?;
     if spec.esft.train_non_expert_modules {
         return Err(ApiError::invalid(
             &format!("{esft_param}.train_non_expert_modules"),
@@ -745,27 +780,30 @@ pub async fn expert_selection(
         "hyperparameters",
         body.esft.as_ref(),
         "esft",
-        served.max_context,
+        &Caps::of(&state, served.max_context),
     )?;
     check_file(&state, &caller, &body.training_file, "training_file", 1).await?;
     let runner = state.runner().await?;
     let selection = runner
-        .preview(&body.training_file, spec.esft, body.seed.unwrap_or(0))
+        .preview(
+            caller.tenant(),
+            &body.training_file,
+            spec.esft,
+            body.seed.unwrap_or(0),
+        )
         .await
-        .map_err(|e| {
-            let status = if e.code == "internal_error" {
-                StatusCode::INTERNAL_SERVER_ERROR
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            let kind = if status == StatusCode::BAD_REQUEST {
-                "invalid_request_error"
-            } else {
-                "server_error"
-            };
-            ApiError::new(status, kind, e.message)
-                .param("training_file")
-                .code(trainer_code(&e.code))
+        .map_err(|e| match e.code.as_str() {
+            "preview_in_progress" => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", e.message)
+                    .code("preview_in_progress")
+            }
+            "preview_unavailable" => ApiError::unavailable(e.message).code("preview_unavailable"),
+            "preview_timeout" => ApiError::unavailable(e.message).code("preview_timeout"),
+            "internal_error" => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.message)
+                    .code("internal_error")
+            }
+            code => ApiError::invalid("training_file", e.message).code(trainer_code(code)),
         })?;
     let mut out = json!({
         "object": "fine_tuning.expert_selection",

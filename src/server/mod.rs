@@ -151,6 +151,9 @@ impl AppState {
                     slot_budget: served.engine.config.device_slot_bytes,
                     lease: ft.lease(),
                     poll: ft.poll(),
+                    max_job: ft.max_job(),
+                    max_previews: ft.previews(),
+                    preview_timeout: ft.preview_timeout(),
                 };
                 let jobs = self.jobs().await?;
                 let files = self.files().await?;

@@ -85,6 +85,10 @@ pub async fn run(config: ServerConfig, jobs_at_once: usize) -> anyhow::Result<()
         slot_budget: usize::try_from(config.engine.device_slot_bytes).unwrap_or(usize::MAX),
         lease: ft.lease(),
         poll: ft.poll(),
+        max_job: ft.max_job(),
+        // A worker serves no HTTP: no previews.
+        max_previews: 0,
+        preview_timeout: ft.preview_timeout(),
     };
     let runner = Runner::start(jobs, files, registry, cfg)
         .await
