@@ -9,7 +9,8 @@
 //! ends it).
 //!
 //! Two configurations, each its own server process with `[engine] max_running = R`:
-//! - `backpressure`: `max_waiting = R`, `max_waiting_per_tenant = 0`,
+//! - `backpressure`: `max_waiting = W` (`ESFT_OVERLOAD_WAITING`, default R),
+//!   `max_waiting_per_tenant = 0`,
 //!   `max_queue_seconds = 5`, `max_request_seconds = 0` (a short queue);
 //! - `unbounded`: every limit 0 (no waiting limit, no queue or request deadline).
 //!
@@ -35,7 +36,7 @@
 //! (non-zero only if the server cannot be started).
 //!
 //! Knobs: `ESFT_OVERLOAD_RUNNING` (R, 8), `ESFT_OVERLOAD_SECONDS` (D, 20),
-//! `ESFT_OVERLOAD_MAX_TOKENS` (32), `ESFT_BENCH_LAYERS` (4). The run is bounded: every
+//! `ESFT_OVERLOAD_MAX_TOKENS` (32), `ESFT_OVERLOAD_WAITING` (W, R), `ESFT_BENCH_LAYERS` (4). The run is bounded: every
 //! request has `max_tokens`, every read a timeout, and the process stops after the second
 //! configuration.
 
@@ -444,7 +445,7 @@ fn main() {
     let configs = [
         Limits {
             name: "backpressure",
-            max_waiting: running,
+            max_waiting: env_usize("ESFT_OVERLOAD_WAITING", running).max(1),
             max_waiting_per_tenant: 0,
             max_queue_seconds: 5.0,
             max_request_seconds: 0.0,

@@ -1,4 +1,6 @@
-//! Small filesystem helpers shared by everything that writes adapters, checkpoints and jobs.
+//! Small filesystem and process helpers shared by everything that writes adapters,
+//! checkpoints and jobs: atomic replacement, and the tags that name which process left a
+//! temporary file, so processes sharing a directory clean up only after the dead.
 
 use std::path::{Path, PathBuf};
 
@@ -112,5 +114,108 @@ mod tests {
     fn malloc_takes_the_reuse_settings() {
         // glibc refuses mmap thresholds above its heap size limit; these must be taken.
         assert!(super::keep_freed_memory());
+    }
+}
+
+/// This host's name (`HOSTNAME`, else the kernel's, else `localhost`), never with a `/`
+/// or an `@`.
+pub fn hostname() -> String {
+    let ok = |h: &String| !h.is_empty() && !h.contains(['/', '@']);
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(ok)
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(ok)
+        })
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Whether the process `pid` of host `host` is gone, as far as this process can tell: on
+/// this host, a pid with no process, or this process's own pid when `same` says the
+/// recorded one was another process (an earlier one the pid was reused from). Another
+/// host's processes are never known to be gone.
+pub fn process_is_gone(host: &str, pid: &str, same: bool) -> bool {
+    if same || host != hostname() {
+        return false;
+    }
+    let Ok(pid) = pid.parse::<libc::pid_t>() else {
+        return false;
+    };
+    if u32::try_from(pid).ok() == Some(std::process::id()) {
+        return true;
+    }
+    // SAFETY: signal 0 only checks whether the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    !alive
+}
+
+/// This process's tag, `host@pid@random`: what temporary names carry so that another
+/// process sharing the directory knows whose they are.
+pub fn process_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        use rand::distr::{Alphanumeric, SampleString};
+        format!(
+            "{}@{}@{}",
+            hostname(),
+            std::process::id(),
+            Alphanumeric.sample_string(&mut rand::rng(), 8)
+        )
+    })
+}
+
+/// The prefix of this process's temporary names under `prefix` (a random part follows).
+pub fn tagged(prefix: &str) -> String {
+    format!("{prefix}{}-", process_tag())
+}
+
+/// Whether the temporary entry `name` (made with [`tagged`]`(prefix)`) was left by a
+/// process that is gone, so it may be removed. An entry under `prefix` without a tag (an
+/// older layout) counts as left; one of a live process, or of another host, does not.
+pub fn left_by_the_dead(name: &str, prefix: &str) -> bool {
+    let Some(rest) = name.strip_prefix(prefix) else {
+        return false;
+    };
+    let Some((tag, _random)) = rest.rsplit_once('-') else {
+        return true;
+    };
+    let mut parts = tag.split('@');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(host), Some(pid), Some(_), None) => process_is_gone(host, pid, tag == process_tag()),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tagged_tests {
+    use super::*;
+
+    #[test]
+    fn temporary_names_are_left_by_the_dead_only_when_their_process_is_gone() {
+        let mine = format!("{}abc123", tagged(".upload-"));
+        assert!(!left_by_the_dead(&mine, ".upload-"), "{mine}");
+        let host = hostname();
+        // An earlier process with this pid (another random part): gone.
+        let reused = format!(".upload-{host}@{}@other000-abc", std::process::id());
+        assert!(left_by_the_dead(&reused, ".upload-"));
+        // A live process of this host (the parent), and another host's: kept.
+        let parent = std::os::unix::process::parent_id();
+        assert!(!left_by_the_dead(
+            &format!(".upload-{host}@{parent}@x-abc"),
+            ".upload-"
+        ));
+        assert!(!left_by_the_dead(".upload-elsewhere-1@1@x-abc", ".upload-"));
+        // A pid with no process on this host: gone.
+        assert!(left_by_the_dead(
+            &format!(".upload-{host}@2147483646@x-abc"),
+            ".upload-"
+        ));
+        // Untagged (an older layout): left. Another prefix: not ours to judge.
+        assert!(left_by_the_dead(".upload-abc123", ".upload-"));
+        assert!(!left_by_the_dead(".other-abc", ".upload-"));
     }
 }

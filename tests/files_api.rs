@@ -608,7 +608,16 @@ async fn files_outlive_a_restart_on(database: &str) {
     };
     // What a crash mid-upload leaves behind is cleaned up when the store opens again.
     std::fs::write(dir.join("files/.upload-crashed"), b"half").unwrap();
-    std::fs::write(dir.join("files/file-orphanorphanorphanorphan"), TRAIN).unwrap();
+    // (Bytes without a record are removed once they are an hour old: another process
+    // sharing the directory may be about to record fresher ones.)
+    let orphan = dir.join("files/file-orphanorphanorphanorphan");
+    std::fs::write(&orphan, TRAIN).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
     let srv = server(true, |c| config(c, &dir));
     let (s, f) = get(&srv, &format!("/v1/files/{id}"), Some(ACME)).await;
     assert_eq!(s, StatusCode::OK, "{f}");

@@ -130,6 +130,16 @@ async fn a_job_trains_installs_and_serves_its_tenant_only_on(database: &str) {
     let model = done["fine_tuned_model"].as_str().unwrap().to_string();
     let short = id.trim_start_matches("ftjob-")[..8].to_ascii_lowercase();
     assert_eq!(model, format!("ft:lite:t:{short}"));
+    // The adapter's manifest names the training file by its id, not by a server path.
+    let (s, adapter) = srv.get(&format!("/v1/adapters/{model}"), Some(ACME)).await;
+    assert_eq!(s, StatusCode::OK, "{adapter}");
+    assert_eq!(
+        adapter["manifest"]["training"]["data"],
+        training.as_str(),
+        "{adapter}"
+    );
+    let data_dir = srv.state.config.fine_tuning.data_dir.display().to_string();
+    assert!(!adapter.to_string().contains(&data_dir), "{adapter}");
     assert!(done["finished_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
     assert!(done["trained_tokens"].as_i64().unwrap() > 0, "{done}");
     let sel = &done["esft"]["selection"];

@@ -256,11 +256,18 @@ fn job(s: &Server, id: &str) -> Value {
 }
 
 /// The job's events, oldest first: (id, message, data).
+/// The job's events as the admin reads them (workers named by host and process), oldest
+/// first.
 fn events(s: &Server, id: &str) -> Vec<(String, String, Value)> {
+    events_as(ADMIN, s, id)
+}
+
+/// The job's events as the bearer of `key` reads them, oldest first.
+fn events_as(key: &str, s: &Server, id: &str) -> Vec<(String, String, Value)> {
     let t = Instant::now();
     loop {
         let path = format!("/v1/fine_tuning/jobs/{id}/events?limit=10000");
-        if let Some((200, v)) = call(s, "GET", &path, None) {
+        if let Some((200, v)) = call_as(key, s, "GET", &path, None) {
             return v["data"]
                 .as_array()
                 .unwrap()
@@ -463,6 +470,21 @@ fn a_worker_killed_mid_job_is_replaced_by_another_that_resumes_from_its_checkpoi
         })
         .unwrap_or_else(|| panic!("{before:#?}"));
     assert!(worker_one.starts_with(&format!("machine-1/{}/", first.child.id())));
+    // The tenant sees the worker by an alias: no host name, no process id.
+    let pid = format!("/{}/", first.child.id());
+    for (_, message, data) in events_as(ACME, &replica, &id) {
+        let text = format!("{message} {data}");
+        assert!(
+            !text.contains("machine-1") && !text.contains(&pid),
+            "{text}"
+        );
+        if message.starts_with("Fine-tuning job started by worker") {
+            assert!(
+                data["worker"].as_str().unwrap().starts_with("worker-"),
+                "{data}"
+            );
+        }
+    }
     assert!(adapter_entries(&cluster.dir.path().join("worker-1/adapters")).is_empty());
     // No adapter of the job is visible anywhere before it succeeds.
     let (status, models) = call(&replica, "GET", "/v1/models", None).unwrap();

@@ -421,7 +421,20 @@ pub struct AdapterStore {
     index: RwLock<BTreeMap<AdapterKey, Arc<Version>>>,
     /// Serialises installs, deletes and scans.
     mutate: Mutex<()>,
+    /// When a look-up that found nothing last rescanned the directory, and the
+    /// directory's stamp ([`AdapterStore::stamp`]) at the last walk.
+    miss_rescan: Mutex<Option<std::time::Instant>>,
+    walked_stamp: Mutex<Vec<Option<std::time::SystemTime>>>,
+    walks: std::sync::atomic::AtomicU64,
 }
+
+/// A look-up that finds nothing rescans the adapters directory (to notice adapters put
+/// there by hand) when the directory changed since the last walk (its own and its tenant
+/// directories' modification times), else at most once per this long, whoever asks and
+/// for whatever name: names no adapter has cost a look-up in memory and a few `stat`s,
+/// not a walk of the directory under its lock. Installs, deletes and uploads through the
+/// server update the index at once.
+pub const MISS_RESCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl AdapterStore {
     /// Opens (and creates if missing) the adapters directory with no ownership policy.
@@ -438,6 +451,9 @@ impl AdapterStore {
             policy,
             index: RwLock::new(BTreeMap::new()),
             mutate: Mutex::new(()),
+            miss_rescan: Mutex::new(None),
+            walked_stamp: Mutex::new(Vec::new()),
+            walks: std::sync::atomic::AtomicU64::new(0),
         };
         store.recover();
         store.rescan();
@@ -466,7 +482,10 @@ impl AdapterStore {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let path = e.path();
-            if name.starts_with(STAGING_PREFIX) {
+            // What another live process sharing the directory is installing, or still
+            // serves from a retired version, is left alone.
+            let dead = |prefix| crate::util::left_by_the_dead(&name, prefix);
+            if name.starts_with(STAGING_PREFIX) && dead(STAGING_PREFIX) {
                 let commit: Option<AdapterKey> = std::fs::read(path.join(COMMIT_FILE))
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok());
@@ -488,7 +507,7 @@ impl AdapterStore {
                     }
                 }
                 let _ = std::fs::remove_dir_all(&path);
-            } else if name.starts_with(RETIRED_PREFIX) {
+            } else if name.starts_with(RETIRED_PREFIX) && dead(RETIRED_PREFIX) {
                 let _ = std::fs::remove_dir_all(&path);
             }
         }
@@ -570,7 +589,34 @@ impl AdapterStore {
         self.rescan_locked()
     }
 
+    /// The modification times of the adapters directory and of its tenant directories: a
+    /// directory added, removed or renamed at either level changes them.
+    fn stamp(&self) -> Vec<Option<std::time::SystemTime>> {
+        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let mut out = vec![mtime(&self.root)];
+        if let Ok(entries) = std::fs::read_dir(&self.root) {
+            let mut tenants: Vec<PathBuf> = entries
+                .flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(TENANT_DIR_PREFIX)
+                })
+                .map(|e| e.path())
+                .collect();
+            tenants.sort();
+            out.extend(tenants.iter().map(|t| mtime(t)));
+        }
+        out
+    }
+
     fn rescan_locked(&self) -> Vec<AdapterKey> {
+        self.walks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stamp = self.stamp();
+        if let Ok(mut w) = self.walked_stamp.lock() {
+            *w = stamp;
+        }
         let found = self.walk();
         let Ok(mut index) = self.index.write() else {
             return Vec::new();
@@ -604,7 +650,7 @@ impl AdapterStore {
     }
 
     /// The current version of the first of `keys` that has one, rescanning once if none
-    /// is known.
+    /// is known (unless a miss rescanned less than [`MISS_RESCAN_INTERVAL`] ago).
     pub fn resolve_first(&self, keys: &[AdapterKey]) -> Option<Arc<Version>> {
         let known = || {
             let index = self.index.read().ok()?;
@@ -613,8 +659,26 @@ impl AdapterStore {
         if let Some(v) = known() {
             return Some(v);
         }
+        {
+            let Ok(mut last) = self.miss_rescan.lock() else {
+                return None;
+            };
+            let unchanged = self
+                .walked_stamp
+                .lock()
+                .is_ok_and(|w| !w.is_empty() && *w == self.stamp());
+            if unchanged && last.is_some_and(|t| t.elapsed() < MISS_RESCAN_INTERVAL) {
+                return None;
+            }
+            *last = Some(std::time::Instant::now());
+        }
         self.rescan();
         known()
+    }
+
+    /// Walks of the directory so far (scans of every kind).
+    pub fn walks(&self) -> u64 {
+        self.walks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every current version, after a rescan, in key order.
@@ -629,7 +693,7 @@ impl AdapterStore {
     /// A new staging directory for an upload.
     pub fn staging(&self) -> std::io::Result<Staging> {
         let tmp = tempfile::Builder::new()
-            .prefix(STAGING_PREFIX)
+            .prefix(&crate::util::tagged(STAGING_PREFIX))
             .tempdir_in(&self.root)?;
         std::fs::create_dir(tmp.path().join("adapter"))?;
         Ok(Staging { tmp })
@@ -637,7 +701,7 @@ impl AdapterStore {
 
     fn trash_dir(&self) -> std::io::Result<PathBuf> {
         Ok(tempfile::Builder::new()
-            .prefix(RETIRED_PREFIX)
+            .prefix(&crate::util::tagged(RETIRED_PREFIX))
             .tempdir_in(&self.root)?
             .keep())
     }
@@ -978,6 +1042,35 @@ mod tests {
     }
 
     #[test]
+    fn unknown_names_walk_the_directory_at_most_once_per_interval() {
+        let root = tempfile::tempdir().unwrap();
+        let store = AdapterStore::open(root.path()).unwrap();
+        let started = std::time::Instant::now();
+        let before = store.walks();
+        for i in 0..2000 {
+            assert!(store
+                .resolve(&AdapterKey::shared(&format!("nobody-{i}")))
+                .is_none());
+        }
+        let walks = store.walks() - before;
+        let most = started.elapsed().as_millis() / MISS_RESCAN_INTERVAL.as_millis() + 1;
+        assert!(
+            walks as u128 <= most,
+            "{walks} walks for 2000 unknown names"
+        );
+        // An adapter put there by hand is found at once (the directory changed).
+        fake_adapter(&root.path().join("later"), "one");
+        assert!(store.resolve(&AdapterKey::shared("later")).is_some());
+        // One whose directory was made before a walk and filled after it is found once
+        // the interval has passed.
+        std::fs::create_dir(root.path().join("slow")).unwrap();
+        assert!(store.resolve(&AdapterKey::shared("nobody")).is_none());
+        fake_adapter(&root.path().join("slow"), "two");
+        std::thread::sleep(MISS_RESCAN_INTERVAL);
+        assert!(store.resolve(&AdapterKey::shared("slow")).is_some());
+    }
+
+    #[test]
     fn a_directory_replaced_behind_the_store_is_a_new_version() {
         let root = tempfile::tempdir().unwrap();
         fake_adapter(&root.path().join("x"), "one");
@@ -1011,13 +1104,28 @@ mod tests {
             serde_json::to_vec(&key).unwrap(),
         )
         .unwrap();
-        // The process dies here: the staging directory is left behind.
-        let kept = s.tmp.keep();
-        let abandoned = store.staging().unwrap().tmp.keep();
+        // The process dies here: the staging directory is left behind (named as a
+        // process that is gone names it: no process has that pid).
+        let dead = |p: PathBuf| {
+            let host = crate::util::hostname();
+            let name = format!(
+                "{STAGING_PREFIX}{host}@2147483646@gone0000-{}",
+                rand::random::<u32>()
+            );
+            let to = root.path().join(name);
+            std::fs::rename(&p, &to).unwrap();
+            to
+        };
+        let kept = dead(s.tmp.keep());
+        let abandoned = dead(store.staging().unwrap().tmp.keep());
+        // A live process's upload (this one's) is left alone.
+        let live = store.staging().unwrap().tmp.keep();
         drop(store);
         let store = AdapterStore::open(root.path()).unwrap();
         assert_eq!(content(&store.resolve(&key).unwrap()), "new");
         assert!(!kept.exists() && !abandoned.exists());
+        assert!(live.exists());
+        std::fs::remove_dir_all(&live).unwrap();
         assert_eq!(hidden(root.path()), Vec::<String>::new());
     }
 }

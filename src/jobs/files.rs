@@ -30,8 +30,14 @@ pub const PURPOSE_FINE_TUNE: &str = "fine-tune";
 /// The directory of file bytes inside the data directory.
 pub const FILES_DIR: &str = "files";
 
-/// Unfinished uploads in the files directory start with this.
+/// Unfinished uploads in the files directory start with this, then the tag of the
+/// process writing them (see [`crate::util::tagged`]).
 const STAGING_PREFIX: &str = ".upload-";
+
+/// Bytes without a record are removed at open only once they are this old: a process
+/// sharing the directory records a file right after putting its bytes in place (after
+/// sending them to the object store, where there is one).
+const UNRECORDED_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A stored file's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,7 +197,19 @@ impl FileStore {
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with(STAGING_PREFIX) || !known.contains(&name) {
+                // Another live process's upload, or bytes it has just put in place and is
+                // about to record, are left alone.
+                let leftover = if name.starts_with(STAGING_PREFIX) {
+                    crate::util::left_by_the_dead(&name, STAGING_PREFIX)
+                } else {
+                    !known.contains(&name)
+                        && entry
+                            .metadata()?
+                            .modified()?
+                            .elapsed()
+                            .is_ok_and(|age| age > UNRECORDED_GRACE)
+                };
+                if leftover {
                     let path = entry.path();
                     if entry.file_type()?.is_dir() {
                         std::fs::remove_dir_all(&path)?;
@@ -219,7 +237,7 @@ impl FileStore {
         let dir = self.dir.clone();
         blocking(move || {
             tempfile::Builder::new()
-                .prefix(STAGING_PREFIX)
+                .prefix(&crate::util::tagged(STAGING_PREFIX))
                 .tempfile_in(&dir)
         })
         .await
@@ -738,17 +756,42 @@ mod tests {
     #[tokio::test]
     async fn reopening_keeps_records_and_sweeps_leftovers() {
         let dir = tempfile::tempdir().unwrap();
-        let kept = {
+        let host = crate::util::hostname();
+        let (kept, live) = {
             let store = FileStore::open(dir.path(), "", 1 << 20).await.unwrap();
             let kept = add(&store, Some("acme"), LINE).await.unwrap();
-            // What a crash could leave: an unfinished upload, bytes whose row never came.
-            staged(&store, b"half").await.keep().unwrap();
-            std::fs::write(store.blob_path(&new_id()), LINE).unwrap();
-            assert_eq!(names(&store.dir).len(), 3);
-            kept
+            // What a crash could leave: an unfinished upload of a process that is gone
+            // (no process has that pid), bytes whose row never came (an hour ago).
+            let (_, half) = staged(&store, b"half").await.keep().unwrap();
+            let dead = format!("{STAGING_PREFIX}{host}@2147483646@gone0000-abc");
+            std::fs::rename(&half, store.dir.join(dead)).unwrap();
+            let orphan = store.blob_path(&new_id());
+            std::fs::write(&orphan, LINE).unwrap();
+            let hour_ago = std::time::SystemTime::now() - UNRECORDED_GRACE * 2;
+            std::fs::File::options()
+                .write(true)
+                .open(&orphan)
+                .unwrap()
+                .set_modified(hour_ago)
+                .unwrap();
+            // What a live process sharing the directory is doing: an upload (this
+            // process's), bytes it has just put in place.
+            let (_, live) = staged(&store, b"live").await.keep().unwrap();
+            let fresh = store.blob_path(&new_id());
+            std::fs::write(&fresh, LINE).unwrap();
+            assert_eq!(names(&store.dir).len(), 5);
+            (kept, [live, fresh])
         };
         let store = FileStore::open(dir.path(), "", 1 << 20).await.unwrap();
-        assert_eq!(names(&store.dir), vec![kept.id.clone()]);
+        let mut want = vec![kept.id.clone()];
+        want.extend(
+            live.iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned()),
+        );
+        want.sort();
+        let mut got = names(&store.dir);
+        got.sort();
+        assert_eq!(got, want);
         assert_eq!(store.get(Some("acme"), &kept.id).await.unwrap(), Some(kept));
     }
 }

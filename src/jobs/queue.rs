@@ -481,19 +481,7 @@ pub fn worker_id() -> String {
     )
 }
 
-/// The machine's host name (`HOSTNAME`, else the kernel's, else `localhost`).
-pub fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty() && !h.contains('/'))
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
-                .filter(|h| !h.is_empty() && !h.contains('/'))
-        })
-        .unwrap_or_else(|| "localhost".to_string())
-}
+pub use crate::util::hostname;
 
 /// Whether the holder `id` (a [`worker_id`], or one and a claim number) belongs to a
 /// process of this host that is gone: an earlier process with this process's pid, or a
@@ -504,19 +492,7 @@ pub fn worker_is_gone(id: &str, this: &str) -> bool {
     let (Some(host), Some(pid), Some(random)) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    if format!("{host}/{pid}/{random}") == this || host != hostname() {
-        return false;
-    }
-    let Ok(pid) = pid.parse::<libc::pid_t>() else {
-        return false;
-    };
-    if u32::try_from(pid).ok() == Some(std::process::id()) {
-        return true;
-    }
-    // SAFETY: signal 0 only checks whether the process exists.
-    let alive = unsafe { libc::kill(pid, 0) } == 0
-        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    !alive
+    crate::util::process_is_gone(host, pid, format!("{host}/{pid}/{random}") == this)
 }
 
 /// What a lease renewal found.

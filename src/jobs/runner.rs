@@ -1744,6 +1744,11 @@ fn train_args(
         Some(v) => args.extend(os(&[&"--eval-data", &v])),
         None => args.extend(os(&[&"--eval-split", &"0.02"])),
     }
+    // The manifest names the files by their ids, never by this server's paths.
+    args.extend(os(&[&"--data-name", &job.training_file]));
+    if let Some(v) = &job.validation_file {
+        args.extend(os(&[&"--eval-data-name", v]));
+    }
     args
 }
 

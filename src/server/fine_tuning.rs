@@ -22,7 +22,7 @@ use super::files::page_limit;
 use super::AppState;
 use crate::jobs::files::PURPOSE_FINE_TUNE;
 use crate::jobs::queue::{
-    new_job_id, EsftChoices, EventKind, JobRecord, JobSpec, JobsError, Level, NewJob,
+    new_job_id, EsftChoices, EventKind, JobEvent, JobRecord, JobSpec, JobsError, Level, NewJob,
     ScoreFunction, Status,
 };
 
@@ -697,6 +697,27 @@ pub struct PageQuery {
     limit: Option<String>,
 }
 
+/// An event as `caller` may see it. A worker is named by its host, process id and claim
+/// (for the operator); a tenant sees it by an alias, a digest of that name, so nothing it
+/// reads names a machine or a process of the service.
+fn event_for(caller: &Caller, e: &JobEvent) -> Value {
+    let mut v = e.to_openai();
+    if caller.is_admin() {
+        return v;
+    }
+    let worker = e.data.as_ref().and_then(|d| d.get("worker"));
+    if let Some(w) = worker.and_then(Value::as_str).filter(|w| !w.is_empty()) {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(w.as_bytes());
+        let alias: String = format!("worker-{}", hex::encode(&digest[..6]));
+        if let Some(m) = v["message"].as_str() {
+            v["message"] = m.replace(w, &alias).into();
+        }
+        v["data"]["worker"] = alias.into();
+    }
+    v
+}
+
 /// `GET /v1/fine_tuning/jobs/{id}/events`: newest first.
 pub async fn events(
     State(state): State<Arc<AppState>>,
@@ -713,7 +734,7 @@ pub async fn events(
         .events(&id, q.after.as_deref(), limit)
         .await
         .map_err(jobs_error)?;
-    let data: Vec<Value> = page.items.iter().map(|e| e.to_openai()).collect();
+    let data: Vec<Value> = page.items.iter().map(|e| event_for(&caller, e)).collect();
     Ok(Json(
         json!({"object": "list", "data": data, "has_more": page.has_more}),
     ))

@@ -185,6 +185,12 @@ pub struct TrainArgs {
     /// a share of --data.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// How the adapter's manifest names --data and --eval-data (e.g. the ids of uploaded
+    /// files) [default: their paths].
+    #[arg(long)]
+    pub data_name: Option<String>,
+    #[arg(long)]
+    pub eval_data_name: Option<String>,
     /// Weight of DeepSeek's sequence-level load-balancing loss, summed over MoE layers
     /// (config.json's `aux_loss_alpha`; use it when pretraining so experts do not collapse).
     #[arg(long, default_value_t = 0.0)]
@@ -731,7 +737,11 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
 
     let base = BaseModel::new(config, store);
     let mut training = Provenance {
-        data: Some(a.data.display().to_string()),
+        data: Some(
+            a.data_name
+                .clone()
+                .unwrap_or_else(|| a.data.display().to_string()),
+        ),
         steps: Some(steps),
         lr: Some(a.lr),
         seed: Some(a.seed),
@@ -741,9 +751,11 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         training.extra.insert("epochs".into(), epochs.into());
     }
     if let Some(path) = &a.eval_data {
-        training
-            .extra
-            .insert("eval_data".into(), path.display().to_string().into());
+        let name = a
+            .eval_data_name
+            .clone()
+            .unwrap_or_else(|| path.display().to_string());
+        training.extra.insert("eval_data".into(), name.into());
     }
     train::write_result(&run, &what, &base, &a.model, &a.out, training)?;
     if state.exists() {
