@@ -89,6 +89,7 @@ async fn bench(name: &str, database: &str, rounds: usize, queries: usize, polls:
             None,
             "t.jsonl",
             PURPOSE_FINE_TUNE,
+            None,
         )
         .await
         .unwrap();

@@ -117,6 +117,33 @@ mod tests {
     }
 }
 
+/// Bytes free for an unprivileged writer on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Whether writing `bytes` more under `path` leaves at least `keep` bytes free there:
+/// `Err(free)` with the bytes free now when it would not.
+pub fn room_for(path: &Path, bytes: u64, keep: u64) -> Result<(), u64> {
+    if keep == 0 {
+        return Ok(());
+    }
+    match free_bytes(path) {
+        Ok(free) if free >= bytes.saturating_add(keep) => Ok(()),
+        Ok(free) => Err(free),
+        // Unknown: the write itself will tell.
+        Err(_) => Ok(()),
+    }
+}
+
 /// This host's name (`HOSTNAME`, else the kernel's, else `localhost`), never with a `/`
 /// or an `@`.
 pub fn hostname() -> String {

@@ -66,6 +66,7 @@ async fn add(store: &FileStore, owner: Option<&str>) -> Result<FileRecord, Files
             owner,
             "train.jsonl",
             PURPOSE_FINE_TUNE,
+            None,
         )
         .await
 }
@@ -1083,5 +1084,103 @@ async fn an_older_database_gains_the_lease_columns() {
         let files = b.files(1 << 20).await;
         let jobs = JobStore::new(files.pool(), 0);
         assert_eq!(jobs.requeue_expired().await.unwrap(), vec!["ftjob-old"]);
+    }
+}
+
+/// Quotas hold across processes: each store below has a pool of its own, as another
+/// process would, and they add files and create jobs for one owner at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quotas_hold_when_processes_race_and_reservations_count() {
+    for b in backends() {
+        let limit = 10 * LINE.len() as u64;
+        let stores = [
+            Arc::new(b.files(limit).await),
+            Arc::new(b.files(limit).await),
+        ];
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let s = stores[i % 2].clone();
+                tokio::spawn(async move { add(&s, Some("acme")).await })
+            })
+            .collect();
+        let mut kept = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => kept += 1,
+                Err(FilesError::Quota { .. }) => {}
+                Err(e) => panic!("{}: {e}", b.name),
+            }
+        }
+        assert_eq!(kept, 10, "{}: files kept past the quota", b.name);
+        assert_eq!(stores[0].used_bytes(Some("acme")).await.unwrap(), limit);
+        // An upload in flight holds its bytes: only what is left can be added meanwhile,
+        // and what it gives back is free again.
+        let held = stores[0]
+            .reserve(Some("globex"), 6 * LINE.len() as u64)
+            .await
+            .unwrap();
+        assert_eq!(held.bytes(), 6 * LINE.len() as u64);
+        assert!(matches!(
+            stores[1]
+                .reserve(Some("globex"), 5 * LINE.len() as u64)
+                .await,
+            Err(FilesError::Quota { .. })
+        ));
+        let mut globex = 0;
+        for i in 0..6 {
+            if add(&stores[i % 2], Some("globex")).await.is_ok() {
+                globex += 1;
+            }
+        }
+        assert_eq!(globex, 4, "{}", b.name);
+        drop(held);
+        let mut freed = false;
+        for _ in 0..100 {
+            if add(&stores[1], Some("globex")).await.is_ok() {
+                freed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            freed,
+            "{}: a dropped reservation was not given back",
+            b.name
+        );
+
+        // Jobs: at most three active per owner, however many processes create them.
+        let files = stores[0].clone();
+        let file = add(&files, Some("globex")).await;
+        let file = match file {
+            Ok(f) => f.id,
+            // globex is at its quota: its last file serves.
+            Err(_) => files
+                .list(Some("globex"), None, None, 1, Order::Desc)
+                .await
+                .unwrap()
+                .files[0]
+                .id
+                .clone(),
+        };
+        let job_stores = [
+            Arc::new(JobStore::new(stores[0].pool(), 3)),
+            Arc::new(JobStore::new(stores[1].pool(), 3)),
+        ];
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let jobs = job_stores[i % 2].clone();
+                let file = file.clone();
+                tokio::spawn(async move { jobs.create(new_job(Some("globex"), &file, None)).await })
+            })
+            .collect();
+        let mut created = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => created += 1,
+                Err(JobsError::Quota { .. }) => {}
+                Err(e) => panic!("{}: {e}", b.name),
+            }
+        }
+        assert_eq!(created, 3, "{}: jobs created past the quota", b.name);
     }
 }

@@ -220,6 +220,20 @@ const SCHEMA: &[&str] = &[
         data TEXT,
         UNIQUE (job_id, seq)
     )",
+    // One row per owner ('' for the admin), updated to serialise that owner's quota
+    // checks with the writes they allow, across every process sharing the database.
+    "CREATE TABLE IF NOT EXISTS owner_locks (
+        owner TEXT PRIMARY KEY,
+        n BIGINT NOT NULL
+    )",
+    // Bytes of uploads in flight, counted in their owner's file quota until they are
+    // recorded or given up (or expire, when the process that made one died).
+    "CREATE TABLE IF NOT EXISTS file_reservations (
+        id TEXT PRIMARY KEY,
+        owner TEXT,
+        bytes BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS job_checkpoints (
         id TEXT PRIMARY KEY,
         job_id TEXT NOT NULL,
@@ -242,6 +256,26 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     // uploaded before it was recorded: counted again when a job names them).
     ("files", "samples", "BIGINT"),
 ];
+
+/// Takes `owner`'s lock (`None`: the admin) inside the transaction `tx`, until it ends:
+/// a quota check made after it, and the write it allows, are not interleaved with another
+/// one's of the same owner, in this process or any other sharing the database. (An
+/// `UPDATE` of the owner's row: a row lock on PostgreSQL, the write lock on SQLite.)
+pub async fn lock_owner(
+    tx: &mut sqlx::Transaction<'_, Db>,
+    owner: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let key = owner.unwrap_or("");
+    sqlx::query("INSERT INTO owner_locks (owner, n) VALUES ($1, 0) ON CONFLICT (owner) DO NOTHING")
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE owner_locks SET n = n + 1 WHERE owner = $1")
+        .bind(key)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
 
 /// Unix seconds now: the time every record carries.
 pub fn now() -> i64 {

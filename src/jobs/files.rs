@@ -139,8 +139,49 @@ pub struct FileStore {
     max_stored_bytes: u64,
     /// Longest line of a training file.
     max_line_bytes: usize,
-    /// Serialises the quota check with the insert it allows.
-    commit: tokio::sync::Mutex<()>,
+}
+
+/// How long a reservation of quota for an upload holds if its process never gives it
+/// back (it died): then it lapses.
+const RESERVATION_SECONDS: i64 = 3600;
+
+/// Bytes of an owner's file quota held for an upload in flight ([`FileStore::reserve`]):
+/// given back when dropped, or turned into the file's own bytes by [`FileStore::add`].
+pub struct Reservation {
+    id: String,
+    pool: Pool,
+    owner: Option<String>,
+    bytes: u64,
+    settled: bool,
+}
+
+impl Reservation {
+    /// The bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let (pool, id) = (self.pool.clone(), self.id.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = sqlx::query("DELETE FROM file_reservations WHERE id = $1")
+                    .bind(&id)
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::warn!(
+                        "giving back an upload's quota reservation: {e}; it lapses in an hour"
+                    );
+                }
+            });
+        }
+    }
 }
 
 impl FileStore {
@@ -160,7 +201,6 @@ impl FileStore {
             store: None,
             max_stored_bytes,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-            commit: tokio::sync::Mutex::new(()),
         };
         store.sweep().await?;
         Ok(store)
@@ -245,7 +285,8 @@ impl FileStore {
 
     /// Keeps the complete upload `staged` (`bytes` long, already flushed) as a new file of
     /// `owner`: refused, with nothing stored, when it is not training data or would take
-    /// the owner past the quota.
+    /// the owner past the quota. `reservation` (the quota [`Self::reserve`] held for the
+    /// upload) is settled in the transaction that records the file.
     pub async fn add(
         &self,
         staged: tempfile::NamedTempFile,
@@ -253,7 +294,15 @@ impl FileStore {
         owner: Option<&str>,
         filename: &str,
         purpose: &str,
+        reservation: Option<Reservation>,
     ) -> Result<FileRecord, FilesError> {
+        if let Some(r) = &reservation {
+            if r.owner.as_deref() != owner {
+                return Err(FilesError::Io(std::io::Error::other(
+                    "a reservation of another owner's quota",
+                )));
+            }
+        }
         if bytes == 0 {
             return Err(FilesError::Invalid(LineError {
                 line: None,
@@ -271,15 +320,6 @@ impl FileStore {
         .await?
         .map_err(FilesError::Invalid)?;
 
-        let _commit = self.commit.lock().await;
-        let used = self.used_bytes(owner).await?;
-        if used.saturating_add(bytes) > self.max_stored_bytes {
-            return Err(FilesError::Quota {
-                used,
-                size: bytes,
-                limit: self.max_stored_bytes,
-            });
-        }
         let record = FileRecord {
             id: new_id(),
             owner: owner.map(str::to_string),
@@ -305,7 +345,43 @@ impl FileStore {
                 return Err(e.into());
             }
         }
-        let inserted = sqlx::query(
+        let inserted = self.record(&record, samples, reservation).await;
+        if let Err(e) = inserted {
+            let _ = std::fs::remove_file(self.blob_path(&record.id));
+            if let Some(store) = &self.store {
+                let _ = store.delete(&object_key(&record.id)).await;
+            }
+            return Err(e);
+        }
+        Ok(record)
+    }
+
+    /// Inserts the row of `record` in one transaction with its owner's quota check (its
+    /// lock held: see [`db::lock_owner`]), settling `reservation` in the same step.
+    async fn record(
+        &self,
+        record: &FileRecord,
+        samples: usize,
+        mut reservation: Option<Reservation>,
+    ) -> Result<(), FilesError> {
+        let owner = record.owner.as_deref();
+        let mut tx = self.pool.begin().await?;
+        db::lock_owner(&mut tx, owner).await?;
+        if let Some(r) = &reservation {
+            sqlx::query("DELETE FROM file_reservations WHERE id = $1")
+                .bind(&r.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let used = Self::committed_bytes(&mut tx, owner).await?;
+        if used.saturating_add(record.bytes) > self.max_stored_bytes {
+            return Err(FilesError::Quota {
+                used,
+                size: record.bytes,
+                limit: self.max_stored_bytes,
+            });
+        }
+        sqlx::query(
             "INSERT INTO files (id, owner, filename, purpose, bytes, created_at, samples) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
@@ -313,19 +389,74 @@ impl FileStore {
         .bind(&record.owner)
         .bind(&record.filename)
         .bind(&record.purpose)
-        .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+        .bind(i64::try_from(record.bytes).unwrap_or(i64::MAX))
         .bind(record.created_at)
         .bind(i64::try_from(samples).unwrap_or(i64::MAX))
-        .execute(&self.pool)
-        .await;
-        if let Err(e) = inserted {
-            let _ = std::fs::remove_file(self.blob_path(&record.id));
-            if let Some(store) = &self.store {
-                let _ = store.delete(&object_key(&record.id)).await;
-            }
-            return Err(e.into());
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        if let Some(r) = &mut reservation {
+            r.settled = true;
         }
-        Ok(record)
+        Ok(())
+    }
+
+    /// Bytes `owner`'s quota holds inside `tx`: its files, and its uploads' reservations
+    /// that have not lapsed.
+    async fn committed_bytes(
+        tx: &mut sqlx::Transaction<'_, db::Db>,
+        owner: Option<&str>,
+    ) -> Result<u64, FilesError> {
+        let key = owner.unwrap_or("");
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE((SELECT SUM(bytes) FROM files WHERE COALESCE(owner, '') = $1), 0) \
+             + COALESCE((SELECT SUM(bytes) FROM file_reservations \
+             WHERE COALESCE(owner, '') = $1 AND expires_at > $2), 0) AS BIGINT) AS used",
+        )
+        .bind(key)
+        .bind(now())
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(u64::try_from(row.try_get::<i64, _>("used")?).unwrap_or(0))
+    }
+
+    /// Holds `bytes` of `owner`'s quota for an upload about to stream (its declared size,
+    /// at most the largest file): refused, with nothing held, when the owner's files and
+    /// uploads in flight would pass the quota. Checked and held in one transaction, so
+    /// uploads through any number of processes at once never pass it together.
+    pub async fn reserve(
+        &self,
+        owner: Option<&str>,
+        bytes: u64,
+    ) -> Result<Reservation, FilesError> {
+        let mut tx = self.pool.begin().await?;
+        db::lock_owner(&mut tx, owner).await?;
+        let used = Self::committed_bytes(&mut tx, owner).await?;
+        if used.saturating_add(bytes) > self.max_stored_bytes {
+            return Err(FilesError::Quota {
+                used,
+                size: bytes,
+                limit: self.max_stored_bytes,
+            });
+        }
+        let id = format!("rsv-{}", Alphanumeric.sample_string(&mut rand::rng(), 24));
+        sqlx::query(
+            "INSERT INTO file_reservations (id, owner, bytes, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&id)
+        .bind(owner)
+        .bind(i64::try_from(bytes).unwrap_or(i64::MAX))
+        .bind(now() + RESERVATION_SECONDS)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Reservation {
+            id,
+            pool: self.pool.clone(),
+            owner: owner.map(str::to_string),
+            bytes,
+            settled: false,
+        })
     }
 
     /// Bytes of files `owner` keeps.
@@ -567,7 +698,14 @@ mod tests {
     ) -> Result<FileRecord, FilesError> {
         let t = staged(store, text.as_bytes()).await;
         store
-            .add(t, text.len() as u64, owner, "t.jsonl", PURPOSE_FINE_TUNE)
+            .add(
+                t,
+                text.len() as u64,
+                owner,
+                "t.jsonl",
+                PURPOSE_FINE_TUNE,
+                None,
+            )
             .await
     }
 
@@ -739,7 +877,6 @@ mod tests {
             store: Some(store.clone()),
             max_stored_bytes: 1 << 20,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-            commit: tokio::sync::Mutex::new(()),
         };
         assert!(!second.blob_path(&a.id).exists());
         let fetched = second.local_path(&a.id).await.unwrap();

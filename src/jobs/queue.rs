@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use super::db::{now, now_ms, Backend, DbRow, Pool, Sql};
+use super::db::{self, now, now_ms, Backend, DbRow, Pool, Sql};
 use std::time::Duration;
 
 /// Where a job stands.
@@ -528,8 +528,6 @@ pub struct JobStore {
     pool: Pool,
     /// Most active jobs per owner (0: no limit).
     max_active_per_owner: u64,
-    /// Serialises the quota check with the insert it allows.
-    create: tokio::sync::Mutex<()>,
 }
 
 impl JobStore {
@@ -537,16 +535,19 @@ impl JobStore {
         Self {
             pool,
             max_active_per_owner,
-            create: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Records a new job in `validating_files`: refused when a file it names is not the
     /// owner's (or is gone) or when the owner already has its quota of active jobs.
+    /// The quota check and the insert are one transaction under the owner's lock
+    /// ([`db::lock_owner`]): creations through any number of processes at once never pass
+    /// the quota together.
     pub async fn create(&self, new: NewJob) -> Result<JobRecord, JobsError> {
-        let _create = self.create.lock().await;
+        let mut tx = self.pool.begin().await?;
+        db::lock_owner(&mut tx, new.owner.as_deref()).await?;
         if self.max_active_per_owner > 0 {
-            let active = self.active_count(new.owner.as_deref()).await?;
+            let active = Self::active_count(&mut tx, new.owner.as_deref()).await?;
             if active >= self.max_active_per_owner {
                 return Err(JobsError::Quota {
                     active,
@@ -626,9 +627,11 @@ impl JobStore {
                 owned(&mut q, file);
             }
         }
-        if q.build().execute(&self.pool).await?.rows_affected() == 1 {
+        if q.build().execute(&mut *tx).await?.rows_affected() == 1 {
+            tx.commit().await?;
             return Ok(record);
         }
+        drop(tx);
         for (param, file) in files {
             let Some(file) = file else { continue };
             // An integer, not a boolean: SQLite has no boolean type to read back.
@@ -649,7 +652,10 @@ impl JobStore {
         })
     }
 
-    async fn active_count(&self, owner: Option<&str>) -> Result<u64, sqlx::Error> {
+    async fn active_count(
+        tx: &mut sqlx::Transaction<'_, db::Db>,
+        owner: Option<&str>,
+    ) -> Result<u64, sqlx::Error> {
         let mut q = Sql::new(format!(
             "SELECT COUNT(*) AS n FROM jobs WHERE status IN {}",
             in_list(&Status::ACTIVE)
@@ -658,7 +664,7 @@ impl JobStore {
             Some(o) => q.push(" AND owner = ").push_bind(o.to_string()),
             None => q.push(" AND owner IS NULL"),
         };
-        let row = q.build().fetch_one(&self.pool).await?;
+        let row = q.build().fetch_one(&mut **tx).await?;
         Ok(u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0))
     }
 

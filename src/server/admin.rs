@@ -275,10 +275,23 @@ pub async fn upload(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     query: Result<Query<UploadQuery>, QueryRejection>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let served = state.served()?;
+    // The package and its unpacked copy must leave the disk its reserve (a package sent
+    // without a length: the reserve itself must be there).
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map_or(0, |n| n.min(state.config.limits.max_upload_bytes));
+    crate::util::room_for(
+        served.engine.registry.store.root(),
+        declared.saturating_mul(2),
+        state.config.limits.min_free_disk_bytes,
+    )
+    .map_err(|free| ApiError::insufficient_storage(declared.saturating_mul(2), free))?;
     let owner = match (&caller, &q.owner) {
         (Caller::Tenant(t), None) => Some(t.clone()),
         (Caller::Tenant(t), Some(o)) if o == t => Some(t.clone()),

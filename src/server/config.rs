@@ -126,6 +126,9 @@ pub struct Limits {
     /// A generation request that waits longer than this to start is answered 429 and
     /// dropped; 0 = no limit.
     pub max_queue_seconds: f64,
+    /// Free disk space an upload (a file, an adapter) must leave where it is stored (507
+    /// `insufficient_storage` otherwise); 0 = no reserve.
+    pub min_free_disk_bytes: u64,
     /// A generation request running longer than this (from its arrival) ends with the
     /// tokens so far, `finish_reason: "length"`; 0 = no limit.
     pub max_request_seconds: f64,
@@ -183,6 +186,7 @@ impl Default for Limits {
             body_read_timeout_seconds: 30.0,
             max_line_bytes: crate::jobs::data::DEFAULT_MAX_LINE_BYTES,
             max_queue_seconds: 60.0,
+            min_free_disk_bytes: 1 << 30,
             max_request_seconds: 900.0,
         }
     }

@@ -31,6 +31,20 @@ impl ApiError {
         }
     }
 
+    /// 507: storing what the request sends would leave the server's disk fuller than
+    /// `limits.min_free_disk_bytes` allows.
+    pub fn insufficient_storage(needed: u64, free: u64) -> Self {
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "server_error",
+            format!(
+                "the server cannot store {needed} more bytes now: it keeps a reserve of free \
+                 disk space ({free} bytes are free); try again later or send less"
+            ),
+        )
+        .code("insufficient_storage")
+    }
+
     /// 429: the server has no room for the request now; try again after `retry_after`.
     pub fn overloaded(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
         let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "server_overloaded", message)

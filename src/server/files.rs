@@ -171,6 +171,22 @@ pub async fn upload(
     let store = state.files().await?;
     let max = state.config.fine_tuning.max_file_bytes;
     let idle = state.config.limits.body_read_timeout();
+    // Before any byte is read: the disk keeps its reserve, and the quota holds the bytes
+    // the upload says it sends (the whole limit when it does not say).
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map_or(max, |n| n.min(max));
+    let length = req.headers().get(header::CONTENT_LENGTH).map(|_| declared);
+    let data_dir = &state.config.fine_tuning.data_dir;
+    let need = length.unwrap_or(0);
+    crate::util::room_for(data_dir, need, state.config.limits.min_free_disk_bytes)
+        .map_err(|free| ApiError::insufficient_storage(need, free))?;
+    let reservation = store
+        .reserve(caller.owner(), declared)
+        .await
+        .map_err(files_error)?;
     let failure = Arc::new(Mutex::new(None::<ApiError>));
     let delivered = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();
@@ -267,7 +283,14 @@ pub async fn upload(
         )
     })?;
     let record = store
-        .add(tmp, bytes, caller.owner(), &filename, &purpose)
+        .add(
+            tmp,
+            bytes,
+            caller.owner(),
+            &filename,
+            &purpose,
+            Some(reservation),
+        )
         .await
         .map_err(files_error)?;
     tracing::info!(file = %record.id, bytes, by = caller.label(), "file uploaded");
