@@ -662,3 +662,30 @@ async fn files_beyond_the_json_body_limit_are_taken_up_to_max_file_bytes() {
     );
     assert_eq!(stored(&srv), vec![id.to_string()]);
 }
+
+#[tokio::test]
+async fn uploads_that_would_eat_the_disk_reserve_get_507_and_leave_nothing() {
+    // A reserve larger than any disk: every upload would eat into it.
+    let srv = server(true, |c| c.limits.min_free_disk_bytes = u64::MAX / 4);
+    let got = upload(&srv, Some(ACME), TRAIN.as_bytes()).await;
+    assert_error(&got, StatusCode::INSUFFICIENT_STORAGE, None);
+    assert_eq!(got.1["error"]["code"], "insufficient_storage", "{}", got.1);
+    assert!(stored(&srv).is_empty(), "{:?}", stored(&srv));
+    // An adapter package too, before a byte of it is read.
+    let (s, body) = srv
+        .send(
+            Method::POST,
+            "/v1/adapters?name=big",
+            Some(ACME),
+            Some("application/x-tar"),
+            Body::from(vec![0u8; 1024]),
+        )
+        .await;
+    let got = json((s, body));
+    assert_error(&got, StatusCode::INSUFFICIENT_STORAGE, None);
+    assert!(!srv.adapters.join("@acme/big").exists());
+    // With the reserve available, the same file goes in; the quota reservation it took
+    // was given back for the refused one.
+    let srv = server(true, |c| c.limits.min_free_disk_bytes = 1);
+    ok_upload(&srv, Some(ACME)).await;
+}

@@ -420,22 +420,24 @@ impl FileStore {
         Ok(u64::try_from(row.try_get::<i64, _>("used")?).unwrap_or(0))
     }
 
-    /// Holds `bytes` of `owner`'s quota for an upload about to stream (its declared size,
-    /// at most the largest file): refused, with nothing held, when the owner's files and
-    /// uploads in flight would pass the quota. Checked and held in one transaction, so
-    /// uploads through any number of processes at once never pass it together.
+    /// Holds up to `wanted` bytes of `owner`'s quota for an upload about to stream (its
+    /// declared size, at most the largest file): as much of it as the owner's files and
+    /// uploads in flight leave, refused when they leave nothing. The upload may then store
+    /// at most [`Reservation::bytes`]. Checked and held in one transaction, so uploads
+    /// through any number of processes at once never pass the quota together.
     pub async fn reserve(
         &self,
         owner: Option<&str>,
-        bytes: u64,
+        wanted: u64,
     ) -> Result<Reservation, FilesError> {
         let mut tx = self.pool.begin().await?;
         db::lock_owner(&mut tx, owner).await?;
         let used = Self::committed_bytes(&mut tx, owner).await?;
-        if used.saturating_add(bytes) > self.max_stored_bytes {
+        let bytes = wanted.min(self.max_stored_bytes.saturating_sub(used));
+        if bytes == 0 {
             return Err(FilesError::Quota {
                 used,
-                size: bytes,
+                size: wanted,
                 limit: self.max_stored_bytes,
             });
         }

@@ -187,6 +187,7 @@ pub async fn upload(
         .reserve(caller.owner(), declared)
         .await
         .map_err(files_error)?;
+    let quota = state.config.fine_tuning.max_stored_bytes_per_tenant;
     let failure = Arc::new(Mutex::new(None::<ApiError>));
     let delivered = Arc::new(AtomicU64::new(0));
     let (parts, body) = req.into_parts();
@@ -254,6 +255,13 @@ pub async fn upload(
                     bytes += chunk.len() as u64;
                     if bytes > max {
                         return Err(too_large(max));
+                    }
+                    if bytes > reservation.bytes() {
+                        return Err(files_error(FilesError::Quota {
+                            used: quota.saturating_sub(reservation.bytes()),
+                            size: bytes,
+                            limit: quota,
+                        }));
                     }
                     out.write_all(&chunk).await.map_err(io)?;
                 }
