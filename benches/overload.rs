@@ -10,8 +10,8 @@
 //!
 //! Two configurations, each its own server process with `[engine] max_running = R`:
 //! - `backpressure`: `max_waiting = W` (`ESFT_OVERLOAD_WAITING`, default R),
-//!   `max_waiting_per_tenant = 0`,
-//!   `max_queue_seconds = 5`, `max_request_seconds = 0` (a short queue);
+//!   `max_waiting_per_tenant = 0`, `max_queue_seconds = Q` (`ESFT_OVERLOAD_QUEUE_SECONDS`,
+//!   default 5), `max_request_seconds = 0` (a short queue);
 //! - `unbounded`: every limit 0 (no waiting limit, no queue or request deadline).
 //!
 //! Each runs two phases of `D` seconds, after a warm-up of R requests:
@@ -36,7 +36,8 @@
 //! (non-zero only if the server cannot be started).
 //!
 //! Knobs: `ESFT_OVERLOAD_RUNNING` (R, 8), `ESFT_OVERLOAD_SECONDS` (D, 20),
-//! `ESFT_OVERLOAD_MAX_TOKENS` (32), `ESFT_OVERLOAD_WAITING` (W, R), `ESFT_BENCH_LAYERS` (4). The run is bounded: every
+//! `ESFT_OVERLOAD_MAX_TOKENS` (32), `ESFT_OVERLOAD_WAITING` (W, R),
+//! `ESFT_OVERLOAD_QUEUE_SECONDS` (Q, 5), `ESFT_BENCH_LAYERS` (4). The run is bounded: every
 //! request has `max_tokens`, every read a timeout, and the process stops after the second
 //! configuration.
 
@@ -447,7 +448,10 @@ fn main() {
             name: "backpressure",
             max_waiting: env_usize("ESFT_OVERLOAD_WAITING", running).max(1),
             max_waiting_per_tenant: 0,
-            max_queue_seconds: 5.0,
+            max_queue_seconds: std::env::var("ESFT_OVERLOAD_QUEUE_SECONDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(5.0),
             max_request_seconds: 0.0,
         },
         Limits {
