@@ -45,8 +45,7 @@ mod common;
 #[path = "../tests/common/http.rs"]
 mod http;
 
-use common::{bench_config, env_usize};
-use esft::model::init::write_random_checkpoint;
+use common::{env_usize, write_served_bench_model};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -425,13 +424,7 @@ fn main() {
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let model_dir: PathBuf = tmp.path().join("model");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lite");
-    let mut config = bench_config(layers);
-    config["vocab_size"] = 512.into();
-    write_random_checkpoint(&config, 1, &model_dir).expect("bench model");
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixture.join(f), model_dir.join(f)).expect("tokenizer");
-    }
+    write_served_bench_model(layers, &model_dir);
     let body = json!({
         "model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true},

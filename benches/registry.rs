@@ -22,10 +22,9 @@ mod s3;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{bench_config, env_usize, median, write_random_adapter};
+use common::{env_usize, median, write_random_adapter, write_served_bench_model};
 use esft::adapter::remote::Remote;
 use esft::adapter::{AdapterKey, BaseModel};
-use esft::model::init::write_random_checkpoint;
 use esft::server::config::ServerConfig;
 use esft::server::{load, router, AppState};
 use esft::store::{Store, Timeouts};
@@ -81,13 +80,7 @@ async fn main() {
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let model_dir = tmp.path().join("model");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lite");
-    let mut config = bench_config(layers);
-    config["vocab_size"] = 512.into();
-    write_random_checkpoint(&config, 1, &model_dir).expect("bench model");
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixture.join(f), model_dir.join(f)).expect("tokenizer");
-    }
+    write_served_bench_model(layers, &model_dir);
     let local = tmp.path().join("local");
     let base = BaseModel::open(&model_dir).expect("base");
     for i in 0..n {

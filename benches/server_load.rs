@@ -21,9 +21,8 @@ mod common;
 #[path = "../tests/common/http.rs"]
 mod http;
 
-use common::{bench_config, env_usize, write_random_adapter};
+use common::{env_usize, write_random_adapter, write_served_bench_model};
 use esft::adapter::BaseModel;
-use esft::model::init::write_random_checkpoint;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -134,13 +133,7 @@ fn main() {
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let model_dir = tmp.path().join("model");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lite");
-    let mut config = bench_config(layers);
-    config["vocab_size"] = 512.into();
-    write_random_checkpoint(&config, 1, &model_dir).expect("bench model");
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixture.join(f), model_dir.join(f)).expect("tokenizer");
-    }
+    write_served_bench_model(layers, &model_dir);
     let adapters = tmp.path().join("adapters");
     let base = BaseModel::open(&model_dir).expect("base");
     for i in 1..=ADAPTERS {

@@ -82,6 +82,14 @@ async fn wait_for(
     }
 }
 
+/// Polls the job until it has ended (succeeded, failed or cancelled).
+async fn ended(srv: &Srv, key: Option<&str>, id: &str, secs: u64) -> Value {
+    wait_for(srv, key, id, secs, |v| {
+        ["succeeded", "failed", "cancelled"].contains(&v["status"].as_str().unwrap())
+    })
+    .await
+}
+
 async fn events(srv: &Srv, key: Option<&str>, id: &str) -> Vec<Value> {
     let (s, v) = srv
         .get(
@@ -413,10 +421,7 @@ async fn a_loss_that_turns_nan_fails_the_job_and_leaves_no_adapter() {
     body["method"]["esft"]["learning_rate"] = json!(1e6);
     let created = create(&srv, None, body).await;
     let id = created["id"].as_str().unwrap();
-    let done = wait_for(&srv, None, id, 180, |v| {
-        ["succeeded", "failed", "cancelled"].contains(&v["status"].as_str().unwrap())
-    })
-    .await;
+    let done = ended(&srv, None, id, 180).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "nan_loss", "{done}");
     assert!(done["error"]["message"].as_str().unwrap().contains("step"));
@@ -696,10 +701,7 @@ async fn a_job_past_max_job_seconds_fails_with_job_timeout_and_leaves_no_work() 
     // Far more steps than three seconds allow.
     let created = create(&srv, None, job(&training, 1000)).await;
     let id = created["id"].as_str().unwrap();
-    let done = wait_for(&srv, None, id, 120, |v| {
-        ["succeeded", "failed", "cancelled"].contains(&v["status"].as_str().unwrap())
-    })
-    .await;
+    let done = ended(&srv, None, id, 120).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert_eq!(done["error"]["code"], "job_timeout", "{done}");
     let took = done["finished_at"].as_i64().unwrap() - done["created_at"].as_i64().unwrap();

@@ -127,3 +127,15 @@ pub fn write_random_adapter(
     write_adapter(&root.join(&name), &m, &tensors).expect("write adapter");
     per_layer
 }
+
+/// Writes the server benchmarks' model into `dir`: the benchmark model at `layers` layers
+/// ([`bench_config`]) with the `lite` fixture's tokenizer (so its vocabulary, 512).
+pub fn write_served_bench_model(layers: usize, dir: &std::path::Path) {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lite");
+    let mut config = bench_config(layers);
+    config["vocab_size"] = 512.into();
+    esft::model::init::write_random_checkpoint(&config, 1, dir).expect("bench model");
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture.join(f), dir.join(f)).expect("tokenizer");
+    }
+}
