@@ -524,6 +524,9 @@ fn in_list(statuses: &[Status]) -> String {
 /// The PostgreSQL channel on which a job's move to `queued` is announced.
 const QUEUED_CHANNEL: &str = "esft_jobs_queued";
 
+/// Rows read per query by a job listing filtered on metadata.
+const LIST_BATCH: usize = 256;
+
 pub struct JobStore {
     pool: Pool,
     /// Most active jobs per owner (0: no limit).
@@ -701,43 +704,63 @@ impl JobStore {
             ),
             None => None,
         };
-        let mut q = Sql::new(format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1"));
-        if let Some(v) = viewer {
-            q.push(" AND owner = ").push_bind(v.to_string());
-        }
-        if let Some(c) = &cursor {
-            q.push(" AND (created_at < ")
-                .push_bind(c.created_at)
-                .push(" OR (created_at = ")
-                .push_bind(c.created_at)
-                .push(" AND id < ")
-                .push_bind(c.id.clone())
-                .push("))");
-        }
-        q.push(" ORDER BY created_at DESC, id DESC");
-        // Metadata filters are applied to the rows (metadata is a JSON text column).
-        let rows = q.build().fetch_all(&self.pool).await?;
+        // Pages of rows in the listing's order, each a bounded SQL query after the last
+        // row seen: without metadata filters one page of `limit + 1` rows answers; with
+        // them (metadata is a JSON text column, matched here) pages are read until enough
+        // match, never the caller's whole history at once.
+        let batch = if metadata.is_empty() {
+            limit.saturating_add(1)
+        } else {
+            LIST_BATCH.max(limit.saturating_add(1))
+        };
+        let mut last: Option<(i64, String)> = cursor.map(|c| (c.created_at, c.id));
         let mut items = Vec::new();
-        let mut has_more = false;
-        for row in &rows {
-            let r = JobRecord::from_row(row)?;
-            let matches = metadata.iter().all(|(k, v)| {
-                r.metadata
-                    .as_ref()
-                    .and_then(|m| m.get(k))
-                    .and_then(Value::as_str)
-                    == Some(v.as_str())
-            });
-            if !matches {
-                continue;
+        loop {
+            let mut q = Sql::new(format!("SELECT {COLUMNS} FROM jobs WHERE 1 = 1"));
+            if let Some(v) = viewer {
+                q.push(" AND owner = ").push_bind(v.to_string());
             }
-            if items.len() == limit {
-                has_more = true;
-                break;
+            if let Some((at, id)) = &last {
+                q.push(" AND (created_at < ")
+                    .push_bind(*at)
+                    .push(" OR (created_at = ")
+                    .push_bind(*at)
+                    .push(" AND id < ")
+                    .push_bind(id.clone())
+                    .push("))");
             }
-            items.push(r);
+            q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+                .push_bind(i64::try_from(batch).unwrap_or(i64::MAX));
+            let rows = q.build().fetch_all(&self.pool).await?;
+            let full = rows.len() == batch;
+            for row in &rows {
+                let r = JobRecord::from_row(row)?;
+                last = Some((r.created_at, r.id.clone()));
+                let matches = metadata.iter().all(|(k, v)| {
+                    r.metadata
+                        .as_ref()
+                        .and_then(|m| m.get(k))
+                        .and_then(Value::as_str)
+                        == Some(v.as_str())
+                });
+                if !matches {
+                    continue;
+                }
+                if items.len() == limit {
+                    return Ok(Page {
+                        items,
+                        has_more: true,
+                    });
+                }
+                items.push(r);
+            }
+            if !full {
+                return Ok(Page {
+                    items,
+                    has_more: false,
+                });
+            }
         }
-        Ok(Page { items, has_more })
     }
 
     /// Announces that a job may be claimed (PostgreSQL's `NOTIFY`, which
