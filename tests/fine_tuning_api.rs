@@ -744,8 +744,31 @@ async fn a_job_past_max_job_seconds_fails_with_job_timeout_and_leaves_no_work() 
 async fn previews_run_one_per_tenant_stop_with_their_client_and_time_out() {
     let srv = std::sync::Arc::new(server(true, |c| {
         c.fine_tuning.max_concurrent_previews = Some(2);
-        c.fine_tuning.preview_timeout_seconds = 1.5;
+        c.fine_tuning.preview_timeout_seconds = 4.0;
     }));
+    // This server's trainer children: those reading a file of its data directory (other
+    // tests of this binary run trainers of their own).
+    let data_dir = srv.state.config.fine_tuning.data_dir.display().to_string();
+    let children = move || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmdline).contains(&data_dir)
+            })
+            .count()
+    };
+    let until = |want: &dyn Fn(usize) -> bool| {
+        let children = children.clone();
+        (0..500).any(|_| {
+            let n = children();
+            want(n) || {
+                std::thread::sleep(Duration::from_millis(20));
+                false
+            }
+        })
+    };
     // A large scoring run: far longer than the timeout.
     let big = file(&srv, Some(ACME), 24_000).await;
     let body = json!({"model": "lite", "training_file": big,
@@ -758,38 +781,25 @@ async fn previews_run_one_per_tenant_stop_with_their_client_and_time_out() {
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        until(&|n| n > 0),
+        "the first preview's trainer never started"
+    );
     // acme's second preview: refused while its first runs.
     let got = srv
         .post("/v1/fine_tuning/expert_selection", Some(ACME), body.clone())
         .await;
     assert_error(&got, StatusCode::TOO_MANY_REQUESTS, None);
     assert_eq!(got.1["error"]["code"], "preview_in_progress", "{}", got.1);
-    // The first runs out of time: stopped, 503 preview_timeout.
+    // The first runs out of time: stopped, 503 preview_timeout, its trainer gone.
     let got = first.await.unwrap();
     assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, None);
     assert_eq!(got.1["error"]["code"], "preview_timeout", "{}", got.1);
+    assert!(
+        until(&|n| n == 0),
+        "the timed-out preview's trainer still runs"
+    );
     // A preview whose client goes away is stopped: no trainer child is left running.
-    let trainer = srv.state.config.fine_tuning.trainer_path();
-    let children = || {
-        let me = std::process::id().to_string();
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| {
-                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-                // ppid is the fourth field, after the parenthesised name.
-                stat.rsplit(')')
-                    .next()
-                    .and_then(|r| r.split_whitespace().nth(1))
-                    == Some(&me)
-            })
-            .filter(|e| {
-                std::fs::read_link(e.path().join("exe"))
-                    .is_ok_and(|x| x.file_name() == trainer.file_name())
-            })
-            .count()
-    };
     let gone = tokio::spawn({
         let srv = srv.clone();
         async move {
@@ -797,25 +807,12 @@ async fn previews_run_one_per_tenant_stop_with_their_client_and_time_out() {
                 .await
         }
     });
-    let mut started = false;
-    for _ in 0..100 {
-        if children() > 0 {
-            started = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(started, "the preview's trainer never started");
+    assert!(until(&|n| n > 0), "the preview's trainer never started");
     gone.abort();
-    let mut left = usize::MAX;
-    for _ in 0..100 {
-        left = children();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(left, 0, "the abandoned preview's trainer still runs");
+    assert!(
+        until(&|n| n == 0),
+        "the abandoned preview's trainer still runs"
+    );
     // A server that trains nothing runs no previews unless told to.
     let replica = server(true, |c| c.fine_tuning.max_concurrent_jobs = 0);
     let small = file(&replica, Some(ACME), 40).await;

@@ -528,7 +528,7 @@ fn a_request_waiting_too_long_is_dropped_and_one_running_too_long_ends_as_length
             max_running: 1,
             max_batch_tokens: 64,
             max_queue: Some(std::time::Duration::from_millis(100)),
-            max_request: Some(std::time::Duration::from_millis(200)),
+            max_request: Some(std::time::Duration::from_millis(400)),
             ..EngineConfig::default()
         },
     );
@@ -563,7 +563,7 @@ fn a_request_waiting_too_long_is_dropped_and_one_running_too_long_ends_as_length
     assert_eq!(end, (FinishReason::Length, tokens));
     // Ended by time, well before the context (4096) would have ended it.
     assert!(tokens + prompts()[0].len() < 4000, "{tokens}");
-    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400));
     assert_eq!(eng.stats.request_timeouts.load(Ordering::Relaxed), 1);
     // A request that starts at once is not touched by the queue limit.
     assert_eq!(

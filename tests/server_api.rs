@@ -1230,7 +1230,7 @@ async fn a_request_that_waits_too_long_gets_429_and_one_that_runs_too_long_ends_
         c.engine.max_running = 1;
         c.engine.max_batch_tokens = 64;
         c.limits.max_queue_seconds = 0.1;
-        c.limits.max_request_seconds = 0.25;
+        c.limits.max_request_seconds = 0.4;
     }));
     let engine = s.state.served().unwrap().engine.clone();
     let long =
