@@ -421,11 +421,18 @@ pub struct AdapterStore {
     index: RwLock<BTreeMap<AdapterKey, Arc<Version>>>,
     /// Serialises installs, deletes and scans.
     mutate: Mutex<()>,
-    /// When a look-up that found nothing last rescanned the directory, and the
-    /// directory's stamp ([`AdapterStore::stamp`]) at the last walk.
+    /// When a look-up that found nothing last rescanned the directory, and the tenant
+    /// directories and stamp ([`AdapterStore::stamp`]) of the last walk.
     miss_rescan: Mutex<Option<std::time::Instant>>,
-    walked_stamp: Mutex<Vec<Option<std::time::SystemTime>>>,
+    walked: Mutex<Walked>,
     walks: std::sync::atomic::AtomicU64,
+}
+
+/// What the last walk saw, to tell cheaply whether the directory changed since.
+#[derive(Default)]
+struct Walked {
+    tenants: Vec<PathBuf>,
+    stamp: Vec<Option<std::time::SystemTime>>,
 }
 
 /// A look-up that finds nothing rescans the adapters directory (to notice adapters put
@@ -452,7 +459,7 @@ impl AdapterStore {
             index: RwLock::new(BTreeMap::new()),
             mutate: Mutex::new(()),
             miss_rescan: Mutex::new(None),
-            walked_stamp: Mutex::new(Vec::new()),
+            walked: Mutex::new(Walked::default()),
             walks: std::sync::atomic::AtomicU64::new(0),
         };
         store.recover();
@@ -589,33 +596,35 @@ impl AdapterStore {
         self.rescan_locked()
     }
 
-    /// The modification times of the adapters directory and of its tenant directories: a
-    /// directory added, removed or renamed at either level changes them.
-    fn stamp(&self) -> Vec<Option<std::time::SystemTime>> {
+    /// The modification times of the adapters directory and of the tenant directories
+    /// `tenants`: a directory added, removed or renamed at either level changes them (a
+    /// new tenant directory changes the adapters directory's). A few `stat`s.
+    fn stamp(&self, tenants: &[PathBuf]) -> Vec<Option<std::time::SystemTime>> {
         let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut out = vec![mtime(&self.root)];
-        if let Ok(entries) = std::fs::read_dir(&self.root) {
-            let mut tenants: Vec<PathBuf> = entries
-                .flatten()
-                .filter(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(TENANT_DIR_PREFIX)
-                })
-                .map(|e| e.path())
-                .collect();
-            tenants.sort();
-            out.extend(tenants.iter().map(|t| mtime(t)));
-        }
-        out
+        std::iter::once(mtime(&self.root))
+            .chain(tenants.iter().map(|t| mtime(t)))
+            .collect()
     }
 
     fn rescan_locked(&self) -> Vec<AdapterKey> {
         self.walks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let stamp = self.stamp();
-        if let Ok(mut w) = self.walked_stamp.lock() {
-            *w = stamp;
+        let tenants: Vec<PathBuf> = std::fs::read_dir(&self.root)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(TENANT_DIR_PREFIX)
+                    })
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let stamp = self.stamp(&tenants);
+        if let Ok(mut w) = self.walked.lock() {
+            *w = Walked { tenants, stamp };
         }
         let found = self.walk();
         let Ok(mut index) = self.index.write() else {
@@ -664,9 +673,9 @@ impl AdapterStore {
                 return None;
             };
             let unchanged = self
-                .walked_stamp
+                .walked
                 .lock()
-                .is_ok_and(|w| !w.is_empty() && *w == self.stamp());
+                .is_ok_and(|w| !w.stamp.is_empty() && w.stamp == self.stamp(&w.tenants));
             if unchanged && last.is_some_and(|t| t.elapsed() < MISS_RESCAN_INTERVAL) {
                 return None;
             }

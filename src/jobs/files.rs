@@ -432,6 +432,11 @@ impl FileStore {
     ) -> Result<Reservation, FilesError> {
         let mut tx = self.pool.begin().await?;
         db::lock_owner(&mut tx, owner).await?;
+        // Lapsed reservations (their process died) go; they no longer count anyway.
+        sqlx::query("DELETE FROM file_reservations WHERE expires_at <= $1")
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
         let used = Self::committed_bytes(&mut tx, owner).await?;
         let bytes = wanted.min(self.max_stored_bytes.saturating_sub(used));
         if bytes == 0 {

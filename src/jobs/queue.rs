@@ -481,7 +481,7 @@ pub fn worker_id() -> String {
     )
 }
 
-pub use crate::util::hostname;
+use crate::util::hostname;
 
 /// Whether the holder `id` (a [`worker_id`], or one and a claim number) belongs to a
 /// process of this host that is gone: an earlier process with this process's pid, or a

@@ -173,14 +173,14 @@ pub async fn upload(
     let idle = state.config.limits.body_read_timeout();
     // Before any byte is read: the disk keeps its reserve, and the quota holds the bytes
     // the upload says it sends (the whole limit when it does not say).
-    let declared = req
+    let length = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .map_or(max, |n| n.min(max));
-    let length = req.headers().get(header::CONTENT_LENGTH).map(|_| declared);
-    let data_dir = &state.config.fine_tuning.data_dir;
+        .map(|n| n.min(max));
+    let declared = length.unwrap_or(max);
     let need = length.unwrap_or(0);
+    let data_dir = &state.config.fine_tuning.data_dir;
     crate::util::room_for(data_dir, need, state.config.limits.min_free_disk_bytes)
         .map_err(|free| ApiError::insufficient_storage(need, free))?;
     let reservation = store

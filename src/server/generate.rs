@@ -20,10 +20,10 @@ use crate::engine::{
     Engine, Event, FinishReason, GenerateRequest, Overload, RequestHandle, SubmitError,
     TokenLogprobs, WaitSlot,
 };
+use crate::model::tokenizer::TextTokenizer;
 
 /// The events of a request's choices, tagged with the choice index.
 pub type Events = BoxStream<'static, (usize, Event)>;
-use crate::model::tokenizer::TextTokenizer;
 
 /// Which API is answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -555,11 +555,12 @@ pub async fn respond_stream(
 ) -> Result<Response, ApiError> {
     let first = events.next().await;
     if let Some((_, Event::QueueTimeout(waited))) = first {
-        state
-            .metrics
-            .finished
-            .with_label_values(&["queue_timeout"])
-            .inc_by(plan.n as u64);
+        // That choice timed out; the others (still waiting) go with the answer.
+        let finished = &state.metrics.finished;
+        finished.with_label_values(&["queue_timeout"]).inc();
+        finished
+            .with_label_values(&["cancelled"])
+            .inc_by(plan.n.saturating_sub(1) as u64);
         return Err(queue_timeout(waited));
     }
     let events = stream::iter(first).chain(events).boxed();

@@ -18,6 +18,7 @@ use crate::adapter::{AdapterStats, Tier};
 use crate::engine::scheduler::EngineStats;
 #[cfg(test)]
 use crate::engine::AdapterLoad;
+use crate::engine::OverloadReason;
 
 pub const BASE_LABEL: &str = "(base)";
 pub const OTHER_LABEL: &str = "(other)";
@@ -309,13 +310,17 @@ fn engine_families(e: &EngineStats, max_labels: usize, reveal_private: bool) -> 
         ),
         family(
             "esft_requests_rejected_total",
-            "Requests refused or cut short for load: refused at engine.max_waiting or \
-             max_waiting_per_tenant, dropped after limits.max_queue_seconds waiting \
-             (queue_timeout), ended at limits.max_request_seconds (request_timeout).",
+            "Refused or cut short for load: requests refused at engine.max_waiting or \
+             max_waiting_per_tenant; sequences dropped after limits.max_queue_seconds \
+             waiting (queue_timeout) or ended at limits.max_request_seconds \
+             (request_timeout).",
             MetricType::COUNTER,
             [
-                ("max_waiting", &e.rejected_waiting),
-                ("max_waiting_per_tenant", &e.rejected_tenant_waiting),
+                (OverloadReason::Waiting.label(), &e.rejected_waiting),
+                (
+                    OverloadReason::TenantWaiting.label(),
+                    &e.rejected_tenant_waiting,
+                ),
                 ("queue_timeout", &e.queue_timeouts),
                 ("request_timeout", &e.request_timeouts),
             ]
