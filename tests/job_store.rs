@@ -110,10 +110,7 @@ fn new_job(owner: Option<&str>, training_file: &str, validation_file: Option<&st
 async fn queued(files: &FileStore, jobs: &JobStore, owner: Option<&str>) -> String {
     let file = add(files, owner).await.unwrap();
     let job = jobs.create(new_job(owner, &file.id, None)).await.unwrap();
-    assert!(jobs
-        .transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
-        .await
-        .unwrap());
+    assert!(jobs.queue_validated(&job.id).await.unwrap());
     job.id
 }
 
@@ -294,10 +291,13 @@ async fn jobs_round_trip_list_page_and_refuse_what_they_must() {
                 limit: 2
             })
         ));
-        assert!(jobs
-            .transition(&second.id, &Status::ACTIVE, Status::Cancelled)
-            .await
-            .unwrap());
+        assert!(
+            jobs.cancel(Some("acme"), &second.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .1
+        );
         let third = jobs
             .create(new_job(Some("acme"), &train.id, None))
             .await
@@ -343,10 +343,7 @@ async fn jobs_round_trip_list_page_and_refuse_what_they_must() {
             .is_empty());
 
         // Progress, selection, success: the record carries them.
-        assert!(jobs
-            .transition(&job.id, &[Status::ValidatingFiles], Status::Queued)
-            .await
-            .unwrap());
+        assert!(jobs.queue_validated(&job.id).await.unwrap());
         let claimed = jobs.claim_next(&lease()).await.unwrap().unwrap();
         assert_eq!(
             claimed.id, job.id,
@@ -384,22 +381,23 @@ async fn jobs_round_trip_list_page_and_refuse_what_they_must() {
         assert_eq!(done.estimated_finish, None);
         assert!(done.finished_at.is_some());
         // A terminal status is never left.
-        for to in Status::ALL {
-            assert!(!jobs.transition(&job.id, &Status::ACTIVE, to).await.unwrap());
-        }
-        assert!(!jobs.fail(&job.id, &JobError::new("x", "y")).await.unwrap());
+        let w = lease().worker;
+        assert!(!jobs.queue_validated(&job.id).await.unwrap());
+        assert!(!jobs.cancel(None, &job.id).await.unwrap().unwrap().1);
+        assert!(!jobs.release(&job.id, &w, "x").await.unwrap());
         assert!(!jobs
-            .succeed(&job.id, &lease().worker, "again", 1)
+            .fail_held(&job.id, &w, &JobError::new("x", "y"))
             .await
             .unwrap());
-        // A failure carries its error object.
-        assert!(jobs
-            .fail(
-                &by_admin.id,
-                &JobError::new("invalid_training_file", "bad line 3")
-            )
-            .await
-            .unwrap());
+        assert!(!jobs.succeed(&job.id, &w, "again", 1).await.unwrap());
+        assert_eq!(jobs.status(&job.id).await.unwrap(), Some(Status::Succeeded));
+        // A failure carries its error object, and only the holder makes it.
+        assert!(jobs.queue_validated(&by_admin.id).await.unwrap());
+        let claimed = jobs.claim_next(&lease()).await.unwrap().unwrap();
+        assert_eq!(claimed.id, by_admin.id);
+        let error = JobError::new("invalid_training_file", "bad line 3");
+        assert!(!jobs.fail_held(&by_admin.id, "other", &error).await.unwrap());
+        assert!(jobs.fail_held(&by_admin.id, &w, &error).await.unwrap());
         let failed = jobs.get(None, &by_admin.id).await.unwrap().unwrap();
         assert_eq!(failed.status, Status::Failed);
         assert_eq!(
@@ -498,9 +496,14 @@ async fn a_validated_job_is_queued_with_its_event_in_one_step() {
         for id in &ids {
             // Newest first.
             let logged = messages(&jobs.events(id, None, 100).await.unwrap());
+            let claimed = format!("Claimed by worker {}", lease().worker);
             assert_eq!(
                 logged,
-                ["started", "Files validated, moving job to queued state"],
+                [
+                    "started",
+                    claimed.as_str(),
+                    "Files validated, moving job to queued state"
+                ],
                 "{}",
                 b.name
             );
@@ -544,8 +547,14 @@ async fn events_and_checkpoints_keep_their_order_and_pages() {
         let all = jobs.events(&id, None, 100).await.unwrap();
         assert!(!all.has_more);
         let seqs: Vec<i64> = all.items.iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, (1..=17).rev().collect::<Vec<_>>(), "{}", b.name);
-        let first = all.items.last().unwrap();
+        assert_eq!(seqs, (1..=18).rev().collect::<Vec<_>>(), "{}", b.name);
+        // The transition to `queued` wrote the first event.
+        let queued_event = all.items.last().unwrap();
+        assert_eq!(
+            queued_event.message,
+            "Files validated, moving job to queued state"
+        );
+        let first = &all.items[all.items.len() - 2];
         assert_eq!(
             (first.message.as_str(), first.level, first.data.clone()),
             ("first", Level::Info, None)
@@ -660,7 +669,8 @@ async fn a_cancel_racing_the_runner_has_one_winner_and_files_in_use_stay() {
                     let claimed = jobs.claim_next(&lease()).await.unwrap().unwrap();
                     assert_eq!(claimed.id, job.id);
                 } else {
-                    assert!(jobs.transition(&job.id, &[from], to).await.unwrap());
+                    assert_eq!(from, Status::ValidatingFiles);
+                    assert!(jobs.queue_validated(&job.id).await.unwrap());
                 }
             }
         }
@@ -1024,10 +1034,11 @@ async fn leases_hold_expire_and_fence_the_worker_that_lost_them() {
 
         // A running job without a lease (left by a process that took none) goes back too.
         let legacy = queued(&files, &jobs, None).await;
-        assert!(jobs
-            .transition(&legacy, &[Status::Queued], Status::Running)
+        sqlx::query("UPDATE jobs SET status = 'running' WHERE id = $1")
+            .bind(&legacy)
+            .execute(&files.pool())
             .await
-            .unwrap());
+            .unwrap();
         assert_eq!(jobs.requeue_expired().await.unwrap(), vec![legacy.clone()]);
         assert_eq!(jobs.status(&legacy).await.unwrap(), Some(Status::Queued));
     }

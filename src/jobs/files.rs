@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use super::data::{check_train_file, LineError, DEFAULT_MAX_LINE_BYTES};
 use super::db::{self, now, DbRow, Pool, Sql};
+use super::lifecycle::Status;
 use crate::store::{Store, StoreError};
 
 /// The one purpose files are uploaded for today.
@@ -577,19 +578,19 @@ impl FileStore {
         };
         // One statement: the file goes only while no active job names it, so a job being
         // created either sees the file or is refused (see `queue::JobStore::create`).
-        let deleted = sqlx::query(
+        let active = Status::sql_list(&Status::ACTIVE);
+        let deleted = sqlx::query(&format!(
             "DELETE FROM files WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM jobs \
-             WHERE status IN ('validating_files', 'queued', 'running') \
-             AND (training_file = $1 OR validation_file = $1))",
-        )
+             WHERE status IN {active} AND (training_file = $1 OR validation_file = $1))",
+        ))
         .bind(id)
         .execute(&self.pool)
         .await?;
         if deleted.rows_affected() == 0 {
-            let job = sqlx::query(
-                "SELECT id FROM jobs WHERE status IN ('validating_files', 'queued', 'running') \
+            let job = sqlx::query(&format!(
+                "SELECT id FROM jobs WHERE status IN {active} \
                  AND (training_file = $1 OR validation_file = $1)",
-            )
+            ))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;

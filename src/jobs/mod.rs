@@ -15,5 +15,6 @@
 pub mod data;
 pub mod db;
 pub mod files;
+pub mod lifecycle;
 pub mod queue;
 pub mod runner;

@@ -18,51 +18,9 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use super::db::{self, now, now_ms, Backend, DbRow, Pool, Sql};
+use super::lifecycle::{Actor, Transition};
+pub use super::lifecycle::{Level, Status};
 use std::time::Duration;
-
-/// Where a job stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Status {
-    ValidatingFiles,
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl Status {
-    pub const ALL: [Status; 6] = [
-        Status::ValidatingFiles,
-        Status::Queued,
-        Status::Running,
-        Status::Succeeded,
-        Status::Failed,
-        Status::Cancelled,
-    ];
-
-    /// The statuses of a job that may still run.
-    pub const ACTIVE: [Status; 3] = [Status::ValidatingFiles, Status::Queued, Status::Running];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::ValidatingFiles => "validating_files",
-            Status::Queued => "queued",
-            Status::Running => "running",
-            Status::Succeeded => "succeeded",
-            Status::Failed => "failed",
-            Status::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|st| st.as_str() == s)
-    }
-
-    pub fn is_active(self) -> bool {
-        Self::ACTIVE.contains(&self)
-    }
-}
 
 /// How experts are scored for selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,31 +256,6 @@ pub struct JobEvent {
     pub data: Option<Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    Info,
-    Warn,
-    Error,
-}
-
-impl Level {
-    fn as_str(self) -> &'static str {
-        match self {
-            Level::Info => "info",
-            Level::Warn => "warn",
-            Level::Error => "error",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "warn" => Level::Warn,
-            "error" => Level::Error,
-            _ => Level::Info,
-        }
-    }
-}
-
 /// `message` (prose) or `metrics` (a training step's numbers in `data`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -513,14 +446,6 @@ pub struct Page<T> {
     pub has_more: bool,
 }
 
-fn in_list(statuses: &[Status]) -> String {
-    let names: Vec<String> = statuses
-        .iter()
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect();
-    format!("({})", names.join(", "))
-}
-
 /// The PostgreSQL channel on which a job's move to `queued` is announced.
 const QUEUED_CHANNEL: &str = "esft_jobs_queued";
 
@@ -661,7 +586,7 @@ impl JobStore {
     ) -> Result<u64, sqlx::Error> {
         let mut q = Sql::new(format!(
             "SELECT COUNT(*) AS n FROM jobs WHERE status IN {}",
-            in_list(&Status::ACTIVE)
+            Status::sql_list(&Status::ACTIVE)
         ));
         match owner {
             Some(o) => q.push(" AND owner = ").push_bind(o.to_string()),
@@ -807,130 +732,78 @@ impl JobStore {
         true
     }
 
-    /// Moves `id` from one of `from` to `to`; false when it was in none of them (another
-    /// transition won).
-    pub async fn transition(
+    /// Makes the transition `t` of the job `id` (see [`Transition::rule`]): one
+    /// conditional `UPDATE` (the status among the rule's `from`, and, for a holder's
+    /// transition, `holder` still holding it) and its event, in one transaction. `sets`
+    /// are the transition's own columns; `fill` fills the `{names}` of the event's
+    /// message. The job as it is after, or `None` (nothing changed) when it was not in a
+    /// status the transition leaves from, or `holder` no longer held it.
+    async fn apply(
         &self,
         id: &str,
-        from: &[Status],
-        to: Status,
-    ) -> Result<bool, JobsError> {
-        let mut q = Sql::new("UPDATE jobs SET status = ");
-        q.push_bind(to.as_str());
-        if to == Status::Running {
-            q.push(", started_at = COALESCE(started_at, ")
-                .push_bind(now())
-                .push(")");
-        }
-        if !to.is_active() {
-            q.push(", finished_at = ").push_bind(now());
-            q.push(", estimated_finish = NULL");
-        }
-        q.push(" WHERE id = ")
-            .push_bind(id.to_string())
-            .push(format!(" AND status IN {}", in_list(from)));
-        let moved = q.build().execute(&self.pool).await?.rows_affected() == 1;
-        if moved && to == Status::Queued {
-            self.announce_queued().await;
-        }
-        Ok(moved)
-    }
-
-    /// Ends an active job as failed with `error`; false when it was no longer active.
-    pub async fn fail(&self, id: &str, error: &JobError) -> Result<bool, JobsError> {
-        self.fail_as(id, None, error).await
-    }
-
-    /// [`Self::fail`] by the worker that runs the job: only while `worker` holds its lease.
-    pub async fn fail_held(
-        &self,
-        id: &str,
-        worker: &str,
-        error: &JobError,
-    ) -> Result<bool, JobsError> {
-        self.fail_as(id, Some(worker), error).await
-    }
-
-    async fn fail_as(
-        &self,
-        id: &str,
-        worker: Option<&str>,
-        error: &JobError,
-    ) -> Result<bool, JobsError> {
-        let text = serde_json::to_string(error).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        let message = format!("The job failed: {}", error.message);
-        let data = json!({"code": error.code}).to_string();
-        let update = || {
-            let mut q = Sql::new("UPDATE jobs SET status = 'failed', finished_at = ");
-            q.push_bind(now())
-                .push(", estimated_finish = NULL, lease_expires_at = NULL, error = ")
-                .push_bind(text.clone())
-                .push(" WHERE id = ")
-                .push_bind(id.to_string());
-            match worker {
-                Some(w) => q
-                    .push(" AND status = 'running' AND worker = ")
-                    .push_bind(w.to_string()),
-                None => q.push(format!(" AND status IN {}", in_list(&Status::ACTIVE))),
-            };
-            q
-        };
-        self.change_with_event(id, update, Level::Error, &message, Some(&data))
-            .await
-    }
-
-    /// Puts a job whose files were checked in the queue, with its event, in one
-    /// transaction: a worker that claims it at once writes its events after this one.
-    /// False (nothing changed) when it is no longer validating its files (cancelled).
-    pub async fn queue_validated(&self, id: &str) -> Result<bool, JobsError> {
+        t: Transition,
+        holder: Option<&str>,
+        sets: &[(&str, Val)],
+        fill: &[(&str, &str)],
+        data: Option<Value>,
+    ) -> Result<Option<JobRecord>, JobsError> {
+        let rule = t.rule();
+        let at = now();
         let update = || {
             let mut q = Sql::new("UPDATE jobs SET status = ");
-            q.push_bind(Status::Queued.as_str())
-                .push(" WHERE id = ")
+            q.push_bind(rule.to.as_str());
+            status_columns(&mut q, rule.to, at);
+            for (column, value) in sets {
+                q.push(format!(", {column} = "));
+                value.bind(&mut q);
+            }
+            q.push(" WHERE id = ")
                 .push_bind(id.to_string())
-                .push(format!(
-                    " AND status IN {}",
-                    in_list(&[Status::ValidatingFiles])
-                ));
+                .push(format!(" AND status IN {}", Status::sql_list(rule.from)));
+            if rule.by == Actor::Holder {
+                q.push(" AND worker = ")
+                    .push_bind(holder.unwrap_or_default().to_string());
+            }
+            q.push(format!(" RETURNING {COLUMNS}"));
             q
         };
-        let message = "Files validated, moving job to queued state";
-        let moved = self
-            .change_with_event(id, update, Level::Info, message, None)
+        let changed = self
+            .change_with_event(update, rule.level, &fill_in(rule.message, fill), data)
             .await?;
-        if moved {
+        if changed.is_some() && rule.to == Status::Queued {
             self.announce_queued().await;
         }
-        Ok(moved)
+        Ok(changed)
     }
 
-    /// Runs `update` (an UPDATE of the job's row alone) and appends the job's event in one
-    /// transaction: whoever sees the change also sees its event. False (nothing changed)
-    /// when `update` matched no row. An event appended concurrently can take the event's
-    /// number; the transaction is then rolled back and run again.
+    /// Runs `update` (an `UPDATE ... RETURNING` of at most one job's row) and appends that
+    /// job's event in one transaction: whoever sees the change also sees its event.
+    /// `None` (nothing changed) when `update` matched no row. An event appended
+    /// concurrently can take the event's number; the transaction is then rolled back and
+    /// run again.
     async fn change_with_event(
         &self,
-        id: &str,
         update: impl Fn() -> Sql,
         level: Level,
         message: &str,
-        data: Option<&str>,
-    ) -> Result<bool, JobsError> {
+        data: Option<Value>,
+    ) -> Result<Option<JobRecord>, JobsError> {
+        let data = data.map(|d| d.to_string());
         let mut tries = 0;
         loop {
             let mut tx = self.pool.begin().await?;
             let q = update();
-            let done = q.build().execute(&mut *tx).await?;
-            if done.rows_affected() != 1 {
-                return Ok(false);
-            }
+            let Some(row) = q.build().fetch_optional(&mut *tx).await? else {
+                return Ok(None);
+            };
+            let record = JobRecord::from_row(&row)?;
             let event = insert_event(
                 &mut *tx,
-                id,
+                &record.id,
                 level,
                 EventKind::Message,
                 message,
-                data.map(str::to_string),
+                data.clone(),
             )
             .await;
             tries += 1;
@@ -939,14 +812,23 @@ impl JobStore {
                 Err(e) => return Err(e.into()),
                 Ok(()) => {
                     tx.commit().await?;
-                    return Ok(true);
+                    return Ok(Some(record));
                 }
             }
         }
     }
 
-    /// Ends a running job as succeeded, with its final event, in one transaction; false
-    /// (nothing changed) when it is no longer running or `worker` no longer holds it.
+    /// [`Transition::Validated`]: puts a job whose files were checked in the queue. False
+    /// (nothing changed) when it is no longer validating its files (cancelled).
+    pub async fn queue_validated(&self, id: &str) -> Result<bool, JobsError> {
+        let done = self
+            .apply(id, Transition::Validated, None, &[], &[], None)
+            .await?;
+        Ok(done.is_some())
+    }
+
+    /// [`Transition::Succeed`]: ends a running job as succeeded; false (nothing changed)
+    /// when it is no longer running or `worker` no longer holds it.
     pub async fn succeed(
         &self,
         id: &str,
@@ -954,100 +836,137 @@ impl JobStore {
         model: &str,
         trained_tokens: i64,
     ) -> Result<bool, JobsError> {
-        let message = format!("The job has successfully completed: the model {model} is ready");
-        let data = json!({"fine_tuned_model": model}).to_string();
-        let update = || {
-            let mut q = Sql::new("UPDATE jobs SET status = 'succeeded', finished_at = ");
-            q.push_bind(now())
-                .push(", estimated_finish = NULL, lease_expires_at = NULL, fine_tuned_model = ")
-                .push_bind(model)
-                .push(", trained_tokens = ")
-                .push_bind(trained_tokens)
-                .push(" WHERE id = ")
-                .push_bind(id)
-                .push(" AND status = 'running' AND worker = ")
-                .push_bind(worker);
-            q
-        };
-        self.change_with_event(id, update, Level::Info, &message, Some(&data))
-            .await
+        let sets = [
+            ("fine_tuned_model", Val::Text(model.to_string())),
+            ("trained_tokens", Val::Int(trained_tokens)),
+        ];
+        let data = json!({"fine_tuned_model": model});
+        let done = self
+            .apply(
+                id,
+                Transition::Succeed,
+                Some(worker),
+                &sets,
+                &[("model", model)],
+                Some(data),
+            )
+            .await?;
+        Ok(done.is_some())
     }
 
-    /// Cancels `id` if `viewer` may see it and it is active. `Ok(None)`: no such job;
-    /// `Ok(Some((record, false)))`: it had already ended (its record unchanged).
+    /// [`Transition::Fail`]: ends the running job `id` as failed with `error`, while
+    /// `worker` holds it; false when it does not.
+    pub async fn fail_held(
+        &self,
+        id: &str,
+        worker: &str,
+        error: &JobError,
+    ) -> Result<bool, JobsError> {
+        let text = serde_json::to_string(error).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let data = json!({"code": error.code});
+        let done = self
+            .apply(
+                id,
+                Transition::Fail,
+                Some(worker),
+                &[("error", Val::Text(text))],
+                &[("error", &error.message)],
+                Some(data),
+            )
+            .await?;
+        Ok(done.is_some())
+    }
+
+    /// [`Transition::Cancel`]: cancels `id` if `viewer` may see it and it is active.
+    /// `Ok(None)`: no such job; `Ok(Some((record, false)))`: it had already ended (its
+    /// record unchanged).
     pub async fn cancel(
         &self,
         viewer: Option<&str>,
         id: &str,
     ) -> Result<Option<(JobRecord, bool)>, JobsError> {
-        if self.get(viewer, id).await?.is_none() {
+        let Some(before) = self.get(viewer, id).await? else {
             return Ok(None);
+        };
+        match self
+            .apply(id, Transition::Cancel, None, &[], &[], None)
+            .await?
+        {
+            Some(after) => Ok(Some((after, true))),
+            None => Ok(self
+                .get(viewer, id)
+                .await?
+                .or(Some(before))
+                .map(|r| (r, false))),
         }
-        let changed = self
-            .transition(id, &Status::ACTIVE, Status::Cancelled)
-            .await?;
-        Ok(self.get(viewer, id).await?.map(|r| (r, changed)))
     }
 
-    /// Claims the next queued job for `lease.worker`: a job of the owner with the fewest
-    /// running jobs, the oldest of those (so one tenant's backlog never holds another's
-    /// job back behind all of it). The worker holds it until
+    /// [`Transition::Claim`]: claims the next queued job for `lease.worker`: a job of the
+    /// owner with the fewest running jobs, the oldest of those (so one tenant's backlog
+    /// never holds another's job back behind all of it). The worker holds it until
     /// `lease.duration` from now unless it renews ([`Self::renew`]): one `UPDATE` of the
     /// row its sub-select picks, safe when several processes share the database (each job
     /// is claimed once; see [`Backend::claim_lock`] for the one part that differs between
     /// backends). Jobs whose holder stopped renewing come back to the queue through
     /// [`Self::requeue_expired`].
     pub async fn claim_next(&self, lease: &Lease) -> Result<Option<JobRecord>, JobsError> {
-        let row = sqlx::query(&format!(
-            "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, $1), \
-             worker = $2, lease_expires_at = $3 \
-             WHERE status = 'queued' AND id = (SELECT id FROM jobs q WHERE status = 'queued' \
-             ORDER BY (SELECT COUNT(*) FROM jobs r WHERE r.status = 'running' \
-             AND r.owner IS NOT DISTINCT FROM q.owner), created_at, id LIMIT 1{}) \
-             RETURNING {COLUMNS}",
-            Backend::of(&self.pool).claim_lock()
-        ))
-        .bind(now())
-        .bind(lease.worker.as_str())
-        .bind(lease.expiry())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.as_ref().map(JobRecord::from_row).transpose()?)
+        let rule = Transition::Claim.rule();
+        let (queued, running) = (Status::sql_list(rule.from), Status::Running.as_str());
+        let at = now();
+        let update = || {
+            let mut q = Sql::new("UPDATE jobs SET status = ");
+            q.push_bind(rule.to.as_str());
+            status_columns(&mut q, rule.to, at);
+            q.push(", worker = ")
+                .push_bind(lease.worker.clone())
+                .push(", lease_expires_at = ")
+                .push_bind(lease.expiry())
+                .push(format!(
+                    " WHERE status IN {queued} AND id = (SELECT id FROM jobs q \
+                     WHERE status IN {queued} ORDER BY (SELECT COUNT(*) FROM jobs r \
+                     WHERE r.status = '{running}' AND r.owner IS NOT DISTINCT FROM q.owner), \
+                     created_at, id LIMIT 1{}) RETURNING {COLUMNS}",
+                    Backend::of(&self.pool).claim_lock()
+                ));
+            q
+        };
+        let message = fill_in(rule.message, &[("worker", &lease.worker)]);
+        let data = json!({"worker": lease.worker});
+        self.change_with_event(update, rule.level, &message, Some(data))
+            .await
     }
 
-    /// Puts back in the queue every running job whose lease has expired (or that has none:
-    /// a job a process without leases left running), each with an event naming the worker
-    /// that lost it; returns those jobs' ids. One conditional `UPDATE`: of two processes
-    /// doing this at once, each job is put back by one, and a renewal that lands first
-    /// keeps the job where it is.
+    /// [`Transition::Expire`]: puts back in the queue every running job whose lease has
+    /// expired (or that has none: a job a process without leases left running), each
+    /// with its event naming the worker that lost it; returns those jobs' ids. One
+    /// conditional `UPDATE`: of two processes doing this at once, each job is put back by
+    /// one, and a renewal that lands first keeps the job where it is.
     pub async fn requeue_expired(&self) -> Result<Vec<String>, JobsError> {
+        let rule = Transition::Expire.rule();
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "UPDATE jobs SET status = 'queued', lease_expires_at = NULL, estimated_finish = NULL \
-             WHERE status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < $1) \
-             RETURNING id, worker",
-        )
-        .bind(now_ms())
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut q = Sql::new("UPDATE jobs SET status = ");
+        q.push_bind(rule.to.as_str());
+        status_columns(&mut q, rule.to, now());
+        q.push(format!(
+            " WHERE status IN {} AND (lease_expires_at IS NULL OR lease_expires_at < ",
+            Status::sql_list(rule.from)
+        ))
+        .push_bind(now_ms())
+        .push(") RETURNING id, worker");
+        let rows = q.build().fetch_all(&mut *tx).await?;
         let mut ids = Vec::new();
         for row in &rows {
             let id: String = row.try_get("id")?;
             let worker: Option<String> = row.try_get("worker")?;
-            let message = match &worker {
-                Some(w) => format!(
-                    "Worker {w} stopped renewing its lease; the job is back in the queue and \
-                     continues from its last saved state"
-                ),
-                None => "The job was left running without a lease; it is back in the queue and \
-                         continues from its last saved state"
-                    .to_string(),
-            };
+            let message = fill_in(
+                rule.message,
+                &[("worker", worker.as_deref().unwrap_or("(none)"))],
+            );
             let data = json!({"worker": worker}).to_string();
             insert_event(
                 &mut *tx,
                 &id,
-                Level::Warn,
+                rule.level,
                 EventKind::Message,
                 &message,
                 Some(data),
@@ -1062,36 +981,23 @@ impl JobStore {
         Ok(ids)
     }
 
-    /// Puts the running job `id` back in the queue at once if `worker` still holds it (its
-    /// holder is known to be gone, or gives it up), with the event `message`.
-    pub async fn release(&self, id: &str, worker: &str, message: &str) -> Result<bool, JobsError> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(
-            "UPDATE jobs SET status = 'queued', lease_expires_at = NULL, estimated_finish = NULL \
-             WHERE id = $1 AND status = 'running' AND worker = $2",
-        )
-        .bind(id)
-        .bind(worker)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Ok(false);
-        }
-        let data = json!({"worker": worker}).to_string();
-        insert_event(
-            &mut *tx,
-            id,
-            Level::Warn,
-            EventKind::Message,
-            message,
-            Some(data),
-        )
-        .await?;
-        tx.commit().await?;
-        self.announce_queued().await;
-        Ok(true)
+    /// [`Transition::Release`]: puts the running job `id` back in the queue at once if
+    /// `worker` still holds it (its holder is known to be gone, or gives it up);
+    /// `reason` starts the event's message.
+    pub async fn release(&self, id: &str, worker: &str, reason: &str) -> Result<bool, JobsError> {
+        let data = json!({"worker": worker});
+        let done = self
+            .apply(
+                id,
+                Transition::Release,
+                Some(worker),
+                &[],
+                &[("reason", reason)],
+                Some(data),
+            )
+            .await?;
+        Ok(done.is_some())
     }
-
     /// Extends `lease.worker`'s lease on the running job `id` to `lease.duration` from
     /// now. [`Renewal::Lost`] when the job is no longer running or another worker holds
     /// it: its holder must stop working on it.
@@ -1116,9 +1022,10 @@ impl JobStore {
 
     /// The running jobs and their holders, oldest first: `(id, worker)`.
     pub async fn running_holders(&self) -> Result<Vec<(String, Option<String>)>, JobsError> {
-        let rows = sqlx::query(
-            "SELECT id, worker FROM jobs WHERE status = 'running' ORDER BY created_at, id",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT id, worker FROM jobs WHERE status = '{RUNNING}' ORDER BY created_at, id",
+            RUNNING = Status::Running.as_str()
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -1160,9 +1067,10 @@ impl JobStore {
         worker: &str,
         esft: &Value,
     ) -> Result<bool, JobsError> {
-        let done = sqlx::query(
-            "UPDATE jobs SET esft = $1 WHERE id = $2 AND status = 'running' AND worker = $3",
-        )
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET esft = $1 WHERE id = $2 AND {HELD} $3",
+            HELD = held_by()
+        ))
         .bind(esft.to_string())
         .bind(id)
         .bind(worker)
@@ -1393,6 +1301,55 @@ impl JobStore {
         }
         Ok(out)
     }
+}
+
+/// The condition of a holder's write, the bind of the holder to follow: the job runs
+/// and its `worker` is the holder.
+fn held_by() -> String {
+    format!("status = '{}' AND worker =", Status::Running.as_str())
+}
+
+/// A value of a column a transition sets.
+enum Val {
+    Text(String),
+    Int(i64),
+}
+
+impl Val {
+    fn bind(&self, q: &mut Sql) {
+        match self {
+            Val::Text(t) => q.push_bind(t.clone()),
+            Val::Int(i) => q.push_bind(*i),
+        };
+    }
+}
+
+/// The columns that follow from the status a transition goes `to` at the time `at`:
+/// a start time once running, a finish time once ended, no lease or estimate unless
+/// running.
+fn status_columns(q: &mut Sql, to: Status, at: i64) {
+    match to {
+        Status::Running => {
+            q.push(", started_at = COALESCE(started_at, ")
+                .push_bind(at)
+                .push(")");
+        }
+        Status::ValidatingFiles | Status::Queued => {
+            q.push(", lease_expires_at = NULL, estimated_finish = NULL");
+        }
+        Status::Succeeded | Status::Failed | Status::Cancelled => {
+            q.push(", finished_at = ")
+                .push_bind(at)
+                .push(", lease_expires_at = NULL, estimated_finish = NULL");
+        }
+    }
+}
+
+/// `template` with each `{name}` of `fill` replaced by its value.
+fn fill_in(template: &str, fill: &[(&str, &str)]) -> String {
+    fill.iter().fold(template.to_string(), |m, (name, value)| {
+        m.replace(&format!("{{{name}}}"), value)
+    })
 }
 
 /// A page of at most `limit` items from `limit + 1` decoded rows.

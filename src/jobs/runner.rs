@@ -275,12 +275,7 @@ impl Runner {
         // lease to expire.
         for (id, holder) in jobs.running_holders().await? {
             if let Some(w) = holder.filter(|w| worker_is_gone(w, &worker)) {
-                jobs.release(
-                    &id,
-                    &w,
-                    "The server restarted; the job continues from its last saved state",
-                )
-                .await?;
+                jobs.release(&id, &w, "The server restarted").await?;
             }
         }
         sweep_work_dirs(&jobs, &cfg.data_dir.join(JOBS_DIR)).await;
@@ -689,15 +684,9 @@ impl Runner {
                     Stop::StoreUnavailable(what) => {
                         // Not straight back: the store may be down for a while.
                         std::thread::sleep(self.cfg.lease.min(STORE_BACKOFF));
-                        format!(
-                            "The object store could not be reached ({what}); the job is back \
-                             in the queue and continues from its last saved state"
-                        )
+                        format!("The object store could not be reached ({what})")
                     }
-                    _ => format!(
-                        "Worker {worker} stopped; the job is back in the queue and continues \
-                         from its last saved state"
-                    ),
+                    _ => format!("Worker {worker} stopped"),
                 };
                 match self.persist(rt, "releasing a job", || {
                     self.jobs.release(&job.id, worker, &message)

@@ -683,9 +683,6 @@ pub async fn cancel(
     if let Ok(runner) = state.runner().await {
         runner.cancel(&id);
     }
-    jobs.event(&id, Level::Info, EventKind::Message, "Job cancelled", None)
-        .await
-        .map_err(jobs_error)?;
     tracing::info!(job = %id, by = caller.label(), "fine-tuning job cancelled");
     Ok(Json(job.to_openai(organization(&job))))
 }
