@@ -15,7 +15,7 @@
 //! `None` sees every file, `Some(tenant)` only that tenant's. Knows nothing of HTTP.
 
 use rand::distr::{Alphanumeric, SampleString};
-use serde_json::{json, Value};
+
 use sqlx::Row;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -58,21 +58,6 @@ pub struct FileRecord {
 }
 
 impl FileRecord {
-    /// OpenAI's file object.
-    pub fn to_openai(&self) -> Value {
-        json!({
-            "id": self.id,
-            "object": "file",
-            "bytes": self.bytes,
-            "created_at": self.created_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": "processed",
-            "status_details": null,
-            "expires_at": null,
-        })
-    }
-
     fn from_row(row: &DbRow) -> Result<Self, sqlx::Error> {
         Ok(Self {
             id: row.try_get("id")?,

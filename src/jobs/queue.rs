@@ -74,26 +74,6 @@ pub struct JobSpec {
     pub esft: EsftChoices,
 }
 
-impl JobSpec {
-    /// OpenAI's `hyperparameters` object.
-    pub fn hyperparameters(&self) -> Value {
-        json!({
-            "n_epochs": self.n_epochs,
-            "batch_size": self.batch_size.map_or(json!("auto"), |b| json!(b)),
-            "learning_rate_multiplier": self.learning_rate_multiplier,
-        })
-    }
-
-    /// OpenAI's `method` object, esft's choices under `esft`.
-    pub fn method(&self) -> Value {
-        json!({
-            "type": "supervised",
-            "supervised": {"hyperparameters": self.hyperparameters()},
-            "esft": self.esft,
-        })
-    }
-}
-
 /// Why a job failed: OpenAI's job `error` object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobError {
@@ -197,48 +177,6 @@ impl JobRecord {
     pub fn visible_to(&self, viewer: Option<&str>) -> bool {
         viewer.is_none() || self.owner.as_deref() == viewer
     }
-
-    /// OpenAI's `fine_tuning.job` object; `organization` names the owner.
-    pub fn to_openai(&self, organization: &str) -> Value {
-        json!({
-            "id": self.id,
-            "object": "fine_tuning.job",
-            "model": self.model,
-            "created_at": self.created_at,
-            "finished_at": self.finished_at,
-            "estimated_finish": self.estimated_finish,
-            "status": self.status.as_str(),
-            "fine_tuned_model": self.fine_tuned_model,
-            "organization_id": organization,
-            "training_file": self.training_file,
-            "validation_file": self.validation_file,
-            "hyperparameters": self.spec.hyperparameters(),
-            "method": self.spec.method(),
-            "seed": self.seed,
-            "suffix": self.suffix,
-            "trained_tokens": self.trained_tokens,
-            "result_files": [],
-            "error": self.error,
-            "metadata": self.metadata,
-            "integrations": [],
-            "user_provided_suffix": self.suffix,
-            "esft": self.esft_object(),
-        })
-    }
-
-    fn esft_object(&self) -> Value {
-        let mut out = json!({
-            "adapter": self.adapter,
-            "started_at": self.started_at,
-            "selection": self.esft,
-        });
-        if let (Some(o), Ok(Value::Object(choices))) =
-            (out.as_object_mut(), serde_json::to_value(&self.spec.esft))
-        {
-            o.extend(choices);
-        }
-        out
-    }
 }
 
 /// One event of a job's log.
@@ -264,7 +202,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Message => "message",
             EventKind::Metrics => "metrics",
@@ -291,19 +229,6 @@ impl JobEvent {
             data: json_column(row, "data")?,
         })
     }
-
-    /// OpenAI's `fine_tuning.job.event` object.
-    pub fn to_openai(&self) -> Value {
-        json!({
-            "id": self.id,
-            "object": "fine_tuning.job.event",
-            "created_at": self.created_at,
-            "level": self.level.as_str(),
-            "message": self.message,
-            "type": self.kind.as_str(),
-            "data": self.data.clone().unwrap_or_else(|| json!({})),
-        })
-    }
 }
 
 /// A saved point of a job's training.
@@ -328,19 +253,6 @@ impl Checkpoint {
             created_at: row.try_get("created_at")?,
             metrics: json_column(row, "metrics")?.unwrap_or_else(|| json!({})),
             model: row.try_get("model")?,
-        })
-    }
-
-    /// OpenAI's `fine_tuning.job.checkpoint` object.
-    pub fn to_openai(&self) -> Value {
-        json!({
-            "id": self.id,
-            "object": "fine_tuning.job.checkpoint",
-            "created_at": self.created_at,
-            "fine_tuned_model_checkpoint": self.model,
-            "fine_tuning_job_id": self.job_id,
-            "metrics": self.metrics,
-            "step_number": self.step,
         })
     }
 }

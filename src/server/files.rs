@@ -24,8 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::auth::Caller;
 use super::body::next_chunk;
 use super::errors::ApiError;
+use super::objects;
 use super::AppState;
-use crate::jobs::files::{FileRecord, FilesError, Order, PURPOSE_FINE_TUNE};
+use crate::jobs::files::{FilesError, Order, PURPOSE_FINE_TUNE};
 
 /// Room for the multipart envelope (boundaries, part headers, `purpose`) beyond the file.
 const ENVELOPE_BYTES: u64 = 64 << 10;
@@ -302,7 +303,7 @@ pub async fn upload(
         .await
         .map_err(files_error)?;
     tracing::info!(file = %record.id, bytes, by = caller.label(), "file uploaded");
-    Ok(Json(record.to_openai()))
+    Ok(Json(objects::file(&record)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -361,7 +362,7 @@ pub async fn list(
         )
         .await
         .map_err(files_error)?;
-    let data: Vec<Value> = page.files.iter().map(FileRecord::to_openai).collect();
+    let data: Vec<Value> = page.files.iter().map(objects::file).collect();
     Ok(Json(json!({
         "object": "list",
         "data": data,
@@ -379,7 +380,7 @@ pub async fn get(
 ) -> Result<Json<Value>, ApiError> {
     let store = state.files().await?;
     match store.get(caller.viewer(), &id).await.map_err(files_error)? {
-        Some(f) => Ok(Json(f.to_openai())),
+        Some(f) => Ok(Json(objects::file(&f))),
         None => Err(not_found(&id)),
     }
 }

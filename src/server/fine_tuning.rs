@@ -19,6 +19,7 @@ use std::sync::Arc;
 use super::auth::Caller;
 use super::errors::{ApiError, ApiJson};
 use super::files::page_limit;
+use super::objects;
 use super::AppState;
 use crate::jobs::files::PURPOSE_FINE_TUNE;
 use crate::jobs::queue::{
@@ -588,7 +589,7 @@ pub async fn create(
     }
     runner.wake();
     tracing::info!(job = %job.id, by = caller.label(), adapter = %job.adapter, "fine-tuning job created");
-    Ok(Json(job.to_openai(organization(&job))))
+    Ok(Json(objects::job(&job, organization(&job), &[])))
 }
 
 #[derive(Debug, Deserialize)]
@@ -630,7 +631,7 @@ pub async fn list(
     let data: Vec<Value> = page
         .items
         .iter()
-        .map(|j| j.to_openai(organization(j)))
+        .map(|j| objects::job(j, organization(j), &[]))
         .collect();
     Ok(Json(
         json!({"object": "list", "data": data, "has_more": page.has_more}),
@@ -654,7 +655,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = visible_job(&state, &caller, &id).await?;
-    Ok(Json(job.to_openai(organization(&job))))
+    Ok(Json(objects::job(&job, organization(&job), &[])))
 }
 
 /// `POST /v1/fine_tuning/jobs/{id}/cancel`: the job's child is killed at once and its work
@@ -684,7 +685,7 @@ pub async fn cancel(
         runner.cancel(&id);
     }
     tracing::info!(job = %id, by = caller.label(), "fine-tuning job cancelled");
-    Ok(Json(job.to_openai(organization(&job))))
+    Ok(Json(objects::job(&job, organization(&job), &[])))
 }
 
 #[derive(Debug, Deserialize)]
@@ -698,7 +699,7 @@ pub struct PageQuery {
 /// (for the operator); a tenant sees it by an alias, a digest of that name, so nothing it
 /// reads names a machine or a process of the service.
 fn event_for(caller: &Caller, e: &JobEvent) -> Value {
-    let mut v = e.to_openai();
+    let mut v = objects::event(e);
     if caller.is_admin() {
         return v;
     }
@@ -753,7 +754,7 @@ pub async fn checkpoints(
         .checkpoints(&id, q.after.as_deref(), limit)
         .await
         .map_err(jobs_error)?;
-    let data: Vec<Value> = page.items.iter().map(|c| c.to_openai()).collect();
+    let data: Vec<Value> = page.items.iter().map(objects::checkpoint).collect();
     Ok(Json(json!({
         "object": "list",
         "data": data,

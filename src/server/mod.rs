@@ -23,6 +23,7 @@ pub mod generate;
 pub mod listen;
 pub mod metrics;
 pub mod models;
+pub mod objects;
 pub mod openai;
 pub mod worker;
 
