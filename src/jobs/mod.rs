@@ -12,6 +12,7 @@
 //!   leases of running jobs
 //! - [`runner`]: runs jobs as `esft-train` child processes and installs their adapters
 
+pub mod contract;
 pub mod data;
 pub mod db;
 pub mod files;

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use esft::adapter::format::{BaseModel, Provenance};
 use esft::adapter::ExpertConfig;
+use esft::jobs::contract;
 use esft::model::{LoadOptions, LoadedModel};
 
 use crate::data::{self, Limits, SpecialIds};
@@ -455,7 +456,9 @@ fn score_cmd(a: &ScoreArgs) -> Result<()> {
         }
         let scores = acc.scores();
         scores.write(&a.out)?;
-        progress.finish(json!({ "tokens": total }));
+        progress.finish(contract::ScoreDone {
+            tokens: total as u64,
+        });
         scores
     };
     if a.from_logs.is_some() {
@@ -568,11 +571,8 @@ pub fn auto_seq_len(longest: usize, max_context: usize) -> usize {
 
 /// The hidden directory beside `out` where a run keeps its resumable state.
 pub fn state_dir(out: &Path) -> Result<PathBuf> {
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("{}: --out needs a directory name", out.display()))?;
-    Ok(out.with_file_name(format!(".{name}.train-state")))
+    contract::state_dir(out)
+        .with_context(|| format!("{}: --out needs a directory name", out.display()))
 }
 
 fn train_cmd(a: &TrainArgs) -> Result<()> {
@@ -692,9 +692,15 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     let mut progress = Progress::new("train", steps, "steps", a.json);
     progress.event(
         "start",
-        json!({"steps": steps, "train_samples": n_train, "eval_samples": n_eval,
-               "trainable_params": trainable, "step": run.step(), "seq_len": seq_len,
-               "batch": batch}),
+        contract::TrainStart {
+            steps,
+            train_samples: n_train as u64,
+            eval_samples: n_eval as u64,
+            trainable_params: trainable as u64,
+            step: run.step(),
+            seq_len: seq_len as u64,
+            batch: batch as u64,
+        },
     );
     if run.step() > 0 {
         progress.advance(
@@ -713,10 +719,16 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         let dt = t0.elapsed().as_secs_f64();
         progress.advance(
             1,
-            json!({"step": r.step, "total_steps": steps, "loss": r.loss,
-                   "balance_loss": r.balance_loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                   "tokens_per_s": (r.tokens as f64 / dt).round(),
-                   "trained_tokens": run.trained_tokens()}),
+            contract::Step {
+                step: r.step,
+                total_steps: steps,
+                loss: r.loss,
+                balance_loss: r.balance_loss,
+                lr: r.lr,
+                grad_norm: r.grad_norm,
+                tokens_per_s: (r.tokens as f64 / dt).round(),
+                trained_tokens: i64::try_from(run.trained_tokens()).unwrap_or(i64::MAX),
+            },
         );
         if a.eval_every > 0 && r.step % a.eval_every == 0 {
             evaluate(&mut run, &mut progress).map_err(|e| drop_diverged_state(e, &state))?;
@@ -726,7 +738,10 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
             run.save(&state, &identity)?;
             progress.event(
                 "save",
-                json!({"step": r.step, "dir": state.display().to_string()}),
+                contract::Save {
+                    step: i64::try_from(r.step).unwrap_or(i64::MAX),
+                    dir: state.display().to_string(),
+                },
             );
         }
     }
@@ -762,15 +777,15 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
         std::fs::remove_dir_all(&state).with_context(|| format!("removing {}", state.display()))?;
     }
     let best = run.best();
-    progress.finish(json!({
-        "out": a.out.display().to_string(),
-        "steps": steps,
-        "trained_tokens": run.trained_tokens(),
-        "trainable_params": trainable,
-        "seconds": seconds,
-        "best_eval_loss": best.map(|b| b.0),
-        "best_step": best.map(|b| b.1),
-    }));
+    progress.finish(contract::TrainDone {
+        out: a.out.display().to_string(),
+        steps: i64::try_from(steps).unwrap_or(i64::MAX),
+        trained_tokens: i64::try_from(run.trained_tokens()).unwrap_or(i64::MAX),
+        trainable_params: trainable as u64,
+        seconds,
+        best_eval_loss: best.map(|b| b.0),
+        best_step: best.map(|b| b.1),
+    });
     eprintln!(
         "wrote {} ({trainable} trainable parameters, {:.1} s{})",
         a.out.display(),
@@ -797,7 +812,11 @@ fn evaluate(run: &mut Run, progress: &mut Progress) -> Result<()> {
         let best = run.note_eval(loss)?;
         progress.event(
             "eval",
-            json!({"step": run.step(), "eval_loss": loss, "best": best}),
+            contract::Eval {
+                step: run.step(),
+                eval_loss: loss,
+                best,
+            },
         );
     }
     Ok(())
@@ -895,6 +914,97 @@ fn init_cmd(a: &InitArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The command lines the job runner builds (`esft::jobs::contract`) parse here to
+    /// what they say.
+    #[test]
+    fn the_runners_command_lines_parse_to_what_they_say() {
+        use contract::{Batch, Length, ScoreRun, SelectRun, TrainRun};
+        let parse = |argv: Vec<std::ffi::OsString>| {
+            let mut all = vec![std::ffi::OsString::from("esft-train")];
+            all.extend(argv);
+            Cli::try_parse_from(all).unwrap().command
+        };
+        let (model, data, out) = (Path::new("/m"), Path::new("/w/t.jsonl"), Path::new("/w/a"));
+        let score = ScoreRun {
+            model,
+            data,
+            tokens: 5000,
+            seed: 7,
+            out,
+        };
+        let Command::Score(s) = parse(score.argv()) else {
+            panic!("not score")
+        };
+        assert_eq!(
+            (
+                s.model.as_deref(),
+                s.data.as_deref(),
+                s.tokens,
+                s.seed,
+                s.json
+            ),
+            (Some(model), Some(data), 5000, 7, true)
+        );
+        let select = SelectRun {
+            scores: data,
+            score_function: "gate",
+            top_p: 0.25,
+            train_shared_experts: true,
+            train_non_expert_modules: false,
+            out,
+        };
+        let Command::Select(s) = parse(select.argv()) else {
+            panic!("not select")
+        };
+        assert_eq!(s.score_function, Some(ScoreFunction::Gate));
+        assert_eq!(s.top_p, Some(0.25));
+        assert!(s.train_shared_experts && !s.train_non_expert_modules && s.json);
+        for (eval, batch, length) in [
+            (None, Batch::Tokens(512), Length::Epochs(3)),
+            (
+                Some((Path::new("/w/v.jsonl"), "file-v")),
+                Batch::Rows(4),
+                Length::Steps(9),
+            ),
+        ] {
+            let train = TrainRun {
+                model,
+                data,
+                data_name: "file-t",
+                eval,
+                experts: Path::new("/w/experts.json"),
+                out,
+                lr: 2e-4,
+                seed: 11,
+                save_every: 5,
+                seq_len: if eval.is_some() { Some(256) } else { None },
+                batch,
+                length,
+            };
+            let Command::Train(t) = parse(train.argv()) else {
+                panic!("not train")
+            };
+            assert_eq!((t.model.as_path(), t.data.as_path()), (model, data));
+            assert_eq!(t.experts, "/w/experts.json");
+            assert_eq!((t.lr, t.seed, t.save_every, t.eval_every), (2e-4, 11, 5, 5));
+            assert!(t.resume && t.json);
+            assert_eq!(t.data_name.as_deref(), Some("file-t"));
+            match eval {
+                Some((path, name)) => {
+                    assert_eq!(t.eval_data.as_deref(), Some(path));
+                    assert_eq!(t.eval_data_name.as_deref(), Some(name));
+                    assert_eq!(t.seq_len, SeqLen(Some(256)));
+                    assert_eq!((t.batch, t.steps, t.epochs), (4, Some(9), None));
+                }
+                None => {
+                    assert_eq!(t.eval_split, Some(contract::EVAL_SPLIT));
+                    assert_eq!(t.seq_len, SeqLen(None));
+                    assert_eq!((t.batch_tokens, t.epochs), (Some(512), Some(3)));
+                }
+            }
+        }
+    }
 
     #[test]
     fn seq_len_auto_rounds_the_longest_sample_up_to_64_within_the_context() {

@@ -1,7 +1,8 @@
 //! Progress of long work: a progress bar on the terminal, or JSON lines on stdout (`--json`)
 //! for programs that drive the trainer.
 //!
-//! With `--json` stdout holds only these lines, one JSON object each. Every line but `error`
+//! With `--json` stdout holds only these lines, one JSON object each; the fields the job
+//! runner reads are the structs of `esft::jobs::contract`. Every line but `error`
 //! has `task` (the subcommand: `score`, `train`, `eval`, `select`), `event`, `done` and
 //! `total` (units done and to do: tokens for `score`, optimizer steps for `train`, items for
 //! `eval`), and the event's own fields. Field names are stable.
@@ -30,6 +31,7 @@
 //!   file without its directories.
 
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 pub struct Progress {
@@ -62,7 +64,8 @@ impl Progress {
     }
 
     /// Moves on by `n` units; `fields` (a JSON object) describe the state, e.g. the loss.
-    pub fn advance(&mut self, n: u64, fields: Value) {
+    pub fn advance(&mut self, n: u64, fields: impl Serialize) {
+        let fields = object(fields);
         self.done += n;
         if self.json {
             self.emit("progress", fields);
@@ -82,7 +85,8 @@ impl Progress {
     }
 
     /// A notable event (an evaluation, a save) that is not a unit of progress.
-    pub fn event(&self, event: &str, fields: Value) {
+    pub fn event(&self, event: &str, fields: impl Serialize) {
+        let fields = object(fields);
         if self.json {
             self.emit(event, fields);
         } else if let Some(bar) = &self.bar {
@@ -90,7 +94,8 @@ impl Progress {
         }
     }
 
-    pub fn finish(self, fields: Value) {
+    pub fn finish(self, fields: impl Serialize) {
+        let fields = object(fields);
         if self.json {
             self.emit("done", fields);
         } else if let Some(bar) = &self.bar {
@@ -112,9 +117,22 @@ impl Progress {
     }
 }
 
+/// A line's fields as a JSON object (the contract's structs always are one).
+fn object(fields: impl Serialize) -> Value {
+    serde_json::to_value(fields).unwrap_or_else(|_| json!({}))
+}
+
 /// The `error` line of a failed `task`.
 pub fn error_line(task: &str, code: &str, message: &str) -> String {
-    json!({"task": task, "event": "error", "code": code, "message": message}).to_string()
+    let mut line = json!({"task": task, "event": "error"});
+    let fields = object(esft::jobs::contract::ErrorLine {
+        code: code.to_string(),
+        message: message.to_string(),
+    });
+    if let (Some(l), Some(f)) = (line.as_object_mut(), fields.as_object()) {
+        l.extend(f.clone());
+    }
+    line.to_string()
 }
 
 fn short(v: &Value) -> String {
