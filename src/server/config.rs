@@ -132,6 +132,11 @@ pub struct Limits {
     /// A generation request running longer than this (from its arrival) ends with the
     /// tokens so far, `finish_reason: "length"`; 0 = no limit.
     pub max_request_seconds: f64,
+    /// Adapters one tenant may keep (a tenant's `max_adapters` overrides it); 0 = no limit.
+    pub max_adapters_per_tenant: u64,
+    /// Bytes of adapter files one tenant may keep (a tenant's `max_adapter_bytes` overrides
+    /// it); 0 = no limit.
+    pub max_adapter_bytes_per_tenant: u64,
 }
 
 /// Longest request target hyper itself takes; `limits.max_uri_bytes` may not exceed it.
@@ -143,6 +148,32 @@ impl EngineSection {
         crate::adapter::CacheSettings {
             disk_bytes: self.disk_cache_bytes,
             lookup_ttl: seconds(self.adapter_lookup_ttl_seconds),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The adapter quotas: `limits`' and each tenant's overrides.
+    pub fn adapter_limits(&self) -> crate::jobs::adapter_quota::AdapterLimits {
+        use crate::jobs::adapter_quota::{AdapterLimit, AdapterLimits};
+        let default = AdapterLimit {
+            max_adapters: self.limits.max_adapters_per_tenant,
+            max_bytes: self.limits.max_adapter_bytes_per_tenant,
+        };
+        AdapterLimits {
+            default,
+            tenants: self
+                .auth
+                .tenants
+                .iter()
+                .map(|t| {
+                    let limit = AdapterLimit {
+                        max_adapters: t.max_adapters.unwrap_or(default.max_adapters),
+                        max_bytes: t.max_adapter_bytes.unwrap_or(default.max_bytes),
+                    };
+                    (t.name.clone(), limit)
+                })
+                .collect(),
         }
     }
 }
@@ -188,6 +219,8 @@ impl Default for Limits {
             max_queue_seconds: 60.0,
             min_free_disk_bytes: 1 << 30,
             max_request_seconds: 900.0,
+            max_adapters_per_tenant: 100,
+            max_adapter_bytes_per_tenant: 64 << 30,
         }
     }
 }
@@ -226,6 +259,10 @@ pub struct TenantConfig {
     /// Directories of the adapters directory's top level that belong to this tenant's
     /// namespace (reserved: nobody else can put a shared adapter under these names).
     pub adapters: Vec<String>,
+    /// This tenant's `limits.max_adapters_per_tenant` (0 = no limit).
+    pub max_adapters: Option<u64>,
+    /// This tenant's `limits.max_adapter_bytes_per_tenant` (0 = no limit).
+    pub max_adapter_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -732,6 +769,7 @@ mod tests {
             name: name.into(),
             key_sha256: Vec::new(),
             adapters: adapters.iter().map(|a| a.to_string()).collect(),
+            ..TenantConfig::default()
         };
         let mut c = ServerConfig {
             model: Some("m".into()),
