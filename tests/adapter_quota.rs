@@ -70,9 +70,7 @@ async fn race(quotas: &[Arc<AdapterQuota>], tenant: &str, n: usize, bytes: u64) 
             let q = quotas[i % quotas.len()].clone();
             let tenant = tenant.to_string();
             tokio::spawn(async move {
-                let held = q
-                    .reserve(Some(&tenant), &format!("a{i}"), bytes)
-                    .await?;
+                let held = q.reserve(Some(&tenant), &format!("a{i}"), bytes).await?;
                 held.settle().await?;
                 Ok::<(), QuotaError>(())
             })
