@@ -73,6 +73,12 @@ pub struct EngineSection {
     /// current; a deleted or replaced adapter is noticed at most this long after the
     /// fact. 0: every request looks its adapter up.
     pub adapter_lookup_ttl_seconds: f64,
+    /// With an object-store registry: how long the store's answer that a name has no
+    /// adapter, or only one the asker may not use (another tenant's private one), is
+    /// trusted before the store is asked again (per name, bounded in entries). An adapter
+    /// installed through another replica under such a name is found at most this long
+    /// after; through this one, at once. 0: not cached.
+    pub adapter_miss_ttl_seconds: f64,
     /// Longest sequence (prompt + output); 0 = the model's `max_position_embeddings`.
     pub max_context: usize,
     /// Most running sequences of one tenant; 0 = no cap beyond the fair share.
@@ -94,6 +100,7 @@ impl Default for EngineSection {
             host_cache_bytes: 4 << 30,
             disk_cache_bytes: 64 << 30,
             adapter_lookup_ttl_seconds: 1.0,
+            adapter_miss_ttl_seconds: 1.0,
             max_context: 0,
             max_running_per_tenant: 0,
             max_waiting: 512,
@@ -148,6 +155,7 @@ impl EngineSection {
         crate::adapter::CacheSettings {
             disk_bytes: self.disk_cache_bytes,
             lookup_ttl: seconds(self.adapter_lookup_ttl_seconds),
+            miss_ttl: seconds(self.adapter_miss_ttl_seconds),
         }
     }
 }
@@ -575,6 +583,10 @@ impl ServerConfig {
         let ttl = e.adapter_lookup_ttl_seconds;
         if !(ttl.is_finite() && ttl >= 0.0) {
             return Err("engine.adapter_lookup_ttl_seconds must be >= 0".into());
+        }
+        let ttl = e.adapter_miss_ttl_seconds;
+        if !(ttl.is_finite() && ttl >= 0.0) {
+            return Err("engine.adapter_miss_ttl_seconds must be >= 0".into());
         }
         if self.limits.max_uri_bytes > MAX_URI_BYTES {
             return Err(format!(
