@@ -436,3 +436,95 @@ async fn an_upload_that_stops_sending_is_refused_and_leaves_nothing() {
         None,
     );
 }
+
+/// Bytes of the adapter files in `dir` (what the quotas count).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// Tenants' adapter quotas through the HTTP API: past its count or its bytes a tenant's
+/// install is refused with 429 `quota_exceeded` naming the limit, and leaves nothing behind;
+/// replacing one of its adapters under its name still goes through; a delete makes room;
+/// an adapter that was on disk before the quotas were first used counts; shared adapters
+/// count against no tenant; a tenant's override of the default is honoured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_quotas_refuse_past_the_limit_and_replacements_still_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("one");
+    write_reference_adapter(&fixture("lite"), &d, &spec(40));
+    let tar = tar_of(&d, "");
+    let size = dir_bytes(&d);
+    let s = server(true, |c| {
+        // acme: `acme-a` (which the configuration gives it), and two more.
+        c.limits.max_adapters_per_tenant = 3;
+        c.limits.max_adapter_bytes_per_tenant = 0;
+        // globex: any number of adapters, but room for `globex-a` and one and a half more.
+        let globex_a = dir_bytes(&c.adapters.join("globex-a"));
+        if let Some(g) = c.auth.tenants.iter_mut().find(|t| t.name == "globex") {
+            g.max_adapters = Some(0);
+            g.max_adapter_bytes = Some(globex_a + size * 3 / 2);
+        }
+    });
+    // On disk before anything used the quotas: acme's `acme-a` and `pre` count.
+    let pre = s.adapters.join("@acme").join("pre");
+    std::fs::create_dir_all(s.adapters.join("@acme")).unwrap();
+    write_reference_adapter(&fixture("lite"), &pre, &spec(41));
+    let want = greedy(&s, ADMIN, "acme/pre").await.unwrap();
+
+    let (st, v) = upload(&s, ACME, "?name=x", &tar).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let refused = upload(&s, ACME, "?name=y", &tar).await;
+    assert_error(&refused, StatusCode::TOO_MANY_REQUESTS, None);
+    assert_eq!(
+        refused.1["error"]["code"], "quota_exceeded",
+        "{}",
+        refused.1
+    );
+    assert_eq!(refused.1["error"]["type"], "insufficient_quota");
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_adapters_per_tenant"), "{message}");
+    assert!(!message.contains(s.adapters.to_str().unwrap()), "{message}");
+    let missing = greedy(&s, ACME, "y").await.unwrap_err();
+    assert_error(&missing, StatusCode::NOT_FOUND, Some("model"));
+    assert!(settled_leftovers(&s.adapters).is_empty());
+    // The admin installing into acme's namespace is held to acme's quota too.
+    let (st, v) = upload(&s, ADMIN, "?name=z&owner=acme", &tar).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    // Replacing an adapter of the tenant's goes through, at its limit.
+    for name in ["x", "pre"] {
+        let (st, v) = upload(&s, ACME, &format!("?name={name}"), &tar).await;
+        assert_eq!(st, StatusCode::OK, "{name}: {v}");
+    }
+    let one = greedy(&s, ACME, "pre").await.unwrap();
+    assert_ne!(one, want, "the replacement is served");
+    assert_eq!(greedy(&s, ACME, "x").await.unwrap(), one);
+    // A delete makes room.
+    let (st, v) = s
+        .call(Method::DELETE, "/v1/adapters/x", Some(ACME), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) = upload(&s, ACME, "?name=y", &tar).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    // Shared adapters count against nobody.
+    for i in 0..3 {
+        let (st, v) = upload(&s, ADMIN, &format!("?name=shared-{i}"), &tar).await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+    }
+
+    // globex's own limits: no count limit, bytes for one adapter.
+    let (st, v) = upload(&s, GLOBEX, "?name=a", &tar).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let refused = upload(&s, GLOBEX, "?name=b", &tar).await;
+    assert_eq!(refused.0, StatusCode::TOO_MANY_REQUESTS, "{}", refused.1);
+    let message = refused.1["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("max_adapter_bytes_per_tenant"),
+        "{message}"
+    );
+    let (st, v) = upload(&s, GLOBEX, "?name=a", &tar).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(settled_leftovers(&s.adapters).is_empty());
+}

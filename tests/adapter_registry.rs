@@ -2,8 +2,11 @@
 //! process sharing it: an adapter installed through one is listed and served by the other
 //! without a restart, with the greedy output of the same adapter applied from local disk;
 //! a replacement propagates whole; a delete stops both; a tenant's private adapter stays
-//! its own on both; and while the store does not answer, cached adapters keep being served
-//! and new loads fail with 503 `store_unavailable` until it is back.
+//! its own on both; while the store does not answer, cached adapters keep being served
+//! and new loads fail with 503 `store_unavailable` until it is back; and names with no
+//! adapter, or another tenant's private one, cost the store nothing while their miss is
+//! cached, yet an install under such a name is found at once through the same replica and
+//! within the miss TTL through another.
 
 #[path = "common/app.rs"]
 mod app;
@@ -24,12 +27,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// A replica on the `lite` fixture (with tenants) whose adapters live in the store under
-/// `prefix`, looking every adapter up on every request.
+/// `prefix`, looking every adapter up on every request (and caching no misses).
 fn replica(s3: &S3Server, prefix: &str, edit: impl FnOnce(&mut ServerConfig)) -> Srv {
     server(true, |c| {
         c.store.url = s3.url(prefix);
         c.store.options = s3.options().into_iter().collect();
         c.engine.adapter_lookup_ttl_seconds = 0.0;
+        c.engine.adapter_miss_ttl_seconds = 0.0;
         edit(c);
     })
 }
@@ -370,4 +374,90 @@ async fn the_disk_cache_keeps_to_its_budget() {
     assert_eq!(greedy(&r2, ADMIN, "one").await.unwrap(), one);
     assert_ne!(one, two);
     assert!(r2.adapters.join("one").is_dir());
+}
+
+/// Requests a replica's adapter registry has sent to the store.
+fn store_requests(s: &Srv) -> u64 {
+    s.state.served().unwrap().engine.registry.store_requests()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_forbidden_names_cost_the_store_nothing_while_their_miss_is_cached() {
+    let Some(s3) = S3Server::start() else { return };
+    // Misses trusted for long (nothing here depends on timing), for a second, and not at all.
+    let long = replica(&s3, "misses", |c| c.engine.adapter_miss_ttl_seconds = 600.0);
+    let short = replica(&s3, "misses", |c| c.engine.adapter_miss_ttl_seconds = 1.0);
+    let other = replica(&s3, "misses", |_| {});
+    let a = Adapters::new(1);
+
+    // A name nothing has, asked for again and again, one by one and all at once: one
+    // look-up of each name it may mean (acme's own, then the shared one), no more.
+    let before = store_requests(&long);
+    for _ in 0..30 {
+        assert_not_found(&greedy(&long, ACME, "no-such").await);
+    }
+    let at_once =
+        futures_util::future::join_all((0..30).map(|_| greedy(&long, ACME, "no-such"))).await;
+    for got in &at_once {
+        assert_not_found(got);
+    }
+    let spent = store_requests(&long) - before;
+    assert!(
+        (1..=2).contains(&spent),
+        "{spent} store requests for 60 look-ups of one unknown name"
+    );
+    // Without the cache, every request asks the store again.
+    let before = store_requests(&other);
+    for _ in 0..10 {
+        assert_not_found(&greedy(&other, ACME, "no-such").await);
+    }
+    assert!(store_requests(&other) - before >= 10);
+
+    // Another tenant's private adapter: the first request learns from the store that it is
+    // private; every later one is refused before any request to the store.
+    let (st, v) = upload(&other, ACME, "?name=secret", a.tar(0)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let before = store_requests(&long);
+    assert_not_found(&greedy(&long, GLOBEX, "acme/secret").await);
+    let first = store_requests(&long) - before;
+    assert!(first <= 2, "{first}");
+    let before = store_requests(&long);
+    for _ in 0..30 {
+        assert_not_found(&greedy(&long, GLOBEX, "acme/secret").await);
+    }
+    assert_eq!(
+        store_requests(&long) - before,
+        0,
+        "forbidden look-ups reached the store"
+    );
+    assert!(!long.adapters.join("@acme/secret").exists());
+    // Its owner is not held back by that.
+    let want = greedy(&other, ACME, "secret").await.unwrap();
+    assert_eq!(greedy(&long, ACME, "secret").await.unwrap(), want);
+
+    // A name asked for before it existed: installed through the same replica, it is found
+    // at once, whatever the miss TTL.
+    assert_not_found(&greedy(&long, ACME, "later").await);
+    let (st, v) = upload(&long, ACME, "?name=later", a.tar(0)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(greedy(&long, ACME, "later").await.unwrap(), want);
+    // Installed through another replica: found within the miss TTL (a second here); the
+    // replica that trusts its miss for ten minutes still answers from it.
+    assert_not_found(&greedy(&short, ACME, "elsewhere").await);
+    assert_not_found(&greedy(&long, ACME, "elsewhere").await);
+    let (st, v) = upload(&other, ACME, "?name=elsewhere", a.tar(0)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let installed = Instant::now();
+    let mut got = greedy(&short, ACME, "elsewhere").await;
+    while got.is_err() && installed.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        got = greedy(&short, ACME, "elsewhere").await;
+    }
+    assert_eq!(got.unwrap(), want);
+    assert!(
+        installed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        installed.elapsed()
+    );
+    assert_not_found(&greedy(&long, ACME, "elsewhere").await);
 }

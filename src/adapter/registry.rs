@@ -28,6 +28,9 @@ pub struct CacheSettings {
     pub disk_bytes: u64,
     /// How long a lookup in the store counts as current (0: every request looks up).
     pub lookup_ttl: Duration,
+    /// How long the store's answer that a name has no adapter, or only a private one, is
+    /// trusted (0: not cached).
+    pub miss_ttl: Duration,
 }
 
 impl Default for CacheSettings {
@@ -35,14 +38,27 @@ impl Default for CacheSettings {
         Self {
             disk_bytes: 0,
             lookup_ttl: Duration::ZERO,
+            miss_ttl: Duration::ZERO,
         }
     }
+}
+
+/// What the store last said of a name that gave the asker nothing to pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Miss {
+    /// No adapter (never one, or deleted).
+    Absent,
+    /// An adapter that is not public: only its owner (and the admin) may use it.
+    Private,
 }
 
 /// The object-store side of a registry.
 struct Shared {
     remote: Arc<Remote>,
     settings: CacheSettings,
+    /// The negative cache: names the store had no usable adapter for, for
+    /// `settings.miss_ttl` (bounded: any client may name anything).
+    misses: Option<moka::sync::Cache<AdapterKey, Miss>>,
     /// When each name was last found current in the store.
     checked: Mutex<HashMap<AdapterKey, Instant>>,
     /// When each cached name was last asked for (the disk cache's recency).
@@ -58,6 +74,8 @@ struct Shared {
 const STORE_BACKOFF: Duration = Duration::from_secs(5);
 /// Entries of the look-up times map beyond which the stale ones are dropped.
 const CHECKED_PRUNE_AT: usize = 4096;
+/// Names the negative cache holds at most.
+const MISSES_CAPACITY: u64 = 65_536;
 
 pub struct AdapterRegistry {
     pub store: AdapterStore,
@@ -111,8 +129,15 @@ impl AdapterRegistry {
     /// [`AdapterStore::open`], [`BaseModel::open`] and this, then publishes with
     /// [`AdapterRegistry::install`] / [`AdapterRegistry::install_new`].
     pub fn with_remote(mut self, remote: Arc<Remote>, settings: CacheSettings) -> Self {
+        let misses = (!settings.miss_ttl.is_zero()).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(MISSES_CAPACITY)
+                .time_to_live(settings.miss_ttl)
+                .build()
+        });
         self.shared = Some(Shared {
             remote,
+            misses,
             settings,
             checked: Mutex::new(HashMap::new()),
             used: Mutex::new(HashMap::new()),
@@ -146,6 +171,18 @@ impl AdapterRegistry {
             Arc::new(AdapterStats::default()),
         )
         .with_remote(remote, CacheSettings::default()))
+    }
+
+    /// Forgets what the store said of `key` (it was just installed or deleted here).
+    fn unmiss(&self, key: &AdapterKey) {
+        if let Some(m) = self.shared.as_ref().and_then(|sh| sh.misses.as_ref()) {
+            m.invalidate(key);
+        }
+    }
+
+    /// Requests this registry has sent to the object store (0 without one).
+    pub fn store_requests(&self) -> u64 {
+        self.remote().map_or(0, |r| r.requests())
     }
 
     /// The object-store registry, if there is one.
@@ -237,6 +274,7 @@ impl AdapterRegistry {
             let r = sh
                 .remote
                 .publish_blocking(key, &staging.dir(), public, true)?;
+            self.unmiss(key);
             return self.install_published(key, staging, &r);
         }
         let done = self.store.install(key, staging, public)?;
@@ -259,6 +297,7 @@ impl AdapterRegistry {
             let r = sh
                 .remote
                 .publish_blocking(key, &staging.dir(), public, false)?;
+            self.unmiss(key);
             return self.install_published(key, staging, &r);
         }
         self.store.install_new(key, staging, public)
@@ -281,6 +320,7 @@ impl AdapterRegistry {
                 c.remove(key);
             }
         }
+        self.unmiss(key);
         match self.store.delete(key) {
             Ok(old) => {
                 self.forget(old.id());
@@ -428,6 +468,15 @@ impl AdapterRegistry {
         key: &AdapterKey,
         allow: &(dyn Fn(Option<&str>, bool) -> bool + Sync),
     ) -> Result<(), AdapterError> {
+        // What the store said of this name moments ago, when that gave nothing to pull: no
+        // adapter, or a private one that this asker may not use (decided here, before any
+        // request to the store).
+        let cached_miss = sh.misses.as_ref().and_then(|m| m.get(key));
+        match cached_miss {
+            Some(Miss::Absent) => return Ok(()),
+            Some(Miss::Private) if !allow(key.tenant.as_deref(), false) => return Ok(()),
+            _ => {}
+        }
         let ttl = sh.settings.lookup_ttl;
         if !ttl.is_zero()
             && sh
@@ -452,10 +501,24 @@ impl AdapterRegistry {
             attempts += 1;
             let k = key.clone();
             let head = sh.remote.run(|r| async move { r.head(&k).await }).await;
+            let miss = head
+                .as_ref()
+                .ok()
+                .map(|h| match h.as_ref().filter(|r| !r.deleted) {
+                    None => Some(Miss::Absent),
+                    Some(r) if !(r.public || self.store.policy_public(key)) => Some(Miss::Private),
+                    Some(_) => None,
+                });
             let outcome = match head {
                 Ok(head) => self.follow(key, local.as_ref(), head, allow).await,
                 Err(e) => Err(e),
             };
+            if let (Ok(()), Some(miss), Some(misses)) = (&outcome, miss, sh.misses.as_ref()) {
+                match miss {
+                    Some(m) => misses.insert(key.clone(), m),
+                    None => misses.invalidate(key),
+                }
+            }
             let unavailable = outcome.as_ref().err().is_some_and(|e| e.is_unavailable());
             if let Ok(mut d) = sh.down_until.lock() {
                 *d = unavailable.then(|| Instant::now() + STORE_BACKOFF);

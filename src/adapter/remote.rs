@@ -240,6 +240,11 @@ impl Remote {
         }))
     }
 
+    /// Requests sent to the store so far (see [`Store::requests`]).
+    pub fn requests(&self) -> u64 {
+        self.store.requests()
+    }
+
     /// The registry's address (for messages and logs).
     pub fn url(&self) -> &str {
         self.store.url()

@@ -343,6 +343,22 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes of an adapter's own files in `dir` (its top-level regular files but the server's
+/// `access.json` and `origin.json`): what the registry's refs count, and the adapter quotas
+/// (blocking).
+pub fn adapter_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.flatten()
+                .filter(|e| e.file_name() != ACCESS_FILE && e.file_name() != ORIGIN_FILE)
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn is_adapter_dir(dir: &Path) -> bool {
     dir.join(MANIFEST_FILE).is_file() || dir.join(REFERENCE_CONFIG_FILE).is_file()
 }

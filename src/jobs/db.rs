@@ -234,6 +234,18 @@ const SCHEMA: &[&str] = &[
         bytes BIGINT NOT NULL,
         expires_at BIGINT NOT NULL
     )",
+    // Tenants' adapters and the installs in flight that reserve room for one, counted in
+    // the adapter quotas (see `adapter_quota`).
+    "CREATE TABLE IF NOT EXISTS adapter_usage (
+        owner TEXT NOT NULL,
+        name TEXT NOT NULL,
+        bytes BIGINT,
+        pending_bytes BIGINT,
+        pending_token TEXT,
+        pending_until BIGINT,
+        updated_at BIGINT NOT NULL,
+        PRIMARY KEY (owner, name)
+    )",
     "CREATE TABLE IF NOT EXISTS job_checkpoints (
         id TEXT PRIMARY KEY,
         job_id TEXT NOT NULL,

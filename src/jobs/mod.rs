@@ -3,6 +3,8 @@
 //! server, above the adapter store (a finished job installs its adapter there): nothing
 //! here knows HTTP, tenancy beyond an owner name, or the engine.
 //!
+//! - [`adapter_quota`]: tenants' adapter quotas, a ledger of their adapters in the records
+//!   database
 //! - [`data`]: the task-data JSONL formats and their per-line check (shared with
 //!   `esft-train`)
 //! - [`db`]: the records database (SQLite or PostgreSQL, one portable SQL through sqlx)
@@ -12,6 +14,7 @@
 //!   leases of running jobs
 //! - [`runner`]: runs jobs as `esft-train` child processes and installs their adapters
 
+pub mod adapter_quota;
 pub mod contract;
 pub mod data;
 pub mod db;

@@ -21,8 +21,9 @@ use super::body::next_chunk;
 use super::errors::{off_thread, ApiError};
 use super::{AppState, Served};
 use crate::adapter::format::{validate_name, MANIFEST_FILE, REFERENCE_CONFIG_FILE};
-use crate::adapter::store::ACCESS_FILE;
-use crate::adapter::{AdapterError, AdapterKey, Version};
+use crate::adapter::store::{adapter_bytes, ACCESS_FILE};
+use crate::adapter::{AdapterError, AdapterKey, Staging, Version};
+use crate::jobs::adapter_quota::QuotaError;
 
 impl Served {
     fn tiers(&self, v: &Version) -> Value {
@@ -239,7 +240,7 @@ pub async fn delete(
     let served = state.served()?;
     let name = joined(&parts);
     served.refresh(&caller, &name).await?;
-    off_thread(move || {
+    let (key, answer) = off_thread(move || {
         let v = served.managed(&caller, &name)?;
         let gone = served
             .engine
@@ -248,11 +249,25 @@ pub async fn delete(
             .map_err(adapter_error)?;
         let version = gone.as_ref().map_or(v.id(), |g| g.id());
         tracing::info!(adapter = %v.key(), version, by = caller.label(), "adapter deleted");
-        Ok(Json(
+        Ok((
+            v.key().clone(),
             json!({"id": name, "object": "adapter", "version": version, "deleted": true}),
         ))
     })
-    .await
+    .await?;
+    // It counts in its owner's quota no more. (Where that cannot be written now, the
+    // quotas are corrected when the server next starts.)
+    let released = match state.adapter_quota().await {
+        Ok(q) => q
+            .release(key.tenant.as_deref(), &key.name)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.message),
+    };
+    if let Err(e) = released {
+        tracing::warn!(adapter = %key, "releasing a deleted adapter's quota: {e}");
+    }
+    Ok(Json(answer))
 }
 
 #[derive(Debug, Deserialize)]
@@ -322,60 +337,134 @@ pub async fn upload(
     let idle = state.config.limits.body_read_timeout();
     receive(body, &package, state.config.limits.max_upload_bytes, idle).await?;
 
-    let (status, v) = off_thread(move || -> Result<(StatusCode, Value), ApiError> {
-        let staged = staging.dir();
-        unpack(&package, &staged)?;
-        let _ = std::fs::remove_file(&package);
-        if !staged.join(MANIFEST_FILE).is_file() && !staged.join(REFERENCE_CONFIG_FILE).is_file()
-        {
-            return Err(ApiError::bad_request(format!(
-                "the package holds neither {MANIFEST_FILE} nor {REFERENCE_CONFIG_FILE}"
-            ))
-            .code("invalid_adapter"));
-        }
-        // The name in our manifest, if there is one (a broken manifest is reported below).
-        let inner = std::fs::read(staged.join(MANIFEST_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_string));
-        let name = match (q.name.clone(), inner.clone()) {
-            (Some(n), _) | (None, Some(n)) => n,
-            (None, None) => {
+    let public = q.public;
+    let (served2, caller2) = (served.clone(), caller.clone());
+    let (key, staging, bytes) =
+        off_thread(move || -> Result<(AdapterKey, Staging, u64), ApiError> {
+            let served = served2;
+            let staged = staging.dir();
+            unpack(&package, &staged)?;
+            let _ = std::fs::remove_file(&package);
+            if !staged.join(MANIFEST_FILE).is_file()
+                && !staged.join(REFERENCE_CONFIG_FILE).is_file()
+            {
+                return Err(ApiError::bad_request(format!(
+                    "the package holds neither {MANIFEST_FILE} nor {REFERENCE_CONFIG_FILE}"
+                ))
+                .code("invalid_adapter"));
+            }
+            // The name in our manifest, if there is one (a broken manifest is reported below).
+            let inner = std::fs::read(staged.join(MANIFEST_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|m| m.get("name").and_then(Value::as_str).map(str::to_string));
+            let name = match (q.name.clone(), inner.clone()) {
+                (Some(n), _) | (None, Some(n)) => n,
+                (None, None) => {
+                    return Err(ApiError::invalid(
+                        "name",
+                        "the package does not name the adapter: pass ?name=",
+                    ))
+                }
+            };
+            validate_name(&name).map_err(|e| ApiError::invalid("name", e.to_string()))?;
+            if let Some(inner) = inner.filter(|i| *i != name) {
                 return Err(ApiError::invalid(
                     "name",
-                    "the package does not name the adapter: pass ?name=",
-                ))
+                    format!(
+                        "the package's {MANIFEST_FILE} names the adapter {inner:?}, not {name:?}"
+                    ),
+                ));
             }
-        };
-        validate_name(&name).map_err(|e| ApiError::invalid("name", e.to_string()))?;
-        if let Some(inner) = inner.filter(|i| *i != name) {
-            return Err(ApiError::invalid(
-                "name",
-                format!("the package's {MANIFEST_FILE} names the adapter {inner:?}, not {name:?}"),
-            ));
-        }
-        // Everything the engine would check, now, before anything is visible.
-        let reg = &served.engine.registry;
-        reg.check_servable(&staged, &name, served.engine.config.device_slot_bytes)
-            .map_err(|e| ApiError::bad_request(e).code("invalid_adapter"))?;
-        let key = AdapterKey {
-            tenant: owner,
-            name,
-        };
-        let done = reg
-            .install(&key, staging, q.public)
-            .map_err(adapter_error)?;
-        let replaced = done.replaced.as_ref().map(|o| o.id());
-        tracing::info!(adapter = %key, version = done.version.id(), ?replaced, by = caller.label(), "adapter installed");
-        let status = if replaced.is_some() {
-            StatusCode::OK
-        } else {
-            StatusCode::CREATED
-        };
-        Ok((status, served.describe(&caller, &done.version)))
+            // Everything the engine would check, now, before anything is visible.
+            let reg = &served.engine.registry;
+            reg.check_servable(&staged, &name, served.engine.config.device_slot_bytes)
+                .map_err(|e| ApiError::bad_request(e).code("invalid_adapter"))?;
+            let key = AdapterKey {
+                tenant: owner,
+                name,
+            };
+            let bytes = adapter_bytes(&staged);
+            Ok((key, staging, bytes))
+        })
+        .await?;
+    // Room in the owner's adapter quota, held until the install ends (given back if it
+    // fails).
+    let quota = state.adapter_quota().await?;
+    let held = quota
+        .reserve(key.tenant.as_deref(), &key.name, bytes)
+        .await
+        .map_err(quota_error)?;
+    let (served2, k) = (served.clone(), key.clone());
+    let done = off_thread(move || {
+        served2
+            .engine
+            .registry
+            .install(&k, staging, public)
+            .map_err(adapter_error)
     })
-    .await?;
-    Ok((status, Json(v)))
+    .await;
+    let done = match done {
+        Ok(done) => done,
+        Err(e) => {
+            if let Err(c) = held.cancel().await {
+                tracing::warn!(adapter = %key, "giving back an adapter quota reservation: {c}; it lapses in an hour");
+            }
+            return Err(e);
+        }
+    };
+    if let Err(e) = held.settle().await {
+        tracing::warn!(adapter = %key, "recording an installed adapter in the quotas: {e}; corrected when the server next starts");
+    }
+    let replaced = done.replaced.as_ref().map(|o| o.id());
+    tracing::info!(adapter = %key, version = done.version.id(), ?replaced, by = caller2.label(), "adapter installed");
+    let status = if replaced.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(served.describe(&caller2, &done.version))))
+}
+
+/// A refusal of the adapter quota: 429 `quota_exceeded`, as for files and jobs.
+pub(super) fn quota_error(e: QuotaError) -> ApiError {
+    match e {
+        QuotaError::Db(e) => ApiError::logged("reading or writing the adapter quotas", &e),
+        e => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            e.to_string(),
+        )
+        .code("quota_exceeded"),
+    }
+}
+
+/// Every tenant adapter the adapter store holds, `(tenant, name, bytes)`: the object-store
+/// registry's where there is one, else the adapters directory's. What the adapter quotas
+/// are reconciled with.
+pub(super) async fn tenant_adapters(
+    served: &Arc<Served>,
+) -> Result<Vec<(String, String, u64)>, ApiError> {
+    let registry = served.engine.registry.clone();
+    if let Some(heads) = registry.registry_heads().await.map_err(adapter_error)? {
+        return Ok(heads
+            .iter()
+            .filter(|h| !h.deleted)
+            .filter_map(|h| Some((h.key.tenant.clone()?, h.key.name.clone(), h.size_bytes())))
+            .collect());
+    }
+    off_thread(move || {
+        Ok(registry
+            .store
+            .list()
+            .iter()
+            .filter_map(|v| {
+                let bytes = v.read(adapter_bytes).unwrap_or(v.size_bytes());
+                Some((v.tenant()?.to_string(), v.name().to_string(), bytes))
+            })
+            .collect())
+    })
+    .await
 }
 
 /// Streams the request body to `path`, refusing more than `limit` bytes (413) and a body

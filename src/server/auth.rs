@@ -204,6 +204,7 @@ mod tests {
                 name: "acme".into(),
                 key_sha256: vec![hash_key("acme-key").to_uppercase()],
                 adapters: vec!["mine".into()],
+                ..TenantConfig::default()
             }],
         };
         let metrics = MetricsConfig {

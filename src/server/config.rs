@@ -73,6 +73,12 @@ pub struct EngineSection {
     /// current; a deleted or replaced adapter is noticed at most this long after the
     /// fact. 0: every request looks its adapter up.
     pub adapter_lookup_ttl_seconds: f64,
+    /// With an object-store registry: how long the store's answer that a name has no
+    /// adapter, or only one the asker may not use (another tenant's private one), is
+    /// trusted before the store is asked again (per name, bounded in entries). An adapter
+    /// installed through another replica under such a name is found at most this long
+    /// after; through this one, at once. 0: not cached.
+    pub adapter_miss_ttl_seconds: f64,
     /// Longest sequence (prompt + output); 0 = the model's `max_position_embeddings`.
     pub max_context: usize,
     /// Most running sequences of one tenant; 0 = no cap beyond the fair share.
@@ -94,6 +100,7 @@ impl Default for EngineSection {
             host_cache_bytes: 4 << 30,
             disk_cache_bytes: 64 << 30,
             adapter_lookup_ttl_seconds: 1.0,
+            adapter_miss_ttl_seconds: 1.0,
             max_context: 0,
             max_running_per_tenant: 0,
             max_waiting: 512,
@@ -132,6 +139,11 @@ pub struct Limits {
     /// A generation request running longer than this (from its arrival) ends with the
     /// tokens so far, `finish_reason: "length"`; 0 = no limit.
     pub max_request_seconds: f64,
+    /// Adapters one tenant may keep (a tenant's `max_adapters` overrides it); 0 = no limit.
+    pub max_adapters_per_tenant: u64,
+    /// Bytes of adapter files one tenant may keep (a tenant's `max_adapter_bytes` overrides
+    /// it); 0 = no limit.
+    pub max_adapter_bytes_per_tenant: u64,
 }
 
 /// Longest request target hyper itself takes; `limits.max_uri_bytes` may not exceed it.
@@ -143,6 +155,33 @@ impl EngineSection {
         crate::adapter::CacheSettings {
             disk_bytes: self.disk_cache_bytes,
             lookup_ttl: seconds(self.adapter_lookup_ttl_seconds),
+            miss_ttl: seconds(self.adapter_miss_ttl_seconds),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The adapter quotas: `limits`' and each tenant's overrides.
+    pub fn adapter_limits(&self) -> crate::jobs::adapter_quota::AdapterLimits {
+        use crate::jobs::adapter_quota::{AdapterLimit, AdapterLimits};
+        let default = AdapterLimit {
+            max_adapters: self.limits.max_adapters_per_tenant,
+            max_bytes: self.limits.max_adapter_bytes_per_tenant,
+        };
+        AdapterLimits {
+            default,
+            tenants: self
+                .auth
+                .tenants
+                .iter()
+                .map(|t| {
+                    let limit = AdapterLimit {
+                        max_adapters: t.max_adapters.unwrap_or(default.max_adapters),
+                        max_bytes: t.max_adapter_bytes.unwrap_or(default.max_bytes),
+                    };
+                    (t.name.clone(), limit)
+                })
+                .collect(),
         }
     }
 }
@@ -188,6 +227,8 @@ impl Default for Limits {
             max_queue_seconds: 60.0,
             min_free_disk_bytes: 1 << 30,
             max_request_seconds: 900.0,
+            max_adapters_per_tenant: 100,
+            max_adapter_bytes_per_tenant: 64 << 30,
         }
     }
 }
@@ -226,6 +267,10 @@ pub struct TenantConfig {
     /// Directories of the adapters directory's top level that belong to this tenant's
     /// namespace (reserved: nobody else can put a shared adapter under these names).
     pub adapters: Vec<String>,
+    /// This tenant's `limits.max_adapters_per_tenant` (0 = no limit).
+    pub max_adapters: Option<u64>,
+    /// This tenant's `limits.max_adapter_bytes_per_tenant` (0 = no limit).
+    pub max_adapter_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -539,6 +584,10 @@ impl ServerConfig {
         if !(ttl.is_finite() && ttl >= 0.0) {
             return Err("engine.adapter_lookup_ttl_seconds must be >= 0".into());
         }
+        let ttl = e.adapter_miss_ttl_seconds;
+        if !(ttl.is_finite() && ttl >= 0.0) {
+            return Err("engine.adapter_miss_ttl_seconds must be >= 0".into());
+        }
         if self.limits.max_uri_bytes > MAX_URI_BYTES {
             return Err(format!(
                 "limits.max_uri_bytes must be at most {MAX_URI_BYTES}"
@@ -732,6 +781,7 @@ mod tests {
             name: name.into(),
             key_sha256: Vec::new(),
             adapters: adapters.iter().map(|a| a.to_string()).collect(),
+            ..TenantConfig::default()
         };
         let mut c = ServerConfig {
             model: Some("m".into()),

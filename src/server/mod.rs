@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use crate::adapter::{AdapterRegistry, AdapterStats, AdapterStore, BaseModel};
 use crate::engine::{Engine, EngineConfig};
+use crate::jobs::adapter_quota::AdapterQuota;
 use crate::jobs::files::FileStore;
 use crate::jobs::queue::JobStore;
 use crate::jobs::runner::{Runner, RunnerConfig};
@@ -71,6 +72,9 @@ pub struct AppState {
     jobs: tokio::sync::OnceCell<Arc<JobStore>>,
     /// Runs jobs; started once the model is loaded.
     runner: tokio::sync::OnceCell<Arc<Runner>>,
+    /// Tenants' adapter quotas (in the files' database), reconciled with the adapter store
+    /// when first opened.
+    quota: tokio::sync::OnceCell<AdapterQuota>,
     draining: AtomicBool,
 }
 
@@ -84,6 +88,7 @@ impl AppState {
             files: tokio::sync::OnceCell::new(),
             jobs: tokio::sync::OnceCell::new(),
             runner: tokio::sync::OnceCell::new(),
+            quota: tokio::sync::OnceCell::new(),
             draining: AtomicBool::new(false),
         })
     }
@@ -131,6 +136,33 @@ impl AppState {
             .get_or_init(|| async move { Arc::new(JobStore::new(files.pool(), max)) })
             .await
             .clone())
+    }
+
+    /// The tenants' adapter quotas, opened on first use once the model is loaded (the
+    /// loader opens them at startup): the ledger is first reconciled with what the adapter
+    /// store holds (see [`AdapterQuota::reconcile`]); where that fails (the store does not
+    /// answer), the next use tries again.
+    pub async fn adapter_quota(&self) -> Result<AdapterQuota, ApiError> {
+        let served = self.served()?;
+        let files = self.files().await?;
+        let quota = self
+            .quota
+            .get_or_try_init(|| async {
+                let quota = AdapterQuota::new(files.pool(), self.config.adapter_limits());
+                let listed_at = crate::jobs::db::now_ms();
+                let present = admin::tenant_adapters(&served).await?;
+                quota
+                    .reconcile(&present, listed_at)
+                    .await
+                    .map_err(|e| ApiError::logged("reconciling the adapter quotas", &e))?;
+                tracing::info!(
+                    adapters = present.len(),
+                    "adapter quotas reconciled with the adapter store"
+                );
+                Ok::<_, ApiError>(quota)
+            })
+            .await?;
+        Ok(quota.clone())
     }
 
     /// The job runner, started on first use once the model is loaded (jobs a previous
@@ -513,6 +545,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                 // request.
                 let st = state.clone();
                 rt.spawn(async move {
+                    if let Err(e) = st.adapter_quota().await {
+                        tracing::error!("the adapter quotas were not reconciled: {}", e.message);
+                    }
                     if let Err(e) = st.runner().await {
                         tracing::error!("the fine-tuning runner did not start: {}", e.message);
                     }

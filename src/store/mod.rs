@@ -104,6 +104,8 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     prefix: ObjectPath,
     url: String,
+    /// Requests sent so far through this store and every view of it.
+    requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -215,6 +217,7 @@ impl Store {
             inner,
             prefix: path,
             url: address.trim_end_matches('/').to_string(),
+            requests: Arc::default(),
         })
     }
 
@@ -230,7 +233,19 @@ impl Store {
             inner: Arc::new(fs),
             prefix: ObjectPath::default(),
             url: address.trim_end_matches('/').to_string(),
+            requests: Arc::default(),
         })
+    }
+
+    /// How many requests (gets, heads, puts, deletes, listings, uploads) were sent to the
+    /// store through this handle, its clones and scoped views: for tests and diagnostics.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self) {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The address this store was opened with (for messages and logs).
@@ -243,6 +258,7 @@ impl Store {
         let prefix = self.path(sub)?;
         Ok(Self {
             inner: self.inner.clone(),
+            requests: self.requests.clone(),
             prefix,
             url: format!("{}/{}", self.url, sub.trim_matches('/')),
         })
@@ -282,6 +298,7 @@ impl Store {
     /// The object's bytes, or `None` if there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         let path = self.path(key)?;
+        self.count();
         let got = match self.inner.get(&path).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
@@ -297,6 +314,7 @@ impl Store {
     /// The object's size, or `None` if there is none.
     pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let path = self.path(key)?;
+        self.count();
         match self.inner.head(&path).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -308,6 +326,7 @@ impl Store {
     /// or the new, never a mix.
     pub async fn put(&self, key: &str, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
         let path = self.path(key)?;
+        self.count();
         self.inner
             .put(&path, PutPayload::from_bytes(bytes.into()))
             .await
@@ -319,6 +338,7 @@ impl Store {
     /// concurrent creators of one key, exactly one succeeds.
     pub async fn create(&self, key: &str, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
         let path = self.path(key)?;
+        self.count();
         let opts = PutOptions {
             mode: PutMode::Create,
             ..PutOptions::default()
@@ -341,6 +361,7 @@ impl Store {
     /// Removes the object; a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path(key)?;
+        self.count();
         match self.inner.delete(&path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.unavailable(e)),
@@ -356,6 +377,7 @@ impl Store {
             self.path(dir)?
         };
         let prefix = (!prefix.as_ref().is_empty()).then_some(prefix);
+        self.count();
         let mut stream = self.inner.list(prefix.as_ref());
         let mut out = Vec::new();
         while let Some(meta) = stream.next().await {
@@ -381,6 +403,7 @@ impl Store {
             return self.put(key, bytes).await;
         }
         let path = self.path(key)?;
+        self.count();
         let upload = self
             .inner
             .put_multipart(&path)
@@ -422,6 +445,7 @@ impl Store {
         mut inspect: impl FnMut(&[u8]),
     ) -> Result<Option<u64>, StoreError> {
         let path = self.path(key)?;
+        self.count();
         let got = match self.inner.get(&path).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),

@@ -66,11 +66,13 @@ pub fn server_on(model: &str, keyed: bool, edit: impl FnOnce(&mut ServerConfig))
                 name: "acme".into(),
                 key_sha256: vec![hash_key(ACME)],
                 adapters: vec!["acme-a".into()],
+                ..TenantConfig::default()
             },
             TenantConfig {
                 name: "globex".into(),
                 key_sha256: vec![hash_key(GLOBEX)],
                 adapters: vec!["globex-a".into()],
+                ..TenantConfig::default()
             },
         ];
     }
