@@ -826,3 +826,26 @@ async fn previews_run_one_per_tenant_stop_with_their_client_and_time_out() {
     assert_error(&got, StatusCode::SERVICE_UNAVAILABLE, None);
     assert_eq!(got.1["error"]["code"], "preview_unavailable", "{}", got.1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_adapter_passes_the_tenants_quota_fails_and_leaves_no_adapter() {
+    // Room for no adapter bytes at all: the finished job's install is refused.
+    let srv = server(true, |c| c.limits.max_adapter_bytes_per_tenant = 1);
+    let training = file(&srv, Some(ACME), 40).await;
+    let created = create(&srv, Some(ACME), job(&training, 2)).await;
+    let id = created["id"].as_str().unwrap();
+    let done = ended(&srv, Some(ACME), id, 180).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "quota_exceeded", "{done}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_adapter_bytes_per_tenant"),
+        "{done}"
+    );
+    assert_eq!(done["fine_tuned_model"], Value::Null);
+    let (s, models) = srv.get("/v1/models", Some(ACME)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(!models.to_string().contains("ft:"), "{models}");
+}

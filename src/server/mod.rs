@@ -184,13 +184,15 @@ impl AppState {
                     slot_budget: served.engine.config.device_slot_bytes,
                     lease: ft.lease(),
                     poll: ft.poll(),
+                    min_free_disk_bytes: self.config.limits.min_free_disk_bytes,
                     max_job: ft.max_job(),
                     max_previews: ft.previews(),
                     preview_timeout: ft.preview_timeout(),
                 };
                 let jobs = self.jobs().await?;
                 let files = self.files().await?;
-                Runner::start(jobs, files, served.engine.registry.clone(), cfg)
+                let quota = self.adapter_quota().await?;
+                Runner::start(jobs, files, served.engine.registry.clone(), quota, cfg)
                     .await
                     .map_err(|e| ApiError::logged("starting the fine-tuning runner", &e))
             })

@@ -85,12 +85,15 @@ pub async fn run(config: ServerConfig, jobs_at_once: usize) -> anyhow::Result<()
         slot_budget: usize::try_from(config.engine.device_slot_bytes).unwrap_or(usize::MAX),
         lease: ft.lease(),
         poll: ft.poll(),
+        min_free_disk_bytes: config.limits.min_free_disk_bytes,
         max_job: ft.max_job(),
         // A worker serves no HTTP: no previews.
         max_previews: 0,
         preview_timeout: ft.preview_timeout(),
     };
-    let runner = Runner::start(jobs, files, registry, cfg)
+    let quota =
+        crate::jobs::adapter_quota::AdapterQuota::new(files.pool(), config.adapter_limits());
+    let runner = Runner::start(jobs, files, registry, quota, cfg)
         .await
         .context("starting the fine-tuning runner")?;
     tracing::info!(

@@ -8,14 +8,19 @@ use std::path::Path;
 
 use super::stop::{internal, persist, unavailable, Stop};
 use crate::adapter::{AdapterError, AdapterKey, AdapterRegistry, ExpertConfig};
+use crate::jobs::adapter_quota::{AdapterQuota, QuotaError};
 use crate::jobs::queue::{EsftChoices, JobError, JobRecord, JobStore, Lease, Renewal, Status};
 
 /// Where an adapter goes and what it may be.
 pub struct Install<'a> {
     pub registry: &'a AdapterRegistry,
     pub jobs: &'a JobStore,
+    /// The owner's adapter quota.
+    pub quota: &'a AdapterQuota,
     /// Bytes of expert slots an adapter may need (the server's budget).
     pub slot_budget: usize,
+    /// Free disk space the install must leave in the adapters directory.
+    pub min_free_disk_bytes: u64,
     /// The job's holder and its lease's duration.
     pub lease: Lease,
     /// Why the job must stop, if it must.
@@ -40,38 +45,81 @@ impl Install<'_> {
         registry
             .check_servable(out, &job.adapter, self.slot_budget)
             .map_err(|e| Stop::Failed(JobError::new("invalid_adapter", e)))?;
-        let staging = registry
+        let bytes = crate::adapter::store::adapter_bytes(out);
+        if let Err(free) =
+            crate::util::room_for(registry.store.root(), bytes, self.min_free_disk_bytes)
+        {
+            return Err(Stop::Failed(no_room("installing the adapter", bytes, free)));
+        }
+        // Room in the owner's adapter quota, held until the install ends.
+        let held = rt
+            .block_on(
+                self.quota
+                    .reserve(job.owner.as_deref(), &job.adapter, bytes),
+            )
+            .map_err(|e| match e {
+                e @ (QuotaError::Count { .. } | QuotaError::Bytes { .. }) => {
+                    Stop::Failed(JobError::new("quota_exceeded", e.to_string()))
+                }
+                QuotaError::Db(e) => internal("reserving the adapter quota", e),
+            })?;
+        let give_back = |held: crate::jobs::adapter_quota::AdapterReservation| {
+            if let Err(e) = rt.block_on(held.cancel()) {
+                tracing::warn!(job = %job.id, "giving back an adapter quota reservation: {e}; it lapses in an hour");
+            }
+        };
+        let staged = registry
             .store
             .staging()
-            .map_err(|e| internal("creating a staging directory", e))?;
-        copy_files(out, &staging.dir()).map_err(|e| internal("staging the adapter", e))?;
+            .map_err(|e| internal("creating a staging directory", e))
+            .and_then(|staging| {
+                copy_files(out, &staging.dir()).map_err(|e| internal("staging the adapter", e))?;
+                Ok(staging)
+            });
+        let staging = match staged {
+            Ok(s) => s,
+            Err(stop) => {
+                give_back(held);
+                return Err(stop);
+            }
+        };
         let within = self.lease.duration;
         // A lease just renewed: no other worker can take the job over while it installs.
-        match persist(rt, within, "renewing the lease", || {
+        let renewed = match persist(rt, within, "renewing the lease", || {
             self.jobs.renew(&job.id, &self.lease)
         }) {
-            Ok(Renewal::Held) => {}
-            Ok(Renewal::Cancelled) => return Err(Stop::Cancelled),
-            Ok(Renewal::Lost) => return Err(Stop::Lost),
+            Ok(Renewal::Held) => (self.stopped)().map_or(Ok(()), Err),
+            Ok(Renewal::Cancelled) => Err(Stop::Cancelled),
+            Ok(Renewal::Lost) => Err(Stop::Lost),
             Err(e) => {
                 tracing::error!(
                     "renewing the lease of job {} before installing: {e}",
                     job.id
                 );
-                return Err(Stop::Lost);
+                Err(Stop::Lost)
             }
-        }
-        if let Some(stop) = (self.stopped)() {
+        };
+        if let Err(stop) = renewed {
+            give_back(held);
             return Err(stop);
         }
         // The adapter's name carries the job's id: a version already there is this job's,
         // from a worker that installed it and died before recording the success.
-        let done = registry
-            .install(&key, staging, false)
-            .map_err(|e| match e {
-                AdapterError::StoreUnavailable(_) => unavailable("publishing the adapter", e),
-                e => internal("installing the adapter", e),
-            })?;
+        let done = match registry.install(&key, staging, false) {
+            Ok(done) => done,
+            Err(e) => {
+                give_back(held);
+                return Err(match e {
+                    AdapterError::StoreUnavailable(_) => unavailable("publishing the adapter", e),
+                    e => internal("installing the adapter", e),
+                });
+            }
+        };
+        // Counted from now on (where that cannot be written, the quotas are corrected when
+        // a server next starts).
+        if let Err(e) = held.settle_blocking(rt) {
+            tracing::warn!(job = %job.id, "settling an adapter quota reservation: {e}");
+        }
         let ours = done.version.id();
         let holder = self.lease.worker.as_str();
         let succeeded = persist(rt, within, "recording the job's success", || {
@@ -90,6 +138,10 @@ impl Install<'_> {
         if registry.store.resolve(&key).map(|v| v.id()) == Some(ours) {
             if let Err(e) = registry.delete(&key) {
                 tracing::error!("removing the adapter of job {}: {e}", job.id);
+            } else if let Err(e) =
+                rt.block_on(self.quota.release(job.owner.as_deref(), &job.adapter))
+            {
+                tracing::warn!(job = %job.id, "releasing a removed adapter's quota: {e}");
             }
         }
         match succeeded {
@@ -100,6 +152,17 @@ impl Install<'_> {
             Err(e) => Err(internal("recording the job's success", e)),
         }
     }
+}
+
+/// The job error of work refused for want of disk space.
+pub fn no_room(what: &str, bytes: u64, free: u64) -> JobError {
+    JobError::new(
+        "insufficient_storage",
+        format!(
+            "{what} needs {bytes} bytes and would leave less free disk space than this \
+             server keeps (limits.min_free_disk_bytes; {free} bytes are free)"
+        ),
+    )
 }
 
 /// The selection `select` wrote to `path`.

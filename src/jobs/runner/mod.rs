@@ -40,10 +40,11 @@ use std::time::{Duration, Instant};
 use self::child::Trainer;
 use self::claims::{renew_round, Claims, StopReason};
 pub use self::install::selection_summary;
-use self::install::{describe_selection, read_expert_config, Install};
+use self::install::{describe_selection, no_room, read_expert_config, Install};
 use self::preview::Previews;
 use self::stop::{internal, persist, Stop};
 pub use self::sync::JOBS_DIR;
+use super::adapter_quota::AdapterQuota;
 use super::contract::{
     state_dir, Batch, Length, Line, ScoreRun, SelectRun, TrainRun, EXPERTS_FILE, SCORES_FILE,
     TRAINING_FILE, VALIDATION_FILE,
@@ -87,6 +88,8 @@ pub struct RunnerConfig {
     /// one may take before it is stopped.
     pub max_previews: usize,
     pub preview_timeout: Duration,
+    /// Free disk space training and installs must leave (0: no reserve).
+    pub min_free_disk_bytes: u64,
     /// How often the queue is looked at without being woken.
     pub poll: Duration,
 }
@@ -100,6 +103,7 @@ pub struct Runner {
     jobs: Arc<JobStore>,
     files: Arc<FileStore>,
     registry: Arc<AdapterRegistry>,
+    quota: AdapterQuota,
     cfg: RunnerConfig,
     trainer: Trainer,
     /// This process's worker id; each claim's holder is it and a claim number.
@@ -121,6 +125,7 @@ impl Runner {
         jobs: Arc<JobStore>,
         files: Arc<FileStore>,
         registry: Arc<AdapterRegistry>,
+        quota: AdapterQuota,
         cfg: RunnerConfig,
     ) -> Result<Arc<Self>, JobsError> {
         let worker = worker_id();
@@ -165,6 +170,7 @@ impl Runner {
             jobs,
             files,
             registry,
+            quota,
             cfg,
             trainer,
             worker,
@@ -513,6 +519,16 @@ impl Runner {
         let trained_tokens = if out.exists() {
             job.trained_tokens.unwrap_or(0)
         } else {
+            // The saved state (the trained weights and their two optimizer moments) and
+            // the adapter itself: refused up front where they would not leave the disk
+            // reserve free.
+            let need = summary["adapter_bytes"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_mul(4);
+            if let Err(free) = crate::util::room_for(dir, need, self.cfg.min_free_disk_bytes) {
+                return Err(Stop::Failed(no_room("training", need, free)));
+            }
             let eval = validation.as_deref().zip(job.validation_file.as_deref());
             let spec = &job.spec;
             let run = TrainRun {
@@ -543,7 +559,9 @@ impl Runner {
         Install {
             registry: &self.registry,
             jobs: &self.jobs,
+            quota: &self.quota,
             slot_budget: self.cfg.slot_budget,
+            min_free_disk_bytes: self.cfg.min_free_disk_bytes,
             lease: Lease {
                 worker: worker.to_string(),
                 duration: self.cfg.lease,
