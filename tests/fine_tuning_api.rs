@@ -179,6 +179,46 @@ async fn a_job_trains_installs_and_serves_its_tenant_only_on(database: &str) {
     let metric = all.iter().find(|e| e["type"] == "metrics").unwrap();
     assert!(metric["data"]["train_loss"].as_f64().unwrap().is_finite());
     assert!(metric["data"]["step"].as_u64().is_some());
+    // Every step is in the job's result file (OpenAI's CSV), visible to its owner only;
+    // it goes with its job.
+    let results = done["result_files"].as_array().unwrap();
+    assert_eq!(results.len(), 1, "{done}");
+    let result = results[0].as_str().unwrap();
+    let (s, csv) = srv
+        .get_text(&format!("/v1/files/{result}/content"), Some(ACME))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{csv}");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    );
+    assert_eq!(lines.len(), 5, "{csv}");
+    for (i, line) in lines[1..].iter().enumerate() {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), 5, "{line}");
+        assert_eq!(cells[0], (i + 1).to_string(), "{csv}");
+        assert!(cells[1].parse::<f64>().unwrap().is_finite(), "{line}");
+    }
+    let (s, object) = srv.get(&format!("/v1/files/{result}"), Some(ACME)).await;
+    assert_eq!(s, StatusCode::OK, "{object}");
+    assert_eq!(object["purpose"], "fine-tune-results");
+    assert_eq!(object["bytes"], csv.len());
+    let (s, _) = srv.get(&format!("/v1/files/{result}"), Some(GLOBEX)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = srv
+        .get_text(&format!("/v1/files/{result}/content"), Some(GLOBEX))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let gone = srv
+        .call(
+            Method::DELETE,
+            &format!("/v1/files/{result}"),
+            Some(ACME),
+            None,
+        )
+        .await;
+    assert_error(&gone, StatusCode::BAD_REQUEST, Some("id"));
     // Pages of events, newest first, follow the cursor.
     let (_, first) = srv
         .get(

@@ -12,6 +12,7 @@ use esft::jobs::queue::{
     Page, ScoreFunction, Status,
 };
 use serde_json::json;
+use sqlx::Row;
 use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;
@@ -1240,5 +1241,106 @@ async fn listings_filtered_on_metadata_page_across_many_jobs() {
         got.sort();
         assert_eq!(got, want, "{}", b.name);
         assert_eq!(seen.len(), 150, "{}: no job twice", b.name);
+    }
+}
+
+#[tokio::test]
+async fn every_step_is_kept_compactly_and_ended_jobs_go_after_their_retention() {
+    use esft::jobs::queue::{job_of_result_file, result_file_id, StepMetrics};
+    for b in backends() {
+        let files = b.files(1 << 20).await;
+        let jobs = Arc::new(JobStore::new(files.pool(), 0));
+        let id = queued(&files, &jobs, Some("acme")).await;
+        let row = |step: i64, loss: f64| StepMetrics {
+            step,
+            created_at: 1_700_000_000 + step,
+            train_loss: loss,
+            valid_loss: None,
+            learning_rate: 1e-4,
+            tokens_per_s: 512.0,
+            trained_tokens: 100 * step,
+        };
+        // Only the holder of a running job records steps.
+        assert!(!jobs
+            .record_step(&id, &lease().worker, &row(1, 3.0))
+            .await
+            .unwrap());
+        assert_eq!(jobs.claim_next(&lease()).await.unwrap().unwrap().id, id);
+        assert!(!jobs.record_step(&id, "other", &row(1, 3.0)).await.unwrap());
+        for step in 1..=300 {
+            let loss = 3.0 - step as f64 / 100.0;
+            assert!(jobs
+                .record_step(&id, &lease().worker, &row(step, loss))
+                .await
+                .unwrap());
+        }
+        // A step trained again after a resume replaces its row; a validation loss lands
+        // on its step.
+        assert!(jobs
+            .record_step(&id, &lease().worker, &row(7, 9.5))
+            .await
+            .unwrap());
+        assert!(jobs
+            .record_valid_loss(&id, &lease().worker, 10, 2.25)
+            .await
+            .unwrap());
+        assert!(!jobs.record_valid_loss(&id, "other", 20, 1.0).await.unwrap());
+        let first = jobs.steps(&id, 0, 10).await.unwrap();
+        assert_eq!(
+            first.iter().map(|s| s.step).collect::<Vec<_>>(),
+            (1..=10).collect::<Vec<_>>(),
+            "{}",
+            b.name
+        );
+        assert_eq!(first[6].train_loss, 9.5);
+        assert_eq!(first[9].valid_loss, Some(2.25));
+        assert_eq!(first[8].valid_loss, None);
+        assert_eq!(first[9].trained_tokens, 1000);
+        let rest = jobs.steps(&id, 10, 1000).await.unwrap();
+        assert_eq!(rest.len(), 290);
+        assert_eq!(rest.last().unwrap().step, 300);
+        // The job's result file names it.
+        assert_eq!(job_of_result_file(&result_file_id(&id)), Some(id.clone()));
+        assert_eq!(job_of_result_file("file-abc"), None);
+
+        // Retention: an ended job older than the cutoff goes with all its rows; an active
+        // one, and one ended after the cutoff, stay.
+        let active = queued(&files, &jobs, Some("acme")).await;
+        let recent = queued(&files, &jobs, Some("acme")).await;
+        assert!(jobs.cancel(None, &recent).await.unwrap().unwrap().1);
+        assert!(jobs
+            .fail_held(&id, &lease().worker, &JobError::new("x", "y"))
+            .await
+            .unwrap());
+        sqlx::query("UPDATE jobs SET finished_at = 1000 WHERE id = $1")
+            .bind(&id)
+            .execute(&files.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            jobs.remove_ended_before(5000).await.unwrap(),
+            1,
+            "{}",
+            b.name
+        );
+        assert!(jobs.get(None, &id).await.unwrap().is_none());
+        assert!(jobs.steps(&id, 0, 10).await.unwrap().is_empty());
+        for table in ["job_events", "job_checkpoints", "job_metrics"] {
+            let n: i64 = sqlx::query(&format!(
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {table} WHERE job_id = $1"
+            ))
+            .bind(&id)
+            .fetch_one(&files.pool())
+            .await
+            .unwrap()
+            .try_get("n")
+            .unwrap();
+            assert_eq!(n, 0, "{}: {table}", b.name);
+        }
+        for kept in [&active, &recent] {
+            assert!(jobs.get(None, kept).await.unwrap().is_some());
+            assert!(!jobs.events(kept, None, 10).await.unwrap().items.is_empty());
+        }
+        assert_eq!(jobs.remove_ended_before(5000).await.unwrap(), 0);
     }
 }

@@ -255,6 +255,18 @@ const SCHEMA: &[&str] = &[
         model TEXT NOT NULL,
         UNIQUE (job_id, step)
     )",
+    "CREATE TABLE IF NOT EXISTS job_metrics (
+        job_id TEXT NOT NULL,
+        step BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        train_loss DOUBLE PRECISION NOT NULL,
+        valid_loss DOUBLE PRECISION,
+        learning_rate DOUBLE PRECISION NOT NULL,
+        tokens_per_s DOUBLE PRECISION NOT NULL,
+        trained_tokens BIGINT NOT NULL,
+        PRIMARY KEY (job_id, step)
+    )",
+    "CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at)",
 ];
 
 /// Columns added after the tables were first made: `(table, column, type)`, each added to a

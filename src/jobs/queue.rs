@@ -257,6 +257,53 @@ impl Checkpoint {
     }
 }
 
+/// One optimizer step's numbers (the `job_metrics` table: every step of a job, one
+/// narrow row each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepMetrics {
+    pub step: i64,
+    pub created_at: i64,
+    pub train_loss: f64,
+    /// The validation loss measured at this step, if one was.
+    pub valid_loss: Option<f64>,
+    pub learning_rate: f64,
+    pub tokens_per_s: f64,
+    pub trained_tokens: i64,
+}
+
+impl StepMetrics {
+    fn from_row(row: &DbRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            step: row.try_get("step")?,
+            created_at: row.try_get("created_at")?,
+            train_loss: row.try_get("train_loss")?,
+            valid_loss: row.try_get("valid_loss")?,
+            learning_rate: row.try_get("learning_rate")?,
+            tokens_per_s: row.try_get("tokens_per_s")?,
+            trained_tokens: row.try_get("trained_tokens")?,
+        })
+    }
+}
+
+/// The prefix of the id of a job's result file (its step metrics), the job's id after it.
+const RESULT_FILE_PREFIX: &str = "file-ftresult-";
+
+/// The id of the result file of the job `job_id`.
+pub fn result_file_id(job_id: &str) -> String {
+    format!(
+        "{RESULT_FILE_PREFIX}{}",
+        job_id.strip_prefix("ftjob-").unwrap_or(job_id)
+    )
+}
+
+/// The job whose result file `file_id` is, if it is one.
+pub fn job_of_result_file(file_id: &str) -> Option<String> {
+    file_id
+        .strip_prefix(RESULT_FILE_PREFIX)
+        .filter(|rest| !rest.is_empty())
+        .map(|rest| format!("ftjob-{rest}"))
+}
+
 /// A job as created (everything the caller chose, resolved).
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -1196,6 +1243,114 @@ impl JobStore {
         q.push(format!(" ORDER BY {order} DESC LIMIT "))
             .push_bind(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX));
         Ok(q.build().fetch_all(&self.pool).await?)
+    }
+
+    /// Records the numbers of one training step of a running job while `worker` holds
+    /// it (a step trained again after a resume replaces its row); false when it does not.
+    pub async fn record_step(
+        &self,
+        job_id: &str,
+        worker: &str,
+        m: &StepMetrics,
+    ) -> Result<bool, JobsError> {
+        let done = sqlx::query(&format!(
+            "INSERT INTO job_metrics (job_id, step, created_at, train_loss, valid_loss, \
+             learning_rate, tokens_per_s, trained_tokens) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM jobs WHERE id = $1 AND {} $9 \
+             ON CONFLICT (job_id, step) DO UPDATE SET created_at = excluded.created_at, \
+             train_loss = excluded.train_loss, valid_loss = excluded.valid_loss, \
+             learning_rate = excluded.learning_rate, tokens_per_s = excluded.tokens_per_s, \
+             trained_tokens = excluded.trained_tokens",
+            held_by()
+        ))
+        .bind(job_id)
+        .bind(m.step)
+        .bind(m.created_at)
+        .bind(m.train_loss)
+        .bind(m.valid_loss)
+        .bind(m.learning_rate)
+        .bind(m.tokens_per_s)
+        .bind(m.trained_tokens)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the validation loss measured at `step` on that step's row, while `worker`
+    /// holds the job.
+    pub async fn record_valid_loss(
+        &self,
+        job_id: &str,
+        worker: &str,
+        step: i64,
+        loss: f64,
+    ) -> Result<bool, JobsError> {
+        let done = sqlx::query(&format!(
+            "UPDATE job_metrics SET valid_loss = $1 WHERE job_id = $2 AND step = $3 \
+             AND EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND {} $4)",
+            held_by()
+        ))
+        .bind(loss)
+        .bind(job_id)
+        .bind(step)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Up to `limit` of a job's recorded steps, in order, after step `after`.
+    pub async fn steps(
+        &self,
+        job_id: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StepMetrics>, JobsError> {
+        let rows = sqlx::query(
+            "SELECT step, created_at, train_loss, valid_loss, learning_rate, tokens_per_s, \
+             trained_tokens FROM job_metrics WHERE job_id = $1 AND step > $2 \
+             ORDER BY step LIMIT $3",
+        )
+        .bind(job_id)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(StepMetrics::from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Removes the jobs that ended before `before` (Unix seconds), with their events,
+    /// checkpoints and step metrics, in one transaction; returns how many went. (Their
+    /// work was removed when they ended.)
+    pub async fn remove_ended_before(&self, before: i64) -> Result<u64, JobsError> {
+        let ended = Status::sql_list(
+            &Status::ALL
+                .into_iter()
+                .filter(|s| !s.is_active())
+                .collect::<Vec<_>>(),
+        );
+        let old = format!(
+            "SELECT id FROM jobs WHERE status IN {ended} AND finished_at IS NOT NULL \
+             AND finished_at < $1"
+        );
+        let mut tx = self.pool.begin().await?;
+        for table in ["job_events", "job_checkpoints", "job_metrics"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE job_id IN ({old})"))
+                .bind(before)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let gone = sqlx::query(&format!("DELETE FROM jobs WHERE id IN ({old})"))
+            .bind(before)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(gone)
     }
 
     /// Jobs by status, every status listed.

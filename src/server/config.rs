@@ -337,6 +337,9 @@ pub struct FineTuningConfig {
     /// Longest a job may take from its first start (it then fails, `job_timeout`, and
     /// its work is removed); 0 = no limit.
     pub max_job_seconds: f64,
+    /// Days an ended job is kept (its record, events, checkpoints and step metrics),
+    /// counted from its end; 0 = for ever.
+    pub retain_days: f64,
     /// Most optimizer steps, epochs and scoring tokens a job may ask for (400 above).
     pub max_steps: u64,
     pub max_epochs: u64,
@@ -373,6 +376,11 @@ impl FineTuningConfig {
     /// How often the queue is polled.
     pub fn poll(&self) -> Duration {
         Duration::from_secs_f64(self.poll_seconds)
+    }
+
+    /// `retain_days` (`None`: for ever).
+    pub fn retain(&self) -> Option<Duration> {
+        (self.retain_days > 0.0).then(|| seconds(self.retain_days * 86400.0))
     }
 
     /// `max_job_seconds` (`None`: no limit).
@@ -419,6 +427,7 @@ impl Default for FineTuningConfig {
             save_every_steps: 25,
             min_training_examples: 10,
             max_job_seconds: 21600.0,
+            retain_days: 30.0,
             max_steps: 100_000,
             max_epochs: 100,
             max_scoring_tokens: 1_000_000,
@@ -631,6 +640,7 @@ impl ServerConfig {
                 "fine_tuning.max_job_seconds",
                 self.fine_tuning.max_job_seconds,
             ),
+            ("fine_tuning.retain_days", self.fine_tuning.retain_days),
             ("limits.max_queue_seconds", self.limits.max_queue_seconds),
             (
                 "limits.max_request_seconds",

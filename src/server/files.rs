@@ -27,6 +27,7 @@ use super::errors::ApiError;
 use super::objects;
 use super::AppState;
 use crate::jobs::files::{FilesError, Order, PURPOSE_FINE_TUNE};
+use crate::jobs::queue::{job_of_result_file, JobRecord, JobsError, StepMetrics};
 
 /// Room for the multipart envelope (boundaries, part headers, `purpose`) beyond the file.
 const ENVELOPE_BYTES: u64 = 64 << 10;
@@ -372,12 +373,48 @@ pub async fn list(
     })))
 }
 
+/// The CSV of the result file `id` of a job the caller may see (its step metrics, read
+/// in pages), and the job; `None` when `id` names no result file.
+async fn result_file(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<Option<(JobRecord, String)>, ApiError> {
+    let Some(job_id) = job_of_result_file(id) else {
+        return Ok(None);
+    };
+    let jobs = state.jobs().await?;
+    let logged = |e: JobsError| ApiError::logged("reading a job's step metrics", &e);
+    let job = jobs
+        .get(caller.viewer(), &job_id)
+        .await
+        .map_err(logged)?
+        .filter(|j| j.started_at.is_some())
+        .ok_or_else(|| not_found(id))?;
+    // A job's steps are at most `fine_tuning.max_steps` (checked at its creation).
+    const PAGE: usize = 4096;
+    let mut steps = Vec::new();
+    loop {
+        let after = steps.last().map_or(0, |s: &StepMetrics| s.step);
+        let page = jobs.steps(&job_id, after, PAGE).await.map_err(logged)?;
+        let more = page.len() == PAGE;
+        steps.extend(page);
+        if !more {
+            break;
+        }
+    }
+    Ok(Some((job, objects::results_csv(&steps))))
+}
+
 /// `GET /v1/files/{id}`.
 pub async fn get(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    if let Some((job, csv)) = result_file(&state, &caller, &id).await? {
+        return Ok(Json(objects::result_file(&job, csv.len())));
+    }
     let store = state.files().await?;
     match store.get(caller.viewer(), &id).await.map_err(files_error)? {
         Some(f) => Ok(Json(objects::file(&f))),
@@ -392,6 +429,9 @@ pub async fn content(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    if let Some((_, csv)) = result_file(&state, &caller, &id).await? {
+        return Ok(([(header::CONTENT_TYPE, "text/csv")], csv).into_response());
+    }
     let store = state.files().await?;
     let record = store
         .get(caller.viewer(), &id)
@@ -427,12 +467,19 @@ pub async fn content(
         .into_response())
 }
 
-/// `DELETE /v1/files/{id}`.
+/// `DELETE /v1/files/{id}`. A job's result file goes with its job (400).
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    if result_file(&state, &caller, &id).await?.is_some() {
+        return Err(ApiError::invalid(
+            "id",
+            format!("{id} is a fine-tuning job's result file: it goes with its job"),
+        )
+        .code("result_file_not_deletable"));
+    }
     let store = state.files().await?;
     match store
         .delete(caller.viewer(), &id)

@@ -589,7 +589,7 @@ pub async fn create(
     }
     runner.wake();
     tracing::info!(job = %job.id, by = caller.label(), adapter = %job.adapter, "fine-tuning job created");
-    Ok(Json(objects::job(&job, organization(&job), &[])))
+    Ok(Json(objects::job(&job, organization(&job))))
 }
 
 #[derive(Debug, Deserialize)]
@@ -631,7 +631,7 @@ pub async fn list(
     let data: Vec<Value> = page
         .items
         .iter()
-        .map(|j| objects::job(j, organization(j), &[]))
+        .map(|j| objects::job(j, organization(j)))
         .collect();
     Ok(Json(
         json!({"object": "list", "data": data, "has_more": page.has_more}),
@@ -655,7 +655,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let job = visible_job(&state, &caller, &id).await?;
-    Ok(Json(objects::job(&job, organization(&job), &[])))
+    Ok(Json(objects::job(&job, organization(&job))))
 }
 
 /// `POST /v1/fine_tuning/jobs/{id}/cancel`: the job's child is killed at once and its work
@@ -685,7 +685,7 @@ pub async fn cancel(
         runner.cancel(&id);
     }
     tracing::info!(job = %id, by = caller.label(), "fine-tuning job cancelled");
-    Ok(Json(objects::job(&job, organization(&job), &[])))
+    Ok(Json(objects::job(&job, organization(&job))))
 }
 
 #[derive(Debug, Deserialize)]

@@ -186,6 +186,7 @@ impl AppState {
                     poll: ft.poll(),
                     min_free_disk_bytes: self.config.limits.min_free_disk_bytes,
                     max_job: ft.max_job(),
+                    retain: ft.retain(),
                     max_previews: ft.previews(),
                     preview_timeout: ft.preview_timeout(),
                 };

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::jobs::files::FileRecord;
-use crate::jobs::queue::{Checkpoint, JobEvent, JobRecord, JobSpec};
+use crate::jobs::queue::{result_file_id, Checkpoint, JobEvent, JobRecord, JobSpec, StepMetrics};
 
 /// OpenAI's `file` object.
 pub fn file(record: &FileRecord) -> Value {
@@ -22,9 +22,14 @@ pub fn file(record: &FileRecord) -> Value {
     })
 }
 
-/// OpenAI's `fine_tuning.job` object; `organization` names the owner, `result_files`
-/// are the ids of the job's result files.
-pub fn job(job: &JobRecord, organization: &str, result_files: &[String]) -> Value {
+/// OpenAI's `fine_tuning.job` object; `organization` names the owner. A job that started
+/// has its result file: its step metrics ([`results_csv`]).
+pub fn job(job: &JobRecord, organization: &str) -> Value {
+    let result_files: Vec<String> = job
+        .started_at
+        .map(|_| result_file_id(&job.id))
+        .into_iter()
+        .collect();
     json!({
         "id": job.id,
         "object": "fine_tuning.job",
@@ -82,6 +87,36 @@ fn method(spec: &JobSpec) -> Value {
         "type": "supervised",
         "supervised": {"hyperparameters": hyperparameters(spec)},
         "esft": spec.esft,
+    })
+}
+
+/// The header of a result file: OpenAI's columns (the accuracies are not measured: left
+/// empty).
+const RESULTS_HEADER: &str =
+    "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n";
+
+/// A job's result file, OpenAI's CSV of its steps.
+pub fn results_csv(steps: &[StepMetrics]) -> String {
+    let mut csv = String::from(RESULTS_HEADER);
+    for s in steps {
+        let valid = s.valid_loss.map(|v| v.to_string()).unwrap_or_default();
+        csv.push_str(&format!("{},{},,{valid},\n", s.step, s.train_loss));
+    }
+    csv
+}
+
+/// The `file` object of a job's result file of `bytes`.
+pub fn result_file(job: &JobRecord, bytes: usize) -> Value {
+    json!({
+        "id": result_file_id(&job.id),
+        "object": "file",
+        "bytes": bytes,
+        "created_at": job.started_at.unwrap_or(job.created_at),
+        "filename": "step_metrics.csv",
+        "purpose": "fine-tune-results",
+        "status": "processed",
+        "status_details": null,
+        "expires_at": null,
     })
 }
 

@@ -87,6 +87,7 @@ pub async fn run(config: ServerConfig, jobs_at_once: usize) -> anyhow::Result<()
         poll: ft.poll(),
         min_free_disk_bytes: config.limits.min_free_disk_bytes,
         max_job: ft.max_job(),
+        retain: ft.retain(),
         // A worker serves no HTTP: no previews.
         max_previews: 0,
         preview_timeout: ft.preview_timeout(),

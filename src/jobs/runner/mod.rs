@@ -53,9 +53,19 @@ use super::db::now;
 use super::files::FileStore;
 use super::queue::{
     worker_id, worker_is_gone, EventKind, JobError, JobRecord, JobStore, JobsError, Lease, Level,
-    Status, AUTO_BATCH_TOKENS,
+    Status, StepMetrics, AUTO_BATCH_TOKENS,
 };
 use crate::adapter::AdapterRegistry;
+
+/// Saved states of a job kept in the object store (older ones are removed as new ones
+/// are recorded; a resume needs only the newest whole one).
+const STORED_STATES: usize = 2;
+
+/// At most one metrics event per this long (every step is in the metrics table).
+const METRICS_EVENT_EVERY: Duration = Duration::from_secs(5);
+
+/// How often ended jobs past `retain` are looked for.
+const RETAIN_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// How long a job the object store failed waits before it goes back to the queue (at most
 /// a lease).
@@ -88,6 +98,9 @@ pub struct RunnerConfig {
     /// one may take before it is stopped.
     pub max_previews: usize,
     pub preview_timeout: Duration,
+    /// How long ended jobs are kept (their records, events, checkpoints and metrics);
+    /// `None`: for ever.
+    pub retain: Option<Duration>,
     /// Free disk space training and installs must leave (0: no reserve).
     pub min_free_disk_bytes: u64,
     /// How often the queue is looked at without being woken.
@@ -192,6 +205,9 @@ impl Runner {
             tokio::spawn(runner.clone().dispatch());
             tokio::spawn(runner.clone().renewals());
         }
+        if let Some(retain) = runner.cfg.retain {
+            tokio::spawn(Self::remove_old(Arc::downgrade(&runner), retain));
+        }
         Ok(runner)
     }
 
@@ -294,6 +310,25 @@ impl Runner {
         }
     }
 
+    /// Removes the jobs that ended more than `retain` ago, now and every
+    /// [`RETAIN_SWEEP_EVERY`], while the runner lives.
+    async fn remove_old(runner: std::sync::Weak<Self>, retain: Duration) {
+        loop {
+            let Some(r) = runner.upgrade() else { return };
+            let before = now().saturating_sub(i64::try_from(retain.as_secs()).unwrap_or(i64::MAX));
+            match r.jobs.remove_ended_before(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    jobs = n,
+                    "removed fine-tuning jobs past fine_tuning.retain_days"
+                ),
+                Err(e) => tracing::warn!("removing old fine-tuning jobs: {e}"),
+            }
+            drop(r);
+            tokio::time::sleep(RETAIN_SWEEP_EVERY).await;
+        }
+    }
+
     /// Renews the leases every third of a lease ([`renew_round`]).
     async fn renewals(self: Arc<Self>) {
         let every = (self.cfg.lease / 3).max(Duration::from_millis(100));
@@ -392,6 +427,24 @@ impl Runner {
             tracing::error!("recording a checkpoint of job {id}: {e}");
         }
         self.info(rt, job, message, Some(metrics));
+    }
+
+    /// Keeps the newest [`STORED_STATES`] saved states of a job in the object store (a
+    /// failure is logged: the job's end removes them all).
+    fn prune_stored_states(&self, job: &JobRecord, rt: &tokio::runtime::Handle) {
+        let Some(store) = self.files.store() else {
+            return;
+        };
+        let pruned = rt
+            .block_on(self.jobs.checkpoint_steps(&job.id))
+            .map_err(|e| e.to_string())
+            .and_then(|steps| {
+                rt.block_on(sync::prune_states(store, &job.id, &steps, STORED_STATES))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = pruned {
+            tracing::warn!(job = %job.id, "pruning the stored states: {e}");
+        }
     }
 
     /// Runs one claimed job to its end (or until it must stop here).
@@ -651,6 +704,7 @@ impl Runner {
         let mut written = Instant::now() - Duration::from_secs(60);
         let mut step_times: Vec<f64> = Vec::new();
         let mut last_step_at = Instant::now();
+        let mut last_event: Option<Instant> = None;
         let adapter = job.adapter.clone();
         let watch = self.claims.watch(holder(job));
         let scrub = |m: &str| self.scrub(job, m);
@@ -677,6 +731,27 @@ impl Runner {
                     trained_tokens = s.trained_tokens;
                     total_steps = s.total_steps;
                     self.claims.set_rate(holder(job), s.tokens_per_s);
+                    // Every step in the metrics table; an event for the first, the last, and
+                    // at most one per `METRICS_EVENT_EVERY` between.
+                    let row = StepMetrics {
+                        step: i64::try_from(s.step).unwrap_or(i64::MAX),
+                        created_at: now(),
+                        train_loss: s.loss,
+                        valid_loss: None,
+                        learning_rate: s.lr,
+                        tokens_per_s: s.tokens_per_s,
+                        trained_tokens,
+                    };
+                    if let Err(e) = rt.block_on(self.jobs.record_step(&job.id, holder(job), &row)) {
+                        tracing::error!("recording a step of job {}: {e}", job.id);
+                    }
+                    let due = s.step <= 1
+                        || s.step == total_steps
+                        || last_event.is_none_or(|t: Instant| t.elapsed() >= METRICS_EVENT_EVERY);
+                    if !due {
+                        return;
+                    }
+                    last_event = Some(Instant::now());
                     let data = json!({
                         "step": s.step,
                         "total_steps": total_steps,
@@ -716,6 +791,15 @@ impl Runner {
                 }
                 Line::Eval(e) => {
                     valid_loss = Some(e.eval_loss);
+                    let step = i64::try_from(e.step).unwrap_or(i64::MAX);
+                    if let Err(err) = rt.block_on(self.jobs.record_valid_loss(
+                        &job.id,
+                        holder(job),
+                        step,
+                        e.eval_loss,
+                    )) {
+                        tracing::error!("recording a validation loss of job {}: {err}", job.id);
+                    }
                     self.info(
                         rt,
                         job,
@@ -737,6 +821,7 @@ impl Runner {
                     if stored {
                         let message = format!("Saved the training state at step {step}");
                         self.checkpoint(rt, job, step, metrics, &name, &message);
+                        self.prune_stored_states(job, rt);
                     }
                 }
                 Line::TrainDone(done) => {
