@@ -1344,3 +1344,48 @@ async fn every_step_is_kept_compactly_and_ended_jobs_go_after_their_retention() 
         assert_eq!(jobs.remove_ended_before(5000).await.unwrap(), 0);
     }
 }
+
+#[tokio::test]
+async fn a_tenants_own_quotas_replace_the_defaults() {
+    for b in backends() {
+        let size = LINE.len() as u64;
+        let owners = |acme: u64| {
+            [("acme".to_string(), acme)]
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        // Files: two files' worth by default, one for acme.
+        let files = b.files(2 * size).await.with_owner_quotas(owners(size));
+        let acme = add(&files, Some("acme")).await.unwrap();
+        assert!(matches!(
+            add(&files, Some("acme")).await,
+            Err(FilesError::Quota { limit, .. }) if limit == size
+        ));
+        add(&files, Some("globex")).await.unwrap();
+        add(&files, Some("globex")).await.unwrap();
+        assert!(matches!(
+            add(&files, Some("globex")).await,
+            Err(FilesError::Quota { limit, .. }) if limit == 2 * size
+        ));
+        // Jobs: one active by default, three for acme.
+        let jobs = JobStore::new(files.pool(), 1).with_owner_quotas(owners(3));
+        for _ in 0..3 {
+            jobs.create(new_job(Some("acme"), &acme.id, None))
+                .await
+                .unwrap();
+        }
+        assert!(matches!(
+            jobs.create(new_job(Some("acme"), &acme.id, None)).await,
+            Err(JobsError::Quota {
+                active: 3,
+                limit: 3
+            })
+        ));
+        let theirs = add(&files, None).await.unwrap();
+        jobs.create(new_job(None, &theirs.id, None)).await.unwrap();
+        assert!(matches!(
+            jobs.create(new_job(None, &theirs.id, None)).await,
+            Err(JobsError::Quota { limit: 1, .. })
+        ));
+    }
+}

@@ -281,6 +281,31 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("files", "samples", "BIGINT"),
 ];
 
+/// A quota's value per owner: `default`, or the owner's own where `owners` has one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PerOwner {
+    pub default: u64,
+    pub owners: std::collections::HashMap<String, u64>,
+}
+
+impl PerOwner {
+    /// The same value for everyone.
+    pub fn all(default: u64) -> Self {
+        Self {
+            default,
+            owners: Default::default(),
+        }
+    }
+
+    /// `owner`'s value (`None`, the admin: the default).
+    pub fn of(&self, owner: Option<&str>) -> u64 {
+        owner
+            .and_then(|o| self.owners.get(o))
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
 /// Takes `owner`'s lock (`None`: the admin) inside the transaction `tx`, until it ends:
 /// a quota check made after it, and the write it allows, are not interleaved with another
 /// one's of the same owner, in this process or any other sharing the database. (An

@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::data::{check_train_file, LineError, DEFAULT_MAX_LINE_BYTES};
-use super::db::{self, now, DbRow, Pool, Sql};
+use super::db::{self, now, DbRow, PerOwner, Pool, Sql};
 use super::lifecycle::Status;
 use crate::store::{Store, StoreError};
 
@@ -122,7 +122,7 @@ pub struct FileStore {
     dir: PathBuf,
     /// Where the bytes live for every machine (`None`: only in `dir`).
     store: Option<Store>,
-    max_stored_bytes: u64,
+    max_stored_bytes: PerOwner,
     /// Longest line of a training file.
     max_line_bytes: usize,
 }
@@ -185,11 +185,17 @@ impl FileStore {
             pool,
             dir,
             store: None,
-            max_stored_bytes,
+            max_stored_bytes: PerOwner::all(max_stored_bytes),
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
         };
         store.sweep().await?;
         Ok(store)
+    }
+
+    /// Owners whose quota of stored bytes is their own, not the default.
+    pub fn with_owner_quotas(mut self, owners: std::collections::HashMap<String, u64>) -> Self {
+        self.max_stored_bytes.owners = owners;
+        self
     }
 
     /// Keeps the files' bytes in `store` too (under `files/<id>`); `None`: only locally.
@@ -360,11 +366,12 @@ impl FileStore {
                 .await?;
         }
         let used = Self::committed_bytes(&mut tx, owner).await?;
-        if used.saturating_add(record.bytes) > self.max_stored_bytes {
+        let limit = self.max_stored_bytes.of(owner);
+        if used.saturating_add(record.bytes) > limit {
             return Err(FilesError::Quota {
                 used,
                 size: record.bytes,
-                limit: self.max_stored_bytes,
+                limit,
             });
         }
         sqlx::query(
@@ -424,12 +431,13 @@ impl FileStore {
             .execute(&mut *tx)
             .await?;
         let used = Self::committed_bytes(&mut tx, owner).await?;
-        let bytes = wanted.min(self.max_stored_bytes.saturating_sub(used));
+        let limit = self.max_stored_bytes.of(owner);
+        let bytes = wanted.min(limit.saturating_sub(used));
         if bytes == 0 {
             return Err(FilesError::Quota {
                 used,
                 size: wanted,
-                limit: self.max_stored_bytes,
+                limit,
             });
         }
         let id = format!("rsv-{}", Alphanumeric.sample_string(&mut rand::rng(), 24));
@@ -868,7 +876,7 @@ mod tests {
             pool: first.pool(),
             dir: two.path().join(FILES_DIR),
             store: Some(store.clone()),
-            max_stored_bytes: 1 << 20,
+            max_stored_bytes: PerOwner::all(1 << 20),
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
         };
         assert!(!second.blob_path(&a.id).exists());

@@ -414,15 +414,21 @@ const LIST_BATCH: usize = 256;
 pub struct JobStore {
     pool: Pool,
     /// Most active jobs per owner (0: no limit).
-    max_active_per_owner: u64,
+    max_active_per_owner: db::PerOwner,
 }
 
 impl JobStore {
     pub fn new(pool: Pool, max_active_per_owner: u64) -> Self {
         Self {
             pool,
-            max_active_per_owner,
+            max_active_per_owner: db::PerOwner::all(max_active_per_owner),
         }
+    }
+
+    /// Owners whose quota of active jobs is their own, not the default.
+    pub fn with_owner_quotas(mut self, owners: std::collections::HashMap<String, u64>) -> Self {
+        self.max_active_per_owner.owners = owners;
+        self
     }
 
     /// Records a new job in `validating_files`: refused when a file it names is not the
@@ -433,13 +439,11 @@ impl JobStore {
     pub async fn create(&self, new: NewJob) -> Result<JobRecord, JobsError> {
         let mut tx = self.pool.begin().await?;
         db::lock_owner(&mut tx, new.owner.as_deref()).await?;
-        if self.max_active_per_owner > 0 {
+        let limit = self.max_active_per_owner.of(new.owner.as_deref());
+        if limit > 0 {
             let active = Self::active_count(&mut tx, new.owner.as_deref()).await?;
-            if active >= self.max_active_per_owner {
-                return Err(JobsError::Quota {
-                    active,
-                    limit: self.max_active_per_owner,
-                });
+            if active >= limit {
+                return Err(JobsError::Quota { active, limit });
             }
         }
         let record = JobRecord {

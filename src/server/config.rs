@@ -186,6 +186,29 @@ impl ServerConfig {
     }
 }
 
+impl ServerConfig {
+    /// The tenants with their own file quota (`max_stored_bytes`).
+    pub fn file_quotas(&self) -> std::collections::HashMap<String, u64> {
+        self.tenant_values(|t| t.max_stored_bytes)
+    }
+
+    /// The tenants with their own quota of active jobs (`max_active_jobs`).
+    pub fn job_quotas(&self) -> std::collections::HashMap<String, u64> {
+        self.tenant_values(|t| t.max_active_jobs)
+    }
+
+    fn tenant_values(
+        &self,
+        value: impl Fn(&TenantConfig) -> Option<u64>,
+    ) -> std::collections::HashMap<String, u64> {
+        self.auth
+            .tenants
+            .iter()
+            .filter_map(|t| Some((t.name.clone(), value(t)?)))
+            .collect()
+    }
+}
+
 impl Limits {
     pub fn header_read_timeout(&self) -> Duration {
         seconds(self.header_read_timeout_seconds)
@@ -271,6 +294,10 @@ pub struct TenantConfig {
     pub max_adapters: Option<u64>,
     /// This tenant's `limits.max_adapter_bytes_per_tenant` (0 = no limit).
     pub max_adapter_bytes: Option<u64>,
+    /// This tenant's `fine_tuning.max_stored_bytes_per_tenant`.
+    pub max_stored_bytes: Option<u64>,
+    /// This tenant's `fine_tuning.max_active_jobs_per_tenant` (0 = no limit).
+    pub max_active_jobs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

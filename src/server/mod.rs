@@ -105,7 +105,8 @@ impl AppState {
                     .map(|f| {
                         Arc::new(
                             f.with_store(store)
-                                .with_max_line_bytes(self.config.limits.max_line_bytes),
+                                .with_max_line_bytes(self.config.limits.max_line_bytes)
+                                .with_owner_quotas(self.config.file_quotas()),
                         )
                     })
                     .map_err(anyhow::Error::from)
@@ -133,7 +134,11 @@ impl AppState {
         let max = self.config.fine_tuning.max_active_jobs_per_tenant;
         Ok(self
             .jobs
-            .get_or_init(|| async move { Arc::new(JobStore::new(files.pool(), max)) })
+            .get_or_init(|| async move {
+                Arc::new(
+                    JobStore::new(files.pool(), max).with_owner_quotas(self.config.job_quotas()),
+                )
+            })
             .await
             .clone())
     }
