@@ -965,10 +965,11 @@ impl JobStore {
     /// now. [`Renewal::Lost`] when the job is no longer running or another worker holds
     /// it: its holder must stop working on it.
     pub async fn renew(&self, id: &str, lease: &Lease) -> Result<Renewal, JobsError> {
-        let done = sqlx::query(
+        let done = sqlx::query(&format!(
             "UPDATE jobs SET lease_expires_at = $1 \
-             WHERE id = $2 AND status = 'running' AND worker = $3",
-        )
+             WHERE id = $2 AND {} $3",
+            held_by()
+        ))
         .bind(lease.expiry())
         .bind(id)
         .bind(lease.worker.as_str())
@@ -1050,10 +1051,11 @@ impl JobStore {
         trained_tokens: i64,
         estimated_finish: Option<i64>,
     ) -> Result<bool, JobsError> {
-        let done = sqlx::query(
+        let done = sqlx::query(&format!(
             "UPDATE jobs SET trained_tokens = $1, estimated_finish = $2 \
-             WHERE id = $3 AND status = 'running' AND worker = $4",
-        )
+             WHERE id = $3 AND {} $4",
+            held_by()
+        ))
         .bind(trained_tokens)
         .bind(estimated_finish)
         .bind(id)
@@ -1101,12 +1103,13 @@ impl JobStore {
         let data = data.map(Value::to_string);
         let mut tries = 0;
         loop {
-            let inserted = sqlx::query(
+            let inserted = sqlx::query(&format!(
                 "INSERT INTO job_events (id, job_id, seq, created_at, level, kind, message, data) \
                  SELECT $1, $2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events \
                  WHERE job_id = $2), $3, $4, $5, $6, $7 \
-                 FROM jobs WHERE id = $2 AND status = 'running' AND worker = $8",
-            )
+                 FROM jobs WHERE id = $2 AND {} $8",
+                held_by()
+            ))
             .bind(new_event_id())
             .bind(job_id)
             .bind(now())
@@ -1154,10 +1157,11 @@ impl JobStore {
         metrics: &Value,
         model: &str,
     ) -> Result<bool, JobsError> {
-        let held = sqlx::query(
+        let held = sqlx::query(&format!(
             "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM jobs \
-             WHERE id = $1 AND status = 'running' AND worker = $2",
-        )
+             WHERE id = $1 AND {} $2",
+            held_by()
+        ))
         .bind(job_id)
         .bind(worker)
         .fetch_one(&self.pool)
@@ -1166,12 +1170,13 @@ impl JobStore {
         if held == 0 {
             return Ok(false);
         }
-        sqlx::query(
+        sqlx::query(&format!(
             "INSERT INTO job_checkpoints (id, job_id, step, created_at, metrics, model) \
              SELECT $1, $2, $3, $4, $5, $6 FROM jobs \
-             WHERE id = $2 AND status = 'running' AND worker = $7 \
+             WHERE id = $2 AND {} $7 \
              ON CONFLICT (job_id, step) DO NOTHING",
-        )
+            held_by()
+        ))
         .bind(format!(
             "ftckpt-{}",
             Alphanumeric.sample_string(&mut rand::rng(), 24)

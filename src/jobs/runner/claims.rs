@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::child::{kill, Watch};
-use super::stop::Stop;
+use super::stop::{no_room, Stop};
 use crate::jobs::db::now;
 use crate::jobs::queue::{JobError, JobRecord, JobStore, JobsError, Lease, Renewal};
 
@@ -21,6 +21,8 @@ pub enum StopReason {
     Released,
     /// The job ran past its limit (the limit, for the message).
     TimedOut(Duration),
+    /// What it wrote left less free disk space than the reserve (the bytes free).
+    NoRoom(u64),
 }
 
 impl StopReason {
@@ -37,6 +39,7 @@ impl StopReason {
                     limit.as_secs()
                 ),
             )),
+            StopReason::NoRoom(free) => Stop::Failed(no_room("saving the training state", free)),
         }
     }
 }
@@ -351,5 +354,10 @@ mod tests {
         };
         assert_eq!(e.code, "job_timeout");
         assert!(e.message.contains("3600 s"), "{}", e.message);
+        let Stop::Failed(e) = StopReason::NoRoom(1234).stop() else {
+            panic!()
+        };
+        assert_eq!(e.code, "insufficient_storage");
+        assert!(e.message.contains("1234 bytes are free"), "{}", e.message);
     }
 }

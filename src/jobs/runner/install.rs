@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 use std::path::Path;
 
-use super::stop::{internal, persist, unavailable, Stop};
+use super::stop::{internal, no_room, persist, unavailable, Stop};
 use crate::adapter::{AdapterError, AdapterKey, AdapterRegistry, ExpertConfig};
 use crate::jobs::adapter_quota::{AdapterQuota, QuotaError};
 use crate::jobs::queue::{EsftChoices, JobError, JobRecord, JobStore, Lease, Renewal, Status};
@@ -49,7 +49,10 @@ impl Install<'_> {
         if let Err(free) =
             crate::util::room_for(registry.store.root(), bytes, self.min_free_disk_bytes)
         {
-            return Err(Stop::Failed(no_room("installing the adapter", bytes, free)));
+            return Err(Stop::Failed(no_room(
+                &format!("installing the adapter ({bytes} bytes)"),
+                free,
+            )));
         }
         // Room in the owner's adapter quota, held until the install ends.
         let held = rt
@@ -152,17 +155,6 @@ impl Install<'_> {
             Err(e) => Err(internal("recording the job's success", e)),
         }
     }
-}
-
-/// The job error of work refused for want of disk space.
-pub fn no_room(what: &str, bytes: u64, free: u64) -> JobError {
-    JobError::new(
-        "insufficient_storage",
-        format!(
-            "{what} needs {bytes} bytes and would leave less free disk space than this \
-             server keeps (limits.min_free_disk_bytes; {free} bytes are free)"
-        ),
-    )
 }
 
 /// The selection `select` wrote to `path`.

@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 use self::child::Trainer;
 use self::claims::{renew_round, Claims, StopReason};
 pub use self::install::selection_summary;
-use self::install::{describe_selection, no_room, read_expert_config, Install};
+use self::install::{describe_selection, read_expert_config, Install};
 use self::preview::Previews;
-use self::stop::{internal, persist, Stop};
+use self::stop::{internal, no_room, persist, Stop};
 pub use self::sync::JOBS_DIR;
 use super::adapter_quota::AdapterQuota;
 use super::contract::{
@@ -580,7 +580,10 @@ impl Runner {
                 .unwrap_or(0)
                 .saturating_mul(4);
             if let Err(free) = crate::util::room_for(dir, need, self.cfg.min_free_disk_bytes) {
-                return Err(Stop::Failed(no_room("training", need, free)));
+                return Err(Stop::Failed(no_room(
+                    &format!("training (about {need} bytes of saved state and adapter)"),
+                    free,
+                )));
             }
             let eval = validation.as_deref().zip(job.validation_file.as_deref());
             let spec = &job.spec;
@@ -809,6 +812,12 @@ impl Runner {
                 }
                 Line::Save(save) => {
                     let step = save.step;
+                    // A saved state that leaves less than the disk reserve free ends the job
+                    // (its work is removed with it).
+                    if let Err(free) = crate::util::room_for(dir, 0, self.cfg.min_free_disk_bytes) {
+                        self.claims.stop(holder(job), StopReason::NoRoom(free));
+                        return;
+                    }
                     let metrics =
                         json!({"step": step, "train_loss": train_loss, "valid_loss": valid_loss});
                     let name = format!("{adapter}:ckpt-step-{step}");

@@ -41,6 +41,17 @@ pub fn internal(what: &str, e: impl std::fmt::Display) -> Stop {
     ))
 }
 
+/// The job error of work refused for want of disk space.
+pub fn no_room(what: &str, free: u64) -> JobError {
+    JobError::new(
+        "insufficient_storage",
+        format!(
+            "{what} would leave less free disk space than this server keeps \
+             (limits.min_free_disk_bytes; {free} bytes are free)"
+        ),
+    )
+}
+
 /// Runs `op` on the records until it succeeds, for up to `within` (the database may be
 /// restarting): the writes a job's end depends on.
 pub fn persist<T, F, Fut>(
