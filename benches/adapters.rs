@@ -18,7 +18,7 @@ use esft::adapter::{
 };
 use esft::model::init::write_random_checkpoint;
 use esft::model::{
-    DeepSeekV2, ExpertMap, LoadOptions, LogitsWanted, RoutingRecord, SeqCache, SeqInput,
+    Decoder, ExpertMap, LoadOptions, LogitsWanted, RoutingRecord, SeqCache, SeqInput,
 };
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
@@ -30,14 +30,14 @@ const PROMPT: usize = 32;
 
 /// One configuration of the batch: sequence `i` uses `maps[i % maps.len()]`.
 struct Batch<'a> {
-    model: &'a DeepSeekV2,
+    model: &'a Decoder,
     maps: &'a [Option<Arc<ExpertMap>>],
     prompts: Vec<Vec<u32>>,
     next: Vec<Vec<u32>>,
 }
 
 impl<'a> Batch<'a> {
-    fn new(model: &'a DeepSeekV2, maps: &'a [Option<Arc<ExpertMap>>]) -> Self {
+    fn new(model: &'a Decoder, maps: &'a [Option<Arc<ExpertMap>>]) -> Self {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let vocab = model.config().vocab_size as u32;
         let prompts = (0..BATCH)
@@ -126,7 +126,7 @@ fn main() {
     }
     let n_routed = base.config.n_routed_experts;
 
-    let mut model = DeepSeekV2::load_dir(&model_dir, &LoadOptions::default()).unwrap();
+    let mut model = Decoder::load_dir(&model_dir, &LoadOptions::default()).unwrap();
     let stats = Arc::new(AdapterStats::default());
     let make_registry = || {
         AdapterRegistry::new(

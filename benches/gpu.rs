@@ -39,7 +39,7 @@ use esft::model::config::AttentionConfig;
 use esft::model::load::WeightStore;
 use esft::model::moe::Mlp;
 use esft::model::{
-    Config, DeepSeekV2, ExpertMap, LoadOptions, LogitsWanted, RoutingRecord, SeqCache, SeqInput,
+    Config, Decoder, ExpertMap, LoadOptions, LogitsWanted, RoutingRecord, SeqCache, SeqInput,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -99,7 +99,7 @@ struct Batch {
 impl Batch {
     /// `b` sequences prefilled with `prompt` random tokens each (one forward).
     fn prefilled(
-        model: &DeepSeekV2,
+        model: &Decoder,
         b: usize,
         prompt: usize,
         maps: Vec<Option<std::sync::Arc<ExpertMap>>>,
@@ -123,7 +123,7 @@ impl Batch {
     /// the device, becomes its next token.
     fn step(
         &mut self,
-        model: &DeepSeekV2,
+        model: &Decoder,
         inputs: &[&[u32]],
         record: Option<&mut RoutingRecord>,
     ) -> Result<()> {
@@ -148,7 +148,7 @@ impl Batch {
         Ok(())
     }
 
-    fn decode(&mut self, model: &DeepSeekV2, record: Option<&mut RoutingRecord>) -> Result<()> {
+    fn decode(&mut self, model: &Decoder, record: Option<&mut RoutingRecord>) -> Result<()> {
         let next = self.next.clone();
         let refs: Vec<&[u32]> = next.iter().map(|t| t.as_slice()).collect();
         self.step(model, &refs, record)
@@ -216,7 +216,7 @@ impl StepBytes {
 /// A random adapter: 6 routed experts per MoE layer (~10% of 64) replaced by experts in
 /// fresh slots after `first_slot`; returns its map.
 fn install_adapter(
-    model: &mut DeepSeekV2,
+    model: &mut Decoder,
     first_slot: usize,
     per_layer: usize,
     dt: DType,
@@ -272,7 +272,7 @@ fn main() -> Result<()> {
     let cfg = Config::from_json(&config.to_string())?;
     let t = Instant::now();
     let weights = WeightStore::drawn(&cfg);
-    let mut model = DeepSeekV2::load(cfg.clone(), &weights, &opts)?;
+    let mut model = Decoder::load(cfg.clone(), &weights, &opts)?;
     dev.synchronize()?;
     println!(
         "model {shape} drawn on {device_name} in {:.1} s",

@@ -44,7 +44,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::deepseek2;
 use common::{bench_config, env_usize, median};
 use esft::model::init::write_random_checkpoint;
-use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, SeqCache, SeqInput};
+use esft::model::{Decoder, LoadOptions, LogitsWanted, SeqCache, SeqInput};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -68,7 +68,7 @@ struct Pass {
     first_logits: Vec<f32>,
 }
 
-fn ours_pass(model: &DeepSeekV2, prompts: &[Vec<u32>], steps: usize) -> AnyResult<Pass> {
+fn ours_pass(model: &Decoder, prompts: &[Vec<u32>], steps: usize) -> AnyResult<Pass> {
     let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
     // One batched forward of `inputs[i]` on `caches[i]`; last-position logits per sequence.
     let mut run = |inputs: &[&[u32]]| -> AnyResult<Vec<Vec<f32>>> {
@@ -275,7 +275,7 @@ fn row_json(m: &Measured) -> serde_json::Value {
 /// call), so on the bf16 checkpoint both multiply the same values in f32.
 struct Suite {
     weights: &'static str,
-    ours: DeepSeekV2,
+    ours: Decoder,
     reference: Result<deepseek2::DeepSeekV2, String>,
     _dir: tempfile::TempDir,
 }
@@ -307,7 +307,7 @@ fn load_suite(
         matrix_dtype: matrices,
         ..LoadOptions::default()
     };
-    let ours = DeepSeekV2::load_dir(dir.path(), &opts)?;
+    let ours = Decoder::load_dir(dir.path(), &opts)?;
     eprintln!("ours: loaded in {:.1}s", t.elapsed().as_secs_f64());
     let reference = if with_reference {
         let t = Instant::now();

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use common::{bench_config, env_usize, median};
 use esft::model::init::write_random_checkpoint;
-use esft::model::{DeepSeekV2, LoadOptions};
+use esft::model::{Decoder, LoadOptions};
 use esft_train::data::Sample;
 use esft_train::score::{score_samples, ScoreAccumulator};
 use esft_train::select::{select, ScoreFunction, Selection};
@@ -97,7 +97,7 @@ fn prepare(
 ) -> anyhow::Result<Prepared> {
     let base = IN_USE.load(Ordering::Relaxed);
     PEAK.store(base, Ordering::Relaxed);
-    let model = DeepSeekV2::load_dir(dir, &LoadOptions::default())?;
+    let model = Decoder::load_dir(dir, &LoadOptions::default())?;
     let mut run = Run::new(model, what, samples.to_vec(), Vec::new(), cfg.clone())?;
     let ready_bytes = IN_USE.load(Ordering::Relaxed) - base;
     run.train_step()?;
@@ -130,7 +130,7 @@ fn main() -> anyhow::Result<()> {
 
     // ESFT-Token, p = 0.2, scored on the batch itself.
     let experts = {
-        let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default())?;
+        let model = Decoder::load_dir(dir.path(), &LoadOptions::default())?;
         let c = model.config();
         let mut acc = ScoreAccumulator::new(c.n_routed_experts, c.num_experts_per_tok);
         let tokens: Vec<Vec<u32>> = samples.iter().map(|s| s.tokens.clone()).collect();

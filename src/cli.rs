@@ -13,7 +13,8 @@ use crate::model::{LoadOptions, LoadedModel};
 #[command(
     name = "esft-serve",
     version,
-    about = "Serve DeepSeek-V2 MoE models with per-request ESFT expert adapters"
+    about = "Serve fine-grained MoE models (DeepSeek-V2/V3, Qwen3-MoE, OLMoE) with per-request \
+             ESFT expert adapters"
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -1,5 +1,5 @@
-//! esft: an inference runtime for DeepSeek-V2 Mixture-of-Experts models that serves
-//! per-task ESFT expert adapters.
+//! esft: an inference runtime for fine-grained Mixture-of-Experts models (DeepSeek-V2,
+//! DeepSeek-V3, Qwen3-MoE, OLMoE) that serves per-task ESFT expert adapters.
 
 pub mod adapter;
 pub mod cli;

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use esft::adapter::merge::merge_checkpoint;
 use esft::adapter::{load_adapter, AdapterStats, BaseModel, DeviceSlots, Install};
-use esft::model::{DeepSeekV2, ExpertMap, LoadedModel};
+use esft::model::{Decoder, ExpertMap, LoadedModel};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ fn install(loaded: &mut LoadedModel, dir: &Path) -> Arc<ExpertMap> {
     }
 }
 
-fn greedy(model: &DeepSeekV2, ids: &[u32], map: Option<Arc<ExpertMap>>) -> Vec<u32> {
+fn greedy(model: &Decoder, ids: &[u32], map: Option<Arc<ExpertMap>>) -> Vec<u32> {
     use esft::engine::{generate_all, SamplingParams, Sequence};
     let params = SamplingParams {
         ignore_eos: true,
@@ -61,7 +61,7 @@ fn check_adapter_equals_merged(fixture_name: &str, spec: AdapterSpec, reference_
 
     let mut loaded = LoadedModel::load(&base_dir, &load_options()).unwrap();
     let map = install(&mut loaded, &adapter_dir);
-    let merged = DeepSeekV2::load_dir(&merged_dir, &load_options()).unwrap();
+    let merged = Decoder::load_dir(&merged_dir, &load_options()).unwrap();
     let r = reference(fixture_name);
     let mut changed = false;
     for p in r["prompts"].as_array().unwrap() {

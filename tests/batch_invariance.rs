@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use esft::model::cpu_kernels;
-use esft::model::{DeepSeekV2, LogitsWanted, SeqCache, SeqInput};
+use esft::model::{Decoder, LogitsWanted, SeqCache, SeqInput};
 
 #[test]
 fn logits_do_not_depend_on_batch_or_chunking() {
@@ -23,7 +23,7 @@ fn logits_do_not_depend_on_batch_or_chunking() {
         "qwen3-moe-dense0",
         "olmoe",
     ] {
-        let model = DeepSeekV2::load_dir(&fixture(name), &load_options()).unwrap();
+        let model = Decoder::load_dir(&fixture(name), &load_options()).unwrap();
         let r = reference(name);
         let prompts = prompt_ids(&r);
         let target = &prompts[0];

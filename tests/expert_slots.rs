@@ -7,18 +7,18 @@ mod common;
 use candle_core::DType;
 use common::*;
 use esft::model::moe::Mlp;
-use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LogitsWanted, SeqInput};
+use esft::model::{Decoder, ExpertMap, LoadOptions, LogitsWanted, SeqInput};
 
-fn load() -> DeepSeekV2 {
+fn load() -> Decoder {
     load_fixture("v2-grouped", None)
 }
 
-fn load_fixture(name: &str, matrices: Option<DType>) -> DeepSeekV2 {
+fn load_fixture(name: &str, matrices: Option<DType>) -> Decoder {
     let opts = LoadOptions {
         matrix_dtype: matrices,
         ..load_options()
     };
-    DeepSeekV2::load_dir(&fixture(name), &opts).unwrap()
+    Decoder::load_dir(&fixture(name), &opts).unwrap()
 }
 
 #[test]

@@ -7,22 +7,18 @@ use candle_core::DType;
 use common::*;
 use esft::engine::{generate_all, SamplingParams, Sequence};
 use esft::model::tokenizer::TextTokenizer;
-use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, RoutingRecord, SeqInput};
+use esft::model::{Decoder, LoadOptions, LogitsWanted, RoutingRecord, SeqInput};
 
 /// Loads a fixture with f32 compute and its weight matrices in `matrices` (`None`: f32).
-fn load(name: &str, matrices: Option<DType>) -> DeepSeekV2 {
+fn load(name: &str, matrices: Option<DType>) -> Decoder {
     let opts = LoadOptions {
         matrix_dtype: matrices,
         ..load_options()
     };
-    DeepSeekV2::load_dir(&fixture(name), &opts).unwrap()
+    Decoder::load_dir(&fixture(name), &opts).unwrap()
 }
 
-fn full_logits(
-    model: &DeepSeekV2,
-    ids: &[u32],
-    record: Option<&mut RoutingRecord>,
-) -> Vec<Vec<f32>> {
+fn full_logits(model: &Decoder, ids: &[u32], record: Option<&mut RoutingRecord>) -> Vec<Vec<f32>> {
     let mut cache = model.new_cache();
     let mut batch = [SeqInput {
         tokens: ids,
@@ -34,7 +30,7 @@ fn full_logits(
     out.logits.unwrap().to_vec2().unwrap()
 }
 
-fn greedy_sequence(model: &DeepSeekV2, prompt: Vec<u32>, n: usize) -> Sequence {
+fn greedy_sequence(model: &Decoder, prompt: Vec<u32>, n: usize) -> Sequence {
     let params = SamplingParams {
         ignore_eos: true,
         ..SamplingParams::greedy(n)
@@ -183,11 +179,7 @@ fn bf16_matrices_stay_bf16_and_give_the_logits_of_f32_matrices() {
 /// widened to f32 at load) on `ids`, and returns them. The same f32 products of the same
 /// values: with AVX-512 every product of both runs in the same kernels, bit for bit; below
 /// it the f32 model takes candle's matmul for prefill, another summation order.
-fn assert_narrow_matches_wide(
-    wide: &DeepSeekV2,
-    narrow: &DeepSeekV2,
-    ids: &[u32],
-) -> Vec<Vec<f32>> {
+fn assert_narrow_matches_wide(wide: &Decoder, narrow: &Decoder, ids: &[u32]) -> Vec<Vec<f32>> {
     let (a, b) = (full_logits(wide, ids, None), full_logits(narrow, ids, None));
     let d = a
         .iter()
@@ -292,7 +284,7 @@ fn narrow_copy_matches_wide(name: &str, dtype: DType) -> (Vec<Vec<f32>>, tempfil
             matrix_dtype: matrices,
             ..load_options()
         };
-        DeepSeekV2::load_dir(dir.path(), &opts).unwrap()
+        Decoder::load_dir(dir.path(), &opts).unwrap()
     };
     let (wide, narrow) = (load_with(None), load_with(Some(dtype)));
     assert_eq!(narrow.lm_head().dtype(), dtype);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::format::{AdapterError, AdapterWeights, VersionId};
 use super::stats::{AdapterStats, Tier};
-use crate::model::{DeepSeekV2, ExpertMap};
+use crate::model::{Decoder, ExpertMap};
 
 struct Resident {
     name: String,
@@ -42,7 +42,7 @@ pub struct DeviceSlots {
 }
 
 impl DeviceSlots {
-    pub fn new(model: &DeepSeekV2, budget_bytes: usize, stats: Arc<AdapterStats>) -> Self {
+    pub fn new(model: &Decoder, budget_bytes: usize, stats: Arc<AdapterStats>) -> Self {
         let cfg = model.config();
         let expert_bytes = cfg
             .moe_layers()
@@ -126,7 +126,7 @@ impl DeviceSlots {
     /// Copies `w`'s experts into free slots (evicting idle adapters as needed).
     pub fn install(
         &mut self,
-        model: &mut DeepSeekV2,
+        model: &mut Decoder,
         w: &AdapterWeights,
     ) -> Result<Install, AdapterError> {
         if let Some(map) = self.lookup(w.version) {
@@ -203,7 +203,7 @@ impl DeviceSlots {
     }
 
     /// Evicts the least recently used unpinned adapter; false when there is none.
-    fn evict_lru(&mut self, model: &mut DeepSeekV2) -> bool {
+    fn evict_lru(&mut self, model: &mut Decoder) -> bool {
         let victim = self
             .resident
             .iter()
@@ -217,7 +217,7 @@ impl DeviceSlots {
     }
 
     /// Frees a version's slots; refused while it is pinned.
-    pub fn remove(&mut self, model: &mut DeepSeekV2, id: VersionId) -> Result<bool, AdapterError> {
+    pub fn remove(&mut self, model: &mut Decoder, id: VersionId) -> Result<bool, AdapterError> {
         match self.resident.get(&id) {
             None => return Ok(false),
             Some(r) if r.pins > 0 => return Err(AdapterError::InUse(r.name.clone())),

@@ -5,13 +5,13 @@
 
 use super::sequence::{Sequence, TokenEvent};
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::{DeepSeekV2, SeqInput};
+use crate::model::{Decoder, SeqInput};
 
 /// Runs one forward over `seqs`. `budgets[i]` bounds the prompt tokens taken from sequence
 /// `i` while it prefills; a budget of 0 (or a finished sequence) sits this step out.
 /// Returns, per sequence, the token it produced (none while its prefill is in progress).
 pub fn step(
-    model: &DeepSeekV2,
+    model: &Decoder,
     tok: Option<&TextTokenizer>,
     seqs: &mut [&mut Sequence],
     budgets: &[usize],
@@ -53,7 +53,7 @@ pub fn step(
 
 /// Generates every sequence to completion, all sharing each step's batch.
 pub fn generate_all(
-    model: &DeepSeekV2,
+    model: &Decoder,
     tok: Option<&TextTokenizer>,
     seqs: &mut [Sequence],
     prefill_budget: usize,

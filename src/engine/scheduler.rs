@@ -32,7 +32,7 @@ use crate::adapter::{
     AdapterError, AdapterRegistry, AdapterWeights, DeviceSlots, Install, Version, VersionId,
 };
 use crate::model::tokenizer::TextTokenizer;
-use crate::model::{DeepSeekV2, ExpertMap};
+use crate::model::{Decoder, ExpertMap};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -267,7 +267,7 @@ pub struct Engine {
 impl Engine {
     /// Starts the scheduler thread, which takes ownership of the model.
     pub fn start(
-        model: DeepSeekV2,
+        model: Decoder,
         tokenizer: Arc<TextTokenizer>,
         registry: Arc<AdapterRegistry>,
         config: EngineConfig,
@@ -435,7 +435,7 @@ impl Engine {
 }
 
 struct Scheduler {
-    model: DeepSeekV2,
+    model: Decoder,
     slots: DeviceSlots,
     tokenizer: Arc<TextTokenizer>,
     registry: Arc<AdapterRegistry>,

@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::config::Config;
-use super::decoder::{DeepSeekV2, LoadOptions};
+use super::decoder::{Decoder, LoadOptions};
 use super::error::Result;
 use super::load::WeightStore;
 use super::tokenizer::TextTokenizer;
 
 pub struct LoadedModel {
     pub dir: PathBuf,
-    pub model: DeepSeekV2,
+    pub model: Decoder,
     pub tokenizer: TextTokenizer,
     /// The checkpoint's files stay mapped: adapters are checked against them.
     pub store: Arc<WeightStore>,
@@ -25,7 +25,7 @@ impl LoadedModel {
         let config = Config::from_dir(dir)?;
         let tokenizer = TextTokenizer::from_dir(dir, &config.eos_token_ids)?;
         let store = Arc::new(WeightStore::open_dir(dir)?);
-        let model = DeepSeekV2::load(config, &store, opts)?;
+        let model = Decoder::load(config, &store, opts)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             model,

@@ -272,9 +272,6 @@ pub fn split_fused(name: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
     }
 }
 
-/// The former name of [`Decoder`], from when DeepSeek-V2 was the only architecture.
-pub type DeepSeekV2 = Decoder;
-
 pub struct Decoder {
     cfg: Config,
     embed: Tensor,

@@ -303,7 +303,7 @@ pub fn write_random_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeepSeekV2, LoadOptions, LogitsWanted, SeqInput};
+    use crate::model::{Decoder, LoadOptions, LogitsWanted, SeqInput};
 
     fn lite_json() -> serde_json::Value {
         serde_json::from_str(include_str!("../../tests/fixtures/lite/config.json")).unwrap()
@@ -317,7 +317,7 @@ mod tests {
         for config in [lite_json(), lora_tied] {
             let dir = tempfile::tempdir().unwrap();
             write_random_checkpoint(&config, 7, dir.path()).unwrap();
-            let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+            let model = Decoder::load_dir(dir.path(), &LoadOptions::default()).unwrap();
             let mut cache = model.new_cache();
             let tokens = [1u32, 5, 9, 200, 511];
             let mut batch = [SeqInput {
@@ -375,7 +375,7 @@ mod tests {
         }
         let wrong = drawn.get("model.norm.weight", &[3], candle_core::DType::F32, &dev);
         assert!(matches!(wrong, Err(ModelError::ShapeMismatch { .. })));
-        let model = DeepSeekV2::load(cfg, &drawn, &LoadOptions::default()).unwrap();
+        let model = Decoder::load(cfg, &drawn, &LoadOptions::default()).unwrap();
         let mut cache = model.new_cache();
         let mut batch = [SeqInput {
             tokens: &[3, 4, 5],
@@ -416,7 +416,7 @@ mod tests {
                 };
                 assert_eq!(dtype, want, "{name}: {n}");
             }
-            let model = DeepSeekV2::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+            let model = Decoder::load_dir(dir.path(), &LoadOptions::default()).unwrap();
             assert_eq!(
                 model.config().architecture.model_type(),
                 config["model_type"].as_str().unwrap()

@@ -27,8 +27,8 @@ pub mod tokenizer;
 pub use bundle::LoadedModel;
 pub use config::Config;
 pub use decoder::{
-    Decoder, DeepSeekV2, ForwardOutput, HiddenOutput, LoadOptions, LogitsWanted, SeqCache,
-    SeqInput, TrainableWeight, WeightKind,
+    Decoder, ForwardOutput, HiddenOutput, LoadOptions, LogitsWanted, SeqCache, SeqInput,
+    TrainableWeight, WeightKind,
 };
 pub use error::{ModelError, Result};
 pub use moe::{ExpertMap, LayerRouting, RoutingRecord};

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::auth::Caller;
-use super::errors::{off_thread, ApiError, ApiJson};
+use super::body::ApiJson;
+use super::errors::{off_thread, ApiError};
 use super::generate::{merged, reserve, respond_stream, respond_whole, submit, Kind, Reply};
 use super::openai::{
     encode_chat, encode_prompt, refuse_by_length, Bounds, ChatRequest, CompletionRequest, Plan,

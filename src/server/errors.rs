@@ -1,12 +1,8 @@
 //! OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right
-//! status, and the JSON body extractor that reports bad input that way.
+//! status.
 
-use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::de::DeserializeOwned;
-
-use super::body::{read_body, BodyLimits};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -193,58 +189,9 @@ pub async fn off_thread<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("a worker failed: {e}")))?
 }
 
-/// A JSON request body. Refuses, OpenAI-style: bodies over the size limit (413) or that
-/// stall mid-way (408, see [`super::body`]), bytes that are not UTF-8, malformed JSON, and
-/// fields of the wrong type (naming the field).
-pub struct ApiJson<T>(pub T);
-
-impl<S, T> FromRequest<S> for ApiJson<T>
-where
-    S: Send + Sync,
-    BodyLimits: FromRef<S>,
-    T: DeserializeOwned,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let limits = BodyLimits::from_ref(state);
-        let bytes = read_body(req.into_body(), limits.max_bytes, limits.idle).await?;
-        parse_json(&bytes).map(ApiJson)
-    }
-}
-
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not valid UTF-8: {e}")))?;
-    // Syntax first, so a malformed body is not reported as a type error.
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "the request body must be a JSON object",
-        ));
-    }
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        if path == "." || path.is_empty() {
-            ApiError::bad_request(inner)
-        } else {
-            ApiError::invalid(&path, format!("{path}: {inner}"))
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(serde::Deserialize, Debug)]
-    #[allow(dead_code)]
-    struct T {
-        a: u32,
-        b: Option<Vec<String>>,
-    }
 
     #[test]
     fn error_bodies_stay_small_whatever_they_quote() {
@@ -278,20 +225,5 @@ mod tests {
             "{cut}"
         );
         assert_eq!(excerpt("short", 100), "short");
-    }
-
-    #[test]
-    fn names_the_field_of_a_type_error() {
-        let e = parse_json::<T>(br#"{"a": "x"}"#).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("a"));
-        let e = parse_json::<T>(br#"{"a": 1, "b": [1]}"#).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("b[0]"));
-        let e = parse_json::<T>(br#"{"a": 1"#).unwrap_err();
-        assert!(e.message.contains("not valid JSON"), "{}", e.message);
-        let e = parse_json::<T>(b"{\"a\": 1, \"c\": \"\xff\"}").unwrap_err();
-        assert!(e.message.contains("UTF-8"), "{}", e.message);
-        let e = parse_json::<T>(br#"{}"#).unwrap_err();
-        assert!(e.message.contains("missing field `a`"), "{}", e.message);
-        assert!(parse_json::<T>(br#"{"a": 1}"#).is_ok());
     }
 }

@@ -17,7 +17,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::auth::Caller;
-use super::errors::{ApiError, ApiJson};
+use super::body::ApiJson;
+use super::errors::ApiError;
 use super::files::page_limit;
 use super::objects;
 use super::AppState;

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use super::admin::adapter_error;
 use super::auth::Caller;
-use super::errors::{off_thread, ApiError, ApiJson};
+use super::body::ApiJson;
+use super::errors::{off_thread, ApiError};
 use super::{AppState, Served};
 use crate::adapter::format::validate_name;
 use crate::adapter::AdapterKey;

@@ -197,7 +197,7 @@ pub fn write_reference_adapter(
 
 /// Logits of every position of one sequence run alone through `model`.
 pub fn logits_all(
-    model: &esft::model::DeepSeekV2,
+    model: &esft::model::Decoder,
     ids: &[u32],
     map: Option<&esft::model::ExpertMap>,
 ) -> Vec<Vec<f32>> {

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use esft::adapter::format::{BaseModel, Provenance};
-use esft::adapter::ExpertConfig;
 use esft::jobs::contract;
 use esft::model::{LoadOptions, LoadedModel};
 
@@ -471,7 +470,9 @@ fn score_cmd(a: &ScoreArgs) -> Result<()> {
 fn select_cmd(a: &SelectArgs) -> Result<()> {
     let scores = Scores::read(&a.scores)?;
     let cfg = match (&a.random_like, a.score_function, a.top_p) {
-        (Some(like), _, _) => select::random_like(&scores, &read_expert_config(like)?, a.seed)?,
+        (Some(like), _, _) => {
+            select::random_like(&scores, &select::read_expert_config(like)?, a.seed)?
+        }
         (None, Some(function), Some(top_p)) => select::select(
             &scores,
             &Selection {
@@ -483,7 +484,7 @@ fn select_cmd(a: &SelectArgs) -> Result<()> {
         )?,
         _ => bail!("pass --score-function and --top-p, or --random-like"),
     };
-    write_expert_config(&cfg, &a.out)?;
+    select::write_expert_config(&cfg, &a.out)?;
     let layers = cfg.experts.len().max(1);
     let total: usize = scores
         .token_scores
@@ -506,25 +507,6 @@ fn select_cmd(a: &SelectArgs) -> Result<()> {
         }));
     }
     Ok(())
-}
-
-pub fn write_expert_config(cfg: &ExpertConfig, path: &Path) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(cfg)?;
-    text.push('\n');
-    esft::util::write_atomic(path, text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-pub fn read_expert_config(path: &Path) -> Result<ExpertConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: expected {{\"experts\": {{layer: [ids]}}, \"shared_experts\": bool, \
-             \"non_expert_modules\": bool}}",
-            path.display()
-        )
-    })
 }
 
 fn parse_betas(s: &str) -> Result<(f64, f64)> {
@@ -604,7 +586,7 @@ fn train_cmd(a: &TrainArgs) -> Result<()> {
     let what = if a.experts == "all" {
         Trainable::All
     } else {
-        Trainable::Experts(read_expert_config(Path::new(&a.experts))?)
+        Trainable::Experts(select::read_expert_config(Path::new(&a.experts))?)
     };
     let name = a
         .out

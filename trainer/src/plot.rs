@@ -88,7 +88,7 @@ pub fn plot(req: &PlotRequest) -> Result<Vec<PathBuf>> {
         if configs.iter().any(|(c, _)| *c == n.name) {
             bail!("--configs: task name {:?} is given twice", n.name);
         }
-        let cfg = crate::cli::read_expert_config(&n.path)
+        let cfg = crate::select::read_expert_config(&n.path)
             .with_context(|| format!("--configs {}={}", n.name, n.path.display()))?;
         configs.push((n.name.clone(), cfg));
     }

@@ -261,7 +261,7 @@ pub fn sample_tokens(samples: Vec<crate::data::Sample>, tokens: usize, seed: u64
 /// `batch_tokens`, adding every MoE layer's routing to `acc` and, optionally, the logs.
 /// `on_batch` hears the tokens of each finished batch.
 pub fn score_samples(
-    model: &esft::model::DeepSeekV2,
+    model: &esft::model::Decoder,
     samples: &[Vec<u32>],
     batch_tokens: usize,
     acc: &mut ScoreAccumulator,

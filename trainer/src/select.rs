@@ -3,8 +3,9 @@
 //! `p`. The expert that crosses `p` is taken, at least one expert is always taken, and
 //! there is no maximum (a layer whose scores sum to less than `p` gives all its experts).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use esft::adapter::ExpertConfig;
 
@@ -16,6 +17,27 @@ pub enum ScoreFunction {
     Token,
     /// Average Gate Score.
     Gate,
+}
+
+/// Writes an expert configuration (the selection) to `path`, atomically.
+pub fn write_expert_config(cfg: &ExpertConfig, path: &Path) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(cfg)?;
+    text.push('\n');
+    esft::util::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Reads an expert configuration written by `select`.
+pub fn read_expert_config(path: &Path) -> Result<ExpertConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected {{\"experts\": {{layer: [ids]}}, \"shared_experts\": bool, \
+             \"non_expert_modules\": bool}}",
+            path.display()
+        )
+    })
 }
 
 /// The selected experts of one layer, in descending-score order.

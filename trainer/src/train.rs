@@ -17,7 +17,7 @@ use std::path::Path;
 
 use esft::adapter::format::{new_manifest, write_adapter, BaseModel, Provenance};
 use esft::adapter::ExpertConfig;
-use esft::model::{DeepSeekV2, ExpertMap, LogitsWanted, SeqInput, TrainableWeight, WeightKind};
+use esft::model::{Decoder, ExpertMap, LogitsWanted, SeqInput, TrainableWeight, WeightKind};
 
 use crate::data::Sample;
 use crate::error::Failure;
@@ -154,14 +154,14 @@ pub struct GroupLoss {
     /// Number of target tokens.
     pub targets: usize,
     /// The load-balancing loss, when the model computes one (see
-    /// [`DeepSeekV2::set_balance_alpha`]).
+    /// [`Decoder::set_balance_alpha`]).
     pub balance: Option<Tensor>,
 }
 
 /// The loss terms of `group` (one forward). With `for_backward` false (evaluation) the
 /// loss node skips the gradient products it would otherwise make in its forward.
 pub fn group_loss(
-    model: &DeepSeekV2,
+    model: &Decoder,
     experts: Option<&ExpertMap>,
     group: &[&Sample],
     for_backward: bool,
@@ -325,7 +325,7 @@ pub struct StepReport {
 }
 
 pub struct Run {
-    pub model: DeepSeekV2,
+    pub model: Decoder,
     pub weights: Vec<TrainableWeight>,
     opt: AdamW,
     cfg: TrainConfig,
@@ -341,7 +341,7 @@ impl Run {
     /// Prepares a run: makes the picked weights trainable (the model must compute in f32 or
     /// f64; its frozen matrices may be kept in bf16 or f16, on any device).
     pub fn new(
-        mut model: DeepSeekV2,
+        mut model: Decoder,
         what: &Trainable,
         train: Vec<Sample>,
         eval: Vec<Sample>,
@@ -570,7 +570,7 @@ pub fn write_result(
 
 /// Mean target-token loss of `samples`, forwarded in groups of about `batch_tokens`.
 pub fn mean_loss(
-    model: &DeepSeekV2,
+    model: &Decoder,
     experts: Option<&ExpertMap>,
     samples: &[&Sample],
     batch_tokens: usize,

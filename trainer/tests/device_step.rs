@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use std::collections::BTreeMap;
 
 use common::{fixture, small_train_config, task_samples, token_selection, values};
-use esft::model::{DeepSeekV2, LoadOptions, LoadedModel};
+use esft::model::{Decoder, LoadOptions, LoadedModel};
 use esft_train::train::{Run, Trainable};
 
 fn options(device: &str, weight_dtype: Option<&str>) -> LoadOptions {
@@ -38,7 +38,7 @@ fn three_esft_steps_on_the_gpu_match_the_cpu() {
     let experts = token_selection(&loaded.model, &samples, 0.3);
 
     // Scoring on the GPU selects what scoring on the CPU selects.
-    let gpu = DeepSeekV2::load_dir(&dir, &options(&device, None)).unwrap();
+    let gpu = Decoder::load_dir(&dir, &options(&device, None)).unwrap();
     assert_eq!(token_selection(&gpu, &samples, 0.3), experts);
     drop(gpu);
 
@@ -48,7 +48,7 @@ fn three_esft_steps_on_the_gpu_match_the_cpu() {
         let runs: Vec<(Run, BTreeMap<String, Tensor>)> = [("cpu", weights), (&device, weights)]
             .into_iter()
             .map(|(dev, w)| {
-                let mut model = DeepSeekV2::load_dir(&dir, &options(dev, w)).unwrap();
+                let mut model = Decoder::load_dir(&dir, &options(dev, w)).unwrap();
                 let before = model.checkpoint_tensors().unwrap().into_iter().collect();
                 let run =
                     Run::new(model, &what, samples.clone(), Vec::new(), train_cfg.clone()).unwrap();

@@ -6,15 +6,15 @@
 use candle_core::{DType, Device, Tensor, Var};
 use std::path::PathBuf;
 
-use esft::model::{DeepSeekV2, LoadOptions, LogitsWanted, RoutingRecord, SeqInput, WeightKind};
+use esft::model::{Decoder, LoadOptions, LogitsWanted, RoutingRecord, SeqInput, WeightKind};
 use esft_train::data::Sample;
 use esft_train::train::group_loss;
 
-fn model_f64() -> DeepSeekV2 {
+fn model_f64() -> Decoder {
     fixture_f64("lite")
 }
 
-fn fixture_f64(name: &str) -> DeepSeekV2 {
+fn fixture_f64(name: &str) -> Decoder {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures")
         .join(name);
@@ -23,7 +23,7 @@ fn fixture_f64(name: &str) -> DeepSeekV2 {
         dtype: DType::F64,
         matrix_dtype: None,
     };
-    let mut m = DeepSeekV2::load_dir(&dir, &opts).unwrap();
+    let mut m = Decoder::load_dir(&dir, &opts).unwrap();
     // candle's fused kernels have no f64 version.
     m.set_differentiable(true);
     m
@@ -46,7 +46,7 @@ fn samples() -> Vec<Sample> {
         .collect()
 }
 
-fn loss(model: &DeepSeekV2, s: &[Sample]) -> Tensor {
+fn loss(model: &Decoder, s: &[Sample]) -> Tensor {
     let refs: Vec<&Sample> = s.iter().collect();
     let l = group_loss(model, None, &refs, true).unwrap();
     let mean = (l.nll / l.targets as f64).unwrap();
@@ -61,7 +61,7 @@ fn scalar(t: &Tensor) -> f64 {
 }
 
 /// The most used routed expert of `layer` on the samples.
-fn busiest_expert(model: &DeepSeekV2, s: &[Sample], layer: usize) -> usize {
+fn busiest_expert(model: &Decoder, s: &[Sample], layer: usize) -> usize {
     let mut caches: Vec<_> = s.iter().map(|_| model.new_cache()).collect();
     let mut batch: Vec<SeqInput<'_>> = s
         .iter()
@@ -86,7 +86,7 @@ fn busiest_expert(model: &DeepSeekV2, s: &[Sample], layer: usize) -> usize {
 }
 
 /// Checks `count` spread-out elements of `var` against central differences.
-fn check(model: &mut DeepSeekV2, s: &[Sample], name: &str, var: &Var, grad: &Tensor, count: usize) {
+fn check(model: &mut Decoder, s: &[Sample], name: &str, var: &Var, grad: &Tensor, count: usize) {
     let original = var
         .as_tensor()
         .flatten_all()

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use common::{fixture, small_train_config, task_samples, values};
 use esft::adapter::format::ExpertConfig;
-use esft::model::{DeepSeekV2, LoadOptions, LoadedModel};
+use esft::model::{Decoder, LoadOptions, LoadedModel};
 use esft_train::train::{Run, Trainable};
 
 #[test]
@@ -32,7 +32,7 @@ fn bf16_frozen_matrices_train_as_their_f32_values() {
             matrix_dtype: matrices,
             ..LoadOptions::default()
         };
-        let model = DeepSeekV2::load_dir(&dir, &opts).unwrap();
+        let model = Decoder::load_dir(&dir, &opts).unwrap();
         Run::new(model, &what, samples.clone(), Vec::new(), cfg.clone()).unwrap()
     });
     let frozen_before: BTreeMap<String, Tensor> = runs[1]

@@ -317,8 +317,8 @@ fn full_fine_tuning_writes_a_loadable_checkpoint() {
         "--eval-split",
         "0",
     ]);
-    let base = esft::model::DeepSeekV2::load_dir(&fixture("lite"), &Default::default()).unwrap();
-    let tuned = esft::model::DeepSeekV2::load_dir(&out, &Default::default()).unwrap();
+    let base = esft::model::Decoder::load_dir(&fixture("lite"), &Default::default()).unwrap();
+    let tuned = esft::model::Decoder::load_dir(&out, &Default::default()).unwrap();
     assert!(out.join("tokenizer.json").exists());
     let (mut base, mut tuned) = (base, tuned);
     let a = base.checkpoint_tensors().unwrap();

@@ -10,7 +10,7 @@ mod common;
 use common::{fixture, small_train_config, task_samples, token_selection, write_task};
 use esft::adapter::format::{BaseModel, Provenance};
 use esft::engine::{generate_all, SamplingParams, Sequence};
-use esft::model::{DeepSeekV2, ExpertMap, LoadOptions, LoadedModel, LogitsWanted, SeqInput};
+use esft::model::{Decoder, ExpertMap, LoadOptions, LoadedModel, LogitsWanted, SeqInput};
 use esft_train::data::{load_train, Limits, Sample, SpecialIds};
 use esft_train::train::{write_result, Run, Schedule, TrainConfig, Trainable};
 
@@ -26,7 +26,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
-fn logits_all(model: &DeepSeekV2, experts: Option<&ExpertMap>, tokens: &[u32]) -> Vec<f32> {
+fn logits_all(model: &Decoder, experts: Option<&ExpertMap>, tokens: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache();
     let mut batch = [SeqInput {
         tokens,
@@ -45,7 +45,7 @@ fn logits_all(model: &DeepSeekV2, experts: Option<&ExpertMap>, tokens: &[u32]) -
 
 fn greedy(
     loaded: &LoadedModel,
-    model: &DeepSeekV2,
+    model: &Decoder,
     experts: Option<std::sync::Arc<ExpertMap>>,
     prompt: &[u32],
 ) -> Vec<u32> {
@@ -96,7 +96,7 @@ fn check_esft_training(name: &str) {
     );
     let train_cfg = small_train_config(30, 3);
     let what = Trainable::Experts(experts.clone());
-    let base_model = DeepSeekV2::load_dir(&dir, &LoadOptions::default()).unwrap();
+    let base_model = Decoder::load_dir(&dir, &LoadOptions::default()).unwrap();
     let mut run = Run::new(base_model, &what, samples.clone(), Vec::new(), train_cfg).unwrap();
     let mut losses = Vec::new();
     while run.step() < 30 {
@@ -110,7 +110,7 @@ fn check_esft_training(name: &str) {
     );
 
     // Frozen weights are bit-identical; each selected expert changed.
-    let mut base = DeepSeekV2::load_dir(&dir, &LoadOptions::default()).unwrap();
+    let mut base = Decoder::load_dir(&dir, &LoadOptions::default()).unwrap();
     let before: BTreeMap<String, Tensor> = base.checkpoint_tensors().unwrap().into_iter().collect();
     let after: BTreeMap<String, Tensor> = run
         .model
@@ -195,7 +195,7 @@ fn an_interrupted_run_resumes_to_the_same_result() {
     ec.shared_experts = true;
     let what = Trainable::Experts(ec);
     let new_run = || {
-        let m = DeepSeekV2::load_dir(&dir, &LoadOptions::default()).unwrap();
+        let m = Decoder::load_dir(&dir, &LoadOptions::default()).unwrap();
         Run::new(m, &what, train.clone(), eval.clone(), cfg.clone()).unwrap()
     };
     let identity = serde_json::json!({"test": 1});

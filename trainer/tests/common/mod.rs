@@ -50,7 +50,7 @@ pub fn task_samples(
 
 /// The experts `score` + `select` pick on `samples` by token score at `top_p`.
 pub fn token_selection(
-    model: &esft::model::DeepSeekV2,
+    model: &esft::model::Decoder,
     samples: &[esft_train::data::Sample],
     top_p: f64,
 ) -> esft::adapter::format::ExpertConfig {
