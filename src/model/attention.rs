@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::config::{Config, MlaConfig};
 use super::cpu_kernels;
 use super::load::{Precision, WeightStore};
-use super::ops::{tensor_like, Ops};
+use super::ops::{causal_mask, Ops};
 
 /// The weights of one attention layer.
 pub struct Attention {
@@ -361,18 +361,6 @@ fn kernel_rows(w_uk: &Tensor, compute: DType) -> Result<Option<Tensor>> {
     } else {
         Ok(None)
     }
-}
-
-/// Additive mask `[len, 1, past + len]`: query `i` (position `past + i`) sees keys `<= past + i`.
-pub(super) fn causal_mask(len: usize, past: usize, like: &Tensor) -> Result<Tensor> {
-    let total = past + len;
-    let mut m = vec![0f32; len * total];
-    for i in 0..len {
-        for v in &mut m[i * total + past + i + 1..(i + 1) * total] {
-            *v = f32::NEG_INFINITY;
-        }
-    }
-    tensor_like(m, &[len, 1, total], like)
 }
 
 /// One layer's latent cache of one sequence: rows `[c_kv | k_pe]`, grown in place with

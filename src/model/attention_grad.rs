@@ -60,7 +60,7 @@ impl LatentAttention {
         let len = rows / self.heads;
         let mut scores = (super::cpu_kernels::product(q, &kv.t()?)? * self.scale)?;
         if len > 1 {
-            let mask = super::attention::causal_mask(len, self.past, &scores)?;
+            let mask = super::ops::causal_mask(len, self.past, &scores)?;
             scores = scores
                 .reshape((len, self.heads, total))?
                 .broadcast_add(&mask)?

@@ -211,6 +211,18 @@ pub fn tensor_like(values: Vec<f32>, shape: &[usize], like: &Tensor) -> Result<T
     }
 }
 
+/// Additive mask `[len, 1, past + len]`: query `i` (position `past + i`) sees keys `<= past + i`.
+pub fn causal_mask(len: usize, past: usize, like: &Tensor) -> Result<Tensor> {
+    let total = past + len;
+    let mut m = vec![0f32; len * total];
+    for i in 0..len {
+        for v in &mut m[i * total + past + i + 1..(i + 1) * total] {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    tensor_like(m, &[len, 1, total], like)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
