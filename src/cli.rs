@@ -1,7 +1,6 @@
 //! `esft-serve` command line: argument types and the `generate` command.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -143,47 +142,13 @@ pub struct DeviceArgs {
     pub weight_dtype: Option<String>,
 }
 
-/// A dtype named on the command line or in the config file.
-fn parse_dtype(flag: &str, name: &str) -> Result<DType> {
-    Ok(match name {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => bail!("--{flag} {other}: expected f32, f16 or bf16"),
-    })
-}
-
 impl DeviceArgs {
     pub fn load_options(&self) -> Result<LoadOptions> {
-        let dtype = parse_dtype("dtype", &self.dtype)?;
-        let matrix_dtype = match self.weight_dtype.as_deref() {
-            None | Some("") => None,
-            Some(name) => Some(parse_dtype("weight-dtype", name)?),
-        };
-        let device = match self.device.as_str() {
-            "cpu" => Device::Cpu,
-            d if d == "cuda" || d.starts_with("cuda:") => {
-                let ordinal = d
-                    .strip_prefix("cuda:")
-                    .unwrap_or("0")
-                    .parse()
-                    .context("--device cuda:N")?;
-                Device::new_cuda(ordinal).with_context(|| {
-                    format!(
-                        "opening CUDA device {ordinal} (needs a build with the `cuda` \
-                         feature, the NVIDIA driver and that GPU)"
-                    )
-                })?
-            }
-            other => bail!("--device {other}: expected cpu or cuda[:N]"),
-        };
-        let opts = LoadOptions {
-            device,
-            dtype,
-            matrix_dtype,
-        };
-        opts.precision()?;
-        Ok(opts)
+        Ok(LoadOptions::named(
+            &self.device,
+            &self.dtype,
+            self.weight_dtype.as_deref(),
+        )?)
     }
 }
 

@@ -46,6 +46,61 @@ impl LoadOptions {
         self.matrix_dtype.unwrap_or(self.dtype)
     }
 
+    /// The options named as the command line and the config file name them: `device`
+    /// `cpu` or `cuda[:N]`, `dtype` and `weight_dtype` `f32`, `f16` or `bf16`
+    /// (`weight_dtype` `None` or empty: the compute dtype). Checked as
+    /// [`Self::precision`] checks them.
+    pub fn named(
+        device: &str,
+        dtype: &str,
+        weight_dtype: Option<&str>,
+    ) -> super::error::Result<Self> {
+        let parse = |flag: &str, name: &str| -> super::error::Result<DType> {
+            Ok(match name {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                other => {
+                    return Err(ModelError::Invalid(format!(
+                        "--{flag} {other}: expected f32, f16 or bf16"
+                    )))
+                }
+            })
+        };
+        let dtype = parse("dtype", dtype)?;
+        let matrix_dtype = match weight_dtype {
+            None | Some("") => None,
+            Some(name) => Some(parse("weight-dtype", name)?),
+        };
+        let device = match device {
+            "cpu" => Device::Cpu,
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let ordinal = d.strip_prefix("cuda:").unwrap_or("0");
+                let ordinal: usize = ordinal.parse().map_err(|_| {
+                    ModelError::Invalid(format!("--device {d}: expected cuda:N, N a number"))
+                })?;
+                Device::new_cuda(ordinal).map_err(|e| {
+                    ModelError::Invalid(format!(
+                        "opening CUDA device {ordinal} (needs a build with the `cuda` \
+                         feature, the NVIDIA driver and that GPU): {e}"
+                    ))
+                })?
+            }
+            other => {
+                return Err(ModelError::Invalid(format!(
+                    "--device {other}: expected cpu or cuda[:N]"
+                )))
+            }
+        };
+        let opts = Self {
+            device,
+            dtype,
+            matrix_dtype,
+        };
+        opts.precision()?;
+        Ok(opts)
+    }
+
     /// The dtypes to load in, or why this combination cannot run.
     pub fn precision(&self) -> super::error::Result<Precision> {
         let (compute, matrices) = (self.dtype, self.matrices());
@@ -815,5 +870,23 @@ mod tests {
             let err = precision(compute, Some(matrices)).unwrap_err().to_string();
             assert!(err.contains("f32 compute"), "{err}");
         }
+    }
+
+    #[test]
+    fn options_are_read_from_their_names() {
+        let o = LoadOptions::named("cpu", "f32", Some("bf16")).unwrap();
+        assert!(o.device.is_cpu());
+        assert_eq!((o.dtype, o.matrices()), (DType::F32, DType::BF16));
+        let o = LoadOptions::named("cpu", "bf16", Some("")).unwrap();
+        assert_eq!((o.dtype, o.matrix_dtype), (DType::BF16, None));
+        let err = |d: &str, t: &str, w: Option<&str>| {
+            LoadOptions::named(d, t, w).unwrap_err().to_string()
+        };
+        assert!(err("cpu", "f64", None).contains("--dtype f64"));
+        assert!(err("cpu", "f32", Some("int4")).contains("--weight-dtype int4"));
+        assert!(err("tpu", "f32", None).contains("--device tpu"));
+        assert!(err("cuda:x", "f32", None).contains("cuda:N"));
+        // Narrow matrices only under f32 compute.
+        assert!(err("cpu", "f16", Some("bf16")).contains("f32 compute"));
     }
 }

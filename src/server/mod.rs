@@ -257,12 +257,11 @@ pub fn load(config: &ServerConfig) -> anyhow::Result<Served> {
         .model
         .clone()
         .context("no model directory configured")?;
-    let opts = crate::cli::DeviceArgs {
-        device: config.device.clone(),
-        dtype: config.dtype.clone(),
-        weight_dtype: Some(config.weight_dtype.clone()),
-    }
-    .load_options()?;
+    let opts = crate::model::LoadOptions::named(
+        &config.device,
+        &config.dtype,
+        Some(&config.weight_dtype),
+    )?;
     // Adapters' experts are held like the base's matrices.
     let dtype = opts.matrices();
     let loaded =

@@ -44,12 +44,8 @@ pub async fn run(config: ServerConfig, jobs_at_once: usize) -> anyhow::Result<()
     let base = BaseModel::open(&model_dir)
         .with_context(|| format!("reading the model {}", model_dir.display()))?;
     // Adapters are checked in the dtype the replicas hold them in.
-    let device = crate::cli::DeviceArgs {
-        device: "cpu".into(),
-        dtype: config.dtype.clone(),
-        weight_dtype: Some(config.weight_dtype.clone()),
-    };
-    let dtype = device.load_options()?.matrices();
+    let dtype = crate::model::LoadOptions::named("cpu", &config.dtype, Some(&config.weight_dtype))?
+        .matrices();
     let adapters = AdapterStore::open_with(&config.adapters, Auth::policy(&config.auth))
         .with_context(|| {
             format!(
