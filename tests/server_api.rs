@@ -1235,21 +1235,36 @@ async fn a_request_that_waits_too_long_gets_429_and_one_that_runs_too_long_ends_
     let engine = s.state.served().unwrap().engine.clone();
     let long =
         json!({"model": "lite", "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": true});
+    let mut long_requests = 0;
     for stream in [false, true] {
-        let running = tokio::spawn({
-            let s = s.clone();
-            let mut body = long.clone();
-            body["stream"] = json!(stream);
-            async move { exchange(&s, ADMIN, body).await }
-        });
-        assert!(wait_running(&engine, 1).await);
-        // A second request waits behind it past max_queue_seconds: 429, not a stream.
-        let (st, _, body) = exchange(
-            &s,
-            ACME,
-            json!({"model": "lite", "prompt": [5], "max_tokens": 2, "stream": stream}),
-        )
-        .await;
+        let mut attempts = 0;
+        let (running, st, body) = loop {
+            attempts += 1;
+            long_requests += 1;
+            let sent = std::time::Instant::now();
+            let running = tokio::spawn({
+                let s = s.clone();
+                let mut body = long.clone();
+                body["stream"] = json!(stream);
+                async move { exchange(&s, ADMIN, body).await }
+            });
+            assert!(wait_running(&engine, 1).await);
+            let late = sent.elapsed() > std::time::Duration::from_millis(250);
+            // A second request waits behind it past max_queue_seconds: 429, not a stream.
+            let (st, _, body) = exchange(
+                &s,
+                ACME,
+                json!({"model": "lite", "prompt": [5], "max_tokens": 2, "stream": stream}),
+            )
+            .await;
+            if st != StatusCode::TOO_MANY_REQUESTS && late && attempts < 3 {
+                // This thread came back too late (a loaded machine) to ask while the first
+                // request still had more than the queue's limit to run: try again.
+                let _ = running.await;
+                continue;
+            }
+            break (running, st, body);
+        };
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_error(&(st, v.clone()), StatusCode::TOO_MANY_REQUESTS, None);
         assert_eq!(v["error"]["code"], "queue_timeout", "{v}");
@@ -1270,10 +1285,11 @@ async fn a_request_that_waits_too_long_gets_429_and_one_that_runs_too_long_ends_
         assert!(tokens > 0 && tokens < 4000, "stream={stream}: {tokens}");
     }
     let (_, text) = s.get_text("/metrics", Some(ADMIN)).await;
-    for line in [
-        "esft_requests_rejected_total{reason=\"queue_timeout\"} 2",
-        "esft_requests_rejected_total{reason=\"request_timeout\"} 2",
-    ] {
+    for line in ["esft_requests_rejected_total{reason=\"queue_timeout\"} 2"] {
         assert!(text.contains(line), "{line}\n{text}");
     }
+    // Every long request ran into max_request_seconds.
+    let line =
+        format!("esft_requests_rejected_total{{reason=\"request_timeout\"}} {long_requests}");
+    assert!(text.contains(&line), "{line}\n{text}");
 }
