@@ -18,12 +18,11 @@ use tokio::io::AsyncWriteExt;
 
 use super::auth::Caller;
 use super::body::next_chunk;
-use super::errors::{off_thread, ApiError};
+use super::errors::{adapter_error, off_thread, quota_error, ApiError};
 use super::{AppState, Served};
 use crate::adapter::format::{validate_name, MANIFEST_FILE, REFERENCE_CONFIG_FILE};
 use crate::adapter::store::{adapter_bytes, ACCESS_FILE};
-use crate::adapter::{AdapterError, AdapterKey, Staging, Version};
-use crate::jobs::adapter_quota::QuotaError;
+use crate::adapter::{AdapterKey, Staging, Version};
 
 impl Served {
     fn tiers(&self, v: &Version) -> Value {
@@ -107,32 +106,6 @@ impl Served {
             ))),
             None => Err(ApiError::adapter_not_found(name)),
         }
-    }
-}
-
-pub(super) fn adapter_error(e: AdapterError) -> ApiError {
-    match e {
-        AdapterError::InUse(n) => ApiError::conflict(format!(
-            "the adapter `{n}` is in use by running or waiting requests"
-        ))
-        .code("adapter_in_use"),
-        AdapterError::NotFound(n) => ApiError::adapter_not_found(&n),
-        AdapterError::Exists(n) => ApiError::bad_request(format!(
-            "The lora adapter '{n}' has already been loaded; pass load_inplace to replace it"
-        ))
-        .code("adapter_exists"),
-        e @ AdapterError::Reserved { .. } => {
-            ApiError::conflict(e.to_string()).code("name_reserved")
-        }
-        e @ AdapterError::BadName { .. } => ApiError::invalid("name", e.to_string()),
-        AdapterError::Io(n, e) => ApiError::logged(&format!("storing the adapter `{n}`"), &e),
-        AdapterError::StoreUnavailable(e) => {
-            tracing::warn!("{e}");
-            ApiError::store_unavailable(
-                "the adapter registry (object store) is unavailable; try again shortly",
-            )
-        }
-        other => ApiError::bad_request(other.to_string()).code("invalid_adapter"),
     }
 }
 
@@ -424,19 +397,6 @@ pub async fn upload(
         StatusCode::CREATED
     };
     Ok((status, Json(served.describe(&caller2, &done.version))))
-}
-
-/// A refusal of the adapter quota: 429 `quota_exceeded`, as for files and jobs.
-pub(super) fn quota_error(e: QuotaError) -> ApiError {
-    match e {
-        QuotaError::Db(e) => ApiError::logged("reading or writing the adapter quotas", &e),
-        e => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "insufficient_quota",
-            e.to_string(),
-        )
-        .code("quota_exceeded"),
-    }
 }
 
 /// Every tenant adapter the adapter store holds, `(tenant, name, bytes)`: the object-store

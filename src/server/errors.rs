@@ -2,6 +2,11 @@
 //! status.
 
 use axum::http::StatusCode;
+
+use crate::adapter::AdapterError;
+use crate::jobs::adapter_quota::QuotaError;
+use crate::jobs::files::FilesError;
+use crate::jobs::queue::JobsError;
 use axum::response::{IntoResponse, Response};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +192,101 @@ pub async fn off_thread<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::internal(format!("a worker failed: {e}")))?
+}
+
+// Domain errors as answers: the one place each room's error becomes an HTTP error.
+
+/// An adapter store or registry error as an answer.
+pub fn adapter_error(e: AdapterError) -> ApiError {
+    match e {
+        AdapterError::InUse(n) => ApiError::conflict(format!(
+            "the adapter `{n}` is in use by running or waiting requests"
+        ))
+        .code("adapter_in_use"),
+        AdapterError::NotFound(n) => ApiError::adapter_not_found(&n),
+        AdapterError::Exists(n) => ApiError::bad_request(format!(
+            "The lora adapter '{n}' has already been loaded; pass load_inplace to replace it"
+        ))
+        .code("adapter_exists"),
+        e @ AdapterError::Reserved { .. } => {
+            ApiError::conflict(e.to_string()).code("name_reserved")
+        }
+        e @ AdapterError::BadName { .. } => ApiError::invalid("name", e.to_string()),
+        AdapterError::Io(n, e) => ApiError::logged(&format!("storing the adapter `{n}`"), &e),
+        AdapterError::StoreUnavailable(e) => {
+            tracing::warn!("{e}");
+            ApiError::store_unavailable(
+                "the adapter registry (object store) is unavailable; try again shortly",
+            )
+        }
+        other => ApiError::bad_request(other.to_string()).code("invalid_adapter"),
+    }
+}
+
+/// A refusal of the adapter quota: 429 `quota_exceeded`, as for files and jobs.
+pub fn quota_error(e: QuotaError) -> ApiError {
+    match e {
+        QuotaError::Db(e) => ApiError::logged("reading or writing the adapter quotas", &e),
+        e => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            e.to_string(),
+        )
+        .code("quota_exceeded"),
+    }
+}
+
+/// A files error as an answer.
+pub fn files_error(e: FilesError) -> ApiError {
+    match e {
+        FilesError::Invalid(e) => {
+            ApiError::invalid("file", FilesError::Invalid(e).to_string()).code("invalid_file")
+        }
+        e @ FilesError::Quota { .. } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            format!("{e}: delete files you no longer need"),
+        )
+        .code("quota_exceeded"),
+        e @ FilesError::InUse(_) => {
+            ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())
+                .param("id")
+                .code("file_in_use")
+        }
+        FilesError::NoSuchFile(id) => ApiError::invalid(
+            "after",
+            format!("`after` must be the id of a file in the list; there is no file `{id}`"),
+        ),
+        FilesError::Io(e) => ApiError::logged("storing files", &e),
+        FilesError::Store(e) => {
+            tracing::error!("the object store of files: {e}");
+            ApiError::unavailable("the file store is unavailable; try again shortly")
+                .code("store_unavailable")
+        }
+        FilesError::Db(e) => ApiError::logged("reading or writing the files database", &e),
+    }
+}
+
+/// A jobs error as an answer.
+pub fn jobs_error(e: JobsError) -> ApiError {
+    match e {
+        JobsError::NoSuchFile { param, id } => {
+            ApiError::not_found(format!("No such File object: {id}"))
+                .param(param)
+                .code("file_not_found")
+        }
+        JobsError::NoSuchCursor { what, id } => ApiError::invalid(
+            "after",
+            format!("`after` must be the id of a {what} in the list; there is no {what} `{id}`"),
+        ),
+        e @ JobsError::Quota { .. } => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            format!("{e}: wait for one to end or cancel one"),
+        )
+        .code("quota_exceeded"),
+        JobsError::Db(e) => ApiError::logged("reading or writing the jobs database", &e),
+    }
 }
 
 #[cfg(test)]

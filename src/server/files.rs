@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::Caller;
 use super::body::next_chunk;
-use super::errors::ApiError;
+use super::errors::{files_error, ApiError};
 use super::objects;
 use super::AppState;
 use crate::jobs::files::{FilesError, Order, PURPOSE_FINE_TUNE};
@@ -69,36 +69,6 @@ fn too_large(limit: u64) -> ApiError {
     )
     .param("file")
     .code("file_too_large")
-}
-
-pub(super) fn files_error(e: FilesError) -> ApiError {
-    match e {
-        FilesError::Invalid(e) => {
-            ApiError::invalid("file", FilesError::Invalid(e).to_string()).code("invalid_file")
-        }
-        e @ FilesError::Quota { .. } => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "insufficient_quota",
-            format!("{e}: delete files you no longer need"),
-        )
-        .code("quota_exceeded"),
-        e @ FilesError::InUse(_) => {
-            ApiError::new(StatusCode::CONFLICT, "invalid_request_error", e.to_string())
-                .param("id")
-                .code("file_in_use")
-        }
-        FilesError::NoSuchFile(id) => ApiError::invalid(
-            "after",
-            format!("`after` must be the id of a file in the list; there is no file `{id}`"),
-        ),
-        FilesError::Io(e) => ApiError::logged("storing files", &e),
-        FilesError::Store(e) => {
-            tracing::error!("the object store of files: {e}");
-            ApiError::unavailable("the file store is unavailable; try again shortly")
-                .code("store_unavailable")
-        }
-        FilesError::Db(e) => ApiError::logged("reading or writing the files database", &e),
-    }
 }
 
 fn envelope_too_large() -> ApiError {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::auth::Caller;
 use super::body::ApiJson;
-use super::errors::ApiError;
+use super::errors::{files_error, jobs_error, ApiError};
 use super::files::page_limit;
 use super::objects;
 use super::AppState;
@@ -54,27 +54,6 @@ fn not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("No such fine-tuning job: {id}"))
         .param("fine_tuning_job_id")
         .code("fine_tuning_job_not_found")
-}
-
-fn jobs_error(e: JobsError) -> ApiError {
-    match e {
-        JobsError::NoSuchFile { param, id } => {
-            ApiError::not_found(format!("No such File object: {id}"))
-                .param(param)
-                .code("file_not_found")
-        }
-        JobsError::NoSuchCursor { what, id } => ApiError::invalid(
-            "after",
-            format!("`after` must be the id of a {what} in the list; there is no {what} `{id}`"),
-        ),
-        e @ JobsError::Quota { .. } => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "insufficient_quota",
-            format!("{e}: wait for one to end or cancel one"),
-        )
-        .code("quota_exceeded"),
-        JobsError::Db(e) => ApiError::logged("reading or writing the jobs database", &e),
-    }
 }
 
 /// A hyperparameter: a number or `"auto"`.
@@ -465,7 +444,7 @@ async fn check_file(
     let count = store
         .samples(&record)
         .await
-        .map_err(super::files::files_error)?
+        .map_err(files_error)?
         .map_err(|e| {
             ApiError::invalid(param, format!("the file is not valid training data: {e}"))
                 .code("invalid_training_file")

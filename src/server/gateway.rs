@@ -13,10 +13,9 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::admin::adapter_error;
 use super::auth::Caller;
 use super::body::ApiJson;
-use super::errors::{off_thread, ApiError};
+use super::errors::{adapter_error, off_thread, ApiError};
 use super::{AppState, Served};
 use crate::adapter::format::validate_name;
 use crate::adapter::AdapterKey;

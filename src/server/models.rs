@@ -12,9 +12,8 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::admin::adapter_error;
 use super::auth::Caller;
-use super::errors::{off_thread, ApiError};
+use super::errors::{adapter_error, off_thread, ApiError};
 use super::{AppState, Served};
 use crate::adapter::{AdapterKey, Version};
 
