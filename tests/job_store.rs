@@ -617,7 +617,11 @@ async fn events_and_checkpoints_keep_their_order_and_pages() {
         )
         .await
         .unwrap();
-        assert_eq!(jobs.checkpoint_steps(&id).await.unwrap(), vec![30, 20, 10]);
+        assert_eq!(
+            jobs.checkpoint_steps(&id, 10).await.unwrap(),
+            vec![30, 20, 10]
+        );
+        assert_eq!(jobs.checkpoint_steps(&id, 2).await.unwrap(), vec![30, 20]);
         let ckpts = jobs.checkpoints(&id, None, 2).await.unwrap();
         assert!(ckpts.has_more);
         assert_eq!(
@@ -997,7 +1001,7 @@ async fn leases_hold_expire_and_fence_the_worker_that_lost_them() {
             .unwrap());
         assert!(!jobs.succeed(&id, &a.worker, "m", 1).await.unwrap());
         assert!(!jobs.release(&id, &a.worker, "stale").await.unwrap());
-        assert_eq!(jobs.checkpoint_steps(&id).await.unwrap(), vec![5]);
+        assert_eq!(jobs.checkpoint_steps(&id, 10).await.unwrap(), vec![5]);
         let record = jobs.get(None, &id).await.unwrap().unwrap();
         assert_eq!(record.status, Status::Running);
         assert_eq!(record.trained_tokens, None);

@@ -1192,13 +1192,19 @@ impl JobStore {
         Ok(true)
     }
 
-    /// The steps of a job's recorded checkpoints, highest first.
-    pub async fn checkpoint_steps(&self, job_id: &str) -> Result<Vec<i64>, JobsError> {
-        let rows =
-            sqlx::query("SELECT step FROM job_checkpoints WHERE job_id = $1 ORDER BY step DESC")
-                .bind(job_id)
-                .fetch_all(&self.pool)
-                .await?;
+    /// The steps of a job's recorded checkpoints, highest first, at most `limit`.
+    pub async fn checkpoint_steps(
+        &self,
+        job_id: &str,
+        limit: usize,
+    ) -> Result<Vec<i64>, JobsError> {
+        let rows = sqlx::query(
+            "SELECT step FROM job_checkpoints WHERE job_id = $1 ORDER BY step DESC LIMIT $2",
+        )
+        .bind(job_id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .iter()
             .map(|r| r.try_get::<i64, _>("step"))

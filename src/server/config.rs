@@ -407,7 +407,10 @@ impl FineTuningConfig {
 
     /// `retain_days` (`None`: for ever).
     pub fn retain(&self) -> Option<Duration> {
-        (self.retain_days > 0.0).then(|| seconds(self.retain_days * 86400.0))
+        // Not capped at a year as other durations are: a retention is as long as it says.
+        (self.retain_days > 0.0).then(|| {
+            Duration::try_from_secs_f64(self.retain_days * 86400.0).unwrap_or(Duration::MAX)
+        })
     }
 
     /// `max_job_seconds` (`None`: no limit).

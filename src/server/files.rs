@@ -343,6 +343,27 @@ pub async fn list(
     })))
 }
 
+/// The job whose result file `id` is, if the caller may see it (404 if not); `None`
+/// when `id` names no result file.
+async fn result_job(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<Option<JobRecord>, ApiError> {
+    let Some(job_id) = job_of_result_file(id) else {
+        return Ok(None);
+    };
+    state
+        .jobs()
+        .await?
+        .get(caller.viewer(), &job_id)
+        .await
+        .map_err(|e| ApiError::logged("reading a job", &e))?
+        .filter(|j| j.started_at.is_some())
+        .map(Some)
+        .ok_or_else(|| not_found(id))
+}
+
 /// The CSV of the result file `id` of a job the caller may see (its step metrics, read
 /// in pages), and the job; `None` when `id` names no result file.
 async fn result_file(
@@ -350,17 +371,12 @@ async fn result_file(
     caller: &Caller,
     id: &str,
 ) -> Result<Option<(JobRecord, String)>, ApiError> {
-    let Some(job_id) = job_of_result_file(id) else {
+    let Some(job) = result_job(state, caller, id).await? else {
         return Ok(None);
     };
     let jobs = state.jobs().await?;
     let logged = |e: JobsError| ApiError::logged("reading a job's step metrics", &e);
-    let job = jobs
-        .get(caller.viewer(), &job_id)
-        .await
-        .map_err(logged)?
-        .filter(|j| j.started_at.is_some())
-        .ok_or_else(|| not_found(id))?;
+    let job_id = job.id.clone();
     // A job's steps are at most `fine_tuning.max_steps` (checked at its creation).
     const PAGE: usize = 4096;
     let mut steps = Vec::new();
@@ -443,7 +459,7 @@ pub async fn delete(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if result_file(&state, &caller, &id).await?.is_some() {
+    if result_job(&state, &caller, &id).await?.is_some() {
         return Err(ApiError::invalid(
             "id",
             format!("{id} is a fine-tuning job's result file: it goes with its job"),

@@ -429,14 +429,15 @@ impl Runner {
         self.info(rt, job, message, Some(metrics));
     }
 
-    /// Keeps the newest [`STORED_STATES`] saved states of a job in the object store (a
-    /// failure is logged: the job's end removes them all).
+    /// Keeps the newest [`STORED_STATES`] saved states of a job in the object store: the
+    /// one a new save pushed out goes (one step per save, whatever the job's length; a
+    /// failure is logged, and the job's end removes whatever is left).
     fn prune_stored_states(&self, job: &JobRecord, rt: &tokio::runtime::Handle) {
         let Some(store) = self.files.store() else {
             return;
         };
         let pruned = rt
-            .block_on(self.jobs.checkpoint_steps(&job.id))
+            .block_on(self.jobs.checkpoint_steps(&job.id, STORED_STATES + 1))
             .map_err(|e| e.to_string())
             .and_then(|steps| {
                 rt.block_on(sync::prune_states(store, &job.id, &steps, STORED_STATES))
@@ -529,7 +530,7 @@ impl Runner {
         let restored = match self.files.store() {
             Some(store) if !resumed => {
                 let steps = persist(rt, self.cfg.lease, "reading the checkpoints", || {
-                    self.jobs.checkpoint_steps(&job.id)
+                    self.jobs.checkpoint_steps(&job.id, usize::MAX)
                 })
                 .map_err(|e| internal("reading the job's checkpoints", e))?;
                 sync::restore(store, &job.id, &steps, dir, &state, rt)?
